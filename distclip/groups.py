@@ -1,0 +1,87 @@
+"""Assign parameters to clip groups: explicit glob groups, the per-layer shorthand, then ``default``."""
+
+from __future__ import annotations
+
+import fnmatch
+import hashlib
+import warnings
+from dataclasses import dataclass
+from typing import Sequence
+
+from .config import DEFAULT_GROUP, ClipConfig, ConfigError
+
+
+@dataclass(frozen=True)
+class ClipGroup:
+    """One clip group: its threshold and norm type, resolved from the config."""
+
+    name: str
+    max_norm: float
+    norm_type: float
+
+
+@dataclass(frozen=True)
+class GroupTable:
+    """Groups in a fixed order (identical on every rank) and the group index of each parameter."""
+
+    groups: tuple[ClipGroup, ...]
+    index_of: dict[str, int]  # canonical parameter name -> group index
+
+    @property
+    def names(self) -> list[str]:
+        return [g.name for g in self.groups]
+
+    def fingerprint(self) -> str:
+        """Hash of the group order and of every parameter's group: equal across ranks iff layouts agree."""
+        text = repr([(g.name, g.max_norm, g.norm_type) for g in self.groups]) + repr(sorted(self.index_of.items()))
+        return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def _matches(name: str, patterns: Sequence[str]) -> bool:
+    return any(fnmatch.fnmatchcase(name, pattern) for pattern in patterns)
+
+
+def _layer_prefix(name: str, depth: int) -> str:
+    parts = name.split(".")
+    return ".".join(parts[: max(1, min(depth, len(parts) - 1))])
+
+
+def resolve_groups(config: ClipConfig, param_names: Sequence[str], warn_empty: bool = True) -> GroupTable:
+    """Build the group table. Order: explicit groups (config order), per-layer groups (model order), default.
+
+    ``param_names`` must be the canonical names of every parameter, in the same order on every
+    rank. Explicit groups that match nothing are kept (so every rank has the same layout) and
+    reported with a warning: an empty group is usually a typo in a pattern.
+    """
+    explicit = [ClipGroup(g.name, g.max_norm or config.max_norm, g.norm_type or config.norm_type) for g in config.groups]
+    explicit_names = {g.name for g in explicit}
+    per_layer: dict[str, ClipGroup] = {}
+    assignment: dict[str, str] = {}
+    for name in param_names:
+        spec = next((g for g in config.groups if _matches(name, g.match)), None)
+        if spec is not None:
+            assignment[name] = spec.name
+        elif config.per_layer is not None and _matches(name, config.per_layer.match):
+            prefix = _layer_prefix(name, config.per_layer.depth)
+            if prefix in explicit_names or prefix == DEFAULT_GROUP:
+                raise ConfigError(
+                    f"per_layer: the layer group {prefix!r} (from parameter {name!r}) has the name of an "
+                    f"explicit group or 'default'; rename that group or change per_layer.depth"
+                )
+            layer = config.per_layer
+            per_layer.setdefault(prefix, ClipGroup(prefix, layer.max_norm or config.max_norm, layer.norm_type or config.norm_type))
+            assignment[name] = prefix
+        else:
+            assignment[name] = DEFAULT_GROUP
+    groups = (*explicit, *per_layer.values(), ClipGroup(DEFAULT_GROUP, config.max_norm, config.norm_type))
+    position = {g.name: i for i, g in enumerate(groups)}
+    if warn_empty:
+        used = set(assignment.values())
+        empty = [g.name for g in explicit if g.name not in used]
+        if empty:
+            warnings.warn(
+                f"distclip: clip group(s) {empty} match no parameter; check their 'match' patterns "
+                f"against the model's names (e.g. {list(param_names)[:3]})",
+                stacklevel=3,
+            )
+    return GroupTable(groups=groups, index_of={n: position[g] for n, g in assignment.items()})

@@ -1,0 +1,127 @@
+"""Local partial norms: per clip group, sum |g|^p (or max |g| for p = inf) over this rank's pieces.
+
+The partials go into a fixed-length float64 vector of *slots* that one collective reduces.
+A slot is (group, p): each group has a slot in its own p, and, when that differs from the
+config's p, a second slot in the config's p so that the total norm is exact too.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from functools import cached_property
+from typing import Sequence
+
+import torch
+from torch.utils._foreach_utils import _group_tensors_by_device_and_dtype
+
+from .groups import ClipGroup
+
+ACC_DTYPE = torch.float64  # dtype of the slot vector and of the cross-rank reduction
+
+
+@dataclass(frozen=True)
+class SlotLayout:
+    """Which (group, p) partials are computed, in which fixed order, and how each is reduced."""
+
+    group_norm_types: tuple[float, ...]
+    total_norm_type: float
+    slots: tuple[tuple[int, float], ...]  # (group index, p)
+
+    @classmethod
+    def build(cls, groups: Sequence[ClipGroup], total_norm_type: float) -> "SlotLayout":
+        slots = [(g, total_norm_type) for g in range(len(groups))]
+        slots += [(g, grp.norm_type) for g, grp in enumerate(groups) if grp.norm_type != total_norm_type]
+        return cls(tuple(g.norm_type for g in groups), total_norm_type, tuple(slots))
+
+    @property
+    def num_slots(self) -> int:
+        return len(self.slots)
+
+    @property
+    def num_groups(self) -> int:
+        return len(self.group_norm_types)
+
+    @cached_property
+    def uses_max(self) -> tuple[bool, ...]:
+        """Per slot: reduced with MAX (p = inf) rather than SUM."""
+        return tuple(math.isinf(p) for _, p in self.slots)
+
+    @cached_property
+    def passes(self) -> list[tuple[float, list[int]]]:
+        """For each distinct p: the slot of every group in that p (-1 where the group has none)."""
+        out = []
+        for p in dict.fromkeys(p for _, p in self.slots):
+            slot_of_group = [-1] * self.num_groups
+            for s, (g, q) in enumerate(self.slots):
+                if q == p:
+                    slot_of_group[g] = s
+            out.append((p, slot_of_group))
+        return out
+
+    def group_norms(self, reduced: torch.Tensor) -> torch.Tensor:
+        """Per-group norms (float64) from the reduced slot vector, each in its group's p."""
+        index = {slot: s for s, slot in enumerate(self.slots)}
+        values = reduced[[index[(g, p)] for g, p in enumerate(self.group_norm_types)]]
+        return _root(values, torch.tensor(self.group_norm_types, dtype=ACC_DTYPE, device=reduced.device))
+
+    def total_norm(self, reduced: torch.Tensor) -> torch.Tensor:
+        """The global norm (float64) in the config's p over every group."""
+        values = reduced[: self.num_groups]
+        p = self.total_norm_type
+        if math.isinf(p):
+            return values.max() if values.numel() else values.new_zeros(())
+        return values.sum().pow(1.0 / p)
+
+
+def _root(values: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
+    """values^(1/p) for finite p; values as they are for p = inf."""
+    return torch.where(torch.isinf(p), values, values.pow(1.0 / p))
+
+
+def _norm_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Accumulate bf16/fp16 in fp32 (never in the gradient's own low precision)."""
+    return dtype if dtype in (torch.float32, torch.float64) else torch.float32
+
+
+def local_partials(
+    tensors: Sequence[torch.Tensor],
+    group_ids: Sequence[int],
+    layout: SlotLayout,
+    device: torch.device,
+) -> torch.Tensor:
+    """The slot vector of this rank's pieces: sum |t|^p per slot (max |t| for p = inf).
+
+    One foreach norm per (p, device, dtype) and one scatter into the slots: linear in the number
+    of tensors, independent of the number of groups, no host synchronisation. Empty tensors
+    contribute nothing (they would make the infinity norm raise).
+    """
+    out = torch.zeros(layout.num_slots, dtype=ACC_DTYPE, device=device)
+    kept = [(t, g) for t, g in zip(tensors, group_ids) if t.numel() > 0]
+    for p, slot_of_group in layout.passes:
+        chosen = [(t, slot_of_group[g]) for t, g in kept if slot_of_group[g] >= 0]
+        if not chosen:
+            continue
+        slot_ids = [s for _, s in chosen]
+        grouped = _group_tensors_by_device_and_dtype([[t for t, _ in chosen]], with_indices=True)
+        for (dev, dtype), ([same_kind], indices) in grouped.items():
+            norms = torch._foreach_norm(same_kind, p, dtype=_norm_dtype(dtype))
+            values = torch.stack(norms).to(ACC_DTYPE)
+            index = torch.tensor([slot_ids[i] for i in indices], device=values.device)
+            contrib = torch.zeros(layout.num_slots, dtype=ACC_DTYPE, device=values.device)
+            if math.isinf(p):
+                contrib.scatter_reduce_(0, index, values, reduce="amax")
+                out = torch.maximum(out, contrib.to(device))
+            else:
+                contrib.index_add_(0, index, values if p == 1 else values.pow(p))
+                out = out + contrib.to(device)
+    return out
+
+
+def combine_partials(partials: Sequence[torch.Tensor], layout: SlotLayout, device: torch.device) -> torch.Tensor:
+    """Combine slot vectors of disjoint piece sets (e.g. DDP buckets), in the order given."""
+    out = torch.zeros(layout.num_slots, dtype=ACC_DTYPE, device=device)
+    is_max = torch.tensor(layout.uses_max, device=device)
+    for vec in partials:
+        out = torch.where(is_max, torch.maximum(out, vec), out + vec)
+    return out
