@@ -1,0 +1,29 @@
+"""distclip: exact, fast, configurable gradient clipping for distributed PyTorch.
+
+``import distclip`` needs torch only; DeepSpeed and Accelerate integrations import lazily.
+"""
+
+from .adapters import UnsupportedModelError
+from .api import clip_grad_norm_, global_grad_norm
+from .clipper import ClipReport, GradClipper, NonFiniteGradientError
+from .config import ClipConfig, ConfigError, GroupSpec, PerLayerSpec, load_config
+from .names import canonical_name
+from .reduce import ConfigMismatchError
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "ClipConfig",
+    "ClipReport",
+    "ConfigError",
+    "ConfigMismatchError",
+    "GradClipper",
+    "GroupSpec",
+    "NonFiniteGradientError",
+    "PerLayerSpec",
+    "UnsupportedModelError",
+    "canonical_name",
+    "clip_grad_norm_",
+    "global_grad_norm",
+    "load_config",
+]

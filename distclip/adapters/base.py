@@ -1,0 +1,66 @@
+"""What every adapter provides: the pieces this rank counts, the gradients it scales, the reduce group."""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+
+from ..groups import GroupTable
+from ..norms import SlotLayout
+from ..reduce import ProcessGroup
+
+
+class GradAdapter:
+    """A gradient layout (plain, DDP, FSDP, DeepSpeed...) seen through one question per piece:
+    does this rank count it, and which of its elements?
+
+    Subclasses set ``kind`` and ``reduce_group`` and override :meth:`counted_pieces` (and, when
+    the gradients do not live in ``param.grad``, :meth:`scaled_grads` / :meth:`drop_grads`).
+    """
+
+    kind = "abstract"
+    reduce_group: ProcessGroup | None = None  # None: rank-local, no collective
+    has_names = True  # False when given bare parameters (per-group clipping then impossible)
+
+    def __init__(self, named_params: Sequence[tuple[str, torch.nn.Parameter]]):
+        seen: set[int] = set()
+        unique = [(n, p) for n, p in named_params if not (id(p) in seen or seen.add(id(p)))]
+        self.names = [n for n, _ in unique]
+        self.params = [p for _, p in unique]
+        self.group_of: list[int] = []
+        self.layout: SlotLayout | None = None
+
+    def bind(self, table: GroupTable, layout: SlotLayout) -> None:
+        """Learn each parameter's group and the slot layout; precompute per-layout plans here."""
+        self.group_of = [table.index_of[n] for n in self.names]
+        self.layout = layout
+        self.params_by_group: list[list[torch.nn.Parameter]] = [[] for _ in table.groups]
+        for p, g in zip(self.params, self.group_of):
+            self.params_by_group[g].append(p)
+
+    def counted_pieces(self) -> tuple[list[torch.Tensor], list[int]]:
+        """The gradient pieces this rank counts (disjoint across ranks) and their group indices."""
+        raise NotImplementedError
+
+    def reduced_partials(self) -> torch.Tensor | None:
+        """Local slot partials already computed inside the gradient reduction, if still valid."""
+        return None
+
+    def scaled_grads(self) -> list[list[torch.Tensor]]:
+        """Per group, the local gradient tensors to multiply by that group's coefficient."""
+        return [[p.grad for p in group if p.grad is not None] for group in self.params_by_group]
+
+    def drop_grads(self) -> None:
+        """Discard this step's gradients so the optimizer step leaves parameters and state untouched."""
+        for p in self.params:
+            p.grad = None
+
+    def device_hint(self) -> torch.device | None:
+        return next((p.grad.device for p in self.params if p.grad is not None), None) or (
+            self.params[0].device if self.params else None
+        )
+
+    def describe(self) -> dict[str, object]:
+        """What the set-up consistency check compares across ranks (beyond config and groups)."""
+        return {"adapter": self.kind, "num_params": len(self.params)}

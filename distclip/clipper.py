@@ -1,0 +1,210 @@
+"""GradClipper: adapter -> local partials -> ONE collective -> policy -> coefficients -> report."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Any, Callable, Mapping
+
+import torch
+from torch.utils._foreach_utils import _group_tensors_by_device_and_dtype
+
+from .adapters import adapter_for
+from .adapters.base import GradAdapter
+from .config import ClipConfig, ConfigError, load_config
+from .groups import GroupTable, resolve_groups
+from .norms import SlotLayout, local_partials
+from .policies import ClipPolicy, build_policy
+from .reduce import check_consistency, collective_device, reduce_slots
+
+EPS = 1e-6  # torch's: coefficient = max_norm / (norm + 1e-6)
+
+
+class NonFiniteGradientError(RuntimeError):
+    """The global gradient norm is NaN or inf and ``nonfinite: error`` was asked for (raised on every rank)."""
+
+
+@dataclass
+class ClipReport:
+    """What one clip saw and did. Tensors are fp32, identical on every rank, never DTensors.
+
+    Attributes:
+        total_norm: pre-clip global norm over every group, in the config's ``norm_type``.
+        group_norms: pre-clip norm of each group, in the group's own ``norm_type``.
+        coefs: coefficient applied to each group's gradients (0 when the step was skipped or zeroed).
+        thresholds: the threshold each group was clipped to.
+        skipped: the optimizer step was dropped because the norm was non-finite (``nonfinite: skip``).
+        finite: whether every norm was finite (a bool tensor: reading it syncs with the device).
+        source: ``comm_hook`` when the norm was computed inside the gradient reduction, else ``post_backward``.
+    """
+
+    total_norm: torch.Tensor
+    group_norms: dict[str, torch.Tensor]
+    coefs: dict[str, torch.Tensor]
+    thresholds: dict[str, torch.Tensor] = field(default_factory=dict)
+    skipped: bool = False
+    finite: torch.Tensor | None = None
+    source: str = "post_backward"
+
+    def to_floats(self) -> dict[str, Any]:
+        """Plain Python numbers for logging (one host sync)."""
+        return {
+            "total_norm": self.total_norm.item(),
+            "group_norms": {k: v.item() for k, v in self.group_norms.items()},
+            "coefs": {k: v.item() for k, v in self.coefs.items()},
+            "skipped": self.skipped,
+        }
+
+    def __str__(self) -> str:
+        f = self.to_floats()
+        groups = " ".join(f"{k}={v:.4g}(x{f['coefs'][k]:.3g})" for k, v in f["group_norms"].items())
+        return f"norm={f['total_norm']:.6g} {groups}" + (" SKIPPED" if self.skipped else "")
+
+
+class GradClipper:
+    """Exact global-norm gradient clipping, uniform or per layer group, for any supported layout.
+
+    Args:
+        model: a module (plain or DDP-wrapped), or parameters / named parameters.
+        config: a :class:`ClipConfig`, a dict, a YAML path, or None for ``$DISTCLIP_CONFIG`` (else defaults).
+        ddp_comm_hook: for DDP, a comm hook (e.g. ``default_hooks.fp16_compress_hook``) that distclip
+            wraps instead of the plain all-reduce; ``ddp_comm_hook_state`` is its state (default:
+            DDP's process group).
+        **overrides: config settings that take precedence, e.g. ``max_norm=0.5``.
+
+    At construction every rank checks (one all-gather) that all ranks have the same config and
+    group layout, and raises :class:`~distclip.reduce.ConfigMismatchError` otherwise.
+    """
+
+    def __init__(
+        self,
+        model: Any,
+        config: ClipConfig | Mapping[str, Any] | str | os.PathLike | None = None,
+        *,
+        ddp_comm_hook: Callable | None = None,
+        ddp_comm_hook_state: Any = None,
+        **overrides: Any,
+    ):
+        self.config = load_config(config, **overrides)
+        self.adapter: GradAdapter = adapter_for(model)
+        if not self.adapter.has_names and (self.config.groups or self.config.per_layer):
+            raise ConfigError(
+                "per-group clipping needs parameter names, but bare parameters were given: pass the "
+                "model itself or model.named_parameters()"
+            )
+        self.table: GroupTable = resolve_groups(self.config, self.adapter.names)
+        self.layout = SlotLayout.build(self.table.groups, self.config.norm_type)
+        self.adapter.bind(self.table, self.layout)
+        self.policy: ClipPolicy = build_policy(self.config.policy, self.table.groups)
+        self.group_names = self.table.names
+        self.steps = 0
+        self.last_report: ClipReport | None = None
+        if self.config.check_consistency:
+            check_consistency(self.adapter.reduce_group, self.fingerprint(), self._summary())
+        if self.config.comm_hook and hasattr(self.adapter, "enable_comm_hook"):
+            self.adapter.enable_comm_hook(ddp_comm_hook, ddp_comm_hook_state)
+
+    # ------------------------------------------------------------------ public
+    def clip(self) -> ClipReport:
+        """Measure the exact global (and per-group) norms and clip the gradients in place."""
+        return self._run(apply=True)
+
+    def measure(self) -> ClipReport:
+        """The exact norms without touching the gradients (also one collective)."""
+        return self._run(apply=False)
+
+    def attach(self, optimizer: torch.optim.Optimizer) -> torch.utils.hooks.RemovableHandle:
+        """Clip right before every ``optimizer.step()`` (also under GradScaler and LR schedulers).
+
+        A skipped step (non-finite norm, ``nonfinite: skip``) drops the gradients first, so the
+        step leaves parameters and optimizer state untouched. The report is in ``last_report``.
+        """
+        return optimizer.register_step_pre_hook(self._before_step)
+
+    def _before_step(self, _optimizer: torch.optim.Optimizer, _args: Any, _kwargs: Any) -> None:
+        self.clip()
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"version": 1, "groups": self.group_names, "steps": self.steps, "policy": self.policy.state_dict()}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        if list(state.get("groups", [])) != self.group_names:
+            raise ConfigError(
+                f"distclip state has groups {state.get('groups')} but this clipper has {self.group_names}: "
+                "load it into a clipper built with the same config and model"
+            )
+        self.steps = int(state.get("steps", 0))
+        self.policy.load_state_dict(state.get("policy", {}))
+
+    def fingerprint(self) -> str:
+        return f"{self.config.fingerprint()}-{self.table.fingerprint()}"
+
+    # ---------------------------------------------------------------- internals
+    def _summary(self) -> dict[str, Any]:
+        return {**self.config.to_dict(), "group_order": self.group_names,
+                "group_layout": self.table.fingerprint(), **self.adapter.describe()}
+
+    def _local_partials(self) -> tuple[torch.Tensor, str]:
+        group = self.adapter.reduce_group
+        partials = self.adapter.reduced_partials()
+        if partials is not None:
+            return partials, "comm_hook"
+        pieces, groups = self.adapter.counted_pieces()
+        device = collective_device(group, pieces[0].device if pieces else self.adapter.device_hint())
+        return local_partials(pieces, groups, self.layout, device), "post_backward"
+
+    @torch.no_grad()
+    def _run(self, apply: bool) -> ClipReport:
+        partials, source = self._local_partials()
+        reduced = reduce_slots(partials, self.layout.uses_max, self.adapter.reduce_group)
+        group_norms = self.layout.group_norms(reduced)
+        thresholds = self.policy.thresholds(group_norms)
+        norms32 = group_norms.float()
+        coefs = torch.clamp(thresholds.float() / (norms32 + EPS), max=1.0)
+        finite = torch.isfinite(reduced).all()
+        skipped = False
+        if apply:
+            if self.config.nonfinite == "ignore" or bool(finite):  # the only host sync, and not in 'ignore'
+                self._scale(coefs)
+            else:
+                skipped = self._handle_nonfinite(reduced)
+                coefs = torch.zeros_like(coefs)
+            self.policy.update(group_norms, finite)
+            self.steps += 1
+        report = ClipReport(
+            total_norm=self.layout.total_norm(reduced).float(),
+            group_norms=dict(zip(self.group_names, norms32)),
+            coefs=dict(zip(self.group_names, coefs)),
+            thresholds=dict(zip(self.group_names, thresholds.float())),
+            skipped=skipped,
+            finite=finite,
+            source=source,
+        )
+        self.last_report = report
+        return report
+
+    def _scale(self, coefs: torch.Tensor) -> None:
+        for g, grads in enumerate(self.adapter.scaled_grads()):
+            if not grads:
+                continue
+            coef = coefs[g]
+            for (device, _), ([tensors], _) in _group_tensors_by_device_and_dtype([grads]).items():
+                torch._foreach_mul_(tensors, coef.to(device))
+
+    def _handle_nonfinite(self, reduced: torch.Tensor) -> bool:
+        """Same decision on every rank (it is taken on the reduced vector). Returns ``skipped``."""
+        mode = self.config.nonfinite
+        if mode == "error":
+            norms = self.layout.group_norms(reduced).tolist()
+            bad = {n: v for n, v in zip(self.group_names, norms)}
+            raise NonFiniteGradientError(
+                f"distclip: non-finite gradient norm (group norms: {bad}) with nonfinite='error'. "
+                "Use nonfinite='skip' to drop such steps, or find the source of the NaN/inf."
+            )
+        if mode == "zero":
+            grads = [t for group in self.adapter.scaled_grads() for t in group]
+            if grads:
+                torch._foreach_zero_(grads)
+            return False
+        self.adapter.drop_grads()
+        return True
