@@ -101,8 +101,8 @@ class GradClipper:
         self.last_report: ClipReport | None = None
         if self.config.check_consistency:
             check_consistency(self.adapter.reduce_group, self.fingerprint(), self._summary())
-        if self.config.comm_hook and hasattr(self.adapter, "enable_comm_hook"):
-            self.adapter.enable_comm_hook(ddp_comm_hook, ddp_comm_hook_state)
+        if self.config.comm_hook:
+            self.adapter.enable_reduction_hook(ddp_comm_hook, ddp_comm_hook_state)
 
     # ------------------------------------------------------------------ public
     def clip(self) -> ClipReport:

@@ -50,3 +50,21 @@ def reference_clip(grads: dict[str, torch.Tensor], config: dict[str, Any]) -> di
 
 def rel_err(a: float, b: float) -> float:
     return abs(a - b) / max(abs(b), 1e-30)
+
+
+def reference_run(config: dict[str, Any], world: int, steps: int, lr: float) -> list[dict[str, Any]]:
+    """``steps`` of clip + SGD in one process, float64, on all ranks' batches concatenated."""
+    from tests.models import global_batch, loss_fn, make_model
+
+    model = make_model(dtype=torch.float64)
+    opt = torch.optim.SGD(model.parameters(), lr=lr)
+    out = []
+    for step in range(steps):
+        loss_fn(model, *global_batch(step, world)).backward()
+        ref = reference_clip({n: p.grad for n, p in model.named_parameters()}, config)
+        for n, p in model.named_parameters():
+            p.grad.copy_(ref["clipped"][n])
+        opt.step()
+        opt.zero_grad()
+        out.append(ref)
+    return out

@@ -14,7 +14,8 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 import distclip
 from distclip.testing import run_ranks
 from tests.models import batch, global_batch, loss_fn, make_model
-from tests.reference import reference_clip, rel_err
+from tests.checks import assert_grad_close, assert_same_on_all_ranks, check_against_reference
+from tests.reference import reference_clip, reference_run, rel_err
 
 pytestmark = pytest.mark.multiprocess
 
@@ -30,15 +31,6 @@ LR = 0.5
 
 def config_for(p: float, grouped: bool) -> dict:
     return {"max_norm": 0.1, "norm_type": p, "groups": GROUPS if grouped else []}
-
-
-def assert_same_on_all_ranks(*tensors: torch.Tensor) -> None:
-    """Bitwise equality across ranks, checked with an all_gather."""
-    vec = torch.stack([t.detach().float().reshape(()) for t in tensors])
-    gathered = [torch.empty_like(vec) for _ in range(dist.get_world_size())]
-    dist.all_gather(gathered, vec)
-    for r, other in enumerate(gathered):
-        assert torch.equal(other, gathered[0]), f"rank {r} got {other.tolist()}, rank 0 {gathered[0].tolist()}"
 
 
 def train_ddp(config: dict, dtype: torch.dtype = torch.float32, comm_hook: bool = True, bucket_cap_mb: float = 0.002):
@@ -65,44 +57,13 @@ def train_ddp(config: dict, dtype: torch.dtype = torch.float32, comm_hook: bool 
     return records
 
 
-def reference_run(config: dict, world: int) -> list[dict]:
-    """The same training in one process, float64, on the concatenated batch."""
-    model = make_model(dtype=torch.float64)
-    opt = torch.optim.SGD(model.parameters(), lr=LR)
-    out = []
-    for step in range(STEPS):
-        loss_fn(model, *global_batch(step, world)).backward()
-        ref = reference_clip({n: p.grad for n, p in model.named_parameters()}, config)
-        for n, p in model.named_parameters():
-            p.grad.copy_(ref["clipped"][n])
-        opt.step()
-        opt.zero_grad()
-        out.append(ref)
-    return out
-
-
-def assert_grad_close(actual: torch.Tensor, expected: torch.Tensor, rtol: float) -> None:
-    """Elementwise, relative to the tensor's scale (fp32 backward cancels in tiny elements)."""
-    scale = expected.abs().max().item()
-    torch.testing.assert_close(actual.double(), expected, rtol=rtol, atol=rtol * scale)
-
-
-def check_against_reference(records: list[dict], refs: list[dict], rtol: float, grad_rtol: float) -> None:
-    for step, (rec, ref) in enumerate(zip(records, refs)):
-        assert rel_err(rec["total"], ref["total"]) <= rtol, (step, rec["total"], ref["total"])
-        for name, value in ref["groups"].items():
-            assert rel_err(rec["groups"][name], value) <= rtol or abs(value) < 1e-12, (step, name, rec["groups"][name], value)
-        for name, grad in ref["clipped"].items():
-            assert_grad_close(rec["grads"][name], grad, grad_rtol)
-
-
 @pytest.mark.parametrize("world", [2, 4])
 @pytest.mark.parametrize("p", NORM_TYPES, ids=lambda p: f"p{p}")
 @pytest.mark.parametrize("grouped", [False, True], ids=["uniform", "per_group"])
 def test_ddp_matches_float64_reference(world, p, grouped):
     config = config_for(p, grouped)
     results = run_ranks(train_ddp, world, config)
-    refs = reference_run(config, world)
+    refs = reference_run(config, world, STEPS, LR)
     for records in results:
         check_against_reference(records, refs, rtol=1e-6, grad_rtol=1e-5)
         assert [r["source"] for r in records] == ["comm_hook"] * STEPS  # also after DDP rebuilt its buckets
@@ -115,7 +76,7 @@ def test_ddp_float64_training_is_exact_to_rounding(p):
     """With float64 on the ranks too, only the fp32 rounding of the reported norm remains."""
     config = config_for(p, grouped=True)
     results = run_ranks(train_ddp, 2, config, torch.float64)
-    refs = reference_run(config, 2)
+    refs = reference_run(config, 2, STEPS, LR)
     for records in results:
         check_against_reference(records, refs, rtol=1.2e-7, grad_rtol=3e-7)
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Any, Sequence
 
 import torch
 
@@ -42,6 +42,13 @@ class GradAdapter:
     def counted_pieces(self) -> tuple[list[torch.Tensor], list[int]]:
         """The gradient pieces this rank counts (disjoint across ranks) and their group indices."""
         raise NotImplementedError
+
+    def enable_reduction_hook(self, inner: Any = None, inner_state: Any = None) -> bool:
+        """Compute partials inside the gradient reduction from now on, if this layout allows it.
+
+        ``inner``/``inner_state``: a user communication hook to wrap (DDP). Returns whether a hook is active.
+        """
+        return False
 
     def reduced_partials(self) -> torch.Tensor | None:
         """Local slot partials already computed inside the gradient reduction, if still valid."""

@@ -64,7 +64,7 @@ class DDPAdapter(GradAdapter):
     def reduced_partials(self) -> torch.Tensor | None:
         return self.hook.take() if self.hook is not None else None
 
-    def enable_comm_hook(self, inner: CommHook | None = None, inner_state: Any = None) -> bool:
+    def enable_reduction_hook(self, inner: CommHook | None = None, inner_state: Any = None) -> bool:
         """Register distclip's norm hook around ``inner`` (DDP's all-reduce by default).
 
         Returns False (and warns) when DDP already has a comm hook: DDP allows only one, so pass

@@ -1,0 +1,32 @@
+"""Assertions shared by the multi-process tests (run inside ranks or on their results)."""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+from tests.reference import rel_err
+
+
+def assert_same_on_all_ranks(*tensors: torch.Tensor) -> None:
+    """Bitwise equality across ranks, checked with an all_gather."""
+    vec = torch.stack([t.detach().float().reshape(()) for t in tensors])
+    gathered = [torch.empty_like(vec) for _ in range(dist.get_world_size())]
+    dist.all_gather(gathered, vec)
+    for r, other in enumerate(gathered):
+        assert torch.equal(other, gathered[0]), f"rank {r} got {other.tolist()}, rank 0 {gathered[0].tolist()}"
+
+
+def assert_grad_close(actual: torch.Tensor, expected: torch.Tensor, rtol: float) -> None:
+    """Elementwise, relative to the tensor's scale (fp32 backward cancels in tiny elements)."""
+    scale = expected.abs().max().item()
+    torch.testing.assert_close(actual.double(), expected, rtol=rtol, atol=rtol * scale)
+
+
+def check_against_reference(records: list[dict], refs: list[dict], rtol: float, grad_rtol: float) -> None:
+    for step, (rec, ref) in enumerate(zip(records, refs)):
+        assert rel_err(rec["total"], ref["total"]) <= rtol, (step, rec["total"], ref["total"])
+        for name, value in ref["groups"].items():
+            assert rel_err(rec["groups"][name], value) <= rtol or abs(value) < 1e-12, (step, name, rec["groups"][name], value)
+        for name, grad in ref["clipped"].items():
+            assert_grad_close(rec["grads"][name], grad, grad_rtol)
