@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Iterable, Mapping
 
 import torch
 from torch.utils._foreach_utils import _group_tensors_by_device_and_dtype
@@ -164,11 +164,17 @@ class GradClipper:
         finite = torch.isfinite(reduced).all()
         skipped = False
         if apply:
-            if self.config.nonfinite == "ignore" or bool(finite):  # the only host sync, and not in 'ignore'
-                self._scale(coefs)
+            if self.config.nonfinite == "ignore":  # no host sync at all: always multiply, as torch does
+                self._scale(coefs, range(len(self.group_names)))
             else:
-                skipped = self._handle_nonfinite(reduced)
-                coefs = torch.zeros_like(coefs)
+                # The one host sync: the non-finite decision, and which groups are clipped at all
+                # (multiplying by exactly 1.0 changes nothing, so unclipped groups are not touched).
+                finite_flag, *clipped = torch.cat([finite.reshape(1), coefs < 1.0]).tolist()
+                if finite_flag:
+                    self._scale(coefs, [g for g, c in enumerate(clipped) if c])
+                else:
+                    skipped = self._handle_nonfinite(reduced)
+                    coefs = torch.zeros_like(coefs)
             self.policy.update(group_norms, finite)
             self.steps += 1
         report = ClipReport(
@@ -183,13 +189,14 @@ class GradClipper:
         self.last_report = report
         return report
 
-    def _scale(self, coefs: torch.Tensor) -> None:
-        for g, grads in enumerate(self.adapter.scaled_grads()):
-            if not grads:
+    def _scale(self, coefs: torch.Tensor, groups: Iterable[int]) -> None:
+        """Multiply each chosen group's local gradients by its coefficient (foreach, in place)."""
+        per_group = self.adapter.scaled_grads()
+        for g in groups:
+            if not per_group[g]:
                 continue
-            coef = coefs[g]
-            for (device, _), ([tensors], _) in _group_tensors_by_device_and_dtype([grads]).items():
-                torch._foreach_mul_(tensors, coef.to(device))
+            for (device, _), ([tensors], _) in _group_tensors_by_device_and_dtype([per_group[g]]).items():
+                torch._foreach_mul_(tensors, coefs[g].to(device))
 
     def _handle_nonfinite(self, reduced: torch.Tensor) -> bool:
         """Same decision on every rank (it is taken on the reduced vector). Returns ``skipped``."""

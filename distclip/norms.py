@@ -84,6 +84,29 @@ def _norm_dtype(dtype: torch.dtype) -> torch.dtype:
     return dtype if dtype in (torch.float32, torch.float64) else torch.float32
 
 
+_LARGE = 1 << 15  # elements: above this, a per-tensor kernel call costs less than its reduction
+
+
+def _per_tensor_norms(tensors: list[torch.Tensor], p: float, dtype: torch.dtype) -> list[torch.Tensor]:
+    """Norm of each tensor (same device and dtype), in ``dtype`` or wider.
+
+    On CPU, torch's infinity norm is an unvectorised reduction, several times slower than
+    ``aminmax``; for large tensors max|g| is taken as max(max g, -min g) instead (NaN propagates).
+    """
+    if not (math.isinf(p) and tensors[0].device.type == "cpu"):
+        return list(torch._foreach_norm(tensors, p, dtype=dtype))
+    norms: list[torch.Tensor | None] = [None] * len(tensors)
+    small = [i for i, t in enumerate(tensors) if t.numel() < _LARGE]
+    for i, t in enumerate(tensors):
+        if t.numel() >= _LARGE:
+            low, high = torch.aminmax(t)
+            norms[i] = torch.maximum(high, -low).to(dtype)
+    if small:
+        for i, n in zip(small, torch._foreach_norm([tensors[i] for i in small], p, dtype=dtype)):
+            norms[i] = n
+    return norms  # type: ignore[return-value]
+
+
 def local_partials(
     tensors: Sequence[torch.Tensor],
     group_ids: Sequence[int],
@@ -105,8 +128,7 @@ def local_partials(
         slot_ids = [s for _, s in chosen]
         grouped = _group_tensors_by_device_and_dtype([[t for t, _ in chosen]], with_indices=True)
         for (dev, dtype), ([same_kind], indices) in grouped.items():
-            norms = torch._foreach_norm(same_kind, p, dtype=_norm_dtype(dtype))
-            values = torch.stack(norms).to(ACC_DTYPE)
+            values = torch.stack(_per_tensor_norms(same_kind, p, _norm_dtype(dtype))).to(ACC_DTYPE)
             index = torch.tensor([slot_ids[i] for i in indices], device=values.device)
             contrib = torch.zeros(layout.num_slots, dtype=ACC_DTYPE, device=values.device)
             if math.isinf(p):
