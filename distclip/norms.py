@@ -88,23 +88,28 @@ _LARGE = 1 << 15  # elements: above this, a per-tensor kernel call costs less th
 
 
 def _per_tensor_norms(tensors: list[torch.Tensor], p: float, dtype: torch.dtype) -> list[torch.Tensor]:
-    """Norm of each tensor (same device and dtype), in ``dtype`` or wider.
+    """Norm of each tensor (same device and dtype), in ``dtype`` or wider; 0 for an empty tensor.
 
-    On CPU, torch's infinity norm is an unvectorised reduction, several times slower than
-    ``aminmax``; for large tensors max|g| is taken as max(max g, -min g) instead (NaN propagates).
+    The infinity norm is special: foreach raises on empty tensors (no identity for max), and on
+    CPU torch's kernel is an unvectorised reduction several times slower than ``aminmax``, so
+    large tensors use max|g| = max(max g, -min g) (NaN propagates).
     """
-    if not (math.isinf(p) and tensors[0].device.type == "cpu"):
+    if not math.isinf(p):
         return list(torch._foreach_norm(tensors, p, dtype=dtype))
-    norms: list[torch.Tensor | None] = [None] * len(tensors)
-    small = [i for i, t in enumerate(tensors) if t.numel() < _LARGE]
+    on_cpu = tensors[0].device.type == "cpu"
+    norms = [tensors[0].new_zeros((), dtype=dtype)] * len(tensors)
+    small = []
     for i, t in enumerate(tensors):
-        if t.numel() >= _LARGE:
+        n = t.numel()
+        if on_cpu and n >= _LARGE:
             low, high = torch.aminmax(t)
             norms[i] = torch.maximum(high, -low).to(dtype)
+        elif n:
+            small.append(i)
     if small:
         for i, n in zip(small, torch._foreach_norm([tensors[i] for i in small], p, dtype=dtype)):
             norms[i] = n
-    return norms  # type: ignore[return-value]
+    return norms
 
 
 def local_partials(
@@ -117,19 +122,24 @@ def local_partials(
 
     One foreach norm per (p, device, dtype) and one scatter into the slots: linear in the number
     of tensors, independent of the number of groups, no host synchronisation. Empty tensors
-    contribute nothing (they would make the infinity norm raise).
+    contribute nothing.
     """
     out = torch.zeros(layout.num_slots, dtype=ACC_DTYPE, device=device)
-    kept = [(t, g) for t, g in zip(tensors, group_ids) if t.numel() > 0]
-    for p, slot_of_group in layout.passes:
-        chosen = [(t, slot_of_group[g]) for t, g in kept if slot_of_group[g] >= 0]
+    if not tensors:
+        return out
+    for pass_index, (p, slot_of_group) in enumerate(layout.passes):
+        if pass_index == 0:  # the config's p: slot g is group g, for every group
+            chosen, slot_ids = list(tensors), list(group_ids)
+        else:  # a p that only some groups use
+            picked = [(t, slot_of_group[g]) for t, g in zip(tensors, group_ids) if slot_of_group[g] >= 0]
+            chosen, slot_ids = [t for t, _ in picked], [s for _, s in picked]
         if not chosen:
             continue
-        slot_ids = [s for _, s in chosen]
-        grouped = _group_tensors_by_device_and_dtype([[t for t, _ in chosen]], with_indices=True)
+        grouped = _group_tensors_by_device_and_dtype([chosen], with_indices=True)
         for (dev, dtype), ([same_kind], indices) in grouped.items():
             values = torch.stack(_per_tensor_norms(same_kind, p, _norm_dtype(dtype))).to(ACC_DTYPE)
-            index = torch.tensor([slot_ids[i] for i in indices], device=values.device)
+            ids = slot_ids if len(grouped) == 1 else [slot_ids[i] for i in indices]
+            index = torch.tensor(ids, device=values.device)
             contrib = torch.zeros(layout.num_slots, dtype=ACC_DTYPE, device=values.device)
             if math.isinf(p):
                 contrib.scatter_reduce_(0, index, values, reduce="amax")

@@ -255,3 +255,20 @@ def test_wrapped_names_match_groups():
     clipper = distclip.GradClipper(model, groups=[{"name": "embed", "match": "embed.*"}])
     assert "embed.weight" in clipper.adapter.names and "_orig_mod.embed.weight" not in clipper.adapter.names
     assert clipper.table.index_of["embed.weight"] == 0
+
+
+def test_unclipped_groups_are_not_rewritten():
+    """A coefficient of exactly 1 changes nothing, so those gradients are not touched (no extra pass)."""
+    model = make_model()
+    loss_fn(model, *batch(0, 0)).backward()
+    config = {"max_norm": 1e-6, "groups": [{"name": "embed", "match": "embed.*", "max_norm": 1e6}]}
+    versions = {n: p.grad._version for n, p in model.named_parameters()}
+    report = distclip.GradClipper(model, config).clip()
+    assert report.coefs["embed"].item() == 1.0 and report.coefs["default"].item() < 1.0
+    for name, param in model.named_parameters():
+        changed = param.grad._version != versions[name]
+        assert changed == (not name.startswith("embed.")), name
+    # 'ignore' never synchronises with the host, so it multiplies every group, as torch does
+    versions = {n: p.grad._version for n, p in model.named_parameters()}
+    distclip.GradClipper(model, {**config, "nonfinite": "ignore"}).clip()
+    assert all(p.grad._version != versions[n] for n, p in model.named_parameters())

@@ -13,9 +13,8 @@ class PlainAdapter(GradAdapter):
     kind = "plain"
 
     def counted_pieces(self) -> tuple[list[torch.Tensor], list[int]]:
-        pieces, groups = [], []
-        for p, g in zip(self.params, self.group_of):
-            if p.grad is not None:
-                pieces.append(p.grad)
-                groups.append(g)
-        return pieces, groups
+        grads = [p.grad for p in self.params]
+        pieces = [g for g in grads if g is not None]
+        if len(pieces) == len(grads):
+            return pieces, self.group_of
+        return pieces, [g for g, grad in zip(self.group_of, grads) if grad is not None]

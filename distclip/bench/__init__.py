@@ -1,0 +1,1 @@
+"""Benchmarks: python -m distclip.bench (see __main__)."""

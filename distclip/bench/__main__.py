@@ -1,0 +1,111 @@
+"""``python -m distclip.bench``: what exact, per-group clipping costs next to the native alternatives.
+
+Run under torchrun (``torchrun --nproc_per_node 2 -m distclip.bench``), or plainly: it then
+starts itself under torchrun with ``--nproc`` ranks. CUDA/NCCL when a GPU is present, else CPU/gloo.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from .cases import BACKENDS, VARIANTS
+from .suites import bench_backend, bench_bandwidth, bench_scaling
+from .table import print_backend_table, print_bandwidth, print_scaling
+
+
+def parse_size(text: str) -> int:
+    text = text.strip().upper()
+    scale = {"K": 1_000, "M": 1_000_000, "G": 1_000_000_000}.get(text[-1], 1)
+    return int(float(text[:-1] if scale > 1 else text) * scale)
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="distclip bench", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--backends", default=",".join(BACKENDS), help=f"comma-separated, from {list(BACKENDS)}")
+    parser.add_argument("--params", default="10M", help="model size(s), comma-separated (e.g. 10M,50M)")
+    parser.add_argument("--layers", type=int, default=24, help="blocks in the model (= groups per layer)")
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--steps", type=int, default=10, help="measured steps (median reported)")
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--scaling", default="1000,5000,20000", help="tensor counts for the scaling suite ('' to skip)")
+    parser.add_argument("--scaling-budget", type=float, default=60.0,
+                        help="seconds: skip a baseline whose projected time exceeds this")
+    parser.add_argument("--bandwidth-mb", type=float, default=256, help="gradient megabytes for the bandwidth suite (0 to skip)")
+    parser.add_argument("--json", default="bench-results/bench.json", help="where to write the results")
+    parser.add_argument("--nproc", type=int, default=2, help="ranks to start when not launched by torchrun")
+    return parser.parse_args(argv)
+
+
+def relaunch_under_torchrun(args: argparse.Namespace, argv: list[str]) -> int:
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(args.nproc),
+           "-m", "distclip.bench", *argv]
+    return subprocess.call(cmd)
+
+
+def init_distributed() -> torch.device:
+    if torch.cuda.is_available():
+        local = int(os.environ.get("LOCAL_RANK", 0))
+        torch.cuda.set_device(local)
+        dist.init_process_group("nccl")
+        return torch.device("cuda", local)
+    dist.init_process_group("gloo")
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // dist.get_world_size()))
+    return torch.device("cpu")
+
+
+def machine() -> dict[str, object]:
+    info: dict[str, object] = {
+        "torch": torch.__version__, "python": platform.python_version(), "cpu_count": os.cpu_count(),
+        "processor": platform.processor() or platform.machine(), "world_size": dist.get_world_size(),
+        "backend": dist.get_backend(), "threads_per_rank": torch.get_num_threads(),
+    }
+    if torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name()
+    return info
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    args = parse_args(argv)
+    if "RANK" not in os.environ:
+        return relaunch_under_torchrun(args, argv)
+    device = init_distributed()
+    rank = dist.get_rank()
+    results: dict[str, object] = {"machine": machine(), "args": vars(args), "backends": [], "scaling": None, "bandwidth": None}
+    for backend in [b for b in args.backends.split(",") if b]:
+        if backend not in BACKENDS:
+            raise SystemExit(f"unknown backend {backend!r}; choose from {list(BACKENDS)}")
+        for size in [parse_size(s) for s in args.params.split(",")]:
+            rows = bench_backend(backend, size, args, device)
+            results["backends"].append({"backend": backend, "params": size, "rows": rows})  # type: ignore[union-attr]
+            if rank == 0:
+                print_backend_table(backend, size, rows, results["machine"])
+    if args.scaling:
+        results["scaling"] = bench_scaling([int(s) for s in args.scaling.split(",")], args, device)
+        if rank == 0:
+            print_scaling(results["scaling"])
+    if args.bandwidth_mb > 0:
+        results["bandwidth"] = bench_bandwidth(args.bandwidth_mb, device)
+        if rank == 0:
+            print_bandwidth(results["bandwidth"])
+    if rank == 0:
+        path = Path(args.json)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(results, indent=2, default=str))
+        print(f"\nresults written to {path}  (variants: {VARIANTS})")
+    dist.barrier()
+    dist.destroy_process_group()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,197 @@
+"""The three benchmark suites: per-backend step/clip cost, scaling in the number of tensors, bandwidth."""
+
+from __future__ import annotations
+
+import argparse
+import math
+import time
+from typing import Any, Callable
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+import distclip
+
+from .cases import BACKENDS, MAX_NORM, BenchNet, dim_for
+from .measure import Stopwatch, count_collectives, growth_exponent, median_ms, peak_memory_added
+
+
+def _max_over_ranks(value: float) -> float:
+    """The slowest rank decides a synchronous step."""
+    t = torch.tensor([value], dtype=torch.float64)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return t.item()
+
+
+def bench_backend(backend: str, params: int, args: argparse.Namespace, device: torch.device) -> list[dict[str, Any]]:
+    """Median clip and step time, collectives per clip and peak memory added, for every variant."""
+    build, variants = BACKENDS[backend]
+    dim = dim_for(params, args.layers)
+
+    def make_model() -> nn.Module:
+        torch.manual_seed(0)
+        return BenchNet(dim, args.layers)
+
+    x = torch.randn(args.batch, dim, generator=torch.Generator().manual_seed(dist.get_rank())).to(device)
+    rows = []
+    for variant in variants:
+        case = build(variant, make_model, device)
+        clip_times, step_times = [], []
+        for i in range(args.warmup + args.steps):
+            watch = Stopwatch(device)
+            watch.mark()
+            case.forward_backward(x)
+            watch.mark()
+            dist.barrier()  # untimed: the clip's collective must not absorb skew between ranks
+            watch.mark()
+            if case.clip is not None:
+                case.clip()
+            watch.mark()
+            case.optimizer_step()
+            watch.mark()
+            if i >= args.warmup:
+                clip_times.append(watch.lap(2))
+                step_times.append(watch.lap(0) + watch.lap(2) + watch.lap(3))
+        if case.clip_in_step:  # the backend clips inside its own step: the case timed it there
+            clip_times = case.clip_times[-args.steps:]
+        case.forward_backward(x)
+        with peak_memory_added(device) as memory:
+            collectives = count_collectives(case.clip) if case.clip is not None else case_collectives(case)
+        case.optimizer_step()
+        rows.append({
+            "variant": variant,
+            "clip_ms": _max_over_ranks(median_ms(clip_times)) if variant != "none" else 0.0,
+            "step_ms": _max_over_ranks(median_ms(step_times)),
+            "collectives": collectives,
+            "peak_mem_added_bytes": int(_max_over_ranks(float(memory[0]))),
+            "num_params": sum(p.numel() for p in make_model().parameters()),
+        })
+        case.teardown()
+    _add_ratios(rows)
+    return rows
+
+
+def case_collectives(case: Any) -> int | None:
+    return getattr(case, "collectives_per_clip", None)
+
+
+def _add_ratios(rows: list[dict[str, Any]]) -> None:
+    by = {r["variant"]: r for r in rows}
+    native, none = by.get("native"), by.get("none")
+    for row in rows:
+        if native and row["variant"].startswith("distclip") and native["clip_ms"] > 0:
+            row["clip_vs_native"] = row["clip_ms"] / native["clip_ms"]
+        if none and none["step_ms"] > 0:
+            row["step_overhead_pct"] = 100.0 * (row["step_ms"] / none["step_ms"] - 1.0)
+    for grouped in ("distclip-groups", "distclip-hook-groups"):
+        uniform = by.get(grouped.removesuffix("-groups"))
+        if grouped in by and uniform and uniform["clip_ms"] > 0:
+            by[grouped]["groups_vs_uniform"] = by[grouped]["clip_ms"] / uniform["clip_ms"]
+
+
+# ----------------------------------------------------------------- scaling
+def _timed(fn: Callable[[], Any], repeat: int = 3) -> float:
+    times = []
+    for _ in range(repeat):
+        dist.barrier()
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return _max_over_ranks(min(times))
+
+
+def _small_params(n: int, device: torch.device) -> list[nn.Parameter]:
+    gen = torch.Generator().manual_seed(0)
+    params = [nn.Parameter(torch.randn(8, 16, generator=gen).to(device)) for _ in range(n)]
+    for p in params:
+        p.grad = torch.randn(8, 16, generator=gen).to(device)
+    return params
+
+
+def _fsdp2_model(n: int, device: torch.device) -> nn.Module | None:
+    try:
+        from torch.distributed.fsdp import fully_shard
+        from torch.distributed.device_mesh import init_device_mesh
+    except ImportError:
+        return None
+    module = nn.Module()
+    module.params = nn.ParameterList(_small_params(n, device))
+    fully_shard(module, mesh=init_device_mesh(device.type, (dist.get_world_size(),)))
+    loss = sum(p.sum() for p in module.params)  # DTensor grads through a real backward
+    loss.backward()
+    return module
+
+
+def bench_scaling(sizes: list[int], args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
+    """Clip time against the number of small (8x16) tensors: distclip vs torch, plain and FSDP2."""
+    series: dict[str, dict[int, float | None]] = {}
+    budget = args.scaling_budget
+
+    def run(name: str, n: int, fn: Callable[[], Any]) -> None:
+        done = {k: v for k, v in series.setdefault(name, {}).items() if v is not None}
+        if done:  # project from the largest finished size, assuming quadratic growth (the bad case)
+            last = max(done)
+            if done[last] * (n / last) ** 2 > budget:
+                series[name][n] = None
+                return
+        series[name][n] = _timed(fn)
+
+    for n in sizes:
+        params = _small_params(n, device)
+        run("torch clip_grad_norm_ (plain)", n, lambda: torch.nn.utils.clip_grad_norm_(params, MAX_NORM))
+        clipper = distclip.GradClipper(params, max_norm=MAX_NORM, check_consistency=False)
+        run("distclip (plain)", n, clipper.clip)
+        module = _fsdp2_model(n, device)
+        if module is not None:
+            run("torch clip_grad_norm_ (FSDP2)", n, lambda: torch.nn.utils.clip_grad_norm_(module.parameters(), MAX_NORM))
+            fsdp2 = distclip.GradClipper(module, max_norm=MAX_NORM)
+            if fsdp2.adapter.kind != "plain":  # an FSDP2 adapter is available
+                run("distclip (FSDP2)", n, fsdp2.clip)
+    out = {"sizes": sizes, "series": {}}
+    for name, times in series.items():
+        measured = [(n, t) for n, t in times.items() if t is not None]
+        out["series"][name] = {
+            "seconds": {str(n): t for n, t in times.items()},
+            "growth_exponent": growth_exponent([n for n, _ in measured], [t for _, t in measured]) if len(measured) > 1 else math.nan,
+        }
+    return out
+
+
+# --------------------------------------------------------------- bandwidth
+def bench_bandwidth(megabytes: float, device: torch.device) -> dict[str, Any]:
+    """Norm and norm+scale throughput on one large gradient set, against a plain copy of the same bytes."""
+    numel = int(megabytes * 1e6 / 4)
+    pieces = 16
+    gen = torch.Generator().manual_seed(0)
+    params = [nn.Parameter(torch.empty(numel // pieces, device=device)) for _ in range(pieces)]
+    for p in params:
+        p.grad = torch.randn(numel // pieces, generator=gen).to(device)
+    grads = [p.grad for p in params]
+    copies = [torch.empty_like(g) for g in grads]
+    nbytes = sum(g.numel() * g.element_size() for g in grads)
+    measure = distclip.GradClipper(params, max_norm=math.inf, nonfinite="ignore", check_consistency=False)
+    # nonfinite='ignore' multiplies every gradient whatever the coefficient (here exactly 1.0):
+    # the full read-modify-write of scaling is timed without changing the values.
+    clip = distclip.GradClipper(params, max_norm=math.inf, nonfinite="ignore", check_consistency=False)
+
+    def seconds(fn: Callable[[], Any]) -> float:
+        fn()
+        best = math.inf
+        for _ in range(5):
+            watch = Stopwatch(device)
+            watch.mark()
+            fn()
+            watch.mark()
+            best = min(best, watch.lap(0))
+        return _max_over_ranks(best)
+
+    copy_s = seconds(lambda: torch._foreach_copy_(copies, grads))
+    norm_s = seconds(measure.measure)
+    clip_s = seconds(clip.clip)
+    return {
+        "gradient_bytes": nbytes,
+        "copy": {"seconds": copy_s, "traffic_bytes": 2 * nbytes, "GBps": 2 * nbytes / copy_s / 1e9},
+        "norm": {"seconds": norm_s, "traffic_bytes": nbytes, "GBps": nbytes / norm_s / 1e9},
+        "norm_and_scale": {"seconds": clip_s, "traffic_bytes": 3 * nbytes, "GBps": 3 * nbytes / clip_s / 1e9},
+    }

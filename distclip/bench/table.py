@@ -1,0 +1,44 @@
+"""Plain-text tables for the benchmark results."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+
+def _fmt(value: Any, spec: str = ".2f") -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "-"
+    return format(value, spec)
+
+
+def print_backend_table(backend: str, params: int, rows: list[dict[str, Any]], machine: dict[str, Any]) -> None:
+    print(f"\n== {backend}: {rows[0]['num_params'] / 1e6:.1f}M params, {machine['world_size']} ranks "
+          f"({machine['backend']}), median of measured steps ==")
+    header = f"{'variant':22s} {'clip ms':>9s} {'step ms':>9s} {'vs native':>9s} {'groups/unif':>11s} " \
+             f"{'step +%':>8s} {'colls':>6s} {'+mem MB':>8s}"
+    print(header)
+    print("-" * len(header))
+    for r in rows:
+        print(f"{r['variant']:22s} {_fmt(r['clip_ms']):>9s} {_fmt(r['step_ms']):>9s} {_fmt(r.get('clip_vs_native')):>9s} "
+              f"{_fmt(r.get('groups_vs_uniform')):>11s} {_fmt(r.get('step_overhead_pct'), '+.1f'):>8s} "
+              f"{_fmt(r['collectives'], 'd'):>6s} {_fmt(r['peak_mem_added_bytes'] / 1e6, '.1f'):>8s}")
+
+
+def print_scaling(scaling: dict[str, Any]) -> None:
+    sizes = scaling["sizes"]
+    print("\n== clip time (s) against the number of 8x16 tensors ==")
+    print(f"{'':34s}" + "".join(f"{n:>10d}" for n in sizes) + f"{'exponent':>10s}")
+    for name, data in scaling["series"].items():
+        cells = "".join(f"{_fmt(data['seconds'].get(str(n)), '.4f'):>10s}" for n in sizes)
+        print(f"{name:34s}{cells}{_fmt(data['growth_exponent']):>10s}")
+    print("('-': skipped, projected over the time budget)")
+
+
+def print_bandwidth(bw: dict[str, Any]) -> None:
+    gb = bw["gradient_bytes"] / 1e9
+    print(f"\n== bandwidth on {gb:.2f} GB of fp32 gradients per rank ==")
+    for name in ("copy", "norm", "norm_and_scale"):
+        row = bw[name]
+        print(f"{name:16s} {row['seconds'] * 1e3:9.2f} ms  {row['GBps']:7.2f} GB/s "
+              f"(traffic {row['traffic_bytes'] / 1e9:.2f} GB, {row['GBps'] / bw['copy']['GBps']:.2f}x copy)")

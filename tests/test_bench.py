@@ -1,0 +1,32 @@
+"""The benchmark runs end to end at a tiny size (it is not a timed test: numbers are not asserted)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+pytestmark = pytest.mark.multiprocess
+
+
+def test_bench_runs_and_writes_json(tmp_path):
+    out = tmp_path / "bench.json"
+    cmd = [sys.executable, "-m", "distclip.bench", "--params", "200K", "--layers", "4", "--steps", "2",
+           "--warmup", "1", "--scaling", "50,200", "--bandwidth-mb", "4", "--json", str(out)]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "== ddp:" in proc.stdout and "vs native" in proc.stdout
+    results = json.loads(out.read_text())
+    assert results["machine"]["world_size"] == 2
+    ddp = next(b for b in results["backends"] if b["backend"] == "ddp")
+    rows = {r["variant"]: r for r in ddp["rows"]}
+    assert {"none", "native", "distclip", "distclip-groups", "distclip-hook"} <= set(rows)
+    assert rows["distclip"]["collectives"] == 1 and rows["distclip-groups"]["collectives"] == 1
+    assert rows["native"]["collectives"] == 0  # torch's clip on replicated DDP grads is local
+    assert rows["distclip"]["clip_vs_native"] > 0 and rows["distclip-groups"]["groups_vs_uniform"] > 0
+    assert set(results["scaling"]["series"]) >= {"torch clip_grad_norm_ (plain)", "distclip (plain)"}
+    assert results["bandwidth"]["norm"]["GBps"] > 0
