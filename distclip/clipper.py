@@ -11,6 +11,7 @@ from torch.utils._foreach_utils import _group_tensors_by_device_and_dtype
 
 from .adapters import adapter_for
 from .adapters.base import GradAdapter
+from .attach import Attachment
 from .config import ClipConfig, ConfigError, load_config
 from .groups import GroupTable, resolve_groups
 from .norms import SlotLayout, local_partials
@@ -113,16 +114,15 @@ class GradClipper:
         """The exact norms without touching the gradients (also one collective)."""
         return self._run(apply=False)
 
-    def attach(self, optimizer: torch.optim.Optimizer) -> torch.utils.hooks.RemovableHandle:
+    def attach(self, optimizer: torch.optim.Optimizer, fold: bool | None = None) -> Attachment:
         """Clip right before every ``optimizer.step()`` (also under GradScaler and LR schedulers).
 
         A skipped step (non-finite norm, ``nonfinite: skip``) drops the gradients first, so the
         step leaves parameters and optimizer state untouched. The report is in ``last_report``.
+        ``fold``: apply a uniform clip through a fused optimizer's ``grad_scale`` instead of a
+        separate pass over the gradients (None: whenever possible). ``.remove()`` detaches.
         """
-        return optimizer.register_step_pre_hook(self._before_step)
-
-    def _before_step(self, _optimizer: torch.optim.Optimizer, _args: Any, _kwargs: Any) -> None:
-        self.clip()
+        return Attachment(self, optimizer, fold)
 
     def state_dict(self) -> dict[str, Any]:
         return {"version": 1, "groups": self.group_names, "steps": self.steps, "policy": self.policy.state_dict()}
@@ -154,23 +154,39 @@ class GradClipper:
         return local_partials(pieces, groups, self.layout, device), "post_backward"
 
     @torch.no_grad()
-    def _run(self, apply: bool) -> ClipReport:
+    def _run(
+        self,
+        apply: bool,
+        pending_scale: torch.Tensor | None = None,
+        fold: Callable[[torch.Tensor], None] | None = None,
+    ) -> ClipReport:
+        """One clip. ``pending_scale``: a loss scale the gradients still carry (divided out of the
+        norms). ``fold``: applies the (uniform) coefficients instead of multiplying the gradients."""
         partials, source = self._local_partials()
         reduced = reduce_slots(partials, self.layout.uses_max, self.adapter.reduce_group)
         group_norms = self.layout.group_norms(reduced)
+        total_norm = self.layout.total_norm(reduced)
+        if pending_scale is not None:
+            scale = pending_scale.to(device=group_norms.device, dtype=group_norms.dtype)
+            group_norms, total_norm = group_norms / scale, total_norm / scale
         thresholds = self.policy.thresholds(group_norms)
         norms32 = group_norms.float()
         coefs = torch.clamp(thresholds.float() / (norms32 + EPS), max=1.0)
         finite = torch.isfinite(reduced).all()
         skipped = False
         if apply:
-            if self.config.nonfinite == "ignore":  # no host sync at all: always multiply, as torch does
+            if fold is not None and self.config.nonfinite == "ignore":
+                fold(coefs)
+            elif self.config.nonfinite == "ignore":  # no host sync at all: always multiply, as torch does
                 self._scale(coefs, range(len(self.group_names)))
             else:
                 # The one host sync: the non-finite decision, and which groups are clipped at all
                 # (multiplying by exactly 1.0 changes nothing, so unclipped groups are not touched).
                 finite_flag, *clipped = torch.cat([finite.reshape(1), coefs < 1.0]).tolist()
-                if finite_flag:
+                if finite_flag and fold is not None:
+                    if any(clipped):
+                        fold(coefs)
+                elif finite_flag:
                     self._scale(coefs, [g for g, c in enumerate(clipped) if c])
                 else:
                     skipped = self._handle_nonfinite(reduced)
@@ -178,7 +194,7 @@ class GradClipper:
             self.policy.update(group_norms, finite)
             self.steps += 1
         report = ClipReport(
-            total_norm=self.layout.total_norm(reduced).float(),
+            total_norm=total_norm.float(),
             group_norms=dict(zip(self.group_names, norms32)),
             coefs=dict(zip(self.group_names, coefs)),
             thresholds=dict(zip(self.group_names, thresholds.float())),

@@ -272,3 +272,60 @@ def test_unclipped_groups_are_not_rewritten():
     versions = {n: p.grad._version for n, p in model.named_parameters()}
     distclip.GradClipper(model, {**config, "nonfinite": "ignore"}).clip()
     assert all(p.grad._version != versions[n] for n, p in model.named_parameters())
+
+
+def _train_fused(fold, scaler: bool = False, steps: int = 3, config=None):
+    model = make_model()
+    opt = torch.optim.AdamW(model.parameters(), lr=0.05, fused=True)
+    clipper = distclip.GradClipper(model, config or {"max_norm": 0.05})
+    attachment = clipper.attach(opt, fold=fold)
+    grad_scaler = torch.amp.GradScaler("cpu", init_scale=1024.0) if scaler else None
+    norms = []
+    for step in range(steps):
+        loss = loss_fn(model, *batch(step, 0))
+        if grad_scaler:
+            grad_scaler.scale(loss).backward()
+            grad_scaler.step(opt)  # fused: grads stay scaled until the kernel, which receives grad_scale
+            grad_scaler.update()
+        else:
+            loss.backward()
+            opt.step()
+        norms.append(clipper.last_report.total_norm.item())
+        assert not hasattr(opt, "grad_scale")  # nothing left behind between steps
+        opt.zero_grad()
+    return attachment, norms, [p.detach().clone() for p in model.parameters()]
+
+
+def test_fold_into_fused_optimizer_matches_multiplying():
+    folded, norms_f, params_f = _train_fused(fold=None)
+    plain, norms_p, params_p = _train_fused(fold=False)
+    assert folded.fold and not plain.fold
+    for a, b in zip(norms_f, norms_p):
+        assert rel_err(a, b) <= 1e-6
+    for a, b in zip(params_f, params_p):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("fold", [None, False])
+def test_grad_scaler_fused_path_clips_the_true_gradients(fold):
+    """GradScaler leaves fused optimizers' gradients scaled: the norm must be of the unscaled ones."""
+    _, norms_scaled, params_scaled = _train_fused(fold=fold, scaler=True)
+    _, norms_plain, params_plain = _train_fused(fold=False, scaler=False)
+    for a, b in zip(norms_scaled, norms_plain):
+        assert rel_err(a, b) <= 1e-5
+    for a, b in zip(params_scaled, params_plain):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_fold_refused_with_a_reason():
+    model = make_model()
+    fused = torch.optim.AdamW(model.parameters(), fused=True)
+    grouped = distclip.GradClipper(model, groups=[{"name": "e", "match": "embed.*"}])
+    with pytest.raises(distclip.ConfigError, match="per-group"):
+        grouped.attach(fused, fold=True)
+    assert not grouped.attach(fused).fold  # auto: falls back to multiplying
+    with pytest.raises(distclip.ConfigError, match="not a fused"):
+        distclip.GradClipper(model).attach(torch.optim.AdamW(model.parameters()), fold=True)
+    partial = distclip.GradClipper(list(model.embed.named_parameters()))
+    with pytest.raises(distclip.ConfigError, match="does not clip"):
+        partial.attach(fused, fold=True)

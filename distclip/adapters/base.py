@@ -22,6 +22,7 @@ class GradAdapter:
     kind = "abstract"
     reduce_group: ProcessGroup | None = None  # None: rank-local, no collective
     has_names = True  # False when given bare parameters (per-group clipping then impossible)
+    foldable = False  # gradients live in param.grad of the very tensors an optimizer steps
 
     def __init__(self, named_params: Sequence[tuple[str, torch.nn.Parameter]]):
         seen: set[int] = set()

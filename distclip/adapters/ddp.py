@@ -38,6 +38,7 @@ class DDPAdapter(GradAdapter):
     """Gradients replicated over DDP's process group; rank r counts slice r of them laid end to end."""
 
     kind = "ddp"
+    foldable = True
 
     def __init__(self, ddp: DistributedDataParallel):
         super().__init__(list(named_trainable_parameters(ddp.module)))

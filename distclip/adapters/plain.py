@@ -11,6 +11,7 @@ class PlainAdapter(GradAdapter):
     """Every local gradient counts; no collective (each rank clips its own gradients)."""
 
     kind = "plain"
+    foldable = True
 
     def counted_pieces(self) -> tuple[list[torch.Tensor], list[int]]:
         grads = [p.grad for p in self.params]

@@ -1,0 +1,67 @@
+"""Clip right before ``optimizer.step()``, and fold the coefficient into fused optimizers.
+
+A fused torch optimizer (``AdamW(fused=True)``, ...) divides every gradient by its
+``grad_scale`` attribute inside its single pass over the parameters (GradScaler's contract).
+With uniform clipping, setting ``grad_scale = 1 / coef`` applies the clip there, so clipping
+costs no pass over the gradients at all; the gradients end up clipped in place as usual.
+
+GradScaler's own fused path also leaves the gradients *scaled* until that kernel: the pending
+scale is then divided out of the norms, so the threshold applies to the true gradients.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from .config import ConfigError
+
+if TYPE_CHECKING:
+    from .clipper import GradClipper
+
+
+def fold_blocker(clipper: "GradClipper", optimizer: torch.optim.Optimizer) -> str | None:
+    """Why the coefficient cannot be folded into this optimizer (None when it can)."""
+    if not (getattr(optimizer, "_step_supports_amp_scaling", False) and optimizer.defaults.get("fused")):
+        return "the optimizer is not a fused torch optimizer (e.g. AdamW(fused=True))"
+    if len(clipper.group_names) != 1:
+        return "per-group clipping needs one coefficient per group, a fused optimizer takes one grad_scale"
+    if not clipper.adapter.foldable:
+        return f"the {clipper.adapter.kind} layout does not keep gradients in the optimizer's parameters"
+    clipped = {id(p) for p in clipper.adapter.params}
+    if any(id(p) not in clipped for group in optimizer.param_groups for p in group["params"]):
+        return "the optimizer holds parameters this clipper does not clip"
+    return None
+
+
+class Attachment:
+    """Pre-step hook that clips (or folds), post-step hook that tidies; ``remove()`` detaches both."""
+
+    def __init__(self, clipper: "GradClipper", optimizer: torch.optim.Optimizer, fold: bool | None = None):
+        blocker = fold_blocker(clipper, optimizer)
+        if fold and blocker:
+            raise ConfigError(f"cannot fold the clip coefficient into this optimizer: {blocker}")
+        self.clipper = clipper
+        self.fold = blocker is None if fold is None else fold
+        self._owns_grad_scale = False
+        self._handles = [optimizer.register_step_pre_hook(self._before_step),
+                         optimizer.register_step_post_hook(self._after_step)]
+
+    def _before_step(self, optimizer: torch.optim.Optimizer, _args: Any, _kwargs: Any) -> None:
+        pending = getattr(optimizer, "grad_scale", None)  # set by GradScaler for fused optimizers
+
+        def fold_into_optimizer(coefs: torch.Tensor) -> None:
+            self._owns_grad_scale = pending is None
+            optimizer.grad_scale = (pending if pending is not None else 1.0) / coefs[0]
+
+        self.clipper._run(apply=True, pending_scale=pending, fold=fold_into_optimizer if self.fold else None)
+
+    def _after_step(self, optimizer: torch.optim.Optimizer, _args: Any, _kwargs: Any) -> None:
+        if self._owns_grad_scale and hasattr(optimizer, "grad_scale"):
+            del optimizer.grad_scale
+        self._owns_grad_scale = False
+
+    def remove(self) -> None:
+        for handle in self._handles:
+            handle.remove()
