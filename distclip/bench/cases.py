@@ -1,13 +1,14 @@
 """Benchmark cases: a backend (DDP, FSDP1, FSDP2, DeepSpeed) wrapping the same model, with one clipping variant.
 
-A case exposes ``forward_backward(batch)``, ``clip()`` (None when the backend clips inside its
-own step, as DeepSpeed does) and ``optimizer_step()``; ``clip_timer`` collects the clip's own
-duration when it runs inside the step.
+A case exposes ``forward_backward(batch)``, ``clip()`` (None when the clip runs inside the
+optimizer step, as with DeepSpeed or ``attach``) and ``optimizer_step()``; clips inside the step
+record their own duration in ``clip_times``. Every variant uses the same fused AdamW.
 """
 
 from __future__ import annotations
 
 import gc
+import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -16,6 +17,8 @@ import torch.distributed as dist
 from torch import nn
 
 import distclip
+
+from .measure import count_collectives
 
 MAX_NORM = 1e-3  # small enough that every variant really clips (the expensive case)
 
@@ -55,6 +58,7 @@ VARIANTS = {
     "distclip-groups": "distclip, one group per layer",
     "distclip-hook": "distclip uniform, norm inside the reduction",
     "distclip-hook-groups": "distclip per layer, norm inside the reduction",
+    "distclip-hook-fold": "distclip uniform, norm inside the reduction, scale folded into the fused optimizer",
 }
 
 
@@ -74,6 +78,8 @@ class Case:
     clip: Callable[[], Any] | None
     clip_in_step: bool = False
     clip_times: list[float] = field(default_factory=list)
+    barrier_times: list[float] = field(default_factory=list)
+    collectives_per_clip: Callable[[], int] | None = None  # for clips that run inside the step
     keep: list[Any] = field(default_factory=list)  # objects to release at teardown
 
     def forward_backward(self, x: torch.Tensor) -> None:
@@ -89,23 +95,45 @@ class Case:
         gc.collect()
 
 
+def timed(case: "Case", fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Wrap ``fn`` so that each call's duration lands in ``case.clip_times`` (clips run inside a step)."""
+
+    def run(*args: Any, **kwargs: Any) -> Any:
+        arrived = time.perf_counter()
+        dist.barrier()  # as for the other variants: the clip's collective must not absorb skew
+        start = time.perf_counter()
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            case.clip_times.append(time.perf_counter() - start)
+            case.barrier_times.append(start - arrived)
+
+    return run
+
+
 def build_ddp(variant: str, make_model: Callable[[], nn.Module], device: torch.device) -> Case:
     from torch.nn.parallel import DistributedDataParallel as DDP
 
     model = DDP(make_model().to(device), device_ids=[device.index] if device.type == "cuda" else None)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
-    clip: Callable[[], Any] | None = None
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
+    case = Case("ddp", variant, model, optimizer, None)
     if variant == "native":
         params = list(model.parameters())
-        clip = lambda: torch.nn.utils.clip_grad_norm_(params, MAX_NORM)  # exact: DDP grads are replicated
+        case.clip = lambda: torch.nn.utils.clip_grad_norm_(params, MAX_NORM)  # exact: DDP grads are replicated
+    elif variant == "distclip-hook-fold":
+        clipper = distclip.GradClipper(model, clip_config(variant, hook=True))
+        clipper._run = timed(case, clipper._run)  # the clip runs inside optimizer.step()
+        case.keep.append(clipper.attach(optimizer, fold=True))
+        case.clip_in_step = True
+        case.collectives_per_clip = lambda: count_collectives(clipper.measure)
     elif variant.startswith("distclip"):
-        clipper = distclip.GradClipper(model, clip_config(variant, hook="hook" in variant))
-        clip = clipper.clip
-    return Case("ddp", variant, model, optimizer, clip)
+        case.clip = distclip.GradClipper(model, clip_config(variant, hook="hook" in variant)).clip
+    return case
 
 
 BACKENDS: dict[str, tuple[Callable[..., Case], list[str]]] = {
-    "ddp": (build_ddp, ["none", "native", "distclip", "distclip-groups", "distclip-hook", "distclip-hook-groups"]),
+    "ddp": (build_ddp, ["none", "native", "distclip", "distclip-groups", "distclip-hook", "distclip-hook-groups",
+                        "distclip-hook-fold"]),
 }
 
 
