@@ -18,9 +18,10 @@ What ``clip_grad_norm_(params, max_norm, norm_type)`` does after ``enable``, by 
   ``gradient_clipping`` is turned off) with the config's ``max_norm``; ``clip_grad_norm_`` then
   returns that step's exact pre-clip norm.
 
-The call's ``max_norm`` and ``norm_type`` replace the config's top-level ones (torch semantics:
-they are the default group's); explicit ``groups``/``per_layer`` keep their own thresholds, and
-``nonfinite``/``policy`` come from the config. ``max_norm=inf`` measures without clipping anything.
+The call's ``max_norm`` replaces the config's top-level one (torch semantics: it is the default
+group's threshold), and so does ``norm_type`` when given (omitted: the config's); explicit
+``groups``/``per_layer`` keep their own thresholds and norm types, and ``nonfinite``/``policy``
+come from the config. ``max_norm=inf`` measures without clipping anything.
 ``accelerate`` is imported only when this module is used.
 """
 
@@ -123,7 +124,7 @@ class AccelerateClipping:
         return model
 
     def clip_grad_norm_(self, parameters: Iterable[torch.Tensor] | torch.Tensor, max_norm: float,
-                        norm_type: float | str = 2.0) -> torch.Tensor:
+                        norm_type: float | str | None = None) -> torch.Tensor:
         """Exact global norm of ``parameters``' gradients (plain fp32 tensor), clipped per the config."""
         params = [parameters] if isinstance(parameters, torch.Tensor) else list(parameters)
         if self.kind == "deepspeed":
@@ -157,9 +158,11 @@ class AccelerateClipping:
             )
         return None, params  # torch semantics: the given tensors' local gradients
 
-    def _clipper(self, model: Any, subset: list[Any] | None, max_norm: float, norm_type: float | str) -> GradClipper:
+    def _clipper(self, model: Any, subset: list[Any] | None, max_norm: float,
+                 norm_type: float | str | None) -> GradClipper:
         subset_key = None if subset is None else tuple(p if isinstance(p, str) else id(p) for p in subset)
-        p = float(ClipConfig.from_dict({"norm_type": norm_type}, source="clip_grad_norm_ norm_type").norm_type)
+        p = self.config.norm_type if norm_type is None else float(
+            ClipConfig.from_dict({"norm_type": norm_type}, source="clip_grad_norm_ norm_type").norm_type)
         owner_key = id(model) if model is not None else None
         if math.isinf(max_norm):  # measuring: any clipper of the same model, subset and p will do
             for (owner, key_subset, _, key_p), clipper in self._clippers.items():
