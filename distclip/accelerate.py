@@ -170,8 +170,6 @@ class AccelerateClipping:
                     return clipper
         key = (owner_key, subset_key, max_norm, p)
         if key not in self._clippers:
-            if model is not None:
-                self._check_layout(model)
             hook = self.config.comm_hook and model is not None and subset is None and id(model) not in self._hooked
             config = self.config.replace(max_norm=max_norm, norm_type=p, comm_hook=hook)
             target = model if model is not None else subset
@@ -179,10 +177,6 @@ class AccelerateClipping:
             if hook:
                 self._hooked.add(id(model))
         return self._clippers[key]
-
-    def _check_layout(self, model: Any) -> None:
-        if self.kind == "fsdp":
-            _require(FSDP_MODULE, "FSDP")
 
     # -------------------------------------------------------------- DeepSpeed
     def _attach_deepspeed(self) -> None:

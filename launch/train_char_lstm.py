@@ -107,7 +107,8 @@ def main(argv: list[str] | None = None) -> int:
         optimizer.step()
         report = clipper.last_report
         if args.json:
-            record = {"rank": rank, "step": step, "world_size": world, "backend": str(dist.get_backend()),
+            record = {"rank": rank, "local_rank": int(os.environ.get("LOCAL_RANK", 0)), "step": step,
+                      "world_size": world, "backend": str(dist.get_backend()),
                       **report.to_floats(), "source": report.source}
             sys.stdout.write(f"DISTCLIP {json.dumps(record)}\n")  # one write: ranks share the stream
             sys.stdout.flush()

@@ -92,6 +92,19 @@ def check_records(found: list[dict[str, Any]], refs: list[dict[str, Any]], world
             assert rel_err(got["group_norms"][name], value) <= rtol or value < 1e-12, (s, name, got["group_norms"], value)
 
 
+def single_threaded(fn):
+    """Run a reference on one thread: on a busy 2-core machine, 2 torch threads are ~8x slower than one."""
+    def wrapper(*args, **kwargs):
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            torch.set_num_threads(threads)
+    return wrapper
+
+
+@single_threaded
 def char_lstm_reference(world: int, steps: int, config: dict[str, Any], lr: float, batch: int = 16, seq: int = 64,
                         text_bytes: int = 200_000) -> list[dict[str, Any]]:
     """launch/train_char_lstm.py in one float64 process on all ranks' batches (DDP averages equal-size means)."""
@@ -112,6 +125,7 @@ def char_lstm_reference(world: int, steps: int, config: dict[str, Any], lr: floa
     return out
 
 
+@single_threaded
 def accelerate_reference(world: int, steps: int, config: dict[str, Any], lr: float = 0.5, batch: int = 4,
                          loss_scale: float = 3.0) -> list[dict[str, Any]]:
     """launch/train_accelerate.py in one float64 process on all ranks' batches."""

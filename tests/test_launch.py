@@ -68,7 +68,8 @@ def test_torchrun_two_simulated_nodes(demo_reference):
             if node.poll() is None:
                 node.kill()
     per_node = [records(out) for out in outputs]
-    assert all(per_node), "each node ran one rank"
+    assert [{r["local_rank"] for r in node} for node in per_node] == [{0}, {0}]  # one rank on each "node"
+    assert {r["rank"] for r in per_node[0]} != {r["rank"] for r in per_node[1]}
     check_records(per_node[0] + per_node[1], demo_reference, world=2, first_step=1, rtol=DEMO_RTOL)
 
 
@@ -107,6 +108,7 @@ def test_slurm_script_with_stand_in_srun(tmp_path, demo_reference):
     proc = run(["bash", "launch/slurm.sbatch", *DEMO], env)
     out = assert_ok(proc)
     assert "--ntasks-per-node=1" in (tmp_path / "srun.log").read_text()
+    assert {r["local_rank"] for r in records(out)} == {0}  # one torchrun per node, one rank each
     assert f"distclip: 2 nodes x 1 processes, rendezvous 127.0.0.1:{port} " in proc.stderr, proc.stderr
     check_records(records(out), demo_reference, world=2, first_step=1, rtol=DEMO_RTOL)
 
@@ -115,7 +117,9 @@ def test_slurm_script_with_stand_in_srun(tmp_path, demo_reference):
 def test_mpirun_with_mpi4py_bootstrap(demo_reference):
     env = launch_env(NP="2", MPIRUN_ARGS="--allow-run-as-root --oversubscribe")
     proc = run(["bash", "launch/mpirun.sh", *DEMO], env)
-    check_records(records(assert_ok(proc)), demo_reference, world=2, first_step=1, rtol=DEMO_RTOL)
+    found = records(assert_ok(proc))
+    assert {(r["rank"], r["local_rank"]) for r in found} == {(0, 0), (1, 1)}  # both on this node: shared-memory split
+    check_records(found, demo_reference, world=2, first_step=1, rtol=DEMO_RTOL)
 
 
 def accelerate_launch(config: str, steps: int, timeout: float = 300) -> list[dict]:
