@@ -122,6 +122,27 @@ def test_mpirun_with_mpi4py_bootstrap(demo_reference):
     check_records(found, demo_reference, world=2, first_step=1, rtol=DEMO_RTOL)
 
 
+MPI_SCRIPT = """
+import json, sys, torch, torch.distributed as dist
+import distclip.mpi
+env = distclip.mpi.init_process_group()
+total = torch.ones(1)
+dist.all_reduce(total)
+sys.stdout.write("DISTCLIP " + json.dumps({**env.as_env(), "sum": total.item(), "world": dist.get_world_size()}) + "\\n")
+dist.destroy_process_group()
+"""
+
+
+@needs_mpi
+def test_mpi_init_process_group_in_a_script():
+    cmd = ["mpirun", "-np", "2", "--allow-run-as-root", "--oversubscribe", "--bind-to", "none",
+           sys.executable, "-c", MPI_SCRIPT]
+    found = records(assert_ok(run(cmd, launch_env(), timeout=120)))
+    assert sorted((r["RANK"], r["LOCAL_RANK"], r["LOCAL_WORLD_SIZE"], r["world"], r["sum"]) for r in found) == [
+        ("0", "0", "2", 2, 2.0), ("1", "1", "2", 2, 2.0)]
+    assert len({(r["MASTER_ADDR"], r["MASTER_PORT"]) for r in found}) == 1  # broadcast from rank 0
+
+
 def accelerate_launch(config: str, steps: int, timeout: float = 300) -> list[dict]:
     cmd = [sys.executable, "-m", "distclip", "launch", "--config_file", config, "--main_process_port", str(free_port()),
            "launch/train_accelerate.py", "--steps", str(steps), "--json"]
