@@ -25,6 +25,8 @@ def fold_blocker(clipper: "GradClipper", optimizer: torch.optim.Optimizer) -> st
     """Why the coefficient cannot be folded into this optimizer (None when it can)."""
     if not (getattr(optimizer, "_step_supports_amp_scaling", False) and optimizer.defaults.get("fused")):
         return "the optimizer is not a fused torch optimizer (e.g. AdamW(fused=True))"
+    if clipper.clips_subset:
+        return "only a subset of the parameters is clipped, a fused optimizer's grad_scale would scale them all"
     if len(clipper.group_names) != 1:
         return "per-group clipping needs one coefficient per group, a fused optimizer takes one grad_scale"
     if not clipper.adapter.foldable:

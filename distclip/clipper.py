@@ -14,6 +14,7 @@ from .adapters.base import GradAdapter
 from .attach import Attachment
 from .config import ClipConfig, ConfigError, load_config
 from .groups import GroupTable, resolve_groups
+from .names import canonical_name
 from .norms import SlotLayout, local_partials
 from .policies import ClipPolicy, build_policy
 from .reduce import check_consistency, collective_device, reduce_slots
@@ -71,6 +72,10 @@ class GradClipper:
         ddp_comm_hook: for DDP, a comm hook (e.g. ``default_hooks.fp16_compress_hook``) that distclip
             wraps instead of the plain all-reduce; ``ddp_comm_hook_state`` is its state (default:
             DDP's process group).
+        params: clip only these parameters of ``model`` (tensors, or canonical names): only they are
+            counted in the norms and scaled; the model's other gradients are left alone. The norm is
+            still exact under sharding (the model's layout decides what each rank counts), e.g. for
+            ``accelerator.clip_grad_norm_`` on a subset of an FSDP model. Frozen tensors are ignored.
         **overrides: config settings that take precedence, e.g. ``max_norm=0.5``.
 
     At construction every rank checks (one all-gather) that all ranks have the same config and
@@ -84,6 +89,7 @@ class GradClipper:
         *,
         ddp_comm_hook: Callable | None = None,
         ddp_comm_hook_state: Any = None,
+        params: Iterable[torch.Tensor | str] | None = None,
         **overrides: Any,
     ):
         self.config = load_config(config, **overrides)
@@ -94,15 +100,19 @@ class GradClipper:
                 "model itself or model.named_parameters()"
             )
         self.table: GroupTable = resolve_groups(self.config, self.adapter.names)
+        self._excluded: int | None = None  # index of the hidden group of parameters outside ``params``
+        if params is not None:
+            self.table = self.table.restricted_to(self._names_of(params), self.config.norm_type)
+            self._excluded = len(self.table.groups) - 1
         self.layout = SlotLayout.build(self.table.groups, self.config.norm_type)
         self.adapter.bind(self.table, self.layout)
         self.policy: ClipPolicy = build_policy(self.config.policy, self.table.groups)
-        self.group_names = self.table.names
+        self.group_names = self.table.names[: self._excluded]  # the hidden group is last: never reported
         self.steps = 0
         self.last_report: ClipReport | None = None
         if self.config.check_consistency:
             check_consistency(self.adapter.reduce_group, self.fingerprint(), self._summary())
-        if self.config.comm_hook:
+        if self.config.comm_hook and self._excluded is None:
             self.adapter.enable_reduction_hook(ddp_comm_hook, ddp_comm_hook_state)
 
     # ------------------------------------------------------------------ public
@@ -136,6 +146,11 @@ class GradClipper:
         self.steps = int(state.get("steps", 0))
         self.policy.load_state_dict(state.get("policy", {}))
 
+    @property
+    def clips_subset(self) -> bool:
+        """Whether only some of the model's parameters are clipped (``params=``)."""
+        return self._excluded is not None
+
     def fingerprint(self) -> str:
         return f"{self.config.fingerprint()}-{self.table.fingerprint()}"
 
@@ -144,12 +159,34 @@ class GradClipper:
         return {**self.config.to_dict(), "group_order": self.group_names,
                 "group_layout": self.table.fingerprint(), **self.adapter.describe()}
 
+    def _names_of(self, params: Iterable[torch.Tensor | str]) -> list[str]:
+        """Canonical names of the parameters to clip (identity lookup among the adapter's parameters)."""
+        name_of = {id(p): n for n, p in zip(self.adapter.names, self.adapter.params)}
+        names, unknown = [], 0
+        for p in params:
+            if isinstance(p, str):
+                names.append(canonical_name(p))
+            elif id(p) in name_of:
+                names.append(name_of[id(p)])
+            elif isinstance(p, torch.Tensor) and p.requires_grad:
+                unknown += 1
+        if unknown:
+            raise ConfigError(
+                f"distclip: {unknown} of the parameters to clip are not parameters of the model "
+                f"({self.adapter.kind} layout with {len(self.adapter.params)} trainable parameters); pass "
+                "parameters of the model the clipper was built for, or their canonical names"
+            )
+        return names
+
     def _local_partials(self) -> tuple[torch.Tensor, str]:
         group = self.adapter.reduce_group
-        partials = self.adapter.reduced_partials()
+        partials = self.adapter.reduced_partials() if self._excluded is None else None
         if partials is not None:
             return partials, "comm_hook"
         pieces, groups = self.adapter.counted_pieces()
+        if self._excluded is not None:  # the hidden group's slots stay 0: excluded from every norm
+            kept = [(t, g) for t, g in zip(pieces, groups) if g != self._excluded]
+            pieces, groups = [t for t, _ in kept], [g for _, g in kept]
         device = collective_device(group, pieces[0].device if pieces else self.adapter.device_hint())
         return local_partials(pieces, groups, self.layout, device), "post_backward"
 
@@ -205,9 +242,16 @@ class GradClipper:
         self.last_report = report
         return report
 
+    def _clipped_grads(self) -> list[list[torch.Tensor]]:
+        """Per group, the gradients to scale; none for the hidden group of parameters outside ``params``."""
+        grads = self.adapter.scaled_grads()
+        if self._excluded is not None:
+            grads[self._excluded] = []
+        return grads
+
     def _scale(self, coefs: torch.Tensor, groups: Iterable[int]) -> None:
         """Multiply each chosen group's local gradients by its coefficient (foreach, in place)."""
-        per_group = self.adapter.scaled_grads()
+        per_group = self._clipped_grads()
         for g in groups:
             if not per_group[g]:
                 continue
@@ -225,7 +269,7 @@ class GradClipper:
                 "Use nonfinite='skip' to drop such steps, or find the source of the NaN/inf."
             )
         if mode == "zero":
-            grads = [t for group in self.adapter.scaled_grads() for t in group]
+            grads = [t for group in self._clipped_grads() for t in group]
             if grads:
                 torch._foreach_zero_(grads)
             return False

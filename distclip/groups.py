@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import fnmatch
 import hashlib
+import math
 import warnings
 from dataclasses import dataclass
 from typing import Sequence
 
 from .config import DEFAULT_GROUP, ClipConfig, ConfigError
+
+EXCLUDED_GROUP = "<not clipped>"  # hidden trailing group of the parameters outside a clipped subset
 
 
 @dataclass(frozen=True)
@@ -35,6 +38,22 @@ class GroupTable:
         """Hash of the group order and of every parameter's group: equal across ranks iff layouts agree."""
         text = repr([(g.name, g.max_norm, g.norm_type) for g in self.groups]) + repr(sorted(self.index_of.items()))
         return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+    def restricted_to(self, names: Sequence[str], norm_type: float) -> "GroupTable":
+        """This table with every parameter NOT in ``names`` moved to a trailing :data:`EXCLUDED_GROUP`.
+
+        The excluded group is last, so the visible groups keep their indices and order.
+        """
+        keep = set(names)
+        unknown = keep - self.index_of.keys()
+        if unknown:
+            raise ConfigError(
+                f"distclip: {len(unknown)} of the parameters to clip are not trainable parameters of this model "
+                f"(e.g. {sorted(unknown)[:3]}); pass parameters of the model the clipper was built for"
+            )
+        excluded = len(self.groups)
+        groups = (*self.groups, ClipGroup(EXCLUDED_GROUP, math.inf, norm_type))
+        return GroupTable(groups, {n: (g if n in keep else excluded) for n, g in self.index_of.items()})
 
 
 def _matches(name: str, patterns: Sequence[str]) -> bool:

@@ -11,6 +11,7 @@ norm, each clip group's norm and the coefficient applied to it.
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import os
 import sys
@@ -65,6 +66,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seq", type=int, default=64)
     parser.add_argument("--log-every", type=int, default=25, help="log every N steps (and the first 8)")
     parser.add_argument("--text-bytes", type=int, default=1_000_000)
+    parser.add_argument("--dtype", choices=["float32", "float64"], default="float32",
+                        help="model dtype (float64: tests compare the launched run with a float64 reference to rounding)")
+    parser.add_argument("--json", action="store_true",
+                        help="also print, on every rank and step, a JSON line with the world size and the exact norms")
     args = parser.parse_args(argv)
 
     use_cuda = torch.cuda.is_available()
@@ -77,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
 
     torch.manual_seed(0)  # same initial weights on every rank
-    model = DDP(CharLSTM().to(device), device_ids=[device.index] if use_cuda else None)
+    model = DDP(CharLSTM().to(device, getattr(torch, args.dtype)), device_ids=[device.index] if use_cuda else None)
     optimizer = torch.optim.SGD(model.parameters(), lr=args.lr)
     clipper = distclip.GradClipper(model, args.config)
     clipper.attach(optimizer)  # exact clip right before every optimizer.step()
@@ -101,6 +106,12 @@ def main(argv: list[str] | None = None) -> int:
         loss.backward()
         optimizer.step()
         report = clipper.last_report
+        if args.json:
+            record = {"rank": rank, "local_rank": int(os.environ.get("LOCAL_RANK", 0)), "step": step,
+                      "world_size": world, "backend": str(dist.get_backend()),
+                      **report.to_floats(), "source": report.source}
+            sys.stdout.write(f"DISTCLIP {json.dumps(record)}\n")  # one write: ranks share the stream
+            sys.stdout.flush()
         clipped_steps += int(min(c.item() for c in report.coefs.values()) < 1.0)
         skipped_steps += int(report.skipped)
         if step % args.log_every == 0 or step <= 8:

@@ -329,3 +329,11 @@ def test_fold_refused_with_a_reason():
     partial = distclip.GradClipper(list(model.embed.named_parameters()))
     with pytest.raises(distclip.ConfigError, match="does not clip"):
         partial.attach(fused, fold=True)
+
+
+def test_fold_refused_for_a_subset():
+    model = make_model()
+    fused = torch.optim.AdamW(model.parameters(), fused=True)
+    subset = distclip.GradClipper(model, params=list(model.embed.parameters()))
+    with pytest.raises(distclip.ConfigError, match="subset"):
+        subset.attach(fused, fold=True)
