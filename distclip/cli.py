@@ -1,4 +1,4 @@
-"""The ``distclip`` command (also ``python -m distclip``): ``launch`` and ``check``; more subcommands register in COMMANDS.
+"""The ``distclip`` command (also ``python -m distclip``): ``launch``, ``check`` and ``bench``; subcommands register in COMMANDS.
 
     distclip launch --config_file configs/accelerate_multi_cpu.yaml launch/train_accelerate.py --steps 3
     distclip check configs/accelerate_fsdp2.yaml
@@ -73,10 +73,17 @@ def _check(argv: list[str]) -> int:
     return 0
 
 
+def _bench(argv: list[str]) -> int:
+    from .bench.__main__ import main as bench_main
+
+    return bench_main(argv)
+
+
 # name -> (one-line help, handler taking the remaining argv and returning the exit status)
 COMMANDS: dict[str, tuple[str, Callable[[list[str]], int]]] = {
     "launch": ("accelerate launch with a combined Accelerate + distclip YAML, checked first", _launch),
     "check": ("validate a combined YAML (distclip section, Accelerate part, process count)", _check),
+    "bench": ("benchmark clipping against the native alternatives (python -m distclip.bench --help)", _bench),
 }
 
 
