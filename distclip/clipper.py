@@ -146,12 +146,15 @@ class GradClipper:
 
     def _local_partials(self) -> tuple[torch.Tensor, str]:
         group = self.adapter.reduce_group
-        partials = self.adapter.reduced_partials()
-        if partials is not None:
-            return partials, "comm_hook"
-        pieces, groups = self.adapter.counted_pieces()
-        device = collective_device(group, pieces[0].device if pieces else self.adapter.device_hint())
-        return local_partials(pieces, groups, self.layout, device), "post_backward"
+        partials, source = self.adapter.reduced_partials(), "comm_hook"
+        if partials is None:
+            pieces, groups = self.adapter.counted_pieces()
+            device = collective_device(group, pieces[0].device if pieces else self.adapter.device_hint())
+            partials, source = local_partials(pieces, groups, self.layout, device), "post_backward"
+        scale = self.adapter.grad_scale()
+        if scale != 1.0:
+            partials = self.layout.unscale(partials, scale)
+        return partials, source
 
     @torch.no_grad()
     def _run(self, apply: bool) -> ClipReport:

@@ -65,6 +65,15 @@ class SlotLayout:
         values = reduced[[index[(g, p)] for g, p in enumerate(self.group_norm_types)]]
         return _root(values, torch.tensor(self.group_norm_types, dtype=ACC_DTYPE, device=reduced.device))
 
+    def unscale(self, partials: torch.Tensor, scale: float) -> torch.Tensor:
+        """Partials of gradients that still carry a factor ``scale`` (e.g. an fp16 loss scale), divided out.
+
+        A p-slot holds sum |s g|^p = s^p sum |g|^p, an infinity slot max |s g| = s max |g|. Exact
+        in float64 when ``scale`` is a power of two (dynamic loss scales are).
+        """
+        factors = [scale if math.isinf(p) else scale**p for _, p in self.slots]
+        return partials / torch.tensor(factors, dtype=ACC_DTYPE, device=partials.device)
+
     def total_norm(self, reduced: torch.Tensor) -> torch.Tensor:
         """The global norm (float64) in the config's p over every group."""
         values = reduced[: self.num_groups]
