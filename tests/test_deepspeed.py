@@ -339,3 +339,259 @@ def test_distclip_step_issues_no_more_collectives_than_deepspeed_clipping(stage)
     for res in fp32_results(stage):
         own, ours = res["controls"]["deepspeed_own"], res["controls"]["distclip"]
         assert ours["step_collectives"] == own["step_collectives"], (ours["step_collectives"], own["step_collectives"])
+
+
+# ------------------------------------------------------------ bf16 and fp16
+MIXED_CONFIGS = [PER_GROUP, {"max_norm": 0.1, "norm_type": math.inf}]
+MIXED_STAGES = (1, 2, 3)
+
+
+def precision(prec: str, **fp16_args: Any) -> dict[str, Any]:
+    if prec == "bf16":
+        return {"bf16": {"enabled": True}}
+    # DeepSpeed's CPU accelerator refuses fp16 unless the CPU has native fp16 (AVX512-FP16/AMX): this
+    # shim lifts only that capability check; the fp16 ZeRO path (loss scaling, overflow, unscale) runs as is.
+    from deepspeed.accelerator import get_accelerator
+
+    get_accelerator().is_fp16_supported = lambda: True
+    return {"fp16": {"enabled": True, "initial_scale_power": 8, "hysteresis": 1, **fp16_args}}
+
+
+def fp32_masters(engine) -> list[torch.Tensor]:
+    optimizer = engine.optimizer
+    flats = getattr(optimizer, "single_partition_of_fp32_groups", None) or optimizer.fp32_partitioned_groups_flat
+    return [t.detach().clone() for t in flats]
+
+
+def global_update_norm(before: list[torch.Tensor], after: list[torch.Tensor]) -> float:
+    local = sum(((a.double() - b.double()) ** 2).sum() for a, b in zip(after, before))
+    total = torch.as_tensor(local, dtype=torch.float64).reshape(1)
+    dist.all_reduce(total)
+    return total.sqrt().item()
+
+
+def mixed_precision_checks(prec: str) -> dict[str, Any]:
+    from deepspeed.utils import safe_get_full_grad
+
+    out: dict[str, Any] = {}
+    for stage in MIXED_STAGES:
+        res: dict[str, Any] = {"exact": []}
+        # (a) the norm of the gradients DeepSpeed reduced, in their own precision, divided by the loss scale
+        for config in MIXED_CONFIGS:
+            engine = new_engine(stage, **precision(prec))
+            clipper = distclip.deepspeed.attach(engine, config)
+            for step in range(STEPS):
+                engine.backward(loss_fn(engine, *batch(step, dist.get_rank())))
+                scale = float(engine.optimizer.loss_scale)
+                grads = {n: safe_get_full_grad(p).double() / scale for n, p in engine.module.named_parameters()}
+                expected = reference_clip(grads, config)
+                engine.step()
+                report = clipper.last_report
+                assert_same_on_all_ranks(report.total_norm, *report.group_norms.values())
+                res["exact"].append({**record(report), "expected": expected["total"], "expected_groups": expected["groups"]})
+            close(engine)
+        # (b) a non-finite step (bf16: NaN in one element on rank 1; fp16: an overflow on rank 1), and
+        #     the same steps without distclip: DeepSpeed's own skip and loss-scale trajectory
+        res["skip"] = {}
+        for name, attach in (("distclip", True), ("deepspeed_own", False)):
+            engine = new_engine(stage, momentum=0.9, **precision(prec))
+            clipper = distclip.deepspeed.attach(engine, PER_GROUP) if attach else None
+            scales = [float(engine.optimizer.loss_scale)]
+            micro_step(engine, 0)
+            scales.append(float(engine.optimizer.loss_scale))
+            before, masters = full_params(engine), fp32_masters(engine)
+            handle = nan_hook_on_rank1(engine) if prec == "bf16" else None
+            micro_step(engine, 1, scale=1e6 if prec == "fp16" and dist.get_rank() == 1 else 1.0)
+            if handle is not None:
+                handle.remove()
+            scales.append(float(engine.optimizer.loss_scale))
+            unchanged = all(torch.equal(before[n], p) for n, p in full_params(engine).items())
+            unchanged = unchanged and all(torch.equal(a, b) for a, b in zip(masters, fp32_masters(engine)))
+            skipped, skipped_steps = (clipper.last_report.skipped if clipper else None), engine.skipped_steps
+            micro_step(engine, 2)
+            scales.append(float(engine.optimizer.loss_scale))
+            res["skip"][name] = {"skipped": skipped, "skipped_steps": skipped_steps, "unchanged": unchanged,
+                                 "scales": scales, "final_skipped_steps": engine.skipped_steps,
+                                 "next_skipped": clipper.last_report.skipped if clipper else None}
+            close(engine)
+        if prec == "fp16":
+            res["growth"] = loss_scale_growth(stage)
+        out[stage] = res
+    return out
+
+
+def loss_scale_growth(stage: int) -> dict[str, Any]:
+    """fp16, no clipping (max_norm inf / gradient_clipping 0), the loss scale doubling every 2 steps:
+    the size of each SGD update, with distclip and with DeepSpeed's own unscaling."""
+    out = {}
+    for name, attach in (("distclip", True), ("deepspeed_own", False)):
+        engine = new_engine(stage, gradient_clipping=0.0, **precision("fp16", loss_scale_window=2))
+        clipper = distclip.deepspeed.attach(engine, {"max_norm": "inf"}) if attach else None
+        steps = []
+        for step in range(3):
+            masters, scale = fp32_masters(engine), float(engine.optimizer.loss_scale)
+            engine.backward(loss_fn(engine, *batch(step, dist.get_rank())))
+            grads = [safe_grad.double() / scale for safe_grad in _full_grads(engine)]
+            grad_norm = torch.cat([g.flatten() for g in grads]).norm().item()
+            with CommDebugMode() as comm:
+                engine.step()
+            steps.append({"scale_before": scale, "scale_after": float(engine.optimizer.loss_scale),
+                          "update": global_update_norm(masters, fp32_masters(engine)), "grad_norm": grad_norm,
+                          "step_collectives": comm.get_total_counts(),
+                          "total": clipper.last_report.total_norm.item() if clipper else None})
+        out[name] = steps
+        close(engine)
+    return out
+
+
+def _full_grads(engine) -> list[torch.Tensor]:
+    from deepspeed.utils import safe_get_full_grad
+
+    return [safe_get_full_grad(p) for _, p in engine.module.named_parameters()]
+
+
+@functools.lru_cache(maxsize=None)
+def mixed_results(prec: str) -> list[dict[str, Any]]:
+    return run_ranks(mixed_precision_checks, 2, prec, timeout=420)
+
+
+@pytest.mark.parametrize("prec", ["bf16", "fp16"])
+@pytest.mark.parametrize("stage", MIXED_STAGES)
+def test_mixed_precision_norm_is_exact_on_the_reduced_gradients(prec, stage):
+    """The norm DeepSpeed's reduced bf16/fp16 gradients have (float64, loss scale divided out), rel 1e-6."""
+    for res in mixed_results(prec):
+        for rec in res[stage]["exact"]:
+            assert rel_err(rec["total"], rec["expected"]) <= NORM_RTOL, rec
+            for name, value in rec["expected_groups"].items():
+                assert rel_err(rec["groups"][name], value) <= NORM_RTOL or value == 0.0, (name, rec)
+
+
+@pytest.mark.parametrize("prec", ["bf16", "fp16"])
+@pytest.mark.parametrize("stage", MIXED_STAGES)
+def test_mixed_precision_nonfinite_step_is_skipped_as_deepspeed_does(prec, stage):
+    """Skipped on every rank with parameters and fp32 masters bitwise unchanged; fp16: the loss scale
+    backs off once (256 -> 128) exactly as DeepSpeed's own overflow handling does, and training goes on."""
+    for res in mixed_results(prec):
+        ours, own = res[stage]["skip"]["distclip"], res[stage]["skip"]["deepspeed_own"]
+        assert ours["skipped"] and ours["skipped_steps"] == 1 and ours["unchanged"], ours
+        assert not ours["next_skipped"] and ours["final_skipped_steps"] == 1
+        if prec == "fp16":
+            assert ours["scales"] == own["scales"] == [256.0, 256.0, 128.0, 128.0], (ours["scales"], own["scales"])
+            assert own["skipped_steps"] == 1 and own["unchanged"]
+
+
+@pytest.mark.parametrize("stage", MIXED_STAGES)
+def test_fp16_update_uses_the_loss_scale_the_gradients_carry(stage):
+    """Negative control: when the dynamic loss scale grows (here at the 3rd step), DeepSpeed 0.19.8 divides
+    the gradients by the NEW scale and the update is halved (see DeepSpeed PR #8588); distclip divides by
+    the scale the gradients were computed with. Also: fewer collectives per fp16 step than DeepSpeed."""
+    for res in mixed_results("fp16"):
+        ours, own = res[stage]["growth"]["distclip"], res[stage]["growth"]["deepspeed_own"]
+        assert [s["scale_after"] / s["scale_before"] for s in ours] == [1.0, 1.0, 2.0]
+        for s in ours:
+            assert rel_err(s["total"], s["grad_norm"]) <= NORM_RTOL
+            assert rel_err(s["update"], LR * s["grad_norm"]) <= 1e-3, s  # no clipping: the full SGD step
+        assert rel_err(own[2]["update"], 0.5 * LR * own[2]["grad_norm"]) <= 1e-3, own[2]  # DeepSpeed: halved
+        assert ours[0]["step_collectives"] < own[0]["step_collectives"]
+
+
+# -------------------------------------------------------------------- config
+def attach_capturing(engine, *args: Any, **kwargs: Any) -> tuple[Any, list[str]]:
+    import warnings
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        clipper = distclip.deepspeed.attach(engine, *args, **kwargs)
+    return clipper, [str(w.message) for w in caught if "distclip" in str(w.message)]
+
+
+def error_of(fn) -> str | None:
+    try:
+        fn()
+    except Exception as err:  # noqa: BLE001 - the test inspects type and message
+        return f"{type(err).__name__}: {err}"
+    return None
+
+
+def config_checks() -> dict[str, Any]:
+    section = {"max_norm": 0.3, "norm_type": "inf", "groups": [GROUPS[0]]}
+    out: dict[str, Any] = {}
+
+    engine = new_engine(2, distclip=section)  # DeepSpeed accepts the extra top-level key
+    clipper, out["section_warnings"] = attach_capturing(engine)
+    micro_step(engine, 0)
+    out["section"] = (clipper.config.max_norm, clipper.config.norm_type, clipper.group_names, clipper.steps)
+    out["gradient_clipping_after"] = (engine.gradient_clipping(), engine.optimizer.clip_grad)
+    out["twice"] = error_of(lambda: distclip.deepspeed.attach(engine))
+    close(engine)
+
+    engine = new_engine(2, distclip=section)
+    clipper, out["argument_warnings"] = attach_capturing(engine, {"max_norm": 0.2}, norm_type=1)
+    out["argument"] = (clipper.config.max_norm, clipper.config.norm_type)
+    close(engine)
+
+    os.environ["DISTCLIP_CONFIG"] = "{max_norm: 0.7, norm_type: 3}"
+    engine = new_engine(1)
+    clipper, out["env_warnings"] = attach_capturing(engine)
+    out["env"] = (clipper.config.max_norm, clipper.config.norm_type)
+    del os.environ["DISTCLIP_CONFIG"]
+    close(engine)
+
+    engine = new_engine(3, gradient_clipping=0.25)
+    _, out["explicit_clipping_warnings"] = attach_capturing(engine, {"max_norm": 0.5})
+    out["explicit_clipping_after"] = (engine.gradient_clipping(), engine.optimizer.clip_grad)
+    close(engine)
+
+    engine = new_engine(2, **precision("fp16"))
+    clipper, out["fp16_warnings"] = attach_capturing(engine, {"nonfinite": "error"})
+    out["fp16_nonfinite"] = clipper.config.nonfinite
+    close(engine)
+
+    out["bad_section"] = error_of(lambda: distclip.deepspeed.attach(new_engine(2, distclip={"max_nrom": 1.0})))
+    out["not_an_engine"] = error_of(lambda: distclip.deepspeed.attach(make_model()))
+    out["zero0_bf16"] = error_of(lambda: distclip.deepspeed.attach(new_engine(0, bf16={"enabled": True})))
+
+    engine = new_engine(1)
+    engine.backward(loss_fn(engine, *batch(0, dist.get_rank())))
+    out["clip_without_attach"] = error_of(lambda: distclip.clip_grad_norm_(engine, 1.0))
+    close(engine)
+    return out
+
+
+@functools.lru_cache(maxsize=None)
+def config_results() -> dict[str, Any]:
+    return run_ranks(config_checks, 1, timeout=300)[0]
+
+
+def test_config_from_the_deepspeed_json_section():
+    r = config_results()
+    assert r["section"] == (0.3, math.inf, ["embed", "default"], 1) and r["section_warnings"] == []
+    assert "max_nrom" in r["bad_section"] and "DeepSpeed config 'distclip' section" in r["bad_section"]
+
+
+def test_config_argument_and_environment():
+    r = config_results()
+    assert r["argument"] == (0.2, 1.0)
+    assert any("section ignored" in w for w in r["argument_warnings"])
+    assert r["env"] == (0.7, 3.0)
+
+
+def test_deepspeed_clipping_is_turned_off_and_an_explicit_setting_is_reported():
+    r = config_results()
+    assert r["gradient_clipping_after"] == (0.0, 0.0)  # DeepSpeed's default 1.0, silently off
+    assert r["explicit_clipping_after"] == (0.0, 0.0)
+    assert len(r["explicit_clipping_warnings"]) == 1
+    assert "gradient_clipping=0.25" in r["explicit_clipping_warnings"][0] and "max_norm=0.5" in r["explicit_clipping_warnings"][0]
+
+
+def test_fp16_always_skips_nonfinite_steps():
+    r = config_results()
+    assert r["fp16_nonfinite"] == "skip" and any("loss-scale overflow" in w for w in r["fp16_warnings"])
+
+
+def test_clear_errors():
+    r = config_results()
+    assert r["twice"].startswith("RuntimeError") and "already attached" in r["twice"]
+    assert r["not_an_engine"].startswith("TypeError")
+    assert r["zero0_bf16"].startswith("UnsupportedDeepSpeedSetup") and "ZeRO stage 0" in r["zero0_bf16"]
+    assert r["clip_without_attach"].startswith("RuntimeError") and "distclip.deepspeed.attach" in r["clip_without_attach"]
