@@ -595,3 +595,22 @@ def test_clear_errors():
     assert r["not_an_engine"].startswith("TypeError")
     assert r["zero0_bf16"].startswith("UnsupportedDeepSpeedSetup") and "ZeRO stage 0" in r["zero0_bf16"]
     assert r["clip_without_attach"].startswith("RuntimeError") and "distclip.deepspeed.attach" in r["clip_without_attach"]
+
+
+# ---------------------------------------------------------------------- demo
+def test_deepspeed_demo_runs_under_torchrun():
+    """The README's DeepSpeed demo: config from the JSON's distclip section, ZeRO-3 override, 6 steps."""
+    import re
+
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           "launch/train_char_lstm_deepspeed.py", "--stage", "3", "--steps", "6", "--text-bytes", "200000"]
+    env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    out = proc.stdout
+    assert "distclip DeepSpeed demo: 2 ranks (gloo), ZeRO stage 3" in out
+    assert "groups: ['embed', 'lstm', 'default']; DeepSpeed gradient_clipping now 0.0" in out
+    steps = re.findall(r"step +(\d+) \| loss +[\d.]+ \| norm +([\d.e+-]+) \| get_global_grad_norm +([\d.e+-]+) \| embed", out)
+    assert [int(s) for s, _, _ in steps] == [1, 2, 3, 4, 5, 6]
+    assert all(norm == ggn and float(norm) > 0 for _, norm, ggn in steps)
+    assert re.search(r"clipped on \d+ of 6 steps, skipped 0; held-out bits per char: [\d.]+", out)
