@@ -152,7 +152,39 @@ def fp32_stage_checks(stage: int, extras: bool) -> dict[str, Any]:
         close(engine)
     if extras:
         out.update(**nonfinite_on_one_rank(stage), **accumulation(stage), **controls(stage))
+        if stage > 0:
+            out.update(**offload(stage))
     return out
+
+
+OFFLOAD_CONFIGS = [CONFIGS[3], CONFIGS[6]]  # p = 2 per group, p = inf uniform
+
+
+def offload(stage: int) -> dict[str, Any]:
+    """Optimizer offload to CPU: the reduced gradients sit in the fp32 partitions when the norm runs."""
+    runs = []
+    for config in OFFLOAD_CONFIGS:
+        engine = new_engine(stage, zero_force_ds_cpu_optimizer=False,
+                            zero_optimization={"stage": stage, "offload_optimizer": {"device": "cpu"}})
+        clipper = distclip.deepspeed.attach(engine, config)
+        counts = count_clip_collectives(clipper)
+        optimizer = engine.optimizer
+        offloaded = bool(getattr(optimizer, "cpu_offload", False) or getattr(optimizer, "offload_optimizer", False))
+        steps = []
+        for step in range(STEPS):
+            micro_step(engine, step)
+            steps.append({**record(clipper.last_report), "params": full_params(engine)})
+        before, handle = full_params(engine), nan_hook_on_rank1(engine)  # then a NaN step and a healthy one
+        micro_step(engine, STEPS)
+        if handle is not None:
+            handle.remove()
+        nan = {"skipped": clipper.last_report.skipped, "skipped_steps": engine.skipped_steps,
+               "unchanged": all(torch.equal(before[n], p) for n, p in full_params(engine).items())}
+        micro_step(engine, STEPS + 1)
+        nan["next_skipped"] = clipper.last_report.skipped
+        runs.append({"steps": steps, "collectives": counts, "offloaded": offloaded, "nan": nan})
+        close(engine)
+    return {"offload": runs}
 
 
 def nonfinite_on_one_rank(stage: int) -> dict[str, Any]:
@@ -259,6 +291,23 @@ def test_exactly_one_collective_per_clip(stage):
     for res in fp32_results(stage):
         for run in res["runs"]:
             assert run["collectives"] == [1] * STEPS and run["clips"] == STEPS
+
+
+@pytest.mark.parametrize("stage", [1, 2, 3])
+def test_optimizer_offload_matches_float64_reference(stage):
+    """Offload to CPU (torch SGD, no DeepSpeed op): norms and steps as without offload; a NaN step is skipped."""
+    refs = references()
+    for res in fp32_results(stage):
+        for config, run in zip(OFFLOAD_CONFIGS, res["offload"]):
+            assert run["offloaded"] and run["collectives"][:STEPS] == [1] * STEPS
+            assert run["nan"] == {"skipped": True, "skipped_steps": 1, "unchanged": True, "next_skipped": False}
+            for step, (rec, ref) in enumerate(zip(run["steps"], refs[CONFIGS.index(config)])):
+                assert rel_err(rec["total"], ref["total"]) <= NORM_RTOL, (config, step)
+                for name, value in ref["groups"].items():
+                    assert rel_err(rec["groups"][name], value) <= NORM_RTOL or value == 0.0, (config, step, name)
+                for name, expected in ref["params"].items():
+                    scale = expected.abs().max().item()
+                    torch.testing.assert_close(rec["params"][name], expected, rtol=PARAM_RTOL, atol=PARAM_RTOL * scale)
 
 
 @pytest.mark.parametrize("stage", [0, 1, 2, 3])

@@ -17,6 +17,9 @@ stage   optimizer                        norm: the pieces this rank counts      
                                          partition without its padding                   ``unscale_and_clip_grads``
 ======  ===============================  ==============================================  ===============================
 
+With optimizer offload (ZeRO 1-3, to CPU) the reduced gradients already sit in the fp32 flat
+partitions when the norm runs; the pieces are then the parameters' ranges of those.
+
 ZeRO 1-3: ``scaled_global_norm`` / ``_get_norm_groups`` (called once per step, after reduction,
 before any update) run distclip's clip: local partials of the pieces, divided by the loss scale
 they carry, ONE collective, policy, coefficients. DeepSpeed's separate overflow check is switched
@@ -76,8 +79,9 @@ def deepspeed_adapter(engine: Any) -> "DeepSpeedAdapter":
     raise UnsupportedDeepSpeedSetup(
         f"distclip: DeepSpeed ZeRO stage {stage} with optimizer {name} is not supported. Supported: ZeRO-0 in "
         "fp32 (a torch client optimizer), ZeRO-1/2 (DeepSpeedZeroOptimizer) and ZeRO-3 in fp32, bf16 and fp16. "
-        "For ZeRO-0 in fp16/bf16 use ZeRO-1 (same memory per rank for small models); bf16 with fp32 gradient "
-        "accumulation at ZeRO-1 (BF16_Optimizer) is not supported: drop data_types.grad_accum_dtype or use ZeRO-2."
+        "For ZeRO-0 in fp16/bf16 use ZeRO-1 (DeepSpeed 0.19.8 does not even scale the loss at ZeRO-0 fp16). "
+        "bf16 with fp32 gradient accumulation at ZeRO-1 (BF16_Optimizer) is not supported either: drop "
+        "data_types.grad_accum_dtype or use ZeRO-2."
     )
 
 
@@ -96,12 +100,14 @@ def _check_parallel_layout(engine: Any) -> None:
         problems.append("ZenFlow is enabled")
     if getattr(engine, "torch_autocast_z0_gradscaler", None) is not None:
         problems.append("torch autocast with a GradScaler at ZeRO-0 is enabled")
-    if getattr(optimizer, "cpu_offload", False) or getattr(optimizer, "offload_optimizer", False):
-        problems.append("optimizer offload is enabled")
+    if getattr(optimizer, "swap_optimizer", False):
+        problems.append("the optimizer state is offloaded to NVMe")
+    if getattr(optimizer, "offload_optimizer", False) and getattr(optimizer, "partial_offload", 1.0) != 1.0:
+        problems.append("the optimizer is offloaded partially (offload_optimizer.ratio < 1)")
     if problems:
         raise UnsupportedDeepSpeedSetup(
             "distclip cannot clip this DeepSpeed engine exactly: " + "; ".join(problems)
-            + ". Supported: data parallelism with ZeRO 0-3, no offload."
+            + ". Supported: data parallelism with ZeRO 0-3, optimizer offload to CPU included."
         )
 
 
@@ -289,15 +295,20 @@ class ZeroPartitionAdapter(DeepSpeedAdapter):
         optimizer = self.optimizer
         self._piece_groups: list[list[int]] = []
         self._piece_numels: list[list[int]] = []
+        self._fragments: list[list[tuple[int, int, int]]] = []  # (start, numel, group) in the fp32 partition
         self._spans: list[Spans] = []
         for held, params in zip(optimizer.params_in_partition, optimizer.bit16_groups):
             self._piece_groups.append([_lookup(group_of, p, self.engine) for p in held])
             self._piece_numels.append([p._hp_mapping.hp_fragment_address.numel for p in held])
             fragments = [(p._hp_mapping.hp_fragment_address.start, p._hp_mapping.hp_fragment_address.numel,
                           _lookup(group_of, p, self.engine)) for p in params if p._hp_mapping is not None]
+            self._fragments.append(fragments)
             self._spans.append(group_spans(fragments))
 
     def counted_pieces(self) -> tuple[list[torch.Tensor], list[int]]:
+        if self.optimizer.cpu_offload:  # reduced gradients already sit in the fp32 partitions
+            flats = [part.grad for part in self.optimizer.single_partition_of_fp32_groups]
+            return _fragment_pieces(flats, self._fragments)
         pieces: list[torch.Tensor] = []
         groups: list[int] = []
         averaged = self.optimizer.averaged_gradients
@@ -360,6 +371,7 @@ class Zero3Adapter(DeepSpeedAdapter):
         super().bind(table, layout)
         group_of = self._group_index()
         self._pieces: list[list[tuple[int, int, int]]] = []  # per sub-group: (group, real numel, partition numel)
+        self._fragments: list[list[tuple[int, int, int]]] = []  # (start, real numel, group) in the fp32 sub-group
         self._spans: list[Spans] = []
         for params in self.optimizer.fp16_groups:
             pieces, fragments, offset = [], [], 0
@@ -371,9 +383,12 @@ class Zero3Adapter(DeepSpeedAdapter):
                 fragments.append((offset, real, g))
                 offset += size
             self._pieces.append(pieces)
+            self._fragments.append(fragments)
             self._spans.append(group_spans(fragments))
 
     def counted_pieces(self) -> tuple[list[torch.Tensor], list[int]]:
+        if self.optimizer.offload_optimizer:  # reduced gradients already sit in the fp32 sub-groups
+            return _fragment_pieces([flat.grad for flat in self.optimizer.fp32_partitioned_groups_flat], self._fragments)
         pieces: list[torch.Tensor] = []
         groups: list[int] = []
         averaged = self.optimizer.averaged_gradients
@@ -410,6 +425,25 @@ class Zero3Adapter(DeepSpeedAdapter):
         optimizer.check_overflow = check_overflow
         optimizer._get_norm_groups = get_norm_groups
         optimizer.unscale_and_clip_grads = unscale_and_clip_grads
+
+
+def _fragment_pieces(
+    flats: Sequence[torch.Tensor | None], fragments: Sequence[Sequence[tuple[int, int, int]]]
+) -> tuple[list[torch.Tensor], list[int]]:
+    """Offload: the pieces are ranges of the fp32 flat gradients, one per parameter fragment."""
+    pieces: list[torch.Tensor] = []
+    groups: list[int] = []
+    for i, (flat, frags) in enumerate(zip(flats, fragments)):
+        if not frags:
+            continue
+        if flat is None or flat.numel() < max(start + numel for start, numel, _ in frags):
+            raise RuntimeError(
+                f"distclip: DeepSpeed's offloaded fp32 gradient partition {i} is missing or too small: the norm "
+                "exists only at the gradient accumulation boundary, after engine.backward() and before engine.step()"
+            )
+        pieces += [flat[start : start + numel] for start, numel, _ in frags]
+        groups += [g for _, _, g in frags]
+    return pieces, groups
 
 
 def _lookup(group_of: dict[int, int], param: torch.Tensor, engine: Any) -> int:
