@@ -604,6 +604,23 @@ def config_checks() -> dict[str, Any]:
     engine.backward(loss_fn(engine, *batch(0, dist.get_rank())))
     out["clip_without_attach"] = error_of(lambda: distclip.clip_grad_norm_(engine, 1.0))
     close(engine)
+
+    out["nonfinite_modes"] = {}
+    for stage in (2, 3):
+        for mode in ("zero", "ignore", "error"):
+            engine = new_engine(stage)
+            clipper = distclip.deepspeed.attach(engine, {**PER_GROUP, "nonfinite": mode})
+            before = full_params(engine)
+            handle = engine.module.head.bias.register_hook(lambda g: g.index_fill(0, torch.tensor([0]), math.nan))
+            error = error_of(lambda: micro_step(engine, 0))
+            handle.remove()
+            after = full_params(engine)
+            out["nonfinite_modes"][(stage, mode)] = {
+                "error": error, "skipped_steps": engine.skipped_steps,
+                "skipped": None if error else clipper.last_report.skipped,
+                "unchanged": all(torch.equal(before[n], p) for n, p in after.items()),
+                "all_finite": all(bool(torch.isfinite(p).all()) for p in after.values())}
+            close(engine)
     return out
 
 
@@ -663,3 +680,14 @@ def test_deepspeed_demo_runs_under_torchrun():
     assert [int(s) for s, _, _ in steps] == [1, 2, 3, 4, 5, 6]
     assert all(norm == ggn and float(norm) > 0 for _, norm, ggn in steps)
     assert re.search(r"clipped on \d+ of 6 steps, skipped 0; held-out bits per char: [\d.]+", out)
+
+
+@pytest.mark.parametrize("stage", [2, 3])
+def test_nonfinite_zero_ignore_error_inside_deepspeed(stage):
+    """Not only skip: 'zero' steps on zeroed gradients (SGD: no change), 'ignore' applies the NaN (torch
+    semantics), 'error' raises from engine.step(). DeepSpeed never turns them into its own skip."""
+    modes = config_results()["nonfinite_modes"]
+    zero, ignore, error = (modes[(stage, m)] for m in ("zero", "ignore", "error"))
+    assert zero == {"error": None, "skipped_steps": 0, "skipped": False, "unchanged": True, "all_finite": True}
+    assert ignore["error"] is None and ignore["skipped_steps"] == 0 and not ignore["all_finite"]
+    assert error["error"].startswith("NonFiniteGradientError") and error["unchanged"]

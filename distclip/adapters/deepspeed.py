@@ -168,7 +168,8 @@ class DeepSpeedAdapter(GradAdapter):
             self.optimizer.overflow = True  # DeepSpeed's own skip: no update, scaler backs off, step counted as skipped
             return torch.tensor(math.inf)
         self._plan = self._plan_from(report, scale)
-        return report.total_norm * scale
+        # DeepSpeed skips on a non-finite value; here distclip decided not to skip (nonfinite: zero / ignore)
+        return torch.nan_to_num(report.total_norm * scale, nan=0.0, posinf=0.0, neginf=0.0)
 
     def _plan_from(self, report: "ClipReport", scale: float) -> _Plan:
         if self.clipper.config.nonfinite == "zero" and not bool(report.finite):  # already synced by the clip
