@@ -25,7 +25,7 @@ import distclip
 from distclip.testing import run_ranks
 from tests.checks import assert_same_on_all_ranks
 from tests.models import batch, global_batch, loss_fn, make_model
-from tests.reference import assign, norm64, reference_clip, reference_run, rel_err
+from tests.reference import assign, reference_clip, reference_run, rel_err
 
 pytest.importorskip("deepspeed")
 pytestmark = pytest.mark.multiprocess
