@@ -51,8 +51,10 @@ def deepspeed_ops():
     """Build DeepSpeed's shm comm op once (about 1-2 min on a cold cache), so ranks only load it."""
     os.environ.setdefault("DS_ACCELERATOR", "cpu")  # forked ranks inherit it; silences DeepSpeed's probe
     env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
-    subprocess.run([sys.executable, "-c", "import distclip.deepspeed as d; d.build_ops()"],
-                   check=True, timeout=900, env=env, capture_output=True)
+    proc = subprocess.run([sys.executable, "-c", "import distclip.deepspeed as d; d.build_ops()"],
+                          timeout=900, env=env, capture_output=True, text=True)
+    if proc.returncode != 0:
+        pytest.fail(f"building DeepSpeed's deepspeed_shm_comm op failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}")
 
 
 # ---------------------------------------------------------------- in-rank helpers
