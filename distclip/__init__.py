@@ -3,6 +3,7 @@
 ``import distclip`` needs torch only; DeepSpeed and Accelerate integrations import lazily.
 """
 
+from . import deepspeed  # distclip.deepspeed.attach(engine, config); imports no DeepSpeed
 from .adapters import UnsupportedModelError
 from .api import clip_grad_norm_, global_grad_norm
 from .clipper import ClipReport, GradClipper, NonFiniteGradientError

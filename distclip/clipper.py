@@ -178,17 +178,23 @@ class GradClipper:
             )
         return names
 
-    def _local_partials(self) -> tuple[torch.Tensor, str]:
+    def _local_partials(self, pending_scale: torch.Tensor | None = None) -> tuple[torch.Tensor, str]:
         group = self.adapter.reduce_group
         partials = self.adapter.reduced_partials() if self._excluded is None else None
-        if partials is not None:
-            return partials, "comm_hook"
-        pieces, groups = self.adapter.counted_pieces()
-        if self._excluded is not None:  # the hidden group's slots stay 0: excluded from every norm
-            kept = [(t, g) for t, g in zip(pieces, groups) if g != self._excluded]
-            pieces, groups = [t for t, _ in kept], [g for _, g in kept]
-        device = collective_device(group, pieces[0].device if pieces else self.adapter.device_hint())
-        return local_partials(pieces, groups, self.layout, device), "post_backward"
+        source = "comm_hook"
+        if partials is None:
+            pieces, groups = self.adapter.counted_pieces()
+            if self._excluded is not None:  # the hidden group's slots stay 0: excluded from every norm
+                kept = [(t, g) for t, g in zip(pieces, groups) if g != self._excluded]
+                pieces, groups = [t for t, _ in kept], [g for _, g in kept]
+            device = collective_device(group, pieces[0].device if pieces else self.adapter.device_hint())
+            partials, source = local_partials(pieces, groups, self.layout, device), "post_backward"
+        scale = self.adapter.grad_scale()  # a loss scale the counted pieces still carry
+        if pending_scale is not None:
+            scale = pending_scale * scale
+        if not (isinstance(scale, float) and scale == 1.0):
+            partials = self.layout.unscale(partials, scale)
+        return partials, source
 
     @torch.no_grad()
     def _run(
@@ -199,13 +205,10 @@ class GradClipper:
     ) -> ClipReport:
         """One clip. ``pending_scale``: a loss scale the gradients still carry (divided out of the
         norms). ``fold``: applies the (uniform) coefficients instead of multiplying the gradients."""
-        partials, source = self._local_partials()
+        partials, source = self._local_partials(pending_scale)
         reduced = reduce_slots(partials, self.layout.uses_max, self.adapter.reduce_group)
         group_norms = self.layout.group_norms(reduced)
         total_norm = self.layout.total_norm(reduced)
-        if pending_scale is not None:
-            scale = pending_scale.to(device=group_norms.device, dtype=group_norms.dtype)
-            group_norms, total_norm = group_norms / scale, total_norm / scale
         thresholds = self.policy.thresholds(group_norms)
         norms32 = group_norms.float()
         coefs = torch.clamp(thresholds.float() / (norms32 + EPS), max=1.0)

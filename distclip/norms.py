@@ -65,6 +65,16 @@ class SlotLayout:
         values = reduced[[index[(g, p)] for g, p in enumerate(self.group_norm_types)]]
         return _root(values, torch.tensor(self.group_norm_types, dtype=ACC_DTYPE, device=reduced.device))
 
+    def unscale(self, partials: torch.Tensor, scale: float | torch.Tensor) -> torch.Tensor:
+        """Partials of gradients that still carry a factor ``scale`` (e.g. an fp16 loss scale), divided out.
+
+        A p-slot holds sum |s g|^p = s^p sum |g|^p, an infinity slot max |s g| = s max |g|. Exact
+        in float64 when ``scale`` is a power of two (dynamic loss scales are). No host sync.
+        """
+        s = torch.as_tensor(scale, dtype=ACC_DTYPE).to(partials.device)
+        p = torch.tensor([q for _, q in self.slots], dtype=ACC_DTYPE, device=partials.device)
+        return partials / torch.where(torch.isinf(p), s, s.pow(p))
+
     def total_norm(self, reduced: torch.Tensor) -> torch.Tensor:
         """The global norm (float64) in the config's p over every group."""
         values = reduced[: self.num_groups]

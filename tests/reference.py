@@ -53,7 +53,10 @@ def rel_err(a: float, b: float) -> float:
 
 
 def reference_run(config: dict[str, Any], world: int, steps: int, lr: float) -> list[dict[str, Any]]:
-    """``steps`` of clip + SGD in one process, float64, on all ranks' batches concatenated."""
+    """``steps`` of clip + SGD in one process, float64, on all ranks' batches concatenated.
+
+    Per step: the :func:`reference_clip` result plus ``params`` (every parameter after the step).
+    """
     from tests.models import global_batch, loss_fn, make_model
 
     model = make_model(dtype=torch.float64)
@@ -66,5 +69,5 @@ def reference_run(config: dict[str, Any], world: int, steps: int, lr: float) -> 
             p.grad.copy_(ref["clipped"][n])
         opt.step()
         opt.zero_grad()
-        out.append(ref)
+        out.append({**ref, "params": {n: p.detach().clone() for n, p in model.named_parameters()}})
     return out

@@ -1,4 +1,4 @@
-"""Pick the adapter for whatever the user passed: plain module or parameters, DDP (later FSDP, DeepSpeed)."""
+"""Pick the adapter for whatever the user passed: plain module or parameters, DDP, DeepSpeed engine (later FSDP)."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ from torch.nn.parallel import DistributedDataParallel
 from ..names import canonical_name, named_trainable_parameters
 from .base import GradAdapter
 from .ddp import DDPAdapter
+from .deepspeed import deepspeed_adapter, is_deepspeed_engine  # imports no DeepSpeed
 from .plain import PlainAdapter
 
 __all__ = ["GradAdapter", "PlainAdapter", "DDPAdapter", "adapter_for", "UnsupportedModelError"]
@@ -20,9 +21,11 @@ class UnsupportedModelError(TypeError):
 
 
 def adapter_for(obj: Any) -> GradAdapter:
-    """The adapter for a module (plain, DDP), a parameter, or an iterable of parameters / (name, parameter)."""
+    """The adapter for a module (plain, DDP), a DeepSpeed engine, a parameter, or an iterable of parameters / (name, parameter)."""
     if isinstance(obj, DistributedDataParallel):
         return DDPAdapter(obj)
+    if is_deepspeed_engine(obj):  # before nn.Module: an engine is one
+        return deepspeed_adapter(obj)
     if isinstance(obj, torch.nn.Module):
         return PlainAdapter(list(named_trainable_parameters(obj)))
     if isinstance(obj, torch.Tensor):
@@ -35,7 +38,7 @@ def adapter_for(obj: Any) -> GradAdapter:
             return _unnamed(items)
     raise UnsupportedModelError(
         f"distclip cannot clip a {type(obj).__module__}.{type(obj).__qualname__}: pass a torch.nn.Module "
-        "(plain or wrapped in DDP), model.parameters(), or model.named_parameters()"
+        "(plain or wrapped in DDP), a DeepSpeed engine, model.parameters(), or model.named_parameters()"
     )
 
 

@@ -55,6 +55,10 @@ class GradAdapter:
         """Local slot partials already computed inside the gradient reduction, if still valid."""
         return None
 
+    def grad_scale(self) -> float:
+        """The factor the counted pieces still carry (an fp16 loss scale not yet divided out); 1.0 if none."""
+        return 1.0
+
     def scaled_grads(self) -> list[list[torch.Tensor]]:
         """Per group, the local gradient tensors to multiply by that group's coefficient."""
         return [[p.grad for p in group if p.grad is not None] for group in self.params_by_group]

@@ -1,0 +1,458 @@
+"""DeepSpeed ZeRO 0-3: the exact norm is computed inside ``engine.step()``, where DeepSpeed itself clips.
+
+DeepSpeed reduces, partitions, unscales and steps inside ``engine.step()`` (under Accelerate,
+inside ``accelerator.backward()``): user code has no window between the gradient reduction and
+the update. So :meth:`DeepSpeedAdapter.install` takes over DeepSpeed's own norm-and-clip seam
+on the optimizer *instance* (never the class), and turns DeepSpeed's ``gradient_clipping`` off:
+
+======  ===============================  ==============================================  ===============================
+stage   optimizer                        norm: the pieces this rank counts               coefficients applied
+======  ===============================  ==============================================  ===============================
+0       the client torch optimizer       a disjoint 1/world slice of the all-reduced     ``param.grad``, in a step
+        (fp32)                           (replicated) ``param.grad``                     pre-hook of that optimizer
+1, 2    ``DeepSpeedZeroOptimizer``       ``averaged_gradients``: this rank's flat        this rank's fp32 flat partition,
+                                         partition, one piece per parameter it holds     in ``unscale_and_clip_grads``
+                                         (a straddling parameter is split between ranks) (loss scale divided out there)
+3       ``DeepSpeedZeroOptimizer_Stage3``  ``averaged_gradients``: each parameter's      each fp32 flat sub-group, in
+                                         partition without its padding                   ``unscale_and_clip_grads``
+======  ===============================  ==============================================  ===============================
+
+With optimizer offload (ZeRO 1-3, to CPU) the reduced gradients already sit in the fp32 flat
+partitions when the norm runs; the pieces are then the parameters' ranges of those.
+
+ZeRO 1-3: ``scaled_global_norm`` / ``_get_norm_groups`` (called once per step, after reduction,
+before any update) run distclip's clip: local partials of the pieces, divided by the loss scale
+they carry, ONE collective, policy, coefficients. DeepSpeed's separate overflow check is switched
+off: distclip decides on its reduced norm (the same on every rank); a skip sets DeepSpeed's own
+``overflow`` flag, so DeepSpeed drops the step, its loss scaler backs off (fp16), the engine
+counts a skipped step and does not advance the LR scheduler. The coefficients (divided by the
+loss scale the gradients carried when measured) are multiplied into the fp32 partition where
+DeepSpeed would unscale and clip it, using DeepSpeed's own parameter -> partition mapping
+(``param._hp_mapping`` for ZeRO-1/2, partition sizes for ZeRO-3).
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Sequence
+
+import torch
+import torch.distributed as dist
+
+from ..groups import GroupTable
+from ..names import named_trainable_parameters
+from ..norms import SlotLayout
+from ..partition import replica_segments
+from .base import GradAdapter
+
+if TYPE_CHECKING:
+    from ..clipper import ClipReport, GradClipper
+
+ENGINE_MODULE = "deepspeed.runtime.engine"
+Spans = dict[int, list[tuple[int, int]]]  # clip group -> [(start, end)] in a flat partition
+
+
+class UnsupportedDeepSpeedSetup(NotImplementedError):
+    """distclip does not (yet) know this DeepSpeed optimizer or parallel layout; the message says which."""
+
+
+def is_deepspeed_engine(obj: Any) -> bool:
+    """True for a ``DeepSpeedEngine``, without importing DeepSpeed (an engine implies it is imported)."""
+    module = sys.modules.get(ENGINE_MODULE)
+    return module is not None and isinstance(obj, module.DeepSpeedEngine)
+
+
+def deepspeed_adapter(engine: Any) -> "DeepSpeedAdapter":
+    """The adapter for this engine's ZeRO stage and optimizer; a clear error for what is not supported."""
+    _check_parallel_layout(engine)
+    optimizer = engine.optimizer
+    name = type(optimizer).__name__
+    stage = int(engine.zero_optimization_stage())
+    if stage in (1, 2) and name == "DeepSpeedZeroOptimizer":
+        return ZeroPartitionAdapter(engine)
+    if stage == 3 and name == "DeepSpeedZeroOptimizer_Stage3":
+        return Zero3Adapter(engine)
+    if stage == 0 and isinstance(optimizer, torch.optim.Optimizer) and optimizer is engine.basic_optimizer:
+        return Zero0Adapter(engine)
+    raise UnsupportedDeepSpeedSetup(
+        f"distclip: DeepSpeed ZeRO stage {stage} with optimizer {name} is not supported. Supported: ZeRO-0 in "
+        "fp32 (a torch client optimizer), ZeRO-1/2 (DeepSpeedZeroOptimizer) and ZeRO-3 in fp32, bf16 and fp16. "
+        "For ZeRO-0 in fp16/bf16 use ZeRO-1 (DeepSpeed 0.19.8 does not even scale the loss at ZeRO-0 fp16). "
+        "bf16 with fp32 gradient accumulation at ZeRO-1 (BF16_Optimizer) is not supported either: drop "
+        "data_types.grad_accum_dtype or use ZeRO-2."
+    )
+
+
+def _check_parallel_layout(engine: Any) -> None:
+    optimizer = engine.optimizer
+    problems = []
+    if optimizer is None or type(optimizer).__name__ == "DummyOptim":
+        problems.append("the engine has no optimizer (inference?)")
+    if getattr(engine, "mpu", None) is not None:
+        problems.append("model parallelism (mpu) is set")
+    if getattr(engine, "has_moe_layers", False):
+        problems.append("the model has MoE layers")
+    if getattr(engine, "pipeline_parallelism", False):
+        problems.append("pipeline parallelism is enabled")
+    if getattr(engine, "zenflow", False):
+        problems.append("ZenFlow is enabled")
+    if getattr(engine, "torch_autocast_z0_gradscaler", None) is not None:
+        problems.append("torch autocast with a GradScaler at ZeRO-0 is enabled")
+    if getattr(optimizer, "swap_optimizer", False):
+        problems.append("the optimizer state is offloaded to NVMe")
+    if getattr(optimizer, "offload_optimizer", False) and getattr(optimizer, "partial_offload", 1.0) != 1.0:
+        problems.append("the optimizer is offloaded partially (offload_optimizer.ratio < 1)")
+    if problems:
+        raise UnsupportedDeepSpeedSetup(
+            "distclip cannot clip this DeepSpeed engine exactly: " + "; ".join(problems)
+            + ". Supported: data parallelism with ZeRO 0-3, optimizer offload to CPU included."
+        )
+
+
+@dataclass
+class _Plan:
+    """What to multiply into the fp32 partitions this step: per-group factors, or zeros."""
+
+    factors: torch.Tensor | None  # coefficient / loss scale, per clip group (fp32)
+    zero: bool = False
+
+
+class DeepSpeedAdapter(GradAdapter):
+    """Common part: names from ``engine.module``, DeepSpeed's clipping off, honest ``get_global_grad_norm``."""
+
+    kind = "deepspeed"
+
+    def __init__(self, engine: Any):
+        super().__init__(list(named_trainable_parameters(engine.module)))
+        self.engine = engine
+        self.optimizer = engine.optimizer
+        self.stage = int(engine.zero_optimization_stage())
+        self.clipper: GradClipper | None = None
+        self._plan: _Plan | None = None
+
+    # ----------------------------------------------------------- installation
+    def install(self, clipper: "GradClipper") -> None:
+        """Take over DeepSpeed's norm and clipping for ``clipper`` (once per engine)."""
+        self.clipper = clipper
+        self.engine._config.gradient_clipping = 0.0  # ZeRO-0 fp32: engine.clip_fp32_gradients
+        if hasattr(self.optimizer, "clip_grad"):
+            self.optimizer.clip_grad = 0.0  # ZeRO-1/2/3 captured it at construction
+        self.engine.get_global_grad_norm = self.global_grad_norm
+        self._install_seam()
+
+    def _install_seam(self) -> None:
+        raise NotImplementedError
+
+    def global_grad_norm(self) -> torch.Tensor | None:
+        """Replaces ``engine.get_global_grad_norm``: distclip's pre-clip global norm of the last step (fp32)."""
+        report = self.clipper.last_report if self.clipper is not None else None
+        return None if report is None else report.total_norm
+
+    def _require_installed(self) -> None:
+        if self.clipper is None:
+            raise RuntimeError(
+                "distclip: a DeepSpeed engine clips inside engine.step(); call distclip.deepspeed.attach(engine, "
+                "config) once after deepspeed.initialize() instead of clipping yourself. (Measuring with "
+                "distclip.global_grad_norm(engine) between engine.backward() and engine.step() works.)"
+            )
+
+    # ------------------------------------------------- called inside step()
+    def _clip_inside_step(self) -> torch.Tensor:
+        """Run distclip's clip; plan the coefficients or tell DeepSpeed to skip. Returns the scaled norm DeepSpeed expects."""
+        scale = self.grad_scale()
+        report = self.clipper.clip()
+        if report.skipped:
+            self._plan = None
+            self.optimizer.overflow = True  # DeepSpeed's own skip: no update, scaler backs off, step counted as skipped
+            return torch.tensor(math.inf)
+        self._plan = self._plan_from(report, scale)
+        # DeepSpeed skips on a non-finite value; here distclip decided not to skip (nonfinite: zero / ignore)
+        return torch.nan_to_num(report.total_norm * scale, nan=0.0, posinf=0.0, neginf=0.0)
+
+    def _plan_from(self, report: "ClipReport", scale: float) -> _Plan:
+        if self.clipper.config.nonfinite == "zero" and not bool(report.finite):  # already synced by the clip
+            return _Plan(factors=None, zero=True)
+        coefs = torch.stack(list(report.coefs.values()))
+        return _Plan(factors=coefs / scale)
+
+    def _apply(self, flat: torch.Tensor, spans: Spans) -> None:
+        plan = self._plan
+        if plan is None:
+            raise RuntimeError("distclip: DeepSpeed unscaled gradients without running distclip's norm first")
+        if plan.zero:
+            flat.zero_()
+            return
+        factors = plan.factors.to(flat.device)
+        for g, ranges in spans.items():
+            torch._foreach_mul_([flat[a:b] for a, b in ranges], factors[g])
+
+    # ------------------------------------------------------- GradAdapter API
+    def scaled_grads(self) -> list[list[torch.Tensor]]:
+        """Nothing for the core to scale: the coefficients go into the fp32 partitions inside DeepSpeed's step."""
+        self._require_installed()
+        return [[] for _ in self.params_by_group]
+
+    def drop_grads(self) -> None:
+        """The skip itself is DeepSpeed's (``overflow``), set by the seam from ``report.skipped``."""
+        self._require_installed()
+
+    def grad_scale(self) -> float:
+        return float(getattr(self.optimizer, "loss_scale", 1.0))
+
+    def describe(self) -> dict[str, object]:
+        dtype = next((str(p.dtype) for p in self.params), None)
+        return {"adapter": self.kind, "zero_stage": self.stage, "num_params": len(self.params), "param_dtype": dtype}
+
+    def _group_index(self) -> dict[int, int]:
+        return {id(p): g for p, g in zip(self.params, self.group_of)}
+
+
+def group_spans(fragments: Sequence[tuple[int, int, int]]) -> Spans:
+    """(start, numel, group) fragments of a flat partition -> per group, merged (start, end) ranges.
+
+    Consecutive fragments of the same group become one range (a gap between them is alignment
+    padding, zero), so the number of multiplies per step is about the number of group changes.
+    """
+    spans: Spans = {}
+    last: tuple[int, int, int] | None = None  # (start, end, group)
+    for start, numel, g in sorted(f for f in fragments if f[1] > 0):
+        if last is not None and last[2] == g:
+            last = (last[0], start + numel, g)
+        else:
+            if last is not None:
+                spans.setdefault(last[2], []).append((last[0], last[1]))
+            last = (start, start + numel, g)
+    if last is not None:
+        spans.setdefault(last[2], []).append((last[0], last[1]))
+    return spans
+
+
+class Zero0Adapter(DeepSpeedAdapter):
+    """ZeRO-0 (plain data parallel): gradients all-reduced into ``param.grad``; each rank counts 1/world of them."""
+
+    def __init__(self, engine: Any):
+        super().__init__(engine)
+        group = engine.seq_data_parallel_group
+        self.reduce_group = group
+        self.rank = dist.get_rank(group)
+        self.world = dist.get_world_size(group)
+
+    def bind(self, table: GroupTable, layout: SlotLayout) -> None:
+        super().bind(table, layout)
+        self._segments = replica_segments([p.numel() for p in self.params], self.rank, self.world)
+        self._segment_groups = [self.group_of[i] for i, _, _ in self._segments]
+
+    def counted_pieces(self) -> tuple[list[torch.Tensor], list[int]]:
+        pieces, groups = [], []
+        for (i, lo, hi), g in zip(self._segments, self._segment_groups):
+            grad = self.params[i].grad
+            if grad is not None:
+                pieces.append(grad.reshape(-1)[lo:hi])
+                groups.append(g)
+        return pieces, groups
+
+    def scaled_grads(self) -> list[list[torch.Tensor]]:
+        self._require_installed()
+        return GradAdapter.scaled_grads(self)
+
+    def drop_grads(self) -> None:
+        self._require_installed()
+        GradAdapter.drop_grads(self)  # param.grad = None: the torch optimizer leaves those parameters alone
+
+    def grad_scale(self) -> float:
+        return 1.0
+
+    def _install_seam(self) -> None:
+        optimizer = self.optimizer
+
+        def clip_before_step(_optimizer: Any, _args: Any, _kwargs: Any) -> None:
+            report = self.clipper.clip()
+            optimizer.overflow = report.skipped  # the engine then counts a skipped step, no LR scheduler step
+
+        optimizer.overflow = False
+        self._hook = optimizer.register_step_pre_hook(clip_before_step)
+
+
+class ZeroPartitionAdapter(DeepSpeedAdapter):
+    """ZeRO-1/2: each rank holds one contiguous partition of each flattened parameter group.
+
+    The norm counts ``averaged_gradients[i]`` (this rank's reduced partition as one piece per
+    parameter it holds, in ``params_in_partition`` order, alignment padding excluded): a parameter
+    straddling two partitions is counted piecewise by both ranks, each element once.
+    """
+
+    def __init__(self, engine: Any):
+        super().__init__(engine)
+        self.reduce_group = self.optimizer.dp_process_group
+        groups = self.optimizer.real_dp_process_group
+        if any(dist.get_world_size(g) != dist.get_world_size(self.reduce_group) for g in groups):
+            raise UnsupportedDeepSpeedSetup("distclip: ZeRO parameter groups partitioned over different process groups")
+
+    def bind(self, table: GroupTable, layout: SlotLayout) -> None:
+        super().bind(table, layout)
+        group_of = self._group_index()
+        optimizer = self.optimizer
+        self._piece_groups: list[list[int]] = []
+        self._piece_numels: list[list[int]] = []
+        self._fragments: list[list[tuple[int, int, int]]] = []  # (start, numel, group) in the fp32 partition
+        self._spans: list[Spans] = []
+        for held, params in zip(optimizer.params_in_partition, optimizer.bit16_groups):
+            self._piece_groups.append([_lookup(group_of, p, self.engine) for p in held])
+            self._piece_numels.append([p._hp_mapping.hp_fragment_address.numel for p in held])
+            fragments = [(p._hp_mapping.hp_fragment_address.start, p._hp_mapping.hp_fragment_address.numel,
+                          _lookup(group_of, p, self.engine)) for p in params if p._hp_mapping is not None]
+            self._fragments.append(fragments)
+            self._spans.append(group_spans(fragments))
+
+    def counted_pieces(self) -> tuple[list[torch.Tensor], list[int]]:
+        if self.optimizer.cpu_offload:  # reduced gradients already sit in the fp32 partitions
+            flats = [part.grad for part in self.optimizer.single_partition_of_fp32_groups]
+            return _fragment_pieces(flats, self._fragments)
+        pieces: list[torch.Tensor] = []
+        groups: list[int] = []
+        averaged = self.optimizer.averaged_gradients
+        for i, (gids, numels) in enumerate(zip(self._piece_groups, self._piece_numels)):
+            if not gids:
+                continue  # this rank holds no element of DeepSpeed group i (an empty partition)
+            grads = averaged.get(i)
+            if grads is None:
+                raise RuntimeError(
+                    f"distclip: DeepSpeed holds no reduced gradients for its parameter group {i}: the norm exists "
+                    "only at the gradient accumulation boundary, after engine.backward() and before engine.step()"
+                )
+            held = [g for g in grads if not getattr(g, "_zero_padding", False)][: len(gids)]
+            if [g.numel() for g in held] != numels:
+                raise RuntimeError(
+                    f"distclip: DeepSpeed's reduced partition of group {i} does not match its parameter mapping "
+                    f"(pieces {[g.numel() for g in held]}, expected {numels}); this DeepSpeed version lays out "
+                    "ZeRO partitions differently than distclip expects"
+                )
+            pieces += held
+            groups += gids
+        return pieces, groups
+
+    def _install_seam(self) -> None:
+        optimizer = self.optimizer
+        optimizer.compute_grad_norm = True  # DeepSpeed computes (now: asks distclip for) the norm in step()
+        optimizer.check_grad_overflow = False  # distclip's reduced norm decides; one collective instead of two
+        partitions = optimizer.single_partition_of_fp32_groups
+
+        def scaled_global_norm(norm_type: float = 2) -> torch.Tensor:
+            return self._clip_inside_step()
+
+        def unscale_and_clip_grads(grad_groups_flat: list[torch.Tensor], total_norm: Any) -> None:
+            for flat in grad_groups_flat:
+                i = next((i for i, part in enumerate(partitions) if part.grad is flat), None)
+                if i is None:
+                    raise RuntimeError("distclip: DeepSpeed unscaled a gradient that is not one of its fp32 partitions")
+                self._apply(flat, self._spans[i])
+
+        optimizer.scaled_global_norm = scaled_global_norm
+        optimizer.unscale_and_clip_grads = unscale_and_clip_grads
+
+
+class Zero3Adapter(DeepSpeedAdapter):
+    """ZeRO-3: every parameter is partitioned across the ranks; each rank counts its partition minus padding."""
+
+    def __init__(self, engine: Any):
+        super().__init__(engine)
+        self.reduce_group = self.optimizer.dp_process_group
+        world = dist.get_world_size(self.reduce_group)
+        for params in self.optimizer.fp16_groups:
+            for p in params:
+                if dist.get_world_size(p.ds_process_group) != world:
+                    raise UnsupportedDeepSpeedSetup(
+                        "distclip: a ZeRO-3 parameter is partitioned over a different process group than the "
+                        "data-parallel one (hpZ / MiCS / AutoTP); not supported"
+                    )
+
+    def bind(self, table: GroupTable, layout: SlotLayout) -> None:
+        super().bind(table, layout)
+        group_of = self._group_index()
+        self._pieces: list[list[tuple[int, int, int]]] = []  # per sub-group: (group, real numel, partition numel)
+        self._fragments: list[list[tuple[int, int, int]]] = []  # (start, real numel, group) in the fp32 sub-group
+        self._spans: list[Spans] = []
+        for params in self.optimizer.fp16_groups:
+            pieces, fragments, offset = [], [], 0
+            for p in params:
+                g = _lookup(group_of, p, self.engine)
+                size = p.partition_numel()
+                real = min(size, max(0, p.ds_numel - dist.get_rank(p.ds_process_group) * size))
+                pieces.append((g, real, size))
+                fragments.append((offset, real, g))
+                offset += size
+            self._pieces.append(pieces)
+            self._fragments.append(fragments)
+            self._spans.append(group_spans(fragments))
+
+    def counted_pieces(self) -> tuple[list[torch.Tensor], list[int]]:
+        if self.optimizer.offload_optimizer:  # reduced gradients already sit in the fp32 sub-groups
+            return _fragment_pieces([flat.grad for flat in self.optimizer.fp32_partitioned_groups_flat], self._fragments)
+        pieces: list[torch.Tensor] = []
+        groups: list[int] = []
+        averaged = self.optimizer.averaged_gradients
+        for i, layout in enumerate(self._pieces):
+            grads = averaged.get(i)
+            if grads is None:
+                raise RuntimeError(
+                    f"distclip: DeepSpeed holds no reduced gradients for its ZeRO-3 sub-group {i}: the norm exists "
+                    "only at the gradient accumulation boundary, after engine.backward() and before engine.step()"
+                )
+            for grad, (g, real, size) in zip(grads, layout, strict=True):
+                if grad.numel() != size:
+                    raise RuntimeError(
+                        f"distclip: a ZeRO-3 gradient partition has {grad.numel()} elements, expected {size}; this "
+                        "DeepSpeed version lays out ZeRO-3 partitions differently than distclip expects"
+                    )
+                pieces.append(grad.reshape(-1)[:real])
+                groups.append(g)
+        return pieces, groups
+
+    def _install_seam(self) -> None:
+        optimizer = self.optimizer
+        flats = optimizer.fp32_partitioned_groups_flat
+
+        def check_overflow(partition_gradients: bool = True) -> None:
+            """distclip's reduced norm decides (one collective instead of two); DeepSpeed's check is off."""
+
+        def get_norm_groups() -> list[torch.Tensor]:
+            return [self._clip_inside_step()]
+
+        def unscale_and_clip_grads(sub_group_id: int, total_norm: Any) -> None:
+            self._apply(flats[sub_group_id].grad, self._spans[sub_group_id])
+
+        optimizer.check_overflow = check_overflow
+        optimizer._get_norm_groups = get_norm_groups
+        optimizer.unscale_and_clip_grads = unscale_and_clip_grads
+
+
+def _fragment_pieces(
+    flats: Sequence[torch.Tensor | None], fragments: Sequence[Sequence[tuple[int, int, int]]]
+) -> tuple[list[torch.Tensor], list[int]]:
+    """Offload: the pieces are ranges of the fp32 flat gradients, one per parameter fragment."""
+    pieces: list[torch.Tensor] = []
+    groups: list[int] = []
+    for i, (flat, frags) in enumerate(zip(flats, fragments)):
+        if not frags:
+            continue
+        if flat is None or flat.numel() < max(start + numel for start, numel, _ in frags):
+            raise RuntimeError(
+                f"distclip: DeepSpeed's offloaded fp32 gradient partition {i} is missing or too small: the norm "
+                "exists only at the gradient accumulation boundary, after engine.backward() and before engine.step()"
+            )
+        pieces += [flat[start : start + numel] for start, numel, _ in frags]
+        groups += [g for _, _, g in frags]
+    return pieces, groups
+
+
+def _lookup(group_of: dict[int, int], param: torch.Tensor, engine: Any) -> int:
+    try:
+        return group_of[id(param)]
+    except KeyError:
+        names = getattr(engine, "param_names", {})
+        raise RuntimeError(
+            f"distclip: DeepSpeed optimizes a parameter ({names.get(param, 'unnamed')}) that is not a trainable "
+            "parameter of engine.module; distclip cannot assign it to a clip group"
+        ) from None
