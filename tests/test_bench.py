@@ -15,7 +15,8 @@ pytestmark = pytest.mark.multiprocess
 
 def test_bench_runs_and_writes_json(tmp_path):
     out = tmp_path / "bench.json"
-    cmd = [sys.executable, "-m", "distclip.bench", "--params", "200K", "--layers", "4", "--steps", "2",
+    cmd = [sys.executable, "-m", "distclip.bench", "--backends", "ddp,deepspeed-zero2", "--params", "200K",
+           "--layers", "4", "--steps", "2",
            "--warmup", "1", "--scaling", "50,200", "--bandwidth-mb", "4", "--json", str(out)]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -28,5 +29,8 @@ def test_bench_runs_and_writes_json(tmp_path):
     assert rows["distclip"]["collectives"] == 1 and rows["distclip-groups"]["collectives"] == 1
     assert rows["native"]["collectives"] == 0  # torch's clip on replicated DDP grads is local
     assert rows["distclip"]["clip_vs_native"] > 0 and rows["distclip-groups"]["groups_vs_uniform"] > 0
+    zero2 = {r["variant"]: r for r in next(b for b in results["backends"] if b["backend"] == "deepspeed-zero2")["rows"]}
+    assert zero2["distclip"]["collectives"] == 1 and zero2["distclip-groups"]["collectives"] == 1
+    assert zero2["distclip"]["clip_ms"] > 0 and zero2["native"]["clip_ms"] > 0
     assert set(results["scaling"]["series"]) >= {"torch clip_grad_norm_ (plain)", "distclip (plain)"}
     assert results["bandwidth"]["norm"]["GBps"] > 0

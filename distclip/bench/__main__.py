@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import platform
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import torch
@@ -73,11 +75,21 @@ def machine() -> dict[str, object]:
     return info
 
 
+def quiet() -> None:
+    """Keep the tables readable: library deprecation warnings and DeepSpeed's info logs off."""
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", category=UserWarning)
+    if not torch.cuda.is_available():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     args = parse_args(argv)
     if "RANK" not in os.environ:
         return relaunch_under_torchrun(args, argv)
+    quiet()
     device = init_distributed()
     rank = dist.get_rank()
     results: dict[str, object] = {"machine": machine(), "args": vars(args), "backends": [], "scaling": None, "bandwidth": None}

@@ -18,7 +18,7 @@ from torch import nn
 
 import distclip
 
-from .measure import count_collectives
+from torch.distributed.tensor.debug import CommDebugMode
 
 MAX_NORM = 1e-3  # small enough that every variant really clips (the expensive case)
 
@@ -76,10 +76,11 @@ class Case:
     model: Any
     optimizer: Any
     clip: Callable[[], Any] | None
-    clip_in_step: bool = False
-    clip_times: list[float] = field(default_factory=list)
-    barrier_times: list[float] = field(default_factory=list)
-    collectives_per_clip: Callable[[], int] | None = None  # for clips that run inside the step
+    clip_in_step: bool = False  # the clip runs inside optimizer_step(), timed by in_step() wrappers
+    step_clip_seconds: float = 0.0  # this step's in-step clip time, and the barrier time it excluded
+    step_barrier_seconds: float = 0.0
+    step_collectives: int = 0
+    count_collectives_now: bool = False
     keep: list[Any] = field(default_factory=list)  # objects to release at teardown
 
     def forward_backward(self, x: torch.Tensor) -> None:
@@ -89,24 +90,43 @@ class Case:
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
 
+    def take_in_step(self) -> tuple[float, float]:
+        """(clip seconds, barrier seconds) of the step just run; resets both."""
+        out = (self.step_clip_seconds, self.step_barrier_seconds)
+        self.step_clip_seconds = self.step_barrier_seconds = 0.0
+        return out
+
     def teardown(self) -> None:
+        destroy = getattr(self.model, "destroy", None)  # DeepSpeed engines release their hooks and buffers
+        if destroy is not None:
+            destroy()
         self.model = self.optimizer = self.clip = None
         self.keep.clear()
         gc.collect()
 
 
-def timed(case: "Case", fn: Callable[..., Any]) -> Callable[..., Any]:
-    """Wrap ``fn`` so that each call's duration lands in ``case.clip_times`` (clips run inside a step)."""
+def in_step(case: Case, fn: Callable[..., Any], barrier: bool = True) -> Callable[..., Any]:
+    """Wrap a function the optimizer step calls to clip: its time (and collectives) count as the clip's.
+
+    ``barrier``: first synchronise the ranks, untimed, as the runner does before explicit clips, so
+    that the clip's collective does not absorb skew between ranks.
+    """
 
     def run(*args: Any, **kwargs: Any) -> Any:
         arrived = time.perf_counter()
-        dist.barrier()  # as for the other variants: the clip's collective must not absorb skew
+        if barrier:
+            dist.barrier()
         start = time.perf_counter()
         try:
+            if case.count_collectives_now:
+                with CommDebugMode() as comm:
+                    return fn(*args, **kwargs)
             return fn(*args, **kwargs)
         finally:
-            case.clip_times.append(time.perf_counter() - start)
-            case.barrier_times.append(start - arrived)
+            case.step_clip_seconds += time.perf_counter() - start
+            case.step_barrier_seconds += start - arrived
+            if case.count_collectives_now:
+                case.step_collectives += comm.get_total_counts()
 
     return run
 
@@ -122,18 +142,58 @@ def build_ddp(variant: str, make_model: Callable[[], nn.Module], device: torch.d
         case.clip = lambda: torch.nn.utils.clip_grad_norm_(params, MAX_NORM)  # exact: DDP grads are replicated
     elif variant == "distclip-hook-fold":
         clipper = distclip.GradClipper(model, clip_config(variant, hook=True))
-        clipper._run = timed(case, clipper._run)  # the clip runs inside optimizer.step()
+        clipper._run = in_step(case, clipper._run)  # the clip runs inside optimizer.step()
         case.keep.append(clipper.attach(optimizer, fold=True))
         case.clip_in_step = True
-        case.collectives_per_clip = lambda: count_collectives(clipper.measure)
     elif variant.startswith("distclip"):
         case.clip = distclip.GradClipper(model, clip_config(variant, hook="hook" in variant)).clip
     return case
 
 
+class DeepSpeedCase(Case):
+    """DeepSpeed steps (and clips) inside ``engine.step()``: the clip is timed by wrapping the
+    optimizer's norm and clip functions, the same ones for DeepSpeed's clipping and distclip's."""
+
+    def forward_backward(self, x: torch.Tensor) -> None:
+        self.model.backward(self.model(x).pow(2).mean())
+
+    def optimizer_step(self) -> None:
+        self.model.step()
+
+
+def build_deepspeed(stage: int) -> Callable[[str, Callable[[], nn.Module], torch.device], Case]:
+    def build(variant: str, make_model: Callable[[], nn.Module], device: torch.device) -> Case:
+        import deepspeed
+
+        import distclip.deepspeed
+
+        model = make_model()
+        config = {"train_micro_batch_size_per_gpu": 8, "zero_optimization": {"stage": stage},
+                  "zero_allow_untested_optimizer": True, "steps_per_print": 10**9,
+                  "gradient_clipping": MAX_NORM if variant == "native" else 0.0}
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+        engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=config)
+        case = DeepSpeedCase(f"deepspeed-zero{stage}", variant, engine, engine.optimizer, None, clip_in_step=True)
+        if variant.startswith("distclip"):
+            distclip.deepspeed.attach(engine, clip_config(variant, hook=False))
+        inner = engine.optimizer
+        norm_fn = "_get_norm_groups" if stage == 3 else "scaled_global_norm"
+        setattr(inner, norm_fn, in_step(case, getattr(inner, norm_fn)))
+        inner.unscale_and_clip_grads = in_step(case, inner.unscale_and_clip_grads, barrier=False)
+        case.keep.append(engine)
+        return case
+
+    return build
+
+
+DEEPSPEED_VARIANTS = ["none", "native", "distclip", "distclip-groups"]
+
 BACKENDS: dict[str, tuple[Callable[..., Case], list[str]]] = {
     "ddp": (build_ddp, ["none", "native", "distclip", "distclip-groups", "distclip-hook", "distclip-hook-groups",
                         "distclip-hook-fold"]),
+    "deepspeed-zero1": (build_deepspeed(1), DEEPSPEED_VARIANTS),
+    "deepspeed-zero2": (build_deepspeed(2), DEEPSPEED_VARIANTS),
+    "deepspeed-zero3": (build_deepspeed(3), DEEPSPEED_VARIANTS),
 }
 
 

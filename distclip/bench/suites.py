@@ -50,22 +50,30 @@ def bench_backend(backend: str, params: int, args: argparse.Namespace, device: t
             watch.mark()
             case.optimizer_step()
             watch.mark()
+            in_step_clip, in_step_barrier = case.take_in_step()
             if i >= args.warmup:
-                clip_times.append(watch.lap(2))
-                step_times.append(watch.lap(0) + watch.lap(2) + watch.lap(3))
-        if case.clip_in_step:  # the clip ran inside the optimizer step: the case timed it there
-            clip_times = case.clip_times[-args.steps:]
-            step_times = [t - b for t, b in zip(step_times, case.barrier_times[-args.steps:])]
+                clip_times.append(in_step_clip if case.clip_in_step else watch.lap(2))
+                step_times.append(watch.lap(0) + watch.lap(2) + watch.lap(3) - in_step_barrier)
+        # one more step, untimed: collectives per clip and peak memory of the clip / of the step
         case.forward_backward(x)
-        with peak_memory_added(device) as memory:
-            collectives = count_collectives(case.clip) if case.clip is not None else case_collectives(case)
-        case.optimizer_step()
+        collectives = None
+        with peak_memory_added(device) as clip_memory:
+            if case.clip is not None:
+                collectives = count_collectives(case.clip)
+        case.count_collectives_now = True
+        with peak_memory_added(device) as step_memory:
+            case.optimizer_step()
+        case.count_collectives_now = False
+        if case.clip_in_step:
+            collectives = case.step_collectives
         rows.append({
             "variant": variant,
             "clip_ms": _max_over_ranks(median_ms(clip_times)) if variant != "none" else 0.0,
             "step_ms": _max_over_ranks(median_ms(step_times)),
             "collectives": collectives,
-            "peak_mem_added_bytes": int(_max_over_ranks(float(memory[0]))),
+            "clip_peak_bytes": int(_max_over_ranks(float(clip_memory[0]))),
+            "step_peak_bytes": int(_max_over_ranks(float(step_memory[0]))),
+            "clip_in_step": case.clip_in_step,
             "num_params": sum(p.numel() for p in make_model().parameters()),
         })
         case.teardown()
@@ -73,14 +81,13 @@ def bench_backend(backend: str, params: int, args: argparse.Namespace, device: t
     return rows
 
 
-def case_collectives(case: Any) -> int | None:
-    return case.collectives_per_clip() if case.collectives_per_clip is not None else None
-
-
 def _add_ratios(rows: list[dict[str, Any]]) -> None:
     by = {r["variant"]: r for r in rows}
     native, none = by.get("native"), by.get("none")
     for row in rows:
+        # memory the clip adds: its own peak, or (inside the step) the step's peak above no clipping's
+        in_step = row["step_peak_bytes"] - (none["step_peak_bytes"] if none else 0)
+        row["peak_mem_added_bytes"] = max(0, in_step) if row["clip_in_step"] else row["clip_peak_bytes"]
         if native and row["variant"].startswith("distclip") and native["clip_ms"] > 0:
             row["clip_vs_native"] = row["clip_ms"] / native["clip_ms"]
         if none and none["step_ms"] > 0:
