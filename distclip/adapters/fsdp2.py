@@ -1,0 +1,317 @@
+"""FSDP2 (``fully_shard``) and any DTensor gradients: each element counted once, from placement metadata.
+
+A DTensor gradient's local tensor (``grad._local_tensor``) is this rank's part of it. For each
+mesh dimension the placement says how the tensor spreads over that dimension's ranks:
+
+* ``Shard`` (and strided shards): disjoint parts: each is counted by its holder (uneven and
+  empty local shards included: an empty one contributes nothing, and its rank still joins).
+* ``Replicate``: identical copies (the replicate dimension of an HSDP mesh): the copies of one
+  replica set are split into disjoint 1/R slices, so each element is counted once.
+* ``Partial``: not reduced yet: refused (clip after the reduction).
+
+Parameters may live on different meshes in one model (torch's own ``clip_grad_norm_`` fails
+there: pytorch #180346): each is handled on its own mesh, and one collective over a group
+spanning every mesh combines them. Plain (non-DTensor) parameters next to DTensor ones are
+assumed replicated over that group. Cost is linear in the number of parameters: local foreach
+norms and one all-reduce, never a stack of DTensor norms (quadratic: pytorch #169445).
+
+With ``fully_shard`` modules, the norm is computed inside the reduction: distclip sets each
+module's all-reduce hook (``FSDPModule.set_all_reduce_hook``), which FSDP calls with the
+reduce-scatter output (after the HSDP all-reduce) of each parameter group as it arrives in
+backward; the per-group partials of that flat shard are computed there. The result is used only
+when it is exactly what the gradients hold after backward (no accumulation into an older
+gradient, no division after the hook, an exact dtype cast, gradients untouched since).
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Any, Hashable, Sequence
+
+import torch
+import torch.distributed as dist
+from torch.distributed.tensor import DTensor
+
+from ..groups import GroupTable
+from ..norms import SlotLayout, combine_partials, local_partials
+from ..reduce import collective_device
+from .base import GradAdapter
+from .sharded import (
+    LocalPiece,
+    Replicas,
+    cast_is_exact,
+    counted_segments,
+    covering_group,
+    group_ranks,
+    queue_after_backward,
+    slice_segments,
+)
+
+
+class PartialGradientError(ValueError):
+    """A gradient still has a ``Partial`` placement: it must be reduced before it is clipped."""
+
+
+def local_tensor(t: torch.Tensor) -> torch.Tensor:
+    """This rank's part of a (DTensor) tensor, without autograd or communication."""
+    return t._local_tensor if isinstance(t, DTensor) else t
+
+
+def _mesh_key(mesh: Any) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    return tuple(mesh.mesh.shape), tuple(mesh.mesh.flatten().tolist())
+
+
+class DTensorAdapter(GradAdapter):
+    """DTensor (FSDP2, HSDP, mixed meshes) gradients, plus plain ones beside them (see the module docstring)."""
+
+    kind = "fsdp2"
+
+    def __init__(self, named_params: Sequence[tuple[str, torch.nn.Parameter]], module: torch.nn.Module | None = None):
+        super().__init__(named_params)
+        self.module = module
+        placements: dict[tuple[Hashable, ...], Replicas | None] = {}
+        spans: dict[Hashable, tuple[frozenset[int], dist.ProcessGroup | None]] = {}
+        self._pieces: list[LocalPiece] = []
+        plain: list[int] = []
+        for i, (name, p) in enumerate(zip(self.names, self.params)):
+            if not isinstance(p, DTensor):
+                plain.append(i)
+                continue
+            mesh = p.device_mesh
+            key = (id(mesh), tuple(p.placements))
+            if key not in placements:
+                placements[key] = self._replicas(name, mesh, p.placements)
+                mesh_key = _mesh_key(mesh)
+                if mesh_key not in spans:
+                    spans[mesh_key] = (frozenset(mesh.mesh.flatten().tolist()),
+                                       mesh.get_group() if mesh.ndim == 1 else None)
+            if mesh.get_coordinate() is None:  # this rank holds no part of it
+                continue
+            self._pieces.append(LocalPiece(i, 0, local_tensor(p).numel(), i, placements[key]))
+        world = frozenset(range(dist.get_world_size()))
+        rank_sets = list(spans.values()) + ([(world, None)] if plain else [])
+        self.reduce_group = covering_group(rank_sets, "DTensor")
+        copy = Replicas(("plain",), dist.get_rank(self.reduce_group), dist.get_world_size(self.reduce_group))
+        self._plain = [LocalPiece(i, 0, self.params[i].numel(), i, copy) for i in plain]
+        self._placements = {i: tuple(p.placements) for i, p in enumerate(self.params) if isinstance(p, DTensor)}
+        self.hook: FSDP2NormHook | None = None
+
+    @staticmethod
+    def _replicas(name: str, mesh: Any, placements: Sequence[Any]) -> Replicas | None:
+        """Which copy of its replica set this rank's local tensor is (None: no Replicate dimension)."""
+        if any(pl.is_partial() for pl in placements):
+            raise PartialGradientError(
+                f"distclip: parameter {name!r} has a Partial placement {tuple(placements)}: its gradient is "
+                "not reduced yet. Clip after the reduction (redistribute to Shard/Replicate first)."
+            )
+        dims = [d for d, pl in enumerate(placements) if pl.is_replicate()]
+        coordinate = mesh.get_coordinate()
+        if not dims or coordinate is None:
+            return None
+        index, count = 0, 1
+        for d in dims:
+            index, count = index * mesh.size(d) + coordinate[d], count * mesh.size(d)
+        # Ranks that differ only along the Replicate dimensions hold the same local tensor.
+        others = tuple(c for d, c in enumerate(coordinate) if d not in dims)
+        return Replicas((_mesh_key(mesh), tuple(dims), others), index, count)
+
+    def bind(self, table: GroupTable, layout: SlotLayout) -> None:
+        super().bind(table, layout)
+        self._counted = counted_segments(self._pieces + self._plain)
+        self._counted_plain = counted_segments(self._plain)
+
+    # ------------------------------------------------------------ gradients
+    def _local_grads(self) -> list[torch.Tensor | None]:
+        out: list[torch.Tensor | None] = []
+        for i, p in enumerate(self.params):
+            grad = p.grad
+            if grad is None:
+                out.append(None)
+            elif isinstance(grad, DTensor):
+                if grad.placements != self._placements.get(i):
+                    raise PartialGradientError(
+                        f"distclip: the gradient of {self.names[i]!r} has placements {grad.placements}, its "
+                        f"parameter {self._placements.get(i)}: reduce/redistribute the gradient before clipping"
+                    )
+                out.append(grad._local_tensor)
+            else:
+                out.append(grad)
+        return out
+
+    def counted_pieces(self) -> tuple[list[torch.Tensor], list[int]]:
+        return slice_segments(self._local_grads(), self._counted, self.group_of)
+
+    def scaled_grads(self) -> list[list[torch.Tensor]]:
+        return [[local_tensor(p.grad) for p in group if p.grad is not None] for group in self.params_by_group]
+
+    def describe(self) -> dict[str, object]:
+        meshes = sorted({str(_mesh_key(p.device_mesh)[0]) for p in self.params if isinstance(p, DTensor)})
+        return {"adapter": self.kind, "num_params": len(self.params), "mesh_shapes": meshes}
+
+    # ----------------------------------------------------------------- hook
+    def enable_reduction_hook(self, inner: Any = None, inner_state: Any = None) -> bool:
+        """Compute the partials in each ``fully_shard`` module's all-reduce hook (see the module docstring)."""
+        if inner is not None:
+            warnings.warn("distclip: ddp_comm_hook applies to DDP only; ignored for FSDP2", stacklevel=3)
+        groups = fsdp2_param_groups(self.module) if self.module is not None else []
+        if not groups:
+            self.hook_status = "no fully_shard module"
+            return False
+        if any(getattr(g, "_all_reduce_hook", None) is not None for _, g in groups):
+            warnings.warn("distclip: a fully_shard module already has an all-reduce hook (FSDP allows one); "
+                          "computing the norm after backward instead.", stacklevel=3)
+            self.hook_status = "existing all-reduce hook"
+            return False
+        self.hook = FSDP2NormHook(self, [g for _, g in groups])
+        for index, (module, _) in enumerate(groups):
+            module.set_all_reduce_hook(self.hook.measure_for(index))
+        self.hook_status = "all_reduce_hook"
+        return True
+
+    def reduced_partials(self) -> torch.Tensor | None:
+        if self.hook is None:
+            return None
+        grads = self._local_grads()
+        partials = self.hook.take(grads)
+        if partials is None:
+            return None
+        uncovered = [s for s in self._counted if s[0] not in self.hook.covered]
+        pieces, groups = slice_segments(grads, uncovered, self.group_of)
+        if not pieces:
+            return partials
+        return combine_partials([partials, local_partials(pieces, groups, self.layout, partials.device)],
+                                self.layout, partials.device)
+
+
+def fsdp2_param_groups(module: torch.nn.Module) -> list[tuple[Any, Any]]:
+    """(fully_shard module, its parameter group) for every module with exactly one group.
+
+    ``set_all_reduce_hook`` is refused for modules with several groups (per-parameter meshes);
+    their gradients are then measured after backward.
+    """
+    from torch.distributed.fsdp import FSDPModule
+
+    out = []
+    for m in module.modules():
+        if isinstance(m, FSDPModule):
+            groups = m._get_fsdp_state()._fsdp_param_groups
+            if len(groups) == 1:
+                out.append((m, groups[0]))
+    return out
+
+
+def _post_divides(group: Any, reduce_dtype: torch.dtype) -> bool:
+    """Whether FSDP divides the reduce output after the all-reduce hook (it then is not the final gradient)."""
+    try:
+        from torch.distributed.fsdp._fully_shard._fsdp_collectives import _get_gradient_divide_factors
+        from torch.distributed.fsdp._fully_shard._fsdp_common import DDPMeshInfo, FSDPMeshInfo
+
+        info = group.mesh_info
+        rs_group = group._reduce_scatter_process_group if isinstance(info, FSDPMeshInfo) else None
+        ar_group = group._all_reduce_process_group if isinstance(info, DDPMeshInfo) else None
+        _, post, _, _ = _get_gradient_divide_factors(
+            rs_group, ar_group, reduce_dtype, group.device.type, group.gradient_divide_factor,
+            group.force_sum_reduction_for_comms)
+        return post is not None and post != 1
+    except Exception:  # another torch version: do not trust the hook
+        return True
+
+
+class FSDP2NormHook:
+    """Per-group partials of each FSDP2 parameter group's reduced flat shard, as it arrives in backward."""
+
+    def __init__(self, adapter: DTensorAdapter, groups: list[Any]):
+        self.adapter = adapter
+        self.groups = groups
+        self._index_of = {id(p): i for i, p in enumerate(adapter.params)}
+        self._replicas = {p.param: p.replicas for p in adapter._pieces}
+        self._plans: dict[int, tuple[tuple[int, ...], Any]] = {}
+        self._partials: dict[int, torch.Tensor] = {}
+        self._measured: set[int] = set()  # parameter indices measured in this backward
+        self.covered: set[int] = set()  # parameter indices whose partials take() returned
+        self._valid = True
+        self._collecting = False
+        self._snapshot: list[Any] | None = None
+        # parameters whose gradients only FSDP's reduction (hence this hook) produces
+        self._managed = {self._index_of[id(fp.sharded_param)] for g in groups for fp in g.fsdp_params
+                         if id(fp.sharded_param) in self._index_of}
+
+    def measure_for(self, index: int):
+        def hook(reduce_output: torch.Tensor) -> None:
+            self._measure(index, reduce_output)
+
+        return hook
+
+    def _plan(self, index: int) -> tuple[tuple[int, ...], list[int], list[tuple[int, int]], list[int], int] | None:
+        """For group ``index``: its parameters, and the counted (start, end) ranges of its flat output with their groups."""
+        group = self.groups[index]
+        params = tuple(self._index_of.get(id(fp.sharded_param), -1) for fp in group.fsdp_params)
+        cached = self._plans.get(index)
+        if cached is not None and cached[0] == params:
+            return cached
+        if -1 in params:  # a parameter replaced since set-up (e.g. reset_sharded_param): no hook
+            return None
+        pieces, offset = [], 0
+        for fp, i in zip(group.fsdp_params, params):
+            copy = self._replicas.get(i)
+            numel = fp.sharded_size.numel()
+            key = None if copy is None else Replicas(("group", index), copy.index, copy.count)
+            pieces.append(LocalPiece(0, offset, numel, i, key))
+            offset += fp.padded_sharded_param_size.numel()
+        segments = counted_segments(pieces)
+        plan = (params, list(params), [(lo, hi) for _, lo, hi, _ in segments],
+                [self.adapter.group_of[i] for *_, i in segments], offset)
+        self._plans[index] = plan
+        return plan
+
+    # -- called by FSDP2 with each group's reduce-scatter (and HSDP all-reduce) output
+    def _measure(self, index: int, reduce_output: torch.Tensor) -> None:
+        if not self._collecting:  # first group of a new backward
+            self._partials.clear()
+            self._measured = set()
+            self._valid = True
+            self._snapshot = None
+            self._collecting = queue_after_backward(self._queue_snapshot)
+        group = self.groups[index]
+        plan = self._plan(index)
+        if (
+            plan is None
+            or plan[4] != reduce_output.numel()  # not every parameter of the group had a gradient
+            or any(fp.sharded_param.grad is not None for fp in group.fsdp_params)  # will accumulate
+            or any(not cast_is_exact(reduce_output.dtype, fp.sharded_param.dtype) for fp in group.fsdp_params)
+            or _post_divides(group, reduce_output.dtype)
+        ):
+            self._valid = False
+            return
+        _, params, slices, groups, _ = plan
+        flat = reduce_output.reshape(-1)
+        device = collective_device(self.adapter.reduce_group, flat.device)
+        self._partials[index] = local_partials([flat[a:b] for a, b in slices], groups, self.adapter.layout, device)
+        self._measured.update(params)
+
+    def _queue_snapshot(self) -> None:
+        if not queue_after_backward(self._take_snapshot):  # after FSDP's root final callback
+            self._take_snapshot()
+
+    def _take_snapshot(self) -> None:
+        self._collecting = False
+        self._snapshot = _versions(self.adapter._local_grads())
+
+    def take(self, grads: list[torch.Tensor | None]) -> torch.Tensor | None:
+        """The partials of the last backward, once, if the gradients are still exactly what FSDP wrote."""
+        snapshot, self._snapshot = self._snapshot, None
+        self.covered = set()
+        if snapshot is None or not self._valid or self._collecting or not self._partials:
+            return None
+        if snapshot != _versions(grads):
+            return None
+        if any(grads[i] is not None and i not in self._measured for i in self._managed):
+            return None  # a gradient FSDP reduced without the hook seeing it
+        self.covered = self._managed
+        parts = [self._partials[i] for i in sorted(self._partials)]
+        return combine_partials(parts, self.adapter.layout, parts[0].device)
+
+
+def _versions(grads: list[torch.Tensor | None]) -> list[Any]:
+    return [None if g is None else (id(g), g._version) for g in grads]
+
