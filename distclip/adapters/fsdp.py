@@ -104,9 +104,7 @@ class FSDP1Adapter(GradAdapter):
             managed.add(id(flat))
             managed.update(id(p) for p in (flat._params or []) + (flat._shared_params or []))
             strategy = handle._sharding_strategy.name
-            groups.append((group_ranks(fsdp.process_group), fsdp.process_group))
-            if strategy in HYBRID:
-                groups.append((group_ranks(fsdp._inter_node_pg), fsdp._inter_node_pg))
+            groups.append(self._unit_span(fsdp, strategy))
             unit = _Unit(len(self.units), fsdp, flat, strategy, handle._use_orig_params, self._unit_replicas(fsdp, strategy))
             self._add_unit(unit, prefix, names)
             self.units.append(unit)
@@ -115,6 +113,7 @@ class FSDP1Adapter(GradAdapter):
                      if id(p) not in managed and p.requires_grad]
         self.reduce_group = covering_group(groups or [(frozenset(range(dist.get_world_size())), None)], "FSDP")
         copy = Replicas(("unmanaged",), dist.get_rank(self.reduce_group), dist.get_world_size(self.reduce_group))
+        self._managed_sources = len(self._sources)  # sources before this index: FSDP writes them
         self._unmanaged: list[LocalPiece] = []
         for name, p in unmanaged:
             self._unmanaged.append(LocalPiece(len(self._sources), 0, p.numel(), len(names), copy))
@@ -125,6 +124,22 @@ class FSDP1Adapter(GradAdapter):
         self.hook: FSDP1NormHook | None = None
 
     # ----------------------------------------------------------------- layout
+    @staticmethod
+    def _unit_span(fsdp: FSDP, strategy: str) -> tuple[frozenset[int], dist.ProcessGroup | None]:
+        """Every rank holding part of this unit's gradient (the same set on each of them), and its group if one exists."""
+        if strategy not in HYBRID:
+            return group_ranks(fsdp.process_group), fsdp.process_group
+        mesh = getattr(fsdp, "_device_mesh", None)
+        if mesh is not None:
+            return frozenset(mesh.mesh.flatten().tolist()), None
+        size = fsdp.process_group.size() * fsdp._inter_node_pg.size()
+        if size == dist.get_world_size():  # shard groups x replicate groups tile the world
+            return frozenset(range(size)), None
+        raise NotImplementedError(
+            f"distclip: FSDP {strategy} over {size} of {dist.get_world_size()} ranks given as a process-group "
+            "pair: pass device_mesh=init_device_mesh(...) to FSDP so the ranks it spans are known"
+        )
+
     @staticmethod
     def _unit_replicas(fsdp: FSDP, strategy: str) -> Replicas | None:
         if strategy == "NO_SHARD":
@@ -253,7 +268,8 @@ class FSDP1Adapter(GradAdapter):
                                 self.layout, partials.device)
 
     def _grad_versions(self) -> list[Any]:
-        return [None if g is None else (id(g), g._version) for g in self._grads()]
+        """Identity and version of every gradient FSDP writes (unmanaged ones are measured at clip time)."""
+        return [None if s.grad is None else (id(s.grad), s.grad._version) for s in self._sources[: self._managed_sources]]
 
 
 def _div_if_needed(tensor: torch.Tensor, factor: float) -> None:
@@ -313,7 +329,7 @@ class FSDP1NormHook:
         if snapshot is None or not self._valid or self._collecting:
             return None
         current = self.adapter._grad_versions()
-        if snapshot != current:
+        if snapshot != current:  # changed since backward (unscale_, a manual edit, no_sync accumulation...)
             return None
         for unit in self.adapter.units:  # every unit holding a gradient was reduced in that backward
             if unit.index not in self._partials and any(current[s] is not None for s in unit.sources):

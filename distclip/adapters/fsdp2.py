@@ -42,7 +42,6 @@ from .sharded import (
     cast_is_exact,
     counted_segments,
     covering_group,
-    group_ranks,
     queue_after_backward,
     slice_segments,
 )
