@@ -234,6 +234,7 @@ class FSDP2NormHook:
         # parameters whose gradients only FSDP's reduction (hence this hook) produces
         self._managed = {self._index_of[id(fp.sharded_param)] for g in groups for fp in g.fsdp_params
                          if id(fp.sharded_param) in self._index_of}
+        self._managed_order = sorted(self._managed)
 
     def measure_for(self, index: int):
         def hook(reduce_output: torch.Tensor) -> None:
@@ -294,7 +295,20 @@ class FSDP2NormHook:
 
     def _take_snapshot(self) -> None:
         self._collecting = False
-        self._snapshot = _versions(self.adapter._local_grads())
+        self._snapshot = self._versions()
+
+    def _versions(self) -> list[Any]:
+        """Identity and versions of the gradients FSDP writes (the others are measured at clip time).
+
+        Both the DTensor's and its local tensor's: an in-place op on the DTensor bumps only the
+        former, one on the local tensor (or a ``to_local()`` view of it) only the latter.
+        """
+        out: list[Any] = []
+        for i in self._managed_order:
+            grad = self.adapter.params[i].grad
+            local = local_tensor(grad) if grad is not None else None
+            out.append(None if grad is None else (id(grad), grad._version, id(local), local._version))
+        return out
 
     def take(self, grads: list[torch.Tensor | None]) -> torch.Tensor | None:
         """The partials of the last backward, once, if the gradients are still exactly what FSDP wrote."""
@@ -302,7 +316,7 @@ class FSDP2NormHook:
         self.covered = set()
         if snapshot is None or not self._valid or self._collecting or not self._partials:
             return None
-        if snapshot != _versions(grads):
+        if snapshot != self._versions():  # changed since backward (a manual edit, accumulation...)
             return None
         if any(grads[i] is not None and i not in self._measured for i in self._managed):
             return None  # a gradient FSDP reduced without the hook seeing it
@@ -310,7 +324,4 @@ class FSDP2NormHook:
         parts = [self._partials[i] for i in sorted(self._partials)]
         return combine_partials(parts, self.adapter.layout, parts[0].device)
 
-
-def _versions(grads: list[torch.Tensor | None]) -> list[Any]:
-    return [None if g is None else (id(g), g._version) for g in grads]
 
