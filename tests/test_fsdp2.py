@@ -229,3 +229,25 @@ def test_thousands_of_small_parameters_clip_in_linear_time():
     for total, source, collectives, seconds in results:
         assert rel_err(total, expected) <= 1e-6 and source == "comm_hook" and collectives == 1
     print(f"\ndistclip clip of {n} FSDP2 parameters on 2 ranks: {max(r[3] for r in results) * 1e3:.1f} ms")
+
+
+def fp16_reduction():
+    """fp16 reduction on 4 ranks: FSDP divides by 2 before and by 2 AFTER the all-reduce hook."""
+    rank = dist.get_rank()
+    model = make_net()
+    policy = MixedPrecisionPolicy(reduce_dtype=torch.float16)
+    for block in model.blocks:
+        fully_shard(block, mesh=mesh((4,)), mp_policy=policy)
+    fully_shard(model, mesh=mesh((4,)), mp_policy=policy)
+    clipper = distclip.GradClipper(model, {"max_norm": 1.0, "groups": GROUPS})
+    post_backward = distclip.GradClipper(model, {"max_norm": 1.0, "groups": GROUPS, "comm_hook": False})
+    loss_fn(model, *batch(0, rank)).backward()
+    report = clipper.measure()
+    return report.source, report.total_norm.item(), post_backward.measure().total_norm.item()
+
+
+def test_reduction_divided_after_the_hook_is_not_used():
+    ref = reference_norm({"max_norm": 1.0}, 4)
+    for source, total, post_backward_total in run_ranks(fp16_reduction, 4):
+        assert source == "post_backward" and total == post_backward_total
+        assert rel_err(total, ref) <= 2e-3  # fp16 reduction: 11 mantissa bits

@@ -26,6 +26,7 @@ gradient, no division after the hook, an exact dtype cast, gradients untouched s
 from __future__ import annotations
 
 import warnings
+from dataclasses import dataclass
 from typing import Any, Hashable, Sequence
 
 import torch
@@ -162,6 +163,7 @@ class DTensorAdapter(GradAdapter):
             self.hook_status = "existing all-reduce hook"
             return False
         self.hook = FSDP2NormHook(self, [g for _, g in groups])
+        self._outside_hook = [s for s in self._counted if s[0] not in self.hook.managed]  # measured at clip time
         for index, (module, _) in enumerate(groups):
             module.set_all_reduce_hook(self.hook.measure_for(index))
         self.hook_status = "all_reduce_hook"
@@ -174,8 +176,7 @@ class DTensorAdapter(GradAdapter):
         partials = self.hook.take(grads)
         if partials is None:
             return None
-        uncovered = [s for s in self._counted if s[0] not in self.hook.covered]
-        pieces, groups = slice_segments(grads, uncovered, self.group_of)
+        pieces, groups = slice_segments(grads, self._outside_hook, self.group_of)
         if not pieces:
             return partials
         return combine_partials([partials, local_partials(pieces, groups, self.layout, partials.device)],
@@ -216,6 +217,20 @@ def _post_divides(group: Any, reduce_dtype: torch.dtype) -> bool:
         return True
 
 
+@dataclass(frozen=True)
+class _GroupPlan:
+    params: tuple[int, ...]  # adapter parameter index of each of the group's parameters
+    slices: list[tuple[int, int]]  # counted ranges of the group's flat reduce output
+    groups: list[int]  # clip group of each range
+    numel: int  # size of the flat output when every parameter has a gradient
+    _divides: dict[torch.dtype, bool]
+
+    def post_divides(self, group: Any, reduce_dtype: torch.dtype) -> bool:
+        if reduce_dtype not in self._divides:
+            self._divides[reduce_dtype] = _post_divides(group, reduce_dtype)
+        return self._divides[reduce_dtype]
+
+
 class FSDP2NormHook:
     """Per-group partials of each FSDP2 parameter group's reduced flat shard, as it arrives in backward."""
 
@@ -224,17 +239,16 @@ class FSDP2NormHook:
         self.groups = groups
         self._index_of = {id(p): i for i, p in enumerate(adapter.params)}
         self._replicas = {p.param: p.replicas for p in adapter._pieces}
-        self._plans: dict[int, tuple[tuple[int, ...], Any]] = {}
+        self._plans: dict[int, _GroupPlan] = {}
         self._partials: dict[int, torch.Tensor] = {}
         self._measured: set[int] = set()  # parameter indices measured in this backward
-        self.covered: set[int] = set()  # parameter indices whose partials take() returned
         self._valid = True
         self._collecting = False
         self._snapshot: list[Any] | None = None
         # parameters whose gradients only FSDP's reduction (hence this hook) produces
-        self._managed = {self._index_of[id(fp.sharded_param)] for g in groups for fp in g.fsdp_params
+        self.managed = {self._index_of[id(fp.sharded_param)] for g in groups for fp in g.fsdp_params
                          if id(fp.sharded_param) in self._index_of}
-        self._managed_order = sorted(self._managed)
+        self.managed_order = sorted(self.managed)
 
     def measure_for(self, index: int):
         def hook(reduce_output: torch.Tensor) -> None:
@@ -242,25 +256,24 @@ class FSDP2NormHook:
 
         return hook
 
-    def _plan(self, index: int) -> tuple[tuple[int, ...], list[int], list[tuple[int, int]], list[int], int] | None:
-        """For group ``index``: its parameters, and the counted (start, end) ranges of its flat output with their groups."""
+    def _plan(self, index: int) -> _GroupPlan | None:
+        """Group ``index``'s flat output: where each parameter's shard sits, which ranges this rank counts."""
         group = self.groups[index]
         params = tuple(self._index_of.get(id(fp.sharded_param), -1) for fp in group.fsdp_params)
         cached = self._plans.get(index)
-        if cached is not None and cached[0] == params:
+        if cached is not None and cached.params == params:
             return cached
         if -1 in params:  # a parameter replaced since set-up (e.g. reset_sharded_param): no hook
             return None
         pieces, offset = [], 0
-        for fp, i in zip(group.fsdp_params, params):
+        for fp, i in zip(group.fsdp_params, params):  # FSDP2 lays each shard out padded, in this order
             copy = self._replicas.get(i)
-            numel = fp.sharded_size.numel()
             key = None if copy is None else Replicas(("group", index), copy.index, copy.count)
-            pieces.append(LocalPiece(0, offset, numel, i, key))
+            pieces.append(LocalPiece(0, offset, fp.sharded_size.numel(), i, key))
             offset += fp.padded_sharded_param_size.numel()
         segments = counted_segments(pieces)
-        plan = (params, list(params), [(lo, hi) for _, lo, hi, _ in segments],
-                [self.adapter.group_of[i] for *_, i in segments], offset)
+        plan = _GroupPlan(params, [(lo, hi) for _, lo, hi, _ in segments],
+                          [self.adapter.group_of[i] for *_, i in segments], offset, {})
         self._plans[index] = plan
         return plan
 
@@ -276,18 +289,17 @@ class FSDP2NormHook:
         plan = self._plan(index)
         if (
             plan is None
-            or plan[4] != reduce_output.numel()  # not every parameter of the group had a gradient
-            or any(fp.sharded_param.grad is not None for fp in group.fsdp_params)  # will accumulate
+            or plan.numel != reduce_output.numel()  # not every parameter of the group had a gradient
+            or plan.post_divides(group, reduce_output.dtype)  # FSDP divides the output after this hook
+            or any(fp.sharded_param.grad is not None for fp in group.fsdp_params)  # will accumulate into them
             or any(not cast_is_exact(reduce_output.dtype, fp.sharded_param.dtype) for fp in group.fsdp_params)
-            or _post_divides(group, reduce_output.dtype)
         ):
             self._valid = False
             return
-        _, params, slices, groups, _ = plan
         flat = reduce_output.reshape(-1)
         device = collective_device(self.adapter.reduce_group, flat.device)
-        self._partials[index] = local_partials([flat[a:b] for a, b in slices], groups, self.adapter.layout, device)
-        self._measured.update(params)
+        self._partials[index] = local_partials([flat[a:b] for a, b in plan.slices], plan.groups, self.adapter.layout, device)
+        self._measured.update(plan.params)
 
     def _queue_snapshot(self) -> None:
         if not queue_after_backward(self._take_snapshot):  # after FSDP's root final callback
@@ -304,7 +316,7 @@ class FSDP2NormHook:
         former, one on the local tensor (or a ``to_local()`` view of it) only the latter.
         """
         out: list[Any] = []
-        for i in self._managed_order:
+        for i in self.managed_order:
             grad = self.adapter.params[i].grad
             local = local_tensor(grad) if grad is not None else None
             out.append(None if grad is None else (id(grad), grad._version, id(local), local._version))
@@ -313,14 +325,12 @@ class FSDP2NormHook:
     def take(self, grads: list[torch.Tensor | None]) -> torch.Tensor | None:
         """The partials of the last backward, once, if the gradients are still exactly what FSDP wrote."""
         snapshot, self._snapshot = self._snapshot, None
-        self.covered = set()
         if snapshot is None or not self._valid or self._collecting or not self._partials:
             return None
         if snapshot != self._versions():  # changed since backward (a manual edit, accumulation...)
             return None
-        if any(grads[i] is not None and i not in self._measured for i in self._managed):
+        if any(grads[i] is not None and i not in self._measured for i in self.managed):
             return None  # a gradient FSDP reduced without the hook seeing it
-        self.covered = self._managed
         parts = [self._partials[i] for i in sorted(self._partials)]
         return combine_partials(parts, self.adapter.layout, parts[0].device)
 
