@@ -11,7 +11,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-from torch.distributed.tensor import DTensor
+from torch.distributed.tensor import DTensor, Shard, distribute_tensor
 from torch.distributed.tensor.debug import CommDebugMode
 
 import distclip
@@ -19,7 +19,7 @@ from distclip.testing import run_ranks
 from tests.checks import assert_same_on_all_ranks
 from tests.fsdp_helpers import GROUPS, check_runs, make_net, reference_norm, run_configs
 from tests.models import batch, global_batch, loss_fn
-from tests.reference import reference_clip, rel_err
+from tests.reference import norm64, reference_clip, rel_err
 
 pytestmark = pytest.mark.multiprocess
 
@@ -220,6 +220,25 @@ def many_small_params(n: int):
         report = clipper.clip()
     seconds = time.perf_counter() - start
     return report.total_norm.item(), report.source, comm.get_total_counts(), seconds
+
+
+def dtensor_gradients_laid_out_unlike_parameters():
+    """DTensor parameters without FSDP: autograd's gradients need not share the parameters' placements."""
+    model = ManySmall(5)
+    for i, w in enumerate(model.weights):
+        model.weights[i] = nn.Parameter(distribute_tensor(w.detach(), mesh((2,)), [Shard(0)]))
+    model(1.0).backward()  # the same on every rank (SPMD: what a Replicate placement promises)
+    placements = sorted({str(tuple(w.grad.placements)) for w in model.weights})
+    expected = norm64([w.grad.full_tensor() for w in model.weights], 3.5)
+    with CommDebugMode() as comm:
+        total = distclip.clip_grad_norm_(model, 1e-3, norm_type=3.5)
+    return placements, total.item(), expected, comm.get_total_counts()
+
+
+def test_dtensor_gradients_laid_out_unlike_their_parameters():
+    for placements, total, expected, collectives in run_ranks(dtensor_gradients_laid_out_unlike_parameters, 2):
+        assert placements != ["(Shard(dim=0),)"], placements  # the case under test: e.g. Replicate gradients
+        assert rel_err(total, expected) <= 1e-6 and collectives == 1
 
 
 def test_thousands_of_small_parameters_clip_in_linear_time():

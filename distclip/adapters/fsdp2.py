@@ -40,6 +40,7 @@ from .base import GradAdapter
 from .sharded import (
     LocalPiece,
     Replicas,
+    Segment,
     cast_is_exact,
     counted_segments,
     covering_group,
@@ -69,40 +70,49 @@ class DTensorAdapter(GradAdapter):
     def __init__(self, named_params: Sequence[tuple[str, torch.nn.Parameter]], module: torch.nn.Module | None = None):
         super().__init__(named_params)
         self.module = module
-        placements: dict[tuple[Hashable, ...], Replicas | None] = {}
+        self._replica_cache: dict[tuple[int, tuple[Any, ...]], Replicas | None] = {}
         spans: dict[Hashable, tuple[frozenset[int], dist.ProcessGroup | None]] = {}
         self._pieces: list[LocalPiece] = []
         plain: list[int] = []
-        for i, (name, p) in enumerate(zip(self.names, self.params)):
+        for i, p in enumerate(self.params):
             if not isinstance(p, DTensor):
                 plain.append(i)
                 continue
             mesh = p.device_mesh
-            key = (id(mesh), tuple(p.placements))
-            if key not in placements:
-                placements[key] = self._replicas(name, mesh, p.placements)
-                mesh_key = _mesh_key(mesh)
-                if mesh_key not in spans:
-                    spans[mesh_key] = (frozenset(mesh.mesh.flatten().tolist()),
-                                       mesh.get_group() if mesh.ndim == 1 else None)
-            if mesh.get_coordinate() is None:  # this rank holds no part of it
-                continue
-            self._pieces.append(LocalPiece(i, 0, local_tensor(p).numel(), i, placements[key]))
+            key = _mesh_key(mesh)
+            if key not in spans:
+                spans[key] = (frozenset(key[1]), mesh.get_group() if mesh.ndim == 1 else None)
+            piece = self._piece(i, p)
+            if piece is not None:
+                self._pieces.append(piece)
         world = frozenset(range(dist.get_world_size()))
         rank_sets = list(spans.values()) + ([(world, None)] if plain else [])
+        self._span = frozenset().union(*(r for r, _ in rank_sets)) if rank_sets else world
         self.reduce_group = covering_group(rank_sets, "DTensor")
         copy = Replicas(("plain",), dist.get_rank(self.reduce_group), dist.get_world_size(self.reduce_group))
         self._plain = [LocalPiece(i, 0, self.params[i].numel(), i, copy) for i in plain]
-        self._placements = {i: tuple(p.placements) for i, p in enumerate(self.params) if isinstance(p, DTensor)}
+        self._placements = {i: (id(p.device_mesh), tuple(p.placements)) for i, p in enumerate(self.params)
+                            if isinstance(p, DTensor)}
         self.hook: FSDP2NormHook | None = None
+
+    def _piece(self, i: int, t: DTensor) -> LocalPiece | None:
+        """Parameter ``i``'s local part of ``t`` (its parameter or gradient) and who else holds a copy of it."""
+        mesh = t.device_mesh
+        if mesh.get_coordinate() is None:  # this rank holds no part of it
+            return None
+        key = (id(mesh), tuple(t.placements))
+        if key not in self._replica_cache:
+            self._replica_cache[key] = self._replicas(self.names[i], mesh, t.placements)
+        return LocalPiece(i, 0, t._local_tensor.numel(), i, self._replica_cache[key])
 
     @staticmethod
     def _replicas(name: str, mesh: Any, placements: Sequence[Any]) -> Replicas | None:
         """Which copy of its replica set this rank's local tensor is (None: no Replicate dimension)."""
         if any(pl.is_partial() for pl in placements):
             raise PartialGradientError(
-                f"distclip: parameter {name!r} has a Partial placement {tuple(placements)}: its gradient is "
-                "not reduced yet. Clip after the reduction (redistribute to Shard/Replicate first)."
+                f"distclip: the gradient of {name!r} has a Partial placement {tuple(placements)}: it is not "
+                "reduced yet, and the norm of a sum is not a sum of norms. Clip after the reduction "
+                "(or redistribute it to Shard/Replicate first)."
             )
         dims = [d for d, pl in enumerate(placements) if pl.is_replicate()]
         coordinate = mesh.get_coordinate()
@@ -118,28 +128,44 @@ class DTensorAdapter(GradAdapter):
     def bind(self, table: GroupTable, layout: SlotLayout) -> None:
         super().bind(table, layout)
         self._counted = counted_segments(self._pieces + self._plain)
-        self._counted_plain = counted_segments(self._plain)
 
     # ------------------------------------------------------------ gradients
-    def _local_grads(self) -> list[torch.Tensor | None]:
+    def _local_grads(self) -> tuple[list[torch.Tensor | None], list[int]]:
+        """Each parameter's local gradient, and which DTensor gradients are laid out unlike their parameter."""
         out: list[torch.Tensor | None] = []
+        unlike: list[int] = []
         for i, p in enumerate(self.params):
             grad = p.grad
             if grad is None:
                 out.append(None)
             elif isinstance(grad, DTensor):
-                if grad.placements != self._placements.get(i):
-                    raise PartialGradientError(
-                        f"distclip: the gradient of {self.names[i]!r} has placements {grad.placements}, its "
-                        f"parameter {self._placements.get(i)}: reduce/redistribute the gradient before clipping"
-                    )
+                if (id(grad.device_mesh), grad.placements) != self._placements.get(i):
+                    unlike.append(i)
                 out.append(grad._local_tensor)
             else:
                 out.append(grad)
-        return out
+        return out, unlike
 
     def counted_pieces(self) -> tuple[list[torch.Tensor], list[int]]:
-        return slice_segments(self._local_grads(), self._counted, self.group_of)
+        grads, unlike = self._local_grads()
+        segments = self._counted if not unlike else self._counted_for_grads()
+        return slice_segments(grads, segments, self.group_of)
+
+    def _counted_for_grads(self) -> list[Segment]:
+        """Counted ranges from the gradients' own placements (e.g. a Replicate gradient of a Shard parameter)."""
+        pieces = []
+        for i, p in enumerate(self.params):
+            grad = p.grad
+            if isinstance(grad, DTensor):
+                if not frozenset(_mesh_key(grad.device_mesh)[1]) <= self._span:
+                    raise NotImplementedError(
+                        f"distclip: the gradient of {self.names[i]!r} lives on a mesh ({grad.device_mesh}) that "
+                        "reaches ranks outside the parameters' meshes"
+                    )
+                piece = self._piece(i, grad)
+                if piece is not None:
+                    pieces.append(piece)
+        return counted_segments(pieces + self._plain)
 
     def scaled_grads(self) -> list[list[torch.Tensor]]:
         return [[local_tensor(p.grad) for p in group if p.grad is not None] for group in self.params_by_group]
@@ -172,9 +198,9 @@ class DTensorAdapter(GradAdapter):
     def reduced_partials(self) -> torch.Tensor | None:
         if self.hook is None:
             return None
-        grads = self._local_grads()
+        grads, unlike = self._local_grads()
         partials = self.hook.take(grads)
-        if partials is None:
+        if partials is None or unlike:  # unlike: not laid out as FSDP's reduction writes them
             return None
         pieces, groups = slice_segments(grads, self._outside_hook, self.group_of)
         if not pieces:
