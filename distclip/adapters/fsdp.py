@@ -54,6 +54,7 @@ from .sharded import (
     counted_segments,
     covering_group,
     group_ranks,
+    backward_id,
     queue_after_backward,
     slice_segments,
 )
@@ -284,18 +285,18 @@ class FSDP1NormHook:
         self.adapter = adapter
         self._partials: dict[int, torch.Tensor] = {}
         self._valid = True
-        self._collecting = False
+        self._backward = -1  # id of the backward whose reductions are being measured
         self._snapshot: list[Any] | None = None
 
     # -- called by FSDP in each unit's post-backward hook: (state, grad) for NO_SHARD,
     # (state, padded unsharded grad, sharded output) otherwise.
     def reduce_and_measure(self, unit, grad, output=None):
         fsdp = unit.module
-        if not self._collecting:  # first reduction of a new backward
+        if backward_id() != self._backward:  # first reduction of a new backward
+            self._backward = backward_id()
             self._partials.clear()
-            self._valid = True
+            self._valid = queue_after_backward(self._queue_snapshot)
             self._snapshot = None
-            self._collecting = queue_after_backward(self._queue_snapshot)
         # A sharded gradient kept from an earlier backward will be added to this one afterwards.
         accumulating = output is not None and hasattr(unit.flat_param, "_saved_grad_shard")
         _div_if_needed(grad, fsdp._gradient_predivide_factor)
@@ -320,13 +321,12 @@ class FSDP1NormHook:
             self._take_snapshot()
 
     def _take_snapshot(self) -> None:
-        self._collecting = False
         self._snapshot = self.adapter._grad_versions()
 
     def take(self) -> torch.Tensor | None:
         """The partials of the last synchronised backward, once, if the gradients are untouched."""
         snapshot, self._snapshot = self._snapshot, None
-        if snapshot is None or not self._valid or self._collecting:
+        if snapshot is None or not self._valid:
             return None
         current = self.adapter._grad_versions()
         if snapshot != current:  # changed since backward (unscale_, a manual edit, no_sync accumulation...)

@@ -44,6 +44,7 @@ from .sharded import (
     cast_is_exact,
     counted_segments,
     covering_group,
+    backward_id,
     queue_after_backward,
     slice_segments,
 )
@@ -269,7 +270,7 @@ class FSDP2NormHook:
         self._partials: dict[int, torch.Tensor] = {}
         self._measured: set[int] = set()  # parameter indices measured in this backward
         self._valid = True
-        self._collecting = False
+        self._backward = -1  # id of the backward whose reductions are being measured
         self._snapshot: list[Any] | None = None
         # parameters whose gradients only FSDP's reduction (hence this hook) produces
         self.managed = {self._index_of[id(fp.sharded_param)] for g in groups for fp in g.fsdp_params
@@ -305,12 +306,12 @@ class FSDP2NormHook:
 
     # -- called by FSDP2 with each group's reduce-scatter (and HSDP all-reduce) output
     def _measure(self, index: int, reduce_output: torch.Tensor) -> None:
-        if not self._collecting:  # first group of a new backward
+        if backward_id() != self._backward:  # first group of a new backward
+            self._backward = backward_id()
             self._partials.clear()
             self._measured = set()
-            self._valid = True
+            self._valid = queue_after_backward(self._queue_snapshot)
             self._snapshot = None
-            self._collecting = queue_after_backward(self._queue_snapshot)
         group = self.groups[index]
         plan = self._plan(index)
         if (
@@ -332,7 +333,6 @@ class FSDP2NormHook:
             self._take_snapshot()
 
     def _take_snapshot(self) -> None:
-        self._collecting = False
         self._snapshot = self._versions()
 
     def _versions(self) -> list[Any]:
@@ -351,7 +351,7 @@ class FSDP2NormHook:
     def take(self, grads: list[torch.Tensor | None]) -> torch.Tensor | None:
         """The partials of the last backward, once, if the gradients are still exactly what FSDP wrote."""
         snapshot, self._snapshot = self._snapshot, None
-        if snapshot is None or not self._valid or self._collecting or not self._partials:
+        if snapshot is None or not self._valid or not self._partials:
             return None
         if snapshot != self._versions():  # changed since backward (a manual edit, accumulation...)
             return None

@@ -107,6 +107,11 @@ def covering_group(rank_sets: Iterable[tuple[frozenset[int], dist.ProcessGroup |
     )
 
 
+def backward_id() -> int:
+    """Id of the running backward call (a new one per ``backward()``), -1 outside any backward."""
+    return torch._C._current_graph_task_id()
+
+
 def queue_after_backward(callback: Callable[[], None]) -> bool:
     """Run ``callback`` at the end of the current backward (after callbacks queued before it)."""
     try:
