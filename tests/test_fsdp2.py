@@ -10,7 +10,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 from torch.distributed.device_mesh import init_device_mesh
-from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor, Shard, distribute_tensor
 from torch.distributed.tensor.debug import CommDebugMode
 
@@ -29,6 +29,7 @@ LAYOUTS = {  # 2 ranks
     "different_meshes": {"blocks": (2,), "root": (1, 2)},
     "plain_params_beside_dtensors": {"blocks": (2,), "root": None, "naive": "world_sum"},
     "mixed_precision_bf16": {"blocks": (2,), "root": (2,), "bf16": True},
+    "cpu_offload": {"blocks": (2,), "root": (2,), "offload": True},
 }
 LAYOUTS_4 = {  # 4 ranks
     "one_d_4_ranks_empty_shards": {"blocks": (4,), "root": (4,)},
@@ -50,7 +51,11 @@ def mesh(shape: tuple[int, ...]):
 def build(spec: dict):
     """(module, what distclip gets, plain parameters FSDP does not manage) for a layout."""
     model = make_net()
-    kwargs = {"mp_policy": MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.bfloat16)} if spec.get("bf16") else {}
+    kwargs = {}
+    if spec.get("bf16"):
+        kwargs["mp_policy"] = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.bfloat16)
+    if spec.get("offload"):
+        kwargs["offload_policy"] = CPUOffloadPolicy(pin_memory=False)  # pinning needs an accelerator
     for block in model.blocks:
         fully_shard(block, mesh=mesh(spec["blocks"]), **kwargs)
     if spec["root"] is None:

@@ -123,6 +123,7 @@ class FSDP1Adapter(GradAdapter):
         self.names = names
         self.params = []  # original parameters may not exist as tensors (use_orig_params=False)
         self.hook: FSDP1NormHook | None = None
+        self.hook_status = "not enabled"  # after enable_reduction_hook: "comm_hook" or why not
 
     # ----------------------------------------------------------------- layout
     @staticmethod

@@ -95,6 +95,7 @@ class DTensorAdapter(GradAdapter):
         self._placements = {i: (id(p.device_mesh), tuple(p.placements)) for i, p in enumerate(self.params)
                             if isinstance(p, DTensor)}
         self.hook: FSDP2NormHook | None = None
+        self.hook_status = "not enabled"  # after enable_reduction_hook: "all_reduce_hook" or why not
 
     def _piece(self, i: int, t: DTensor) -> LocalPiece | None:
         """Parameter ``i``'s local part of ``t`` (its parameter or gradient) and who else holds a copy of it."""
