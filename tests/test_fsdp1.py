@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import math
+import warnings
 
 import pytest
 import torch
 import torch.distributed as dist
+from torch.distributed.algorithms._comm_hooks import default_hooks
 from torch.distributed.fsdp import CPUOffload, MixedPrecision, ShardingStrategy
 from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
 from torch.distributed.fsdp.wrap import ModuleWrapPolicy
@@ -155,13 +157,16 @@ def test_fsdp1_hybrid_sharding_on_2x2_mesh():
 
 def hybrid_hook_status():
     model, target, _ = build(HYBRID_LAYOUTS["hybrid_shard"])
-    clipper = distclip.GradClipper(target, {"max_norm": 1.0})
-    return clipper.adapter.hook_status, type(clipper.adapter.hook).__name__
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        clipper = distclip.GradClipper(target, {"max_norm": 1.0})
+    ours = [str(w.message) for w in caught if "distclip" in str(w.message)]
+    return clipper.adapter.hook_status, clipper.adapter.hook is None, ours
 
 
-def test_hybrid_sharding_falls_back_to_post_backward_without_warning(recwarn):
-    for status, hook in run_ranks(hybrid_hook_status, 4, timeout=120):
-        assert "hybrid" in status and hook == "NoneType"
+def test_hybrid_sharding_falls_back_to_post_backward_without_warning():
+    for status, no_hook, warned in run_ranks(hybrid_hook_status, 4, timeout=120):
+        assert "hybrid" in status and no_hook and warned == []
 
 
 def hook_validity():
@@ -169,9 +174,15 @@ def hook_validity():
     rank = dist.get_rank()
     out = {}
     config = {"max_norm": 0.1, "norm_type": 2.0, "groups": GROUPS}
-    for case in ("accumulate_without_no_sync", "accumulate_with_no_sync", "modified_after_backward"):
+    for case in ("accumulate_without_no_sync", "accumulate_with_no_sync", "modified_after_backward", "existing_comm_hook"):
         model, target, _ = build(LAYOUTS["full_shard"])
-        clipper = distclip.GradClipper(target, config)
+        if case == "existing_comm_hook":  # FSDP allows one: distclip warns and measures after backward
+            model.register_comm_hook(default_hooks.DefaultState(model.process_group), default_hooks.reduce_scatter_hook)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            clipper = distclip.GradClipper(target, config)
+        warned = any("already has an FSDP communication hook" in str(w.message) for w in caught)
+        assert warned == (case == "existing_comm_hook"), [str(w.message) for w in caught]
         if case == "accumulate_with_no_sync":
             with model.no_sync():
                 loss_fn(model, *batch(0, rank), scale=0.5).backward()
@@ -179,7 +190,7 @@ def hook_validity():
             loss_fn(model, *batch(0, rank), scale=0.5 if case.startswith("accumulate") else 1.0).backward()
         if case.startswith("accumulate"):
             loss_fn(model, *batch(1, rank), scale=0.5).backward()
-        else:
+        elif case == "modified_after_backward":
             for p in model.parameters():
                 p.grad.mul_(0.25)
         report = clipper.measure()
@@ -197,7 +208,8 @@ def test_hook_result_used_only_when_valid():
     single = reference_norm(config, 2)
     expected = {"accumulate_without_no_sync": ("post_backward", accumulated["total"]),
                 "accumulate_with_no_sync": ("comm_hook", accumulated["total"]),
-                "modified_after_backward": ("post_backward", 0.25 * single)}
+                "modified_after_backward": ("post_backward", 0.25 * single),
+                "existing_comm_hook": ("post_backward", single)}
     for out in run_ranks(hook_validity, 2):
         for case, (source, total) in expected.items():
             assert out[case][0] == source, (case, out[case])

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import time
+import warnings
 
 import pytest
 import torch
@@ -133,9 +134,15 @@ def hook_validity():
     rank = dist.get_rank()
     out = {}
     config = {"max_norm": 0.1, "norm_type": 2.0, "groups": GROUPS}
-    for case in ("accumulate_without_sync_off", "accumulate_with_sync_off", "modified_after_backward"):
+    for case in ("accumulate_without_sync_off", "accumulate_with_sync_off", "modified_after_backward", "existing_hook"):
         model, target, _ = build(LAYOUTS["one_d"])
-        clipper = distclip.GradClipper(target, config)
+        if case == "existing_hook":  # FSDP allows one: distclip warns and measures after backward
+            model.set_all_reduce_hook(lambda reduce_output: None)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            clipper = distclip.GradClipper(target, config)
+        warned = any("already has an all-reduce hook" in str(w.message) for w in caught)
+        assert warned == (case == "existing_hook"), [str(w.message) for w in caught]
         if case == "accumulate_with_sync_off":
             model.set_requires_gradient_sync(False)
         scale = 0.5 if case.startswith("accumulate") else 1.0
@@ -143,7 +150,7 @@ def hook_validity():
         if case.startswith("accumulate"):
             model.set_requires_gradient_sync(True)
             loss_fn(model, *batch(1, rank), scale=0.5).backward()
-        else:
+        elif case == "modified_after_backward":
             for p in model.parameters():
                 p.grad.mul_(0.25)
         report = clipper.measure()
@@ -160,7 +167,8 @@ def test_reduce_hook_result_used_only_when_valid():
     accumulated = reference_clip({n: p.grad for n, p in model.named_parameters()}, config)
     expected = {"accumulate_without_sync_off": ("post_backward", accumulated["total"]),
                 "accumulate_with_sync_off": ("comm_hook", accumulated["total"]),
-                "modified_after_backward": ("post_backward", 0.25 * reference_norm(config, 2))}
+                "modified_after_backward": ("post_backward", 0.25 * reference_norm(config, 2)),
+                "existing_hook": ("post_backward", reference_norm(config, 2))}
     for out in run_ranks(hook_validity, 2):
         for case, (source, total) in expected.items():
             assert out[case][0] == source, (case, out[case])
