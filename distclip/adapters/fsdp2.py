@@ -94,6 +94,7 @@ class DTensorAdapter(GradAdapter):
         self._plain = [LocalPiece(i, 0, self.params[i].numel(), i, copy) for i in plain]
         self._placements = {i: (id(p.device_mesh), tuple(p.placements)) for i, p in enumerate(self.params)
                             if isinstance(p, DTensor)}
+        self._specs = [getattr(p, "_spec", None) for p in self.params]  # FSDP2 gives gradients the same spec object
         self.hook: FSDP2NormHook | None = None
         self.hook_status = "not enabled"  # after enable_reduction_hook: "all_reduce_hook" or why not
 
@@ -141,7 +142,7 @@ class DTensorAdapter(GradAdapter):
             if grad is None:
                 out.append(None)
             elif isinstance(grad, DTensor):
-                if (id(grad.device_mesh), grad.placements) != self._placements.get(i):
+                if grad._spec is not self._specs[i] and (id(grad.device_mesh), grad.placements) != self._placements.get(i):
                     unlike.append(i)
                 out.append(grad._local_tensor)
             else:
