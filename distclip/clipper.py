@@ -161,7 +161,7 @@ class GradClipper:
 
     def _names_of(self, params: Iterable[torch.Tensor | str]) -> list[str]:
         """Canonical names of the parameters to clip (identity lookup among the adapter's parameters)."""
-        name_of = {id(p): n for n, p in zip(self.adapter.names, self.adapter.params)}
+        name_of = self.adapter.tensor_names()
         names, unknown = [], 0
         for p in params:
             if isinstance(p, str):
@@ -173,7 +173,7 @@ class GradClipper:
         if unknown:
             raise ConfigError(
                 f"distclip: {unknown} of the parameters to clip are not parameters of the model "
-                f"({self.adapter.kind} layout with {len(self.adapter.params)} trainable parameters); pass "
+                f"({self.adapter.kind} layout with {len(self.adapter.names)} trainable parameters); pass "
                 "parameters of the model the clipper was built for, or their canonical names"
             )
         return names

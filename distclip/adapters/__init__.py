@@ -1,4 +1,4 @@
-"""Pick the adapter for whatever the user passed: plain module or parameters, DDP, DeepSpeed engine (later FSDP)."""
+"""Pick the adapter for whatever the user passed: plain module or parameters, DDP, FSDP1, FSDP2 / DTensor, DeepSpeed engine."""
 
 from __future__ import annotations
 
@@ -21,28 +21,73 @@ class UnsupportedModelError(TypeError):
 
 
 def adapter_for(obj: Any) -> GradAdapter:
-    """The adapter for a module (plain, DDP), a DeepSpeed engine, a parameter, or an iterable of parameters / (name, parameter)."""
+    """The adapter for a module (plain, DDP, FSDP1, FSDP2), a DeepSpeed engine, a parameter, or an
+    iterable of parameters / (name, parameter).
+
+    FSDP1: the module is, or contains, a ``FullyShardedDataParallel`` unit. FSDP2 / DTensor: some
+    parameter is a DTensor (``fully_shard``, tensor parallel, or DTensor parameters passed directly).
+    """
     if isinstance(obj, DistributedDataParallel):
         return DDPAdapter(obj)
     if is_deepspeed_engine(obj):  # before nn.Module: an engine is one
         return deepspeed_adapter(obj)
     if isinstance(obj, torch.nn.Module):
-        return PlainAdapter(list(named_trainable_parameters(obj)))
+        if _has_fsdp1_unit(obj):
+            from .fsdp import FSDP1Adapter
+
+            return FSDP1Adapter(obj)
+        named = list(named_trainable_parameters(obj))
+        return _for_params(named, module=obj)
     if isinstance(obj, torch.Tensor):
         return _unnamed([obj])
     if isinstance(obj, Iterable) and not isinstance(obj, (str, bytes, dict)):
         items = list(obj)
         if all(isinstance(x, tuple) and len(x) == 2 and isinstance(x[1], torch.Tensor) for x in items):
-            return PlainAdapter([(canonical_name(str(n)), p) for n, p in items])
+            return _for_params([(canonical_name(str(n)), p) for n, p in items])
         if all(isinstance(x, torch.Tensor) for x in items):
             return _unnamed(items)
     raise UnsupportedModelError(
         f"distclip cannot clip a {type(obj).__module__}.{type(obj).__qualname__}: pass a torch.nn.Module "
-        "(plain or wrapped in DDP), a DeepSpeed engine, model.parameters(), or model.named_parameters()"
+        "(plain, DDP, FSDP1 or FSDP2), a DeepSpeed engine, model.parameters(), or model.named_parameters()"
     )
 
 
+def _for_params(named: list[tuple[str, torch.Tensor]], module: torch.nn.Module | None = None) -> GradAdapter:
+    _refuse_fsdp1_pieces([p for _, p in named])
+    dtensor = _dtensor_type()
+    if dtensor is not None and any(isinstance(p, dtensor) for _, p in named):
+        from .fsdp2 import DTensorAdapter
+
+        return DTensorAdapter(named, module=module)
+    return PlainAdapter(named)
+
+
 def _unnamed(params: list[torch.Tensor]) -> GradAdapter:
-    adapter = PlainAdapter([(f"<param {i}>", p) for i, p in enumerate(params)])
+    adapter = _for_params([(f"<param {i}>", p) for i, p in enumerate(params)])
     adapter.has_names = False
     return adapter
+
+
+def _has_fsdp1_unit(module: torch.nn.Module) -> bool:
+    if not torch.distributed.is_available():
+        return False
+    from torch.distributed.fsdp import FullyShardedDataParallel
+
+    return any(isinstance(m, FullyShardedDataParallel) for m in module.modules())
+
+
+def _dtensor_type() -> type | None:
+    if not torch.distributed.is_available():
+        return None
+    from torch.distributed.tensor import DTensor
+
+    return DTensor
+
+
+def _refuse_fsdp1_pieces(params: list[torch.Tensor]) -> None:
+    """FSDP1 original parameters are local shard views: a norm over them alone would be rank-local and wrong."""
+    if any(getattr(p, "_fsdp_flattened", False) for p in params):
+        raise UnsupportedModelError(
+            "distclip: these are parameters of an FSDP1 model (local shards): their norm depends on the "
+            "sharding. Pass the FSDP-wrapped module itself, e.g. distclip.clip_grad_norm_(fsdp_model, ...)"
+        )

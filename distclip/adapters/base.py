@@ -40,6 +40,10 @@ class GradAdapter:
         for p, g in zip(self.params, self.group_of):
             self.params_by_group[g].append(p)
 
+    def tensor_names(self) -> dict[int, str]:
+        """``id(tensor) -> canonical name`` for the parameter tensors a user may pass to pick parameters."""
+        return {id(p): n for n, p in zip(self.names, self.params)}
+
     def counted_pieces(self) -> tuple[list[torch.Tensor], list[int]]:
         """The gradient pieces this rank counts (disjoint across ranks) and their group indices."""
         raise NotImplementedError

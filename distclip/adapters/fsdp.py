@@ -1,0 +1,348 @@
+"""FSDP1 (``FullyShardedDataParallel``): every sharding strategy, ``use_orig_params`` True or False.
+
+Where each gradient element lives is read from FSDP's own handle metadata, per FSDP unit:
+
+* FULL_SHARD / SHARD_GRAD_OP: each rank holds a disjoint shard of the unit's FlatParameter
+  gradient: counted by its holder.
+* NO_SHARD: every rank of the unit's process group holds the whole (averaged) gradient: each
+  counts a disjoint 1/world slice.
+* HYBRID_SHARD / _HYBRID_SHARD_ZERO2: sharded within the shard group, the same shard replicated
+  across the replicate ("inter-node") group: each replica counts a disjoint 1/R slice of it.
+* parameters FSDP does not manage (``ignored_states``, or outside every FSDP unit): assumed
+  replicated over the reduce group, as FSDP's own ``clip_grad_norm_`` assumes (it is your job to
+  synchronise them): each rank counts a 1/world slice.
+
+Original parameter names come from the handle (``_fqns``); the local flat shard is mapped back
+to the original parameters through ``_shard_param_infos`` (offset and length of each parameter's
+piece in this rank's shard), so per-group clipping works by original names with
+``use_orig_params=False`` too, a parameter straddling two ranks' shards is counted in two pieces,
+and padding (shard tail, alignment) is never counted.
+
+Two paths give the same norm:
+
+* **comm hook** (non-hybrid strategies): distclip registers an FSDP communication hook that runs
+  FSDP's default reduction (same pre/post division, same collective), then computes this rank's
+  per-group partials on the reduced shard while backward goes on.
+* **post-backward**: the same pieces read from the gradients after backward. FSDP refuses comm
+  hooks under hybrid sharding, so HYBRID_SHARD models always take this path.
+
+The hook result is used only if the gradients are exactly what FSDP wrote at the end of the last
+synchronised backward (same tensors, same version counters), no sharded gradient was accumulated
+into an older one, and the cast to the parameter dtype is exact; anything else falls back to the
+post-backward path.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+
+from ..groups import GroupTable
+from ..names import canonical_name
+from ..norms import SlotLayout, combine_partials, local_partials
+from ..reduce import collective_device
+from .base import GradAdapter
+from .sharded import (
+    LocalPiece,
+    Replicas,
+    cast_is_exact,
+    counted_segments,
+    covering_group,
+    group_ranks,
+    backward_id,
+    queue_after_backward,
+    slice_segments,
+)
+
+HYBRID = frozenset({"HYBRID_SHARD", "_HYBRID_SHARD_ZERO2"})
+
+
+def fsdp1_units(module: torch.nn.Module) -> list[tuple[str, FSDP]]:
+    """Every FSDP1 unit inside ``module`` (itself included) with its module path, in module order."""
+    return [(name, m) for name, m in module.named_modules() if isinstance(m, FSDP)]
+
+
+@dataclass
+class _Unit:
+    """One FSDP unit that owns a FlatParameter, and how its gradient is laid out on this rank."""
+
+    index: int
+    module: FSDP
+    flat_param: torch.nn.Parameter
+    strategy: str
+    use_orig_params: bool
+    replicas: Replicas | None  # None: this rank alone holds its shard
+    flat_pieces: list[LocalPiece] = field(default_factory=list)  # in the flat gradient (source 0)
+    sources: list[int] = field(default_factory=list)  # adapter sources holding this unit's gradients
+    hook_plan: tuple[list[tuple[int, int]], list[int]] | None = None
+
+
+class FSDP1Adapter(GradAdapter):
+    """FSDP1 gradients, each element counted once (see the module docstring)."""
+
+    kind = "fsdp1"
+
+    def __init__(self, module: torch.nn.Module):
+        super().__init__([])
+        self.module = module
+        self.units: list[_Unit] = []
+        self._sources: list[torch.Tensor] = []  # objects whose .grad holds local gradients
+        self._pieces: list[LocalPiece] = []
+        self._named_tensors: dict[int, str] = {}  # original parameters that exist as tensors
+        names: list[str] = []
+        managed: set[int] = set()
+        groups: list[tuple[frozenset[int], dist.ProcessGroup | None]] = []
+
+        for prefix, fsdp in fsdp1_units(module):
+            handle = fsdp._handle
+            if handle is None:
+                continue
+            flat = handle.flat_param
+            managed.add(id(flat))
+            managed.update(id(p) for p in (flat._params or []) + (flat._shared_params or []))
+            strategy = handle._sharding_strategy.name
+            groups.append(self._unit_span(fsdp, strategy))
+            unit = _Unit(len(self.units), fsdp, flat, strategy, handle._use_orig_params, self._unit_replicas(fsdp, strategy))
+            self._add_unit(unit, prefix, names)
+            self.units.append(unit)
+
+        unmanaged = [(canonical_name(n), p) for n, p in module.named_parameters()
+                     if id(p) not in managed and p.requires_grad]
+        self.reduce_group = covering_group(groups or [(frozenset(range(dist.get_world_size())), None)], "FSDP")
+        copy = Replicas(("unmanaged",), dist.get_rank(self.reduce_group), dist.get_world_size(self.reduce_group))
+        self._managed_sources = len(self._sources)  # sources before this index: FSDP writes them
+        self._unmanaged: list[LocalPiece] = []
+        for name, p in unmanaged:
+            self._unmanaged.append(LocalPiece(len(self._sources), 0, p.numel(), len(names), copy))
+            self._sources.append(p)
+            names.append(name)
+            self._named_tensors[id(p)] = name
+        self.names = names
+        self.params = []  # original parameters may not exist as tensors (use_orig_params=False)
+        self.hook: FSDP1NormHook | None = None
+        self.hook_status = "not enabled"  # after enable_reduction_hook: "comm_hook" or why not
+
+    # ----------------------------------------------------------------- layout
+    @staticmethod
+    def _unit_span(fsdp: FSDP, strategy: str) -> tuple[frozenset[int], dist.ProcessGroup | None]:
+        """Every rank holding part of this unit's gradient (the same set on each of them), and its group if one exists."""
+        if strategy not in HYBRID:
+            return group_ranks(fsdp.process_group), fsdp.process_group
+        mesh = getattr(fsdp, "_device_mesh", None)
+        if mesh is not None:
+            return frozenset(mesh.mesh.flatten().tolist()), None
+        size = fsdp.process_group.size() * fsdp._inter_node_pg.size()
+        if size == dist.get_world_size():  # shard groups x replicate groups tile the world
+            return frozenset(range(size)), None
+        raise NotImplementedError(
+            f"distclip: FSDP {strategy} over {size} of {dist.get_world_size()} ranks given as a process-group "
+            "pair: pass device_mesh=init_device_mesh(...) to FSDP so the ranks it spans are known"
+        )
+
+    @staticmethod
+    def _unit_replicas(fsdp: FSDP, strategy: str) -> Replicas | None:
+        if strategy == "NO_SHARD":
+            pg = fsdp.process_group
+        elif strategy in HYBRID:
+            pg = fsdp._inter_node_pg
+        else:
+            return None
+        return Replicas((strategy == "NO_SHARD", group_ranks(pg)), pg.rank(), pg.size())
+
+    def _add_unit(self, unit: _Unit, prefix: str, names: list[str]) -> None:
+        """Name the unit's original parameters and record where each one's local gradient lives."""
+        flat = unit.flat_param
+        if not unit.use_orig_params:
+            if not flat.requires_grad:
+                return
+            unit.sources.append(len(self._sources))
+            self._sources.append(flat)
+        params = flat._params if unit.use_orig_params else [None] * len(flat._fqns)
+        for fqn, info, param in zip(flat._fqns, flat._shard_param_infos, params):
+            if param is not None and not param.requires_grad:
+                continue
+            index = len(names)
+            names.append(canonical_name(f"{prefix}.{fqn}" if prefix else fqn))
+            if param is not None:
+                self._named_tensors[id(param)] = names[-1]
+            numel = info.numel_in_shard if info.in_shard else 0
+            if info.in_shard:
+                unit.flat_pieces.append(LocalPiece(0, info.offset_in_shard, numel, index, unit.replicas))
+            if unit.use_orig_params:  # the original parameter's .grad is its (flattened) local piece
+                unit.sources.append(len(self._sources))
+                self._pieces.append(LocalPiece(len(self._sources), 0, numel, index, unit.replicas))
+                self._sources.append(param)
+            elif info.in_shard:  # a range of the flat gradient
+                self._pieces.append(LocalPiece(unit.sources[0], info.offset_in_shard, numel, index, unit.replicas))
+
+    def bind(self, table: GroupTable, layout: SlotLayout) -> None:
+        self.group_of = [table.index_of[n] for n in self.names]
+        self.layout = layout
+        self._counted = counted_segments(self._pieces + self._unmanaged)
+        self._counted_unmanaged = counted_segments(self._unmanaged)
+        self._scaled = [(p.source, p.start, p.start + p.numel, p.param) for p in self._pieces + self._unmanaged if p.numel]
+        for unit in self.units:
+            own = [LocalPiece(0, p.start, p.numel, p.param,
+                              None if p.replicas is None else Replicas(unit.index, p.replicas.index, p.replicas.count))
+                   for p in unit.flat_pieces]
+            segments = counted_segments(own)
+            unit.hook_plan = ([(lo, hi) for _, lo, hi, _ in segments], [self.group_of[i] for *_, i in segments])
+
+    # ------------------------------------------------------------ gradients
+    def _grads(self) -> list[torch.Tensor | None]:
+        return [s.grad for s in self._sources]
+
+    def counted_pieces(self) -> tuple[list[torch.Tensor], list[int]]:
+        return slice_segments(self._grads(), self._counted, self.group_of)
+
+    def scaled_grads(self) -> list[list[torch.Tensor]]:
+        pieces, groups = slice_segments(self._grads(), self._scaled, self.group_of)
+        out: list[list[torch.Tensor]] = [[] for _ in range(self.layout.num_groups)]
+        for t, g in zip(pieces, groups):
+            out[g].append(t)
+        return out
+
+    def drop_grads(self) -> None:
+        # With use_orig_params=True FSDP frees the flat gradient itself once every original
+        # gradient is None (what optimizer.zero_grad(set_to_none=True) relies on).
+        for source in self._sources:
+            source.grad = None
+
+    def tensor_names(self) -> dict[int, str]:
+        return self._named_tensors
+
+    def device_hint(self) -> torch.device | None:
+        return next((s.grad.device for s in self._sources if s.grad is not None), None) or next(
+            (u.flat_param.device for u in self.units), None)
+
+    def describe(self) -> dict[str, object]:
+        return {"adapter": self.kind, "num_params": len(self.names),
+                "strategies": sorted({u.strategy for u in self.units}),
+                "use_orig_params": sorted({u.use_orig_params for u in self.units})}
+
+    # ----------------------------------------------------------------- hook
+    def hook_unavailable_reason(self) -> str | None:
+        """Why distclip cannot compute the norm inside FSDP's reduction here (None: it can)."""
+        if not self.units:
+            return "no FSDP unit owns parameters"
+        hybrid = sorted({u.strategy for u in self.units} & HYBRID)
+        if hybrid:
+            return f"FSDP1 refuses communication hooks under hybrid sharding ({', '.join(hybrid)})"
+        if any(getattr(u.module, "_comm_hook", None) is not None for u in self.units):
+            return "this model already has an FSDP communication hook (FSDP allows one)"
+        if any(u.module._handle._use_fake_reduce for u in self.units):
+            return "FSDP fake reduction is enabled"
+        return None
+
+    def enable_reduction_hook(self, inner: Any = None, inner_state: Any = None) -> bool:
+        """Compute the partials inside FSDP's gradient reduction (comm hook) where FSDP allows it.
+
+        Hybrid strategies: FSDP forbids comm hooks, so the norm is computed after backward
+        (returns False, silently: that path is just as exact). An existing comm hook: warns,
+        returns False.
+        """
+        if inner is not None:
+            warnings.warn("distclip: ddp_comm_hook applies to DDP only; ignored for FSDP", stacklevel=3)
+        reason = self.hook_unavailable_reason()
+        self.hook_status = reason or "comm_hook"
+        if reason is not None:
+            if "already has" in reason:
+                warnings.warn(f"distclip: {reason}; computing the norm after backward instead.", stacklevel=3)
+            return False
+        self.hook = FSDP1NormHook(self)
+        units = {id(u.module): u for u in self.units}
+        # Outermost units first, so FSDP's lazy initialisation (which its first forward would do)
+        # picks the right roots.
+        for root in FSDP.fsdp_modules(self.module, root_only=True):
+            root.register_comm_hook(state=None, hook=self.hook.reduce_and_measure)
+        for _, fsdp in fsdp1_units(self.module):  # each unit gets its own state: the hook must know whose shard it is
+            fsdp._comm_hook_state = units.get(id(fsdp))
+        return True
+
+    def reduced_partials(self) -> torch.Tensor | None:
+        if self.hook is None:
+            return None
+        partials = self.hook.take()
+        if partials is None:
+            return None
+        pieces, groups = slice_segments(self._grads(), self._counted_unmanaged, self.group_of)
+        if not pieces:
+            return partials
+        return combine_partials([partials, local_partials(pieces, groups, self.layout, partials.device)],
+                                self.layout, partials.device)
+
+    def _grad_versions(self) -> list[Any]:
+        """Identity and version of every gradient FSDP writes (unmanaged ones are measured at clip time)."""
+        return [None if s.grad is None else (id(s.grad), s.grad._version) for s in self._sources[: self._managed_sources]]
+
+
+def _div_if_needed(tensor: torch.Tensor, factor: float) -> None:
+    if factor > 1:  # FSDP's own rule
+        tensor.div_(factor)
+
+
+class FSDP1NormHook:
+    """FSDP's default reduction, then this rank's per-group partials of the reduced shard."""
+
+    def __init__(self, adapter: FSDP1Adapter):
+        self.adapter = adapter
+        self._partials: dict[int, torch.Tensor] = {}
+        self._valid = True
+        self._backward = -1  # id of the backward whose reductions are being measured
+        self._snapshot: list[Any] | None = None
+
+    # -- called by FSDP in each unit's post-backward hook: (state, grad) for NO_SHARD,
+    # (state, padded unsharded grad, sharded output) otherwise.
+    def reduce_and_measure(self, unit, grad, output=None):
+        fsdp = unit.module
+        if backward_id() != self._backward:  # first reduction of a new backward
+            self._backward = backward_id()
+            self._partials.clear()
+            self._valid = queue_after_backward(self._queue_snapshot)
+            self._snapshot = None
+        # A sharded gradient kept from an earlier backward will be added to this one afterwards.
+        accumulating = output is not None and hasattr(unit.flat_param, "_saved_grad_shard")
+        _div_if_needed(grad, fsdp._gradient_predivide_factor)
+        if output is None:
+            dist.all_reduce(grad, group=fsdp.process_group)
+            reduced = grad
+        else:
+            dist.reduce_scatter_single(output, grad, group=fsdp.process_group)
+            reduced = output
+        _div_if_needed(reduced, fsdp._gradient_postdivide_factor)
+        if accumulating or not cast_is_exact(reduced.dtype, unit.flat_param.dtype):
+            self._valid = False
+            return
+        slices, groups = unit.hook_plan
+        device = collective_device(self.adapter.reduce_group, reduced.device)
+        self._partials[unit.index] = local_partials([reduced[a:b] for a, b in slices], groups, self.adapter.layout, device)
+
+    def _queue_snapshot(self) -> None:
+        # Runs after FSDP's final callback (queued at the root's pre-backward); queue once more
+        # so that the snapshot follows anything else FSDP queued meanwhile.
+        if not queue_after_backward(self._take_snapshot):
+            self._take_snapshot()
+
+    def _take_snapshot(self) -> None:
+        self._snapshot = self.adapter._grad_versions()
+
+    def take(self) -> torch.Tensor | None:
+        """The partials of the last synchronised backward, once, if the gradients are untouched."""
+        snapshot, self._snapshot = self._snapshot, None
+        if snapshot is None or not self._valid:
+            return None
+        current = self.adapter._grad_versions()
+        if snapshot != current:  # changed since backward (unscale_, a manual edit, no_sync accumulation...)
+            return None
+        for unit in self.adapter.units:  # every unit holding a gradient was reduced in that backward
+            if unit.index not in self._partials and any(current[s] is not None for s in unit.sources):
+                return None
+        if not self._partials:
+            return None
+        parts = [self._partials[i] for i in sorted(self._partials)]
+        return combine_partials(parts, self.adapter.layout, parts[0].device)

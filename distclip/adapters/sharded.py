@@ -1,0 +1,132 @@
+"""Shared by the sharded adapters (FSDP1, FSDP2/DTensor): local pieces, who counts which element, the reduce group.
+
+A *piece* is a contiguous range of one local gradient tensor that belongs to one parameter. A
+piece is either held by this rank alone (a shard), or held identically by ``count`` replicas
+(NO_SHARD, an HSDP replica, a ``Replicate`` mesh dimension, a parameter FSDP does not manage).
+Replicated pieces of one replica set are laid end to end, in the same order on every replica,
+and split into disjoint ``1/count`` slices (:func:`distclip.partition.replica_segments`): every
+element is counted exactly once over the whole job, and the norm work is split across replicas.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Hashable, Iterable, Sequence
+
+import torch
+import torch.distributed as dist
+
+from ..partition import replica_segments
+
+Segment = tuple[int, int, int, int]  # (source tensor index, start, end, parameter index)
+
+
+@dataclass(frozen=True)
+class Replicas:
+    """This rank holds copy ``index`` of ``count`` identical copies; ``key`` names the replica set."""
+
+    key: Hashable
+    index: int
+    count: int
+
+
+@dataclass(frozen=True)
+class LocalPiece:
+    """Elements ``[start, start + numel)`` of local tensor ``source`` (flattened) belong to parameter ``param``."""
+
+    source: int
+    start: int
+    numel: int
+    param: int
+    replicas: Replicas | None = None  # None: this rank is the only holder
+
+
+def counted_segments(pieces: Iterable[LocalPiece]) -> list[Segment]:
+    """The element ranges this rank counts: sole-held pieces whole, replicated ones sliced 1/count.
+
+    Deterministic: the same pieces in the same order give the same slices on every replica.
+    """
+    out: list[Segment] = []
+    replicated: dict[Hashable, list[LocalPiece]] = {}
+    for piece in pieces:
+        if piece.replicas is None or piece.replicas.count == 1:
+            if piece.numel > 0:
+                out.append((piece.source, piece.start, piece.start + piece.numel, piece.param))
+        else:
+            replicated.setdefault(piece.replicas.key, []).append(piece)
+    for members in replicated.values():
+        copy = members[0].replicas
+        for i, lo, hi in replica_segments([m.numel for m in members], copy.index, copy.count):
+            m = members[i]
+            out.append((m.source, m.start + lo, m.start + hi, m.param))
+    return out
+
+
+def slice_segments(
+    tensors: Sequence[torch.Tensor | None], segments: Sequence[Segment], group_of: Sequence[int]
+) -> tuple[list[torch.Tensor], list[int]]:
+    """The flattened ranges of ``tensors`` named by ``segments`` (missing tensors skipped) and their groups."""
+    pieces: list[torch.Tensor] = []
+    groups: list[int] = []
+    for source, lo, hi, param in segments:
+        tensor = tensors[source]
+        if tensor is None:
+            continue
+        if lo == 0 and hi == tensor.numel():
+            pieces.append(tensor)  # whole tensor: no view needed (norms ignore shape)
+        else:
+            pieces.append(tensor.reshape(-1)[lo:hi])
+        groups.append(group_of[param])
+    return pieces, groups
+
+
+def group_ranks(group: dist.ProcessGroup) -> frozenset[int]:
+    return frozenset(dist.get_process_group_ranks(group))
+
+
+def covering_group(rank_sets: Iterable[tuple[frozenset[int], dist.ProcessGroup | None]], what: str) -> dist.ProcessGroup:
+    """The group to reduce over: one that spans every rank holding a counted element.
+
+    ``rank_sets`` pairs each set of ranks that holds (part of) the gradients with its group when
+    one exists. Every element is counted once globally, so reducing over any group that spans all
+    of them is exact: the world when they span it, else an existing group with exactly those ranks.
+    Derived from the layout's own metadata, never passed in by the user.
+    """
+    pairs = list(rank_sets)
+    world = frozenset(range(dist.get_world_size()))
+    ranks = frozenset().union(*(r for r, _ in pairs)) if pairs else world
+    if ranks == world:
+        return dist.group.WORLD
+    for candidate_ranks, group in pairs:
+        if group is not None and candidate_ranks == ranks:
+            return group
+    raise NotImplementedError(
+        f"distclip: the {what} gradients live on ranks {sorted(ranks)}, a subset of the world "
+        f"({len(world)} ranks) that no single process group of the model spans, so there is no "
+        "group to reduce the norm over. Shard every part of the model over the same ranks (or over the whole world)."
+    )
+
+
+def backward_id() -> int:
+    """Id of the running backward call (a new one per ``backward()``), -1 outside any backward."""
+    return torch._C._current_graph_task_id()
+
+
+def queue_after_backward(callback: Callable[[], None]) -> bool:
+    """Run ``callback`` at the end of the current backward (after callbacks queued before it)."""
+    try:
+        torch.autograd.Variable._execution_engine.queue_callback(callback)
+        return True
+    except RuntimeError:  # not inside a backward
+        return False
+
+
+_FLOAT_BITS = {torch.float16: (5, 10), torch.bfloat16: (8, 7), torch.float32: (8, 23), torch.float64: (11, 52)}
+
+
+def cast_is_exact(src: torch.dtype, dst: torch.dtype) -> bool:
+    """Whether every ``src`` value is represented exactly in ``dst`` (so a norm of either is the same)."""
+    if src == dst:
+        return True
+    a, b = _FLOAT_BITS.get(src), _FLOAT_BITS.get(dst)
+    return a is not None and b is not None and a[0] <= b[0] and a[1] <= b[1]
