@@ -222,12 +222,13 @@ class GradClipper:
             else:
                 # The one host sync: the non-finite decision, and which groups are clipped at all
                 # (multiplying by exactly 1.0 changes nothing, so unclipped groups are not touched).
-                finite_flag, *clipped = torch.cat([finite.reshape(1), coefs < 1.0]).tolist()
+                finite_flag, *host_coefs = torch.cat([finite.float().reshape(1), coefs]).tolist()
+                clipped = [g for g, c in enumerate(host_coefs) if c < 1.0]
                 if finite_flag and fold is not None:
-                    if any(clipped):
+                    if clipped:
                         fold(coefs)
                 elif finite_flag:
-                    self._scale(coefs, [g for g, c in enumerate(clipped) if c])
+                    self._scale_by_host_coefs(host_coefs, clipped)
                 else:
                     skipped = self._handle_nonfinite(reduced)
                     coefs = torch.zeros_like(coefs)
@@ -260,6 +261,15 @@ class GradClipper:
                 continue
             for (device, _), ([tensors], _) in _group_tensors_by_device_and_dtype([per_group[g]]).items():
                 torch._foreach_mul_(tensors, coefs[g].to(device))
+
+    def _scale_by_host_coefs(self, host_coefs: list[float], groups: list[int]) -> None:
+        """Same as :meth:`_scale` with coefficients already on the host: one foreach call per
+        device and dtype for all groups together (no per-group kernel launches)."""
+        per_group = self._clipped_grads()
+        tensors = [t for g in groups for t in per_group[g]]
+        scalars = [host_coefs[g] for g in groups for _ in per_group[g]]
+        for (_, _), ([same_kind], indices) in _group_tensors_by_device_and_dtype([tensors], with_indices=True).items():
+            torch._foreach_mul_(same_kind, [scalars[i] for i in indices])
 
     def _handle_nonfinite(self, reduced: torch.Tensor) -> bool:
         """Same decision on every rank (it is taken on the reduced vector). Returns ``skipped``."""

@@ -150,6 +150,42 @@ def build_ddp(variant: str, make_model: Callable[[], nn.Module], device: torch.d
     return case
 
 
+def build_fsdp1(variant: str, make_model: Callable[[], nn.Module], device: torch.device) -> Case:
+    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+    from torch.distributed.fsdp.wrap import ModuleWrapPolicy
+
+    model = FSDP(make_model(), device_id=device, auto_wrap_policy=ModuleWrapPolicy({Block}), use_orig_params=True)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
+    case = Case("fsdp1", variant, model, optimizer, None)
+    if variant == "native":
+        case.clip = lambda: model.clip_grad_norm_(MAX_NORM)
+    elif variant.startswith("distclip"):
+        case.clip = distclip.GradClipper(model, clip_config(variant, hook="hook" in variant)).clip
+    return case
+
+
+def build_fsdp2(variant: str, make_model: Callable[[], nn.Module], device: torch.device) -> Case:
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    model = make_model().to(device)
+    mesh = init_device_mesh(device.type, (dist.get_world_size(),))
+    for block in model.blocks:
+        fully_shard(block, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    case = Case("fsdp2", variant, model, optimizer, None)
+    if variant == "native":
+        params = list(model.parameters())
+        case.clip = lambda: torch.nn.utils.clip_grad_norm_(params, MAX_NORM).full_tensor()  # the full norm
+    elif variant.startswith("distclip"):
+        case.clip = distclip.GradClipper(model, clip_config(variant, hook="hook" in variant)).clip
+    return case
+
+
+SHARDED_VARIANTS = ["none", "native", "distclip", "distclip-groups", "distclip-hook", "distclip-hook-groups"]
+
+
 class DeepSpeedCase(Case):
     """DeepSpeed steps (and clips) inside ``engine.step()``: the clip is timed by wrapping the
     optimizer's norm and clip functions, the same ones for DeepSpeed's clipping and distclip's."""
@@ -191,6 +227,8 @@ DEEPSPEED_VARIANTS = ["none", "native", "distclip", "distclip-groups"]
 BACKENDS: dict[str, tuple[Callable[..., Case], list[str]]] = {
     "ddp": (build_ddp, ["none", "native", "distclip", "distclip-groups", "distclip-hook", "distclip-hook-groups",
                         "distclip-hook-fold"]),
+    "fsdp1": (build_fsdp1, SHARDED_VARIANTS),
+    "fsdp2": (build_fsdp2, SHARDED_VARIANTS),
     "deepspeed-zero1": (build_deepspeed(1), DEEPSPEED_VARIANTS),
     "deepspeed-zero2": (build_deepspeed(2), DEEPSPEED_VARIANTS),
     "deepspeed-zero3": (build_deepspeed(3), DEEPSPEED_VARIANTS),
