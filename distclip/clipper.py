@@ -268,6 +268,8 @@ class GradClipper:
         per_group = self._clipped_grads()
         tensors = [t for g in groups for t in per_group[g]]
         scalars = [host_coefs[g] for g in groups for _ in per_group[g]]
+        if not tensors:
+            return
         for (_, _), ([same_kind], indices) in _group_tensors_by_device_and_dtype([tensors], with_indices=True).items():
             torch._foreach_mul_(same_kind, [scalars[i] for i in indices])
 
