@@ -72,6 +72,7 @@ class DTensorAdapter(GradAdapter):
         super().__init__(named_params)
         self.module = module
         self._replica_cache: dict[tuple[int, tuple[Any, ...]], Replicas | None] = {}
+        self._meshes: dict[int, tuple[Any, tuple[tuple[int, ...], tuple[int, ...]], Any]] = {}  # id -> (mesh, key, coordinate)
         spans: dict[Hashable, tuple[frozenset[int], dist.ProcessGroup | None]] = {}
         self._pieces: list[LocalPiece] = []
         plain: list[int] = []
@@ -80,7 +81,7 @@ class DTensorAdapter(GradAdapter):
                 plain.append(i)
                 continue
             mesh = p.device_mesh
-            key = _mesh_key(mesh)
+            key = self._mesh_facts(mesh)[0]
             if key not in spans:
                 spans[key] = (frozenset(key[1]), mesh.get_group() if mesh.ndim == 1 else None)
             piece = self._piece(i, p)
@@ -98,10 +99,17 @@ class DTensorAdapter(GradAdapter):
         self.hook: FSDP2NormHook | None = None
         self.hook_status = "not enabled"  # after enable_reduction_hook: "all_reduce_hook" or why not
 
+    def _mesh_facts(self, mesh: Any) -> tuple[tuple[tuple[int, ...], tuple[int, ...]], Any]:
+        """(``_mesh_key``, this rank's coordinate) of a mesh, computed once per mesh object (both are slow)."""
+        facts = self._meshes.get(id(mesh))
+        if facts is None or facts[0] is not mesh:
+            facts = self._meshes[id(mesh)] = (mesh, _mesh_key(mesh), mesh.get_coordinate())
+        return facts[1], facts[2]
+
     def _piece(self, i: int, t: DTensor) -> LocalPiece | None:
         """Parameter ``i``'s local part of ``t`` (its parameter or gradient) and who else holds a copy of it."""
         mesh = t.device_mesh
-        if mesh.get_coordinate() is None:  # this rank holds no part of it
+        if self._mesh_facts(mesh)[1] is None:  # this rank holds no part of it
             return None
         key = (id(mesh), tuple(t.placements))
         if key not in self._replica_cache:
@@ -160,7 +168,7 @@ class DTensorAdapter(GradAdapter):
         for i, p in enumerate(self.params):
             grad = p.grad
             if isinstance(grad, DTensor):
-                if not frozenset(_mesh_key(grad.device_mesh)[1]) <= self._span:
+                if not frozenset(self._mesh_facts(grad.device_mesh)[0][1]) <= self._span:
                     raise NotImplementedError(
                         f"distclip: the gradient of {self.names[i]!r} lives on a mesh ({grad.device_mesh}) that "
                         "reaches ranks outside the parameters' meshes"

@@ -36,7 +36,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--params", default="10M", help="model size(s), comma-separated (e.g. 10M,50M)")
     parser.add_argument("--layers", type=int, default=24, help="blocks in the model (= groups per layer)")
     parser.add_argument("--batch", type=int, default=8)
-    parser.add_argument("--steps", type=int, default=10, help="measured steps (median reported)")
+    parser.add_argument("--steps", type=int, default=20, help="measured steps (median reported)")
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--scaling", default="1000,5000,20000", help="tensor counts for the scaling suite ('' to skip)")
     parser.add_argument("--scaling-budget", type=float, default=60.0,
@@ -84,6 +84,13 @@ def quiet() -> None:
     logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
 
 
+def save(results: dict[str, object], path: str) -> None:
+    """Write the results so far (a long run keeps what it measured if stopped)."""
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(results, indent=2, default=str))
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     args = parse_args(argv)
@@ -101,6 +108,7 @@ def main(argv: list[str] | None = None) -> int:
             results["backends"].append({"backend": backend, "params": size, "rows": rows})  # type: ignore[union-attr]
             if rank == 0:
                 print_backend_table(backend, size, rows, results["machine"])
+                save(results, args.json)
     if args.scaling:
         results["scaling"] = bench_scaling([int(s) for s in args.scaling.split(",")], args, device)
         if rank == 0:
@@ -110,10 +118,8 @@ def main(argv: list[str] | None = None) -> int:
         if rank == 0:
             print_bandwidth(results["bandwidth"])
     if rank == 0:
-        path = Path(args.json)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(results, indent=2, default=str))
-        print(f"\nresults written to {path}  (variants: {VARIANTS})")
+        save(results, args.json)
+        print(f"\nresults written to {args.json}  (variants: {VARIANTS})")
     dist.barrier()
     dist.destroy_process_group()
     return 0

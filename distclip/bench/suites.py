@@ -99,9 +99,10 @@ def _add_ratios(rows: list[dict[str, Any]]) -> None:
 
 
 # ----------------------------------------------------------------- scaling
-def _timed(fn: Callable[[], Any], repeat: int = 3) -> float:
-    times = []
-    for _ in range(repeat):
+def _timed(fn: Callable[[], Any]) -> float:
+    """Best of 3 (of 1 when a call takes over a second), slowest rank."""
+    times: list[float] = []
+    while len(times) < 3 and sum(times) < 1.0:
         dist.barrier()
         start = time.perf_counter()
         fn()
@@ -123,12 +124,21 @@ def _fsdp2_model(n: int, device: torch.device) -> nn.Module | None:
         from torch.distributed.device_mesh import init_device_mesh
     except ImportError:
         return None
-    module = nn.Module()
-    module.params = nn.ParameterList(_small_params(n, device))
+    module = ManySmall(_small_params(n, device))
     fully_shard(module, mesh=init_device_mesh(device.type, (dist.get_world_size(),)))
-    loss = sum(p.sum() for p in module.params)  # DTensor grads through a real backward
-    loss.backward()
+    module(torch.ones(8, 16, device=device)).backward()  # FSDP2's own unshard / reduce-scatter
     return module
+
+
+class ManySmall(nn.Module):
+    """Many small (LoRA-like) parameters, all used in the forward."""
+
+    def __init__(self, params: list[nn.Parameter]):
+        super().__init__()
+        self.params = nn.ParameterList(params)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return sum((p * x).sum() for p in self.params)
 
 
 def bench_scaling(sizes: list[int], args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
@@ -137,10 +147,13 @@ def bench_scaling(sizes: list[int], args: argparse.Namespace, device: torch.devi
     budget = args.scaling_budget
 
     def run(name: str, n: int, fn: Callable[[], Any]) -> None:
-        done = {k: v for k, v in series.setdefault(name, {}).items() if v is not None}
-        if done:  # project from the largest finished size, assuming quadratic growth (the bad case)
-            last = max(done)
-            if done[last] * (n / last) ** 2 > budget:
+        done = sorted((k, v) for k, v in series.setdefault(name, {}).items() if v is not None)
+        if done:  # project from the largest finished size with the growth seen so far (at least quadratic)
+            exponent = 2.0
+            if len(done) > 1:
+                exponent = max(exponent, growth_exponent([k for k, _ in done[-2:]], [v for _, v in done[-2:]]))
+            last, seconds = done[-1]
+            if seconds * (n / last) ** exponent > budget:
                 series[name][n] = None
                 return
         series[name][n] = _timed(fn)
