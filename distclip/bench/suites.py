@@ -34,51 +34,68 @@ def bench_backend(backend: str, params: int, args: argparse.Namespace, device: t
         return BenchNet(dim, args.layers)
 
     x = torch.randn(args.batch, dim, generator=torch.Generator().manual_seed(dist.get_rank())).to(device)
-    rows = []
-    for variant in variants:
-        case = build(variant, make_model, device)
-        clip_times, step_times = [], []
-        for i in range(args.warmup + args.steps):
-            watch = Stopwatch(device)
-            watch.mark()
-            case.forward_backward(x)
-            watch.mark()
-            dist.barrier()  # untimed: the clip's collective must not absorb skew between ranks
-            watch.mark()
-            if case.clip is not None:
-                case.clip()
-            watch.mark()
-            case.optimizer_step()
-            watch.mark()
-            in_step_clip, in_step_barrier = case.take_in_step()
+    # All variants live side by side and take their steps in turn, so that the machine's drift
+    # (other load, memory bandwidth, frequency) hits every variant alike: ratios are like for like.
+    cases = [build(variant, make_model, device) for variant in variants]
+    clip_times: dict[str, list[float]] = {v: [] for v in variants}
+    step_times: dict[str, list[float]] = {v: [] for v in variants}
+    for i in range(args.warmup + args.steps):
+        for case in cases:
+            clip_s, step_s = _one_step(case, x, device)
             if i >= args.warmup:
-                clip_times.append(in_step_clip if case.clip_in_step else watch.lap(2))
-                step_times.append(watch.lap(0) + watch.lap(2) + watch.lap(3) - in_step_barrier)
-        # one more step, untimed: collectives per clip and peak memory of the clip / of the step
-        case.forward_backward(x)
-        collectives = None
-        with peak_memory_added(device) as clip_memory:
-            if case.clip is not None:
-                collectives = count_collectives(case.clip)
-        case.count_collectives_now = True
-        with peak_memory_added(device) as step_memory:
-            case.optimizer_step()
-        case.count_collectives_now = False
-        if case.clip_in_step:
-            collectives = case.step_collectives
+                clip_times[case.variant].append(clip_s)
+                step_times[case.variant].append(step_s)
+    rows = []
+    for case in cases:
         rows.append({
-            "variant": variant,
-            "clip_ms": _max_over_ranks(median_ms(clip_times)) if variant != "none" else 0.0,
-            "step_ms": _max_over_ranks(median_ms(step_times)),
-            "collectives": collectives,
-            "clip_peak_bytes": int(_max_over_ranks(float(clip_memory[0]))),
-            "step_peak_bytes": int(_max_over_ranks(float(step_memory[0]))),
-            "clip_in_step": case.clip_in_step,
+            "variant": case.variant,
+            "clip_ms": _max_over_ranks(median_ms(clip_times[case.variant])) if case.variant != "none" else 0.0,
+            "step_ms": _max_over_ranks(median_ms(step_times[case.variant])),
+            **_collectives_and_memory(case, x, device),
             "num_params": sum(p.numel() for p in make_model().parameters()),
         })
         case.teardown()
     _add_ratios(rows)
     return rows
+
+
+def _one_step(case: Any, x: torch.Tensor, device: torch.device) -> tuple[float, float]:
+    """One training step: (clip seconds, step seconds without the untimed barriers)."""
+    watch = Stopwatch(device)
+    watch.mark()
+    case.forward_backward(x)
+    watch.mark()
+    dist.barrier()  # untimed: the clip's collective must not absorb skew between ranks
+    watch.mark()
+    if case.clip is not None:
+        case.clip()
+    watch.mark()
+    case.optimizer_step()
+    watch.mark()
+    in_step_clip, in_step_barrier = case.take_in_step()
+    clip_s = in_step_clip if case.clip_in_step else watch.lap(2)
+    return clip_s, watch.lap(0) + watch.lap(2) + watch.lap(3) - in_step_barrier
+
+
+def _collectives_and_memory(case: Any, x: torch.Tensor, device: torch.device) -> dict[str, Any]:
+    """One more step, untimed: collectives per clip, and peak memory of the clip and of the step."""
+    case.forward_backward(x)
+    collectives = None
+    with peak_memory_added(device) as clip_memory:
+        if case.clip is not None:
+            collectives = count_collectives(case.clip)
+    case.count_collectives_now = True
+    with peak_memory_added(device) as step_memory:
+        case.optimizer_step()
+    case.count_collectives_now = False
+    if case.clip_in_step:
+        collectives = case.step_collectives
+    return {
+        "collectives": collectives,
+        "clip_peak_bytes": int(_max_over_ranks(float(clip_memory[0]))),
+        "step_peak_bytes": int(_max_over_ranks(float(step_memory[0]))),
+        "clip_in_step": case.clip_in_step,
+    }
 
 
 def _add_ratios(rows: list[dict[str, Any]]) -> None:
@@ -92,6 +109,7 @@ def _add_ratios(rows: list[dict[str, Any]]) -> None:
             row["clip_vs_native"] = row["clip_ms"] / native["clip_ms"]
         if none and none["step_ms"] > 0:
             row["step_overhead_pct"] = 100.0 * (row["step_ms"] / none["step_ms"] - 1.0)
+            row["clip_pct_of_step"] = 100.0 * row["clip_ms"] / none["step_ms"]
     for grouped in ("distclip-groups", "distclip-hook-groups"):
         uniform = by.get(grouped.removesuffix("-groups"))
         if grouped in by and uniform and uniform["clip_ms"] > 0:
