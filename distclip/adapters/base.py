@@ -8,6 +8,7 @@ import torch
 
 from ..groups import GroupTable
 from ..norms import SlotLayout
+from ..partition import replica_segments
 from ..reduce import ProcessGroup
 
 
@@ -80,3 +81,28 @@ class GradAdapter:
     def describe(self) -> dict[str, object]:
         """What the set-up consistency check compares across ranks (beyond config and groups)."""
         return {"adapter": self.kind, "num_params": len(self.params)}
+
+
+class ReplicatedGrads:
+    """Mixin for layouts whose gradients are full copies on every rank of ``reduce_group`` (DDP,
+    DeepSpeed ZeRO-0): rank r counts slice r of them laid end to end, so each element counts once.
+
+    The adapter sets ``rank`` and ``world`` (its position in ``reduce_group``) before ``bind``.
+    """
+
+    rank: int
+    world: int
+
+    def bind(self, table: GroupTable, layout: SlotLayout) -> None:
+        super().bind(table, layout)
+        self._segments = replica_segments([p.numel() for p in self.params], self.rank, self.world)
+        self._segment_groups = [self.group_of[i] for i, _, _ in self._segments]
+
+    def counted_pieces(self) -> tuple[list[torch.Tensor], list[int]]:
+        pieces, groups = [], []
+        for (i, lo, hi), g in zip(self._segments, self._segment_groups):
+            grad = self.params[i].grad
+            if grad is not None:
+                pieces.append(grad.reshape(-1)[lo:hi])
+                groups.append(g)
+        return pieces, groups

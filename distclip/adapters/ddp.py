@@ -24,17 +24,16 @@ import torch.distributed as dist
 from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 from torch.nn.parallel import DistributedDataParallel
 
-from ..groups import GroupTable
 from ..names import named_trainable_parameters
-from ..norms import SlotLayout, combine_partials, local_partials
+from ..norms import combine_partials, local_partials
 from ..partition import replica_segments
 from ..reduce import collective_device
-from .base import GradAdapter
+from .base import GradAdapter, ReplicatedGrads
 
 CommHook = Callable[[Any, dist.GradBucket], torch.futures.Future]
 
 
-class DDPAdapter(GradAdapter):
+class DDPAdapter(ReplicatedGrads, GradAdapter):
     """Gradients replicated over DDP's process group; rank r counts slice r of them laid end to end."""
 
     kind = "ddp"
@@ -47,20 +46,6 @@ class DDPAdapter(GradAdapter):
         self.rank = dist.get_rank(self.reduce_group)
         self.world = dist.get_world_size(self.reduce_group)
         self.hook: DDPNormHook | None = None
-
-    def bind(self, table: GroupTable, layout: SlotLayout) -> None:
-        super().bind(table, layout)
-        self._segments = replica_segments([p.numel() for p in self.params], self.rank, self.world)
-        self._segment_groups = [self.group_of[i] for i, _, _ in self._segments]
-
-    def counted_pieces(self) -> tuple[list[torch.Tensor], list[int]]:
-        pieces, groups = [], []
-        for (i, lo, hi), g in zip(self._segments, self._segment_groups):
-            grad = self.params[i].grad
-            if grad is not None:
-                pieces.append(grad.reshape(-1)[lo:hi])
-                groups.append(g)
-        return pieces, groups
 
     def reduced_partials(self) -> torch.Tensor | None:
         return self.hook.take() if self.hook is not None else None

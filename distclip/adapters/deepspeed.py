@@ -44,8 +44,7 @@ import torch.distributed as dist
 from ..groups import GroupTable
 from ..names import named_trainable_parameters
 from ..norms import SlotLayout
-from ..partition import replica_segments
-from .base import GradAdapter
+from .base import GradAdapter, ReplicatedGrads
 
 if TYPE_CHECKING:
     from ..clipper import ClipReport, GradClipper
@@ -229,7 +228,7 @@ def group_spans(fragments: Sequence[tuple[int, int, int]]) -> Spans:
     return spans
 
 
-class Zero0Adapter(DeepSpeedAdapter):
+class Zero0Adapter(ReplicatedGrads, DeepSpeedAdapter):
     """ZeRO-0 (plain data parallel): gradients all-reduced into ``param.grad``; each rank counts 1/world of them."""
 
     def __init__(self, engine: Any):
@@ -238,20 +237,6 @@ class Zero0Adapter(DeepSpeedAdapter):
         self.reduce_group = group
         self.rank = dist.get_rank(group)
         self.world = dist.get_world_size(group)
-
-    def bind(self, table: GroupTable, layout: SlotLayout) -> None:
-        super().bind(table, layout)
-        self._segments = replica_segments([p.numel() for p in self.params], self.rank, self.world)
-        self._segment_groups = [self.group_of[i] for i, _, _ in self._segments]
-
-    def counted_pieces(self) -> tuple[list[torch.Tensor], list[int]]:
-        pieces, groups = [], []
-        for (i, lo, hi), g in zip(self._segments, self._segment_groups):
-            grad = self.params[i].grad
-            if grad is not None:
-                pieces.append(grad.reshape(-1)[lo:hi])
-                groups.append(g)
-        return pieces, groups
 
     def scaled_grads(self) -> list[list[torch.Tensor]]:
         self._require_installed()
