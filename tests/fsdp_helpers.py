@@ -12,8 +12,8 @@ from torch import nn
 from torch.distributed.tensor.debug import CommDebugMode
 
 from tests.checks import assert_grad_close, assert_same_on_all_ranks
-from tests.models import DIM, TinyNet, batch, global_batch, loss_fn
-from tests.reference import reference_clip, rel_err
+from tests.models import DIM, TinyNet, batch, loss_fn
+from tests.reference import reference_clip, reference_run, rel_err
 
 NORM_TYPES = [1.0, 2.0, 3.5, math.inf]
 # >= 3 groups by ORIGINAL names; "tiny" (2 elements) is smaller than the world size on 4 ranks
@@ -53,18 +53,7 @@ def make_net(dtype: torch.dtype = torch.float32) -> UnevenNet:
 
 def reference_steps(config: dict, world: int, steps: int = STEPS, lr: float = LR) -> list[dict[str, Any]]:
     """``steps`` of clip + SGD in one float64 process on all ranks' batches concatenated."""
-    model = make_net(torch.float64)
-    opt = torch.optim.SGD(model.parameters(), lr=lr)
-    out = []
-    for step in range(steps):
-        loss_fn(model, *global_batch(step, world)).backward()
-        ref = reference_clip({n: p.grad for n, p in model.named_parameters()}, config)
-        for n, p in model.named_parameters():
-            p.grad.copy_(ref["clipped"][n])
-        opt.step()
-        opt.zero_grad()
-        out.append(ref)
-    return out
+    return reference_run(config, world, steps, lr, make_model=make_net)
 
 
 def reference_norm(config: dict, world: int) -> float:

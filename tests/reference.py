@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import fnmatch
 import math
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -52,14 +52,17 @@ def rel_err(a: float, b: float) -> float:
     return abs(a - b) / max(abs(b), 1e-30)
 
 
-def reference_run(config: dict[str, Any], world: int, steps: int, lr: float) -> list[dict[str, Any]]:
+def reference_run(config: dict[str, Any], world: int, steps: int, lr: float,
+                  make_model: Callable[[torch.dtype], torch.nn.Module] | None = None) -> list[dict[str, Any]]:
     """``steps`` of clip + SGD in one process, float64, on all ranks' batches concatenated.
 
+    ``make_model(dtype)`` builds the model (default: :func:`tests.models.make_model`).
     Per step: the :func:`reference_clip` result plus ``params`` (every parameter after the step).
     """
-    from tests.models import global_batch, loss_fn, make_model
+    from tests import models
+    from tests.models import global_batch, loss_fn
 
-    model = make_model(dtype=torch.float64)
+    model = (make_model or (lambda dtype: models.make_model(dtype=dtype)))(torch.float64)
     opt = torch.optim.SGD(model.parameters(), lr=lr)
     out = []
     for step in range(steps):
