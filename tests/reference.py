@@ -53,20 +53,23 @@ def rel_err(a: float, b: float) -> float:
 
 
 def reference_run(config: dict[str, Any], world: int, steps: int, lr: float,
-                  make_model: Callable[[torch.dtype], torch.nn.Module] | None = None) -> list[dict[str, Any]]:
+                  make_model: Callable[[torch.dtype], torch.nn.Module] | None = None,
+                  step_loss: Callable[[torch.nn.Module, int], torch.Tensor] | None = None) -> list[dict[str, Any]]:
     """``steps`` of clip + SGD in one process, float64, on all ranks' batches concatenated.
 
-    ``make_model(dtype)`` builds the model (default: :func:`tests.models.make_model`).
-    Per step: the :func:`reference_clip` result plus ``params`` (every parameter after the step).
+    ``make_model(dtype)`` builds the model (default: :func:`tests.models.make_model`);
+    ``step_loss(model, step)`` is the loss of one step (default: :func:`tests.models.loss_fn` on
+    :func:`tests.models.global_batch`). Per step: the :func:`reference_clip` result plus ``params``
+    (every parameter after the step).
     """
     from tests import models
-    from tests.models import global_batch, loss_fn
 
     model = (make_model or (lambda dtype: models.make_model(dtype=dtype)))(torch.float64)
+    step_loss = step_loss or (lambda m, step: models.loss_fn(m, *models.global_batch(step, world)))
     opt = torch.optim.SGD(model.parameters(), lr=lr)
     out = []
     for step in range(steps):
-        loss_fn(model, *global_batch(step, world)).backward()
+        step_loss(model, step).backward()
         ref = reference_clip({n: p.grad for n, p in model.named_parameters()}, config)
         for n, p in model.named_parameters():
             p.grad.copy_(ref["clipped"][n])

@@ -293,18 +293,8 @@ def train_deepspeed(stage: int):
 
 
 def deepspeed_reference() -> list[dict]:
-    model = make_model(dtype=torch.float64)
-    optimizer = torch.optim.SGD(model.parameters(), lr=LR)
-    out = []
-    for step in range(STEPS):
-        loss_fn(model, *global_batch(step, 2), scale=DS_SCALE).backward()
-        ref = reference_clip({n: p.grad for n, p in model.named_parameters()}, DS_CONFIG)
-        for n, p in model.named_parameters():
-            p.grad.copy_(ref["clipped"][n])
-        optimizer.step()
-        optimizer.zero_grad()
-        out.append(ref)
-    return out
+    return reference_run(DS_CONFIG, 2, STEPS, LR,
+                         step_loss=lambda model, step: loss_fn(model, *global_batch(step, 2), scale=DS_SCALE))
 
 
 @needs_deepspeed

@@ -14,7 +14,7 @@ from torch import nn
 
 from distclip.testing import run_ranks
 from tests.models import SEQ, VOCAB, make_model
-from tests.reference import reference_clip, rel_err
+from tests.reference import reference_run, rel_err
 
 pytest.importorskip("transformers")
 from transformers import Trainer, TrainingArguments  # noqa: E402  (imported before the ranks fork: faster)
@@ -72,20 +72,12 @@ def train_with_trainer(output_dir: str):
 
 def replay(batches_per_rank: list[list[dict[str, torch.Tensor]]]) -> list[dict]:
     """The same steps in one float64 process: mean loss over all ranks' batches, distclip semantics, SGD."""
-    model = TinyLM(torch.float64)
-    optimizer = torch.optim.SGD(model.parameters(), lr=LR)
-    config = {"max_norm": MAX_GRAD_NORM, **CONFIG}
-    out = []
-    for step in range(STEPS):
+    def step_loss(model: nn.Module, step: int) -> torch.Tensor:
         inputs = {k: torch.cat([rank[step][k] for rank in batches_per_rank]) for k in ("input_ids", "labels")}
-        model(**inputs)["loss"].backward()
-        ref = reference_clip({n: p.grad for n, p in model.named_parameters()}, config)
-        for n, p in model.named_parameters():
-            p.grad.copy_(ref["clipped"][n])
-        optimizer.step()
-        optimizer.zero_grad()
-        out.append(ref)
-    return out
+        return model(**inputs)["loss"]
+
+    return reference_run({"max_norm": MAX_GRAD_NORM, **CONFIG}, len(batches_per_rank), STEPS, LR,
+                         make_model=TinyLM, step_loss=step_loss)
 
 
 def test_trainer_max_grad_norm_is_exact_per_group_on_two_ranks(tmp_path):
