@@ -5,11 +5,11 @@
 
 from . import deepspeed  # distclip.deepspeed.attach(engine, config); imports no DeepSpeed
 from .adapters import UnsupportedModelError
-from .api import clip_grad_norm_, global_grad_norm
-from .clipper import ClipReport, GradClipper, NonFiniteGradientError
-from .config import ClipConfig, ConfigError, GroupSpec, PerLayerSpec, load_config
-from .names import canonical_name
-from .reduce import ConfigMismatchError
+from .core.api import clip_grad_norm_, global_grad_norm
+from .core.clipper import ClipReport, GradClipper, NonFiniteGradientError
+from .core.config import ClipConfig, ConfigError, GroupSpec, PerLayerSpec, load_config
+from .core.names import canonical_name
+from .core.reduce import ConfigMismatchError
 
 __version__ = "0.1.0"
 

@@ -1,60 +1,7 @@
-"""Hugging Face Trainer: one line gives a Trainer exact distclip clipping where it already clips.
+"""``distclip.hf_trainer``: the stable import path of :mod:`distclip.integrations.hf_trainer` (the same module object)."""
 
-    trainer = Trainer(model=model, args=TrainingArguments(..., max_grad_norm=1.0), ...)
-    distclip.hf_trainer.enable(trainer)          # config: argument, else $DISTCLIP_CONFIG, else defaults
-    trainer.train()
+import sys
 
-The Trainer clips with ``accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)`` on
-every optimizer step (with ``max_grad_norm <= 0`` it only measures, with ``max_norm=inf``), so
-``enable`` puts distclip behind that call (:func:`distclip.accelerate.enable` on
-``trainer.accelerator``): ``max_grad_norm`` is the default group's threshold, the config's groups
-keep theirs, and the logged ``grad_norm`` is the exact global pre-clip norm, for DDP, FSDP and
-DeepSpeed alike. With more than one clip group, each log line also gets ``grad_norm/<group>``
-and ``clip_coef/<group>`` (for the last step before the log). Imports ``transformers``.
-"""
+from .integrations import hf_trainer as _module
 
-from __future__ import annotations
-
-import math
-import os
-from typing import Any, Mapping
-
-from transformers import TrainerCallback
-
-from . import accelerate as distclip_accelerate
-from .config import ClipConfig
-
-
-def enable(trainer: Any, config: ClipConfig | Mapping[str, Any] | str | os.PathLike | None = None, *,
-           log_groups: bool = True, **overrides: Any) -> distclip_accelerate.AccelerateClipping:
-    """Clip ``trainer``'s gradients with distclip. Call after building the Trainer, before ``train()``.
-
-    Under DeepSpeed the clip runs inside DeepSpeed's step with the config's ``max_norm``; this
-    sets it from ``args.max_grad_norm`` (no clipping when that is <= 0) unless given here.
-    """
-    if getattr(trainer, "is_deepspeed_enabled", False) and "max_norm" not in overrides:
-        max_grad_norm = trainer.args.max_grad_norm
-        overrides["max_norm"] = max_grad_norm if max_grad_norm and max_grad_norm > 0 else math.inf
-    clipping = distclip_accelerate.enable(trainer.accelerator, config, **overrides)
-    if log_groups:
-        # first, so that the reporters (wandb, TensorBoard...) called after it see the group norms too
-        trainer.callback_handler.callbacks.insert(0, GroupNormLogger(clipping))
-    return clipping
-
-
-class GroupNormLogger(TrainerCallback):
-    """Adds the last clip's per-group norms and coefficients to the Trainer's logs (more than one group only)."""
-
-    def __init__(self, clipping: distclip_accelerate.AccelerateClipping):
-        self.clipping = clipping
-
-    def on_log(self, args: Any, state: Any, control: Any, logs: dict[str, float] | None = None, **kwargs: Any) -> None:
-        report = self.clipping.last_report
-        if logs is None or report is None or "grad_norm" not in logs or len(report.group_norms) < 2:
-            return
-        values = report.to_floats()
-        extra = {f"grad_norm/{name}": value for name, value in values["group_norms"].items()}
-        extra.update({f"clip_coef/{name}": value for name, value in values["coefs"].items()})
-        logs.update(extra)
-        if state.log_history and state.log_history[-1].get("grad_norm") == logs["grad_norm"]:
-            state.log_history[-1].update(extra)  # the Trainer stored this log line just before calling us
+sys.modules[__name__] = _module

@@ -33,7 +33,7 @@ GROUPS = [
 SUBSET = "blocks.*"  # a parameter subset: the blocks only (attn group + part of default)
 STEPS, LR = 3, 0.5
 needs_fsdp = pytest.mark.skipif(
-    __import__("importlib.util").util.find_spec("distclip.adapters.fsdp") is None,
+    __import__("importlib.util").util.find_spec("distclip.adapters.fsdp1") is None,
     reason="waits for the fsdp branch (distclip.adapters.fsdp)")
 needs_deepspeed = pytest.mark.skipif(
     __import__("importlib.util").util.find_spec("distclip.deepspeed") is None,

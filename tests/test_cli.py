@@ -13,7 +13,7 @@ import yaml
 
 from distclip import ClipConfig, ConfigError
 from distclip.cli import main
-from distclip.launcher import LaunchError, _replace_config_file, plan_launch, split_config
+from distclip.cli.launcher import LaunchError, _replace_config_file, plan_launch, split_config
 
 pytest.importorskip("accelerate")
 ROOT = Path(__file__).resolve().parent.parent

@@ -14,7 +14,7 @@ from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
 from torch.distributed.fsdp.wrap import ModuleWrapPolicy
 
 import distclip
-from distclip.names import canonical_name
+from distclip.core.names import canonical_name
 from distclip.testing import run_ranks
 from tests.checks import assert_same_on_all_ranks
 from tests.fsdp_helpers import (

@@ -7,7 +7,7 @@ from typing import Any, Iterable
 import torch
 from torch.nn.parallel import DistributedDataParallel
 
-from ..names import canonical_name, named_trainable_parameters
+from ..core.names import canonical_name, named_trainable_parameters
 from .base import GradAdapter
 from .ddp import DDPAdapter
 from .deepspeed import deepspeed_adapter, is_deepspeed_engine  # imports no DeepSpeed
@@ -33,7 +33,7 @@ def adapter_for(obj: Any) -> GradAdapter:
         return deepspeed_adapter(obj)
     if isinstance(obj, torch.nn.Module):
         if _has_fsdp1_unit(obj):
-            from .fsdp import FSDP1Adapter
+            from .fsdp1 import FSDP1Adapter
 
             return FSDP1Adapter(obj)
         named = list(named_trainable_parameters(obj))
@@ -56,7 +56,7 @@ def _for_params(named: list[tuple[str, torch.Tensor]], module: torch.nn.Module |
     _refuse_fsdp1_pieces([p for _, p in named])
     dtensor = _dtensor_type()
     if dtensor is not None and any(isinstance(p, dtensor) for _, p in named):
-        from .fsdp2 import DTensorAdapter
+        from .dtensor import DTensorAdapter
 
         return DTensorAdapter(named, module=module)
     return PlainAdapter(named)

@@ -6,10 +6,10 @@ from typing import Any, Sequence
 
 import torch
 
-from ..groups import GroupTable
-from ..norms import SlotLayout
-from ..partition import replica_segments
-from ..reduce import ProcessGroup
+from ..core.groups import GroupTable
+from ..core.norms import SlotLayout
+from ..core.partition import replica_segments
+from ..core.reduce import ProcessGroup
 
 
 class GradAdapter:

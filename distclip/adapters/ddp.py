@@ -24,10 +24,10 @@ import torch.distributed as dist
 from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 from torch.nn.parallel import DistributedDataParallel
 
-from ..names import named_trainable_parameters
-from ..norms import combine_partials, local_partials
-from ..partition import replica_segments
-from ..reduce import collective_device
+from ..core.names import named_trainable_parameters
+from ..core.norms import combine_partials, local_partials
+from ..core.partition import replica_segments
+from ..core.reduce import collective_device
 from .base import GradAdapter, ReplicatedGrads
 
 CommHook = Callable[[Any, dist.GradBucket], torch.futures.Future]

@@ -41,13 +41,13 @@ from typing import TYPE_CHECKING, Any, Sequence
 import torch
 import torch.distributed as dist
 
-from ..groups import GroupTable
-from ..names import named_trainable_parameters
-from ..norms import SlotLayout
+from ..core.groups import GroupTable
+from ..core.names import named_trainable_parameters
+from ..core.norms import SlotLayout
 from .base import GradAdapter, ReplicatedGrads
 
 if TYPE_CHECKING:
-    from ..clipper import ClipReport, GradClipper
+    from ..core.clipper import ClipReport, GradClipper
 
 ENGINE_MODULE = "deepspeed.runtime.engine"
 Spans = dict[int, list[tuple[int, int]]]  # clip group -> [(start, end)] in a flat partition

@@ -16,7 +16,7 @@ from typing import Callable, Hashable, Iterable, Sequence
 import torch
 import torch.distributed as dist
 
-from ..partition import replica_segments
+from ..core.partition import replica_segments
 
 Segment = tuple[int, int, int, int]  # (source tensor index, start, end, parameter index)
 

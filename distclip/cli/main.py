@@ -13,7 +13,7 @@ import subprocess
 import sys
 from typing import Callable
 
-from .config import ConfigError
+from ..core.config import ConfigError
 
 LAUNCH_HELP = """usage: distclip launch --config_file CONFIG.yaml [accelerate launch options] script.py [script args]
 
@@ -74,7 +74,7 @@ def _check(argv: list[str]) -> int:
 
 
 def _bench(argv: list[str]) -> int:
-    from .bench.__main__ import main as bench_main
+    from ..bench.__main__ import main as bench_main
 
     return bench_main(argv)
 

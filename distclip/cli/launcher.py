@@ -27,7 +27,7 @@ from typing import Any, Mapping
 
 import yaml
 
-from .config import ENV_VAR, ClipConfig, ConfigError
+from ..core.config import ENV_VAR, ClipConfig, ConfigError
 
 SECTION = "distclip"
 NESTED_SECTIONS = ("fsdp_config", "deepspeed_config", "mpirun_config", "megatron_lm_config", "fp8_config",

@@ -42,10 +42,10 @@ import torch
 import torch.distributed as dist
 from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
 
-from ..groups import GroupTable
-from ..names import canonical_name
-from ..norms import SlotLayout, combine_partials, local_partials
-from ..reduce import collective_device
+from ..core.groups import GroupTable
+from ..core.names import canonical_name
+from ..core.norms import SlotLayout, combine_partials, local_partials
+from ..core.reduce import collective_device
 from .base import GradAdapter
 from .sharded import (
     LocalPiece,

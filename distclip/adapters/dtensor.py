@@ -33,9 +33,9 @@ import torch
 import torch.distributed as dist
 from torch.distributed.tensor import DTensor
 
-from ..groups import GroupTable
-from ..norms import SlotLayout, combine_partials, local_partials
-from ..reduce import collective_device
+from ..core.groups import GroupTable
+from ..core.norms import SlotLayout, combine_partials, local_partials
+from ..core.reduce import collective_device
 from .base import GradAdapter
 from .sharded import (
     LocalPiece,

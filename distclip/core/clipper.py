@@ -9,8 +9,8 @@ from typing import Any, Callable, Iterable, Mapping
 import torch
 from torch.utils._foreach_utils import _group_tensors_by_device_and_dtype
 
-from .adapters import adapter_for
-from .adapters.base import GradAdapter
+from ..adapters import adapter_for
+from ..adapters.base import GradAdapter
 from .attach import Attachment
 from .config import ClipConfig, ConfigError, load_config
 from .groups import GroupTable, resolve_groups

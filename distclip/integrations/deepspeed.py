@@ -1,0 +1,131 @@
+"""DeepSpeed integration: exact clipping inside ``engine.step()`` for ZeRO stages 0, 1, 2 and 3.
+
+One call after ``deepspeed.initialize``::
+
+    engine, optimizer, _, _ = deepspeed.initialize(model=model, optimizer=opt, config=ds_config)
+    clipper = distclip.deepspeed.attach(engine, {"max_norm": 1.0, "groups": [...]})
+    for batch in loader:
+        engine.backward(engine(batch))
+        engine.step()                       # distclip measures and clips in here
+        clipper.last_report                 # ClipReport of the last optimizer step
+        engine.get_global_grad_norm()       # distclip's exact pre-clip norm (also at ZeRO-0)
+
+DeepSpeed's own ``gradient_clipping`` (1.0 by default) is turned off, so nothing clips twice.
+DeepSpeed is imported only when this module's functions run; ``import distclip`` never imports it.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from typing import Any, Mapping
+
+from ..adapters.deepspeed import DeepSpeedAdapter, UnsupportedDeepSpeedSetup, is_deepspeed_engine
+from ..core.clipper import GradClipper
+from ..core.config import ClipConfig, load_config
+
+__all__ = ["attach", "config_section", "build_ops", "is_deepspeed_engine", "UnsupportedDeepSpeedSetup"]
+
+SECTION = "distclip"  # key of the distclip section in the DeepSpeed JSON config
+
+
+def attach(
+    engine: Any,
+    config: ClipConfig | Mapping[str, Any] | str | os.PathLike | None = None,
+    **overrides: Any,
+) -> GradClipper:
+    """Make ``engine.step()`` clip with distclip's exact global (and per-group) norm; return the clipper.
+
+    Call once on every rank, after ``deepspeed.initialize`` (under Accelerate: after
+    ``accelerator.prepare``, on ``accelerator.deepspeed_engine_wrapped.engine``).
+
+    Args:
+        engine: a ``DeepSpeedEngine`` (ZeRO 0 in fp32; ZeRO 1, 2, 3 in fp32, bf16 or fp16).
+        config: a :class:`ClipConfig`, dict, or YAML path. When None: the ``distclip`` section of the
+            DeepSpeed config if it has one, else ``$DISTCLIP_CONFIG``, else the defaults.
+        **overrides: settings that take precedence, e.g. ``max_norm=0.5``.
+
+    Returns:
+        The :class:`GradClipper`; ``clipper.last_report`` is the :class:`ClipReport` of the last step.
+
+    Effects on the engine: DeepSpeed's ``gradient_clipping`` is set to 0 (a warning says so when
+    the DeepSpeed config set it); ``engine.get_global_grad_norm()`` returns distclip's pre-clip
+    norm; a non-finite norm with ``nonfinite: skip`` skips the step the DeepSpeed way (no update,
+    ``engine.skipped_steps`` + 1, fp16 loss scale backs off, no LR scheduler step). With fp16,
+    a non-finite norm is always a skip (the dynamic loss scaler relies on it).
+    """
+    if not is_deepspeed_engine(engine):
+        raise TypeError(f"distclip.deepspeed.attach expects a DeepSpeedEngine, got {type(engine).__qualname__}")
+    if getattr(engine, "_distclip_clipper", None) is not None:
+        raise RuntimeError("distclip is already attached to this DeepSpeed engine (attach once, after initialize)")
+    clip_config = resolve_config(engine, config, **overrides)
+    _turn_off_deepspeed_clipping(engine, clip_config)
+    clipper = GradClipper(engine, clip_config)
+    adapter = clipper.adapter
+    assert isinstance(adapter, DeepSpeedAdapter)
+    adapter.install(clipper)
+    engine._distclip_clipper = clipper
+    return clipper
+
+
+def config_section(engine: Any) -> Mapping[str, Any] | None:
+    """The ``distclip`` section of the engine's DeepSpeed config (DeepSpeed ignores unknown top-level keys)."""
+    params = getattr(getattr(engine, "_config", None), "_param_dict", None) or {}
+    return params.get(SECTION)
+
+
+def resolve_config(engine: Any, config: Any = None, **overrides: Any) -> ClipConfig:
+    """The config to clip with: ``config``, else the DeepSpeed JSON section, else ``$DISTCLIP_CONFIG``, else defaults."""
+    section = config_section(engine)
+    if config is None and section is not None:
+        config = ClipConfig.from_dict(section, source=f"DeepSpeed config '{SECTION}' section")
+    elif config is not None and section is not None:
+        _warn_rank0(
+            f"distclip: both a config argument and a '{SECTION}' section in the DeepSpeed config were given; "
+            "the argument is used and the section ignored"
+        )
+    resolved = load_config(config, **overrides)
+    if engine.fp16_enabled() and resolved.nonfinite != "skip":
+        _warn_rank0(
+            f"distclip: nonfinite={resolved.nonfinite!r} is replaced by 'skip' under DeepSpeed fp16: a non-finite "
+            "norm there is a loss-scale overflow, and the dynamic loss scaler needs the step skipped"
+        )
+        resolved = resolved.replace(nonfinite="skip")
+    return resolved
+
+
+def build_ops(names: tuple[str, ...] = ("ShareMemCommBuilder",)) -> list[str]:
+    """Build (or load from ``~/.cache/torch_extensions``) the DeepSpeed ops a CPU run needs, in this process.
+
+    DeepSpeed JIT-compiles ``deepspeed_shm_comm`` on the first ``deepspeed.initialize`` of a machine
+    (about a minute on 2 cores). Run this once before starting ranks, e.g. in CI:
+    ``python -c "import distclip.deepspeed as d; d.build_ops()"``, so ranks only load it.
+    """
+    from deepspeed.accelerator import get_accelerator
+
+    built = []
+    for name in names:
+        builder = get_accelerator().create_op_builder(name)
+        if builder is not None and builder.is_compatible():
+            builder.load(verbose=False)
+            built.append(builder.NAME)
+    return built
+
+
+def _turn_off_deepspeed_clipping(engine: Any, config: ClipConfig) -> None:
+    params = getattr(engine._config, "_param_dict", None) or {}
+    value = params.get("gradient_clipping")
+    if value not in (None, 0, 0.0):
+        _warn_rank0(
+            f"distclip: DeepSpeed's gradient_clipping={value} (from the DeepSpeed config) is turned off; distclip "
+            f"clips instead, with its own thresholds (max_norm={config.max_norm}, norm_type={config.norm_type}"
+            + (f", {len(config.groups)} groups" if config.groups else "")
+            + "). Set max_norm in the distclip config, and drop gradient_clipping from the DeepSpeed config."
+        )
+
+
+def _warn_rank0(message: str) -> None:
+    import torch.distributed as dist
+
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        warnings.warn(message, stacklevel=3)
