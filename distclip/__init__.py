@@ -6,7 +6,9 @@
 from . import deepspeed  # distclip.deepspeed.attach(engine, config); imports no DeepSpeed
 from .adapters import UnsupportedModelError
 from .core.api import clip_grad_norm_, global_grad_norm
-from .core.clipper import ClipReport, GradClipper, NonFiniteGradientError
+from .core.clipper import GradClipper
+from .core.errors import NonFiniteGradientError, StateDictError, UsageError
+from .core.report import ClipReport
 from .core.config import ClipConfig, ConfigError, GroupSpec, PerLayerSpec, load_config
 from .core.names import canonical_name
 from .core.reduce import ConfigMismatchError
@@ -22,7 +24,9 @@ __all__ = [
     "GroupSpec",
     "NonFiniteGradientError",
     "PerLayerSpec",
+    "StateDictError",
     "UnsupportedModelError",
+    "UsageError",
     "canonical_name",
     "clip_grad_norm_",
     "global_grad_norm",

@@ -8,6 +8,7 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 
 from ..core.names import canonical_name, named_trainable_parameters
+from . import _compat
 from .base import GradAdapter
 from .ddp import DDPAdapter
 from .deepspeed import deepspeed_adapter, is_deepspeed_engine  # imports no DeepSpeed
@@ -86,7 +87,7 @@ def _dtensor_type() -> type | None:
 
 def _refuse_fsdp1_pieces(params: list[torch.Tensor]) -> None:
     """FSDP1 original parameters are local shard views: a norm over them alone would be rank-local and wrong."""
-    if any(getattr(p, "_fsdp_flattened", False) for p in params):
+    if any(_compat.is_fsdp1_flattened(p) for p in params):
         raise UnsupportedModelError(
             "distclip: these are parameters of an FSDP1 model (local shards): their norm depends on the "
             "sharding. Pass the FSDP-wrapped module itself, e.g. distclip.clip_grad_norm_(fsdp_model, ...)"

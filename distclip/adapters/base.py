@@ -1,4 +1,17 @@
-"""What every adapter provides: the pieces this rank counts, the gradients it scales, the reduce group."""
+"""The contract every layout adapter implements: COUNT, HOOK, APPLY.
+
+* **COUNT** (:meth:`GradAdapter.counted_pieces`): the gradient pieces this rank counts, each tagged
+  with its clip group, disjoint across the whole job, so that one collective over
+  :attr:`GradAdapter.reduce_group` yields every element exactly once.
+* **HOOK** (:meth:`GradAdapter.enable_reduction_hook`, :meth:`GradAdapter.reduced_partials`): the
+  same partials computed inside the backend's gradient reduction, when it allows it, and used only
+  when provably valid (:mod:`distclip.adapters.hooks`).
+* **APPLY** (:meth:`GradAdapter.scale`, :meth:`GradAdapter.zero`, :meth:`GradAdapter.drop_grads`):
+  what the clip does to this rank's local gradients: multiply each group by its coefficient,
+  zero them, or drop them so the optimizer step leaves parameters and state untouched.
+
+The core (:class:`~distclip.GradClipper`) only ever talks to an adapter through these methods.
+"""
 
 from __future__ import annotations
 
@@ -7,102 +20,146 @@ from typing import Any, Sequence
 import torch
 
 from ..core.groups import GroupTable
-from ..core.norms import SlotLayout
-from ..core.partition import replica_segments
-from ..core.reduce import ProcessGroup
+from ..core.norms import SlotLayout, local_partials
+from ..core.reduce import ProcessGroup, collective_device
+from . import _compat
+from .counting import LocalPiece, Segment, counted_segments, slice_segments
+from .hooks import ReductionHook
 
 
 class GradAdapter:
-    """A gradient layout (plain, DDP, FSDP, DeepSpeed...) seen through one question per piece:
-    does this rank count it, and which of its elements?
+    """One gradient layout (plain, DDP, FSDP1, DTensor, DeepSpeed, pipeline) behind one contract.
 
-    Subclasses set ``kind`` and ``reduce_group`` and override :meth:`counted_pieces` (and, when
-    the gradients do not live in ``param.grad``, :meth:`scaled_grads` / :meth:`drop_grads`).
+    Subclasses set ``kind`` and ``reduce_group``; most describe their local gradients as
+    :class:`~distclip.adapters.counting.LocalPiece` s (``self.pieces``: which range of which local
+    tensor belongs to which parameter, and who else holds a copy) and get COUNT and APPLY from
+    here; layouts whose gradients do not live in ``param.grad`` override :meth:`local_grads`,
+    or the APPLY methods (DeepSpeed).
     """
 
     kind = "abstract"
     reduce_group: ProcessGroup | None = None  # None: rank-local, no collective
     has_names = True  # False when given bare parameters (per-group clipping then impossible)
     foldable = False  # gradients live in param.grad of the very tensors an optimizer steps
+    hook: ReductionHook | None = None
+    hook_status = "not enabled"  # after enable_reduction_hook: the hook's name, or why there is none
 
     def __init__(self, named_params: Sequence[tuple[str, torch.nn.Parameter]]):
         seen: set[int] = set()
         unique = [(n, p) for n, p in named_params if not (id(p) in seen or seen.add(id(p)))]
-        self.names = [n for n, _ in unique]
-        self.params = [p for _, p in unique]
+        self.names: list[str] = [n for n, _ in unique]
+        self.params: list[torch.nn.Parameter] = [p for _, p in unique]
+        self.pieces: list[LocalPiece] = []  # COUNT: set by subclasses (sources index local_grads())
         self.group_of: list[int] = []
         self.layout: SlotLayout | None = None
+        self._device: torch.device | None = None
 
     def bind(self, table: GroupTable, layout: SlotLayout) -> None:
-        """Learn each parameter's group and the slot layout; precompute per-layout plans here."""
+        """Learn each parameter's group and the slot layout; precompute the per-step plans."""
         self.group_of = [table.index_of[n] for n in self.names]
         self.layout = layout
-        self.params_by_group: list[list[torch.nn.Parameter]] = [[] for _ in table.groups]
-        for p, g in zip(self.params, self.group_of):
-            self.params_by_group[g].append(p)
+        self.params_by_group: list[list[int]] = [[] for _ in table.groups]
+        for i, g in enumerate(self.group_of):
+            self.params_by_group[g].append(i)
+        self._counted: list[Segment] = counted_segments(self.pieces)
+        self._scaled: list[Segment] = [(p.source, p.start, p.start + p.numel, p.param) for p in self.pieces if p.numel]
 
     def tensor_names(self) -> dict[int, str]:
         """``id(tensor) -> canonical name`` for the parameter tensors a user may pass to pick parameters."""
         return {id(p): n for n, p in zip(self.names, self.params)}
 
+    # ------------------------------------------------------------------ COUNT
+    def local_grads(self) -> list[torch.Tensor | None]:
+        """The local gradient tensor of each piece source (default: each parameter's ``.grad``, local part)."""
+        return [None if p.grad is None else _compat.local_tensor(p.grad) for p in self.params]
+
     def counted_pieces(self) -> tuple[list[torch.Tensor], list[int]]:
-        """The gradient pieces this rank counts (disjoint across ranks) and their group indices."""
-        raise NotImplementedError
+        """The gradient pieces this rank counts (disjoint across the job) and their group indices."""
+        return slice_segments(self.local_grads(), self._counted, self.group_of)
 
-    def enable_reduction_hook(self, inner: Any = None, inner_state: Any = None) -> bool:
-        """Compute partials inside the gradient reduction from now on, if this layout allows it.
+    def local_partials(self) -> tuple[torch.Tensor, str]:
+        """This rank's slot vector and where it came from (``comm_hook`` or ``post_backward``)."""
+        hooked = self.reduced_partials()
+        if hooked is not None:
+            return hooked, "comm_hook"
+        pieces, groups = self.counted_pieces()
+        return local_partials(pieces, groups, self.layout, self.collective_device(pieces)), "post_backward"
 
-        ``inner``/``inner_state``: a user communication hook to wrap (DDP). Returns whether a hook is active.
-        """
-        return False
-
-    def reduced_partials(self) -> torch.Tensor | None:
-        """Local slot partials already computed inside the gradient reduction, if still valid."""
-        return None
+    def collective_device(self, pieces: Sequence[torch.Tensor] = ()) -> torch.device:
+        """Where the slot vector lives: chosen from the reduce group's backend (the same on every rank)."""
+        if self._device is None or (pieces and self._device.type != pieces[0].device.type):
+            hint = pieces[0].device if pieces else self.device_hint()
+            self._device = collective_device(self.reduce_group, hint)
+        return self._device
 
     def grad_scale(self) -> float:
         """The factor the counted pieces still carry (an fp16 loss scale not yet divided out); 1.0 if none."""
         return 1.0
 
+    def loss_scaled(self) -> bool:
+        """Whether a non-finite norm here is a loss-scale overflow the backend skips by itself (DeepSpeed fp16)."""
+        return False
+
+    def device_hint(self) -> torch.device | None:
+        grads = [g for g in self.local_grads() if g is not None]
+        if grads:
+            return grads[0].device
+        return self.params[0].device if self.params else None
+
+    # ------------------------------------------------------------------- HOOK
+    def enable_reduction_hook(self, inner: Any = None, inner_state: Any = None) -> bool:
+        """Compute partials inside the gradient reduction from now on, if this layout allows it.
+
+        ``inner``/``inner_state``: a user communication hook to wrap (DDP). Returns whether a
+        hook is active; ``hook_status`` says which, or why not.
+        """
+        self.hook_status = f"no reduction hook for the {self.kind} layout"
+        return False
+
+    def reduced_partials(self) -> torch.Tensor | None:
+        """Local slot partials already computed inside the gradient reduction, if provably valid."""
+        return self.hook.take() if self.hook is not None else None
+
+    # ------------------------------------------------------------------ APPLY
     def scaled_grads(self) -> list[list[torch.Tensor]]:
-        """Per group, the local gradient tensors to multiply by that group's coefficient."""
-        return [[p.grad for p in group if p.grad is not None] for group in self.params_by_group]
+        """Per group, the local gradient tensors the group's coefficient multiplies."""
+        pieces, groups = slice_segments(self.local_grads(), self._scaled, self.group_of)
+        out: list[list[torch.Tensor]] = [[] for _ in range(self.layout.num_groups)]
+        for t, g in zip(pieces, groups):
+            out[g].append(t)
+        return out
+
+    def scale(self, coefs: torch.Tensor, groups: Sequence[int], host_coefs: Sequence[float] | None = None) -> None:
+        """Multiply the local gradients of each group in ``groups`` by its coefficient, in place.
+
+        ``host_coefs`` (already on the host): one foreach call per device and dtype for all groups
+        together. Otherwise the coefficients stay on the device (no host sync): one foreach call
+        per group, device and dtype.
+        """
+        per_group = self.scaled_grads()
+        if host_coefs is not None:
+            tensors = [t for g in groups for t in per_group[g]]
+            scalars = [host_coefs[g] for g in groups for _ in per_group[g]]
+            for same_kind, indices in _compat.group_by_device_and_dtype(tensors).values():
+                _compat.foreach_mul_(same_kind, [scalars[i] for i in indices])
+            return
+        for g in groups:
+            if per_group[g]:
+                for (device, _), (same_kind, _) in _compat.group_by_device_and_dtype(per_group[g]).items():
+                    _compat.foreach_mul_(same_kind, coefs[g].to(device))
+
+    def zero(self, groups: Sequence[int]) -> None:
+        """Zero the local gradients of these groups (the step still runs)."""
+        per_group = self.scaled_grads()
+        grads = [t for g in groups for t in per_group[g]]
+        if grads:
+            _compat.foreach_zero_(grads)
 
     def drop_grads(self) -> None:
         """Discard this step's gradients so the optimizer step leaves parameters and state untouched."""
         for p in self.params:
             p.grad = None
 
-    def device_hint(self) -> torch.device | None:
-        return next((p.grad.device for p in self.params if p.grad is not None), None) or (
-            self.params[0].device if self.params else None
-        )
-
     def describe(self) -> dict[str, object]:
         """What the set-up consistency check compares across ranks (beyond config and groups)."""
-        return {"adapter": self.kind, "num_params": len(self.params)}
-
-
-class ReplicatedGrads:
-    """Mixin for layouts whose gradients are full copies on every rank of ``reduce_group`` (DDP,
-    DeepSpeed ZeRO-0): rank r counts slice r of them laid end to end, so each element counts once.
-
-    The adapter sets ``rank`` and ``world`` (its position in ``reduce_group``) before ``bind``.
-    """
-
-    rank: int
-    world: int
-
-    def bind(self, table: GroupTable, layout: SlotLayout) -> None:
-        super().bind(table, layout)
-        self._segments = replica_segments([p.numel() for p in self.params], self.rank, self.world)
-        self._segment_groups = [self.group_of[i] for i, _, _ in self._segments]
-
-    def counted_pieces(self) -> tuple[list[torch.Tensor], list[int]]:
-        pieces, groups = [], []
-        for (i, lo, hi), g in zip(self._segments, self._segment_groups):
-            grad = self.params[i].grad
-            if grad is not None:
-                pieces.append(grad.reshape(-1)[lo:hi])
-                groups.append(g)
-        return pieces, groups
+        return {"adapter": self.kind, "num_params": len(self.names)}

@@ -6,11 +6,12 @@ Two paths give the same norm:
   completes, the future's callback computes this rank's slice of per-group partial norms on the
   reduced (averaged) bucket, overlapping the rest of backward. ``clip()`` then only reduces the
   small slot vector and scales.
-* **post-backward**: the same slices, read from ``param.grad`` after backward.
+* **post-backward**: the same kind of slices, read from ``param.grad`` after backward.
 
-The hook result is used only if the gradients are exactly what DDP wrote at the end of the last
-synchronised backward (same tensors, same version counters); anything else (a ``no_sync``
-micro-step, ``GradScaler.unscale_``, a manual edit) falls back to the post-backward path.
+The hook result is used only when provably valid (:mod:`distclip.adapters.hooks`): every bucket
+of the last synchronised backward measured, and the gradients untouched since (same tensors, same
+version counters); anything else (a ``no_sync`` micro-step, ``GradScaler.unscale_``, a manual
+edit) falls back to the post-backward path.
 """
 
 from __future__ import annotations
@@ -25,15 +26,16 @@ from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 from torch.nn.parallel import DistributedDataParallel
 
 from ..core.names import named_trainable_parameters
-from ..core.norms import combine_partials, local_partials
-from ..core.partition import replica_segments
-from ..core.reduce import collective_device
-from .base import GradAdapter, ReplicatedGrads
+from ..core.norms import local_partials
+from . import _compat
+from .base import GradAdapter
+from .counting import LocalPiece, Replicas, counted_segments
+from .hooks import ReductionHook, grad_versions
 
 CommHook = Callable[[Any, dist.GradBucket], torch.futures.Future]
 
 
-class DDPAdapter(ReplicatedGrads, GradAdapter):
+class DDPAdapter(GradAdapter):
     """Gradients replicated over DDP's process group; rank r counts slice r of them laid end to end."""
 
     kind = "ddp"
@@ -43,12 +45,9 @@ class DDPAdapter(ReplicatedGrads, GradAdapter):
         super().__init__(list(named_trainable_parameters(ddp.module)))
         self.ddp = ddp
         self.reduce_group = ddp.process_group
-        self.rank = dist.get_rank(self.reduce_group)
-        self.world = dist.get_world_size(self.reduce_group)
-        self.hook: DDPNormHook | None = None
-
-    def reduced_partials(self) -> torch.Tensor | None:
-        return self.hook.take() if self.hook is not None else None
+        ranks = frozenset(_compat.group_ranks(self.reduce_group))
+        self.replicas = Replicas(("ddp", ranks), dist.get_rank(self.reduce_group), len(ranks))
+        self.pieces = [LocalPiece(i, 0, p.numel(), i, self.replicas) for i, p in enumerate(self.params)]
 
     def enable_reduction_hook(self, inner: CommHook | None = None, inner_state: Any = None) -> bool:
         """Register distclip's norm hook around ``inner`` (DDP's all-reduce by default).
@@ -56,54 +55,55 @@ class DDPAdapter(ReplicatedGrads, GradAdapter):
         Returns False (and warns) when DDP already has a comm hook: DDP allows only one, so pass
         yours as ``inner`` instead, e.g. ``default_hooks.fp16_compress_hook``.
         """
-        if getattr(self.ddp, "_comm_hooks", None):
+        if _compat.ddp_has_comm_hook(self.ddp):
             warnings.warn(
                 "distclip: this DDP model already has a comm hook, and DDP allows only one; distclip "
                 "computes the norm after backward instead. To get both, register no hook yourself and "
                 "pass it to GradClipper(..., ddp_comm_hook=your_hook).",
                 stacklevel=3,
             )
+            self.hook_status = "existing comm hook"
             return False
         if inner is None:
             inner, inner_state = default_hooks.allreduce_hook, self.reduce_group
+        _compat.track_amp_unscaling()
         self.hook = DDPNormHook(self, inner, inner_state)
         self.ddp.register_comm_hook(state=None, hook=self.hook.reduce_and_measure)
+        self.hook_status = "comm_hook"
         return True
 
 
-class DDPNormHook:
-    """Wraps a DDP comm hook: once a bucket is reduced, accumulate this rank's slice of its partial norms."""
+class DDPNormHook(ReductionHook):
+    """Wraps a DDP comm hook: once a bucket is reduced, record this rank's slice of its partial norms."""
 
     def __init__(self, adapter: DDPAdapter, inner: CommHook, inner_state: Any):
+        super().__init__(adapter.layout)
         self.adapter = adapter
         self.inner = inner
         self.inner_state = inner_state
-        self._group_of_param = {id(p): g for p, g in zip(adapter.params, adapter.group_of)}
+        self._index_of = {id(p): i for i, p in enumerate(adapter.params)}
         self._plans: dict[int, tuple[tuple[int, ...], list[tuple[int, int]], list[int]]] = {}
-        self._partials: dict[int, torch.Tensor] = {}
         self._num_buckets: int | None = None
-        self._snapshot: list[Any] | None = None
 
-    # -- called by DDP, on the autograd thread, for each bucket in index order. No annotations:
-    # DDP compares them with dist.GradBucket, and this module's postponed annotations are strings.
+    def on_new_backward(self) -> None:
+        self._num_buckets = None
+
+    # -- called by DDP, on the autograd thread, for each bucket. No annotations: DDP compares
+    # them with dist.GradBucket, and this module's postponed annotations are strings.
     def reduce_and_measure(self, _state, bucket):
+        self.begin()
         index = bucket.index()
-        if index == 0:  # buckets launch in index order: bucket 0 starts a new backward
-            self._partials.clear()
-            self._num_buckets = None
-            self._snapshot = None
         slices, groups = self._plan(index, bucket.parameters())
         if bucket.is_last():
             self._num_buckets = index + 1
-            self._after_backward(self._queue_snapshot)
         layout = self.adapter.layout
-        device = collective_device(self.adapter.reduce_group, bucket.buffer().device)
+        device = self.adapter.collective_device([bucket.buffer()])
 
         def measure(fut: torch.futures.Future) -> torch.Tensor:
             value = fut.value()
             reduced = value[0] if isinstance(value, list) else value
             flat = reduced.view(-1)
-            self._partials[index] = local_partials([flat[a:b] for a, b in slices], groups, layout, device)
+            self.record(index, local_partials([flat[a:b] for a, b in slices], groups, layout, device))
             return reduced
 
         return self.inner(self.inner_state, bucket).then(measure)
@@ -117,39 +117,18 @@ class DDPNormHook:
         key = tuple(id(p) for p in params)
         cached = self._plans.get(index)
         if cached is None or cached[0] != key:
-            numels = [p.numel() for p in params]
-            offsets = [0, *accumulate(numels)]
-            segments = replica_segments(numels, self.adapter.rank, self.adapter.world)
-            slices = [(offsets[i] + lo, offsets[i] + hi) for i, lo, hi in segments]
-            groups = [self._group_of_param[id(params[i])] for i, _, _ in segments]
-            cached = self._plans[index] = (key, slices, groups)
+            offsets = [0, *accumulate(p.numel() for p in params)]
+            indices = [self._index_of[id(p)] for p in params]
+            pieces = [LocalPiece(0, offsets[k], p.numel(), i, self.adapter.pieces[i].replicas)
+                      for k, (p, i) in enumerate(zip(params, indices))]
+            segments = counted_segments(pieces)
+            cached = self._plans[index] = (key, [(lo, hi) for _, lo, hi, _ in segments],
+                                           [self.adapter.group_of[i] for *_, i in segments])
         return cached[1], cached[2]
 
-    # -- end of backward: remember exactly which gradients DDP wrote
-    @staticmethod
-    def _after_backward(callback: Callable[[], None]) -> None:
-        try:
-            torch.autograd.Variable._execution_engine.queue_callback(callback)
-        except RuntimeError:  # not inside backward: the hook result is simply never used
-            pass
+    def versions(self) -> list[Any]:
+        return grad_versions([p.grad for p in self.adapter.params])
 
-    def _queue_snapshot(self) -> None:
-        # Queued from inside the last bucket's hook, this runs before DDP's own finalize (queued
-        # later); queue once more so the snapshot is taken after DDP has written the gradients.
-        self._after_backward(self._take_snapshot)
-
-    def _take_snapshot(self) -> None:
-        self._snapshot = self._grad_versions()
-
-    def _grad_versions(self) -> list[Any]:
-        return [None if p.grad is None else (id(p.grad), p.grad._version) for p in self.adapter.params]
-
-    def take(self) -> torch.Tensor | None:
-        """The combined partials of the last synchronised backward, once, if the gradients are untouched."""
-        snapshot, self._snapshot = self._snapshot, None
+    def complete(self) -> bool:
         n = self._num_buckets
-        if snapshot is None or n is None or len(self._partials) != n or snapshot != self._grad_versions():
-            return None
-        device = self._partials[0].device
-        return combine_partials([self._partials[i] for i in range(n)], self.adapter.layout, device)
-
+        return n is not None and len(self.measured) == n

@@ -44,7 +44,8 @@ import torch.distributed as dist
 from ..core.groups import GroupTable
 from ..core.names import named_trainable_parameters
 from ..core.norms import SlotLayout
-from .base import GradAdapter, ReplicatedGrads
+from .base import GradAdapter
+from .counting import LocalPiece, Replicas
 
 if TYPE_CHECKING:
     from ..core.clipper import ClipReport, GradClipper
@@ -188,10 +189,13 @@ class DeepSpeedAdapter(GradAdapter):
             torch._foreach_mul_([flat[a:b] for a, b in ranges], factors[g])
 
     # ------------------------------------------------------- GradAdapter API
-    def scaled_grads(self) -> list[list[torch.Tensor]]:
-        """Nothing for the core to scale: the coefficients go into the fp32 partitions inside DeepSpeed's step."""
+    def scale(self, coefs: torch.Tensor, groups: Sequence[int], host_coefs: Sequence[float] | None = None) -> None:
+        """Nothing to scale yet: the coefficients go into the fp32 partitions inside DeepSpeed's step."""
         self._require_installed()
-        return [[] for _ in self.params_by_group]
+
+    def zero(self, groups: Sequence[int]) -> None:
+        """Planned from the report (``nonfinite: zero``) and applied to the fp32 partitions inside the step."""
+        self._require_installed()
 
     def drop_grads(self) -> None:
         """The skip itself is DeepSpeed's (``overflow``), set by the seam from ``report.skipped``."""
@@ -199,6 +203,9 @@ class DeepSpeedAdapter(GradAdapter):
 
     def grad_scale(self) -> float:
         return float(getattr(self.optimizer, "loss_scale", 1.0))
+
+    def loss_scaled(self) -> bool:
+        return bool(self.engine.fp16_enabled())
 
     def describe(self) -> dict[str, object]:
         dtype = next((str(p.dtype) for p in self.params), None)
@@ -228,19 +235,24 @@ def group_spans(fragments: Sequence[tuple[int, int, int]]) -> Spans:
     return spans
 
 
-class Zero0Adapter(ReplicatedGrads, DeepSpeedAdapter):
+class Zero0Adapter(DeepSpeedAdapter):
     """ZeRO-0 (plain data parallel): gradients all-reduced into ``param.grad``; each rank counts 1/world of them."""
 
     def __init__(self, engine: Any):
         super().__init__(engine)
         group = engine.seq_data_parallel_group
         self.reduce_group = group
-        self.rank = dist.get_rank(group)
-        self.world = dist.get_world_size(group)
+        copy = Replicas(("zero0", frozenset(dist.get_process_group_ranks(group))), dist.get_rank(group),
+                        dist.get_world_size(group))
+        self.pieces = [LocalPiece(i, 0, p.numel(), i, copy) for i, p in enumerate(self.params)]
 
-    def scaled_grads(self) -> list[list[torch.Tensor]]:
+    def scale(self, coefs: torch.Tensor, groups: Sequence[int], host_coefs: Sequence[float] | None = None) -> None:
         self._require_installed()
-        return GradAdapter.scaled_grads(self)
+        GradAdapter.scale(self, coefs, groups, host_coefs)
+
+    def zero(self, groups: Sequence[int]) -> None:
+        self._require_installed()
+        GradAdapter.zero(self, groups)
 
     def drop_grads(self) -> None:
         self._require_installed()

@@ -26,10 +26,11 @@ Two paths give the same norm:
 * **post-backward**: the same pieces read from the gradients after backward. FSDP refuses comm
   hooks under hybrid sharding, so HYBRID_SHARD models always take this path.
 
-The hook result is used only if the gradients are exactly what FSDP wrote at the end of the last
-synchronised backward (same tensors, same version counters), no sharded gradient was accumulated
-into an older one, and the cast to the parameter dtype is exact; anything else falls back to the
-post-backward path.
+The hook result is used only when provably valid (:mod:`distclip.adapters.hooks`): every unit
+holding a gradient reduced in the last backward, no sharded gradient accumulated into an older
+one, an exact cast to the parameter dtype, and the gradients untouched since; anything else falls
+back to the post-backward path. FSDP1's private handle metadata is read through
+:class:`distclip.adapters._compat.FSDP1Unit`.
 """
 
 from __future__ import annotations
@@ -45,19 +46,10 @@ from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
 from ..core.groups import GroupTable
 from ..core.names import canonical_name
 from ..core.norms import SlotLayout, combine_partials, local_partials
-from ..core.reduce import collective_device
+from . import _compat
 from .base import GradAdapter
-from .sharded import (
-    LocalPiece,
-    Replicas,
-    cast_is_exact,
-    counted_segments,
-    covering_group,
-    group_ranks,
-    backward_id,
-    queue_after_backward,
-    slice_segments,
-)
+from .counting import LocalPiece, Replicas, cast_is_exact, counted_segments, covering_group, group_ranks, slice_segments
+from .hooks import ReductionHook, grad_versions
 
 HYBRID = frozenset({"HYBRID_SHARD", "_HYBRID_SHARD_ZERO2"})
 
@@ -72,14 +64,23 @@ class _Unit:
     """One FSDP unit that owns a FlatParameter, and how its gradient is laid out on this rank."""
 
     index: int
-    module: FSDP
-    flat_param: torch.nn.Parameter
-    strategy: str
-    use_orig_params: bool
+    view: _compat.FSDP1Unit
     replicas: Replicas | None  # None: this rank alone holds its shard
     flat_pieces: list[LocalPiece] = field(default_factory=list)  # in the flat gradient (source 0)
     sources: list[int] = field(default_factory=list)  # adapter sources holding this unit's gradients
     hook_plan: tuple[list[tuple[int, int]], list[int]] | None = None
+
+    @property
+    def module(self) -> FSDP:
+        return self.view.fsdp
+
+    @property
+    def flat_param(self) -> torch.nn.Parameter:
+        return self.view.flat_param
+
+    @property
+    def strategy(self) -> str:
+        return self.view.strategy
 
 
 class FSDP1Adapter(GradAdapter):
@@ -92,28 +93,26 @@ class FSDP1Adapter(GradAdapter):
         self.module = module
         self.units: list[_Unit] = []
         self._sources: list[torch.Tensor] = []  # objects whose .grad holds local gradients
-        self._pieces: list[LocalPiece] = []
         self._named_tensors: dict[int, str] = {}  # original parameters that exist as tensors
         names: list[str] = []
         managed: set[int] = set()
-        groups: list[tuple[frozenset[int], dist.ProcessGroup | None]] = []
+        spans: list[tuple[frozenset[int], dist.ProcessGroup | None]] = []
+        pieces: list[LocalPiece] = []
 
         for prefix, fsdp in fsdp1_units(module):
-            handle = fsdp._handle
-            if handle is None:
+            view = _compat.FSDP1Unit(fsdp)
+            if not view.has_params:
                 continue
-            flat = handle.flat_param
-            managed.add(id(flat))
-            managed.update(id(p) for p in (flat._params or []) + (flat._shared_params or []))
-            strategy = handle._sharding_strategy.name
-            groups.append(self._unit_span(fsdp, strategy))
-            unit = _Unit(len(self.units), fsdp, flat, strategy, handle._use_orig_params, self._unit_replicas(fsdp, strategy))
-            self._add_unit(unit, prefix, names)
+            managed.add(id(view.flat_param))
+            managed.update(id(p) for p in view.orig_params + view.shared_params)
+            spans.append(self._unit_span(view))
+            unit = _Unit(len(self.units), view, self._unit_replicas(view))
+            pieces += self._add_unit(unit, prefix, names)
             self.units.append(unit)
 
         unmanaged = [(canonical_name(n), p) for n, p in module.named_parameters()
                      if id(p) not in managed and p.requires_grad]
-        self.reduce_group = covering_group(groups or [(frozenset(range(dist.get_world_size())), None)], "FSDP")
+        self.reduce_group = covering_group(spans or [(frozenset(range(dist.get_world_size())), None)], "FSDP")
         copy = Replicas(("unmanaged",), dist.get_rank(self.reduce_group), dist.get_world_size(self.reduce_group))
         self._managed_sources = len(self._sources)  # sources before this index: FSDP writes them
         self._unmanaged: list[LocalPiece] = []
@@ -124,46 +123,44 @@ class FSDP1Adapter(GradAdapter):
             self._named_tensors[id(p)] = name
         self.names = names
         self.params = []  # original parameters may not exist as tensors (use_orig_params=False)
-        self.hook: FSDP1NormHook | None = None
-        self.hook_status = "not enabled"  # after enable_reduction_hook: "comm_hook" or why not
+        self.pieces = pieces + self._unmanaged
 
     # ----------------------------------------------------------------- layout
     @staticmethod
-    def _unit_span(fsdp: FSDP, strategy: str) -> tuple[frozenset[int], dist.ProcessGroup | None]:
+    def _unit_span(unit: _compat.FSDP1Unit) -> tuple[frozenset[int], dist.ProcessGroup | None]:
         """Every rank holding part of this unit's gradient (the same set on each of them), and its group if one exists."""
-        if strategy not in HYBRID:
-            return group_ranks(fsdp.process_group), fsdp.process_group
-        mesh = getattr(fsdp, "_device_mesh", None)
-        if mesh is not None:
-            return frozenset(mesh.mesh.flatten().tolist()), None
-        size = fsdp.process_group.size() * fsdp._inter_node_pg.size()
+        if unit.strategy not in HYBRID:
+            return group_ranks(unit.process_group), unit.process_group
+        if unit.device_mesh is not None:
+            return frozenset(unit.device_mesh.mesh.flatten().tolist()), None
+        size = unit.process_group.size() * unit.inter_node_group.size()
         if size == dist.get_world_size():  # shard groups x replicate groups tile the world
             return frozenset(range(size)), None
         raise NotImplementedError(
-            f"distclip: FSDP {strategy} over {size} of {dist.get_world_size()} ranks given as a process-group "
+            f"distclip: FSDP {unit.strategy} over {size} of {dist.get_world_size()} ranks given as a process-group "
             "pair: pass device_mesh=init_device_mesh(...) to FSDP so the ranks it spans are known"
         )
 
     @staticmethod
-    def _unit_replicas(fsdp: FSDP, strategy: str) -> Replicas | None:
-        if strategy == "NO_SHARD":
-            pg = fsdp.process_group
-        elif strategy in HYBRID:
-            pg = fsdp._inter_node_pg
+    def _unit_replicas(unit: _compat.FSDP1Unit) -> Replicas | None:
+        if unit.strategy == "NO_SHARD":
+            pg = unit.process_group
+        elif unit.strategy in HYBRID:
+            pg = unit.inter_node_group
         else:
             return None
-        return Replicas((strategy == "NO_SHARD", group_ranks(pg)), pg.rank(), pg.size())
+        return Replicas((unit.strategy == "NO_SHARD", group_ranks(pg)), pg.rank(), pg.size())
 
-    def _add_unit(self, unit: _Unit, prefix: str, names: list[str]) -> None:
-        """Name the unit's original parameters and record where each one's local gradient lives."""
-        flat = unit.flat_param
-        if not unit.use_orig_params:
-            if not flat.requires_grad:
-                return
+    def _add_unit(self, unit: _Unit, prefix: str, names: list[str]) -> list[LocalPiece]:
+        """Name the unit's original parameters; return where each one's local gradient lives."""
+        view, pieces = unit.view, []
+        if not view.use_orig_params:
+            if not view.flat_param.requires_grad:
+                return pieces
             unit.sources.append(len(self._sources))
-            self._sources.append(flat)
-        params = flat._params if unit.use_orig_params else [None] * len(flat._fqns)
-        for fqn, info, param in zip(flat._fqns, flat._shard_param_infos, params):
+            self._sources.append(view.flat_param)
+        params = view.orig_params if view.use_orig_params else [None] * len(view.fqns)
+        for fqn, info, param in zip(view.fqns, view.shard_infos, params):
             if param is not None and not param.requires_grad:
                 continue
             index = len(names)
@@ -173,19 +170,17 @@ class FSDP1Adapter(GradAdapter):
             numel = info.numel_in_shard if info.in_shard else 0
             if info.in_shard:
                 unit.flat_pieces.append(LocalPiece(0, info.offset_in_shard, numel, index, unit.replicas))
-            if unit.use_orig_params:  # the original parameter's .grad is its (flattened) local piece
+            if view.use_orig_params:  # the original parameter's .grad is its (flattened) local piece
                 unit.sources.append(len(self._sources))
-                self._pieces.append(LocalPiece(len(self._sources), 0, numel, index, unit.replicas))
+                pieces.append(LocalPiece(len(self._sources), 0, numel, index, unit.replicas))
                 self._sources.append(param)
             elif info.in_shard:  # a range of the flat gradient
-                self._pieces.append(LocalPiece(unit.sources[0], info.offset_in_shard, numel, index, unit.replicas))
+                pieces.append(LocalPiece(unit.sources[0], info.offset_in_shard, numel, index, unit.replicas))
+        return pieces
 
     def bind(self, table: GroupTable, layout: SlotLayout) -> None:
-        self.group_of = [table.index_of[n] for n in self.names]
-        self.layout = layout
-        self._counted = counted_segments(self._pieces + self._unmanaged)
+        super().bind(table, layout)
         self._counted_unmanaged = counted_segments(self._unmanaged)
-        self._scaled = [(p.source, p.start, p.start + p.numel, p.param) for p in self._pieces + self._unmanaged if p.numel]
         for unit in self.units:
             own = [LocalPiece(0, p.start, p.numel, p.param,
                               None if p.replicas is None else Replicas(unit.index, p.replicas.index, p.replicas.count))
@@ -194,18 +189,8 @@ class FSDP1Adapter(GradAdapter):
             unit.hook_plan = ([(lo, hi) for _, lo, hi, _ in segments], [self.group_of[i] for *_, i in segments])
 
     # ------------------------------------------------------------ gradients
-    def _grads(self) -> list[torch.Tensor | None]:
+    def local_grads(self) -> list[torch.Tensor | None]:
         return [s.grad for s in self._sources]
-
-    def counted_pieces(self) -> tuple[list[torch.Tensor], list[int]]:
-        return slice_segments(self._grads(), self._counted, self.group_of)
-
-    def scaled_grads(self) -> list[list[torch.Tensor]]:
-        pieces, groups = slice_segments(self._grads(), self._scaled, self.group_of)
-        out: list[list[torch.Tensor]] = [[] for _ in range(self.layout.num_groups)]
-        for t, g in zip(pieces, groups):
-            out[g].append(t)
-        return out
 
     def drop_grads(self) -> None:
         # With use_orig_params=True FSDP frees the flat gradient itself once every original
@@ -223,7 +208,7 @@ class FSDP1Adapter(GradAdapter):
     def describe(self) -> dict[str, object]:
         return {"adapter": self.kind, "num_params": len(self.names),
                 "strategies": sorted({u.strategy for u in self.units}),
-                "use_orig_params": sorted({u.use_orig_params for u in self.units})}
+                "use_orig_params": sorted({u.view.use_orig_params for u in self.units})}
 
     # ----------------------------------------------------------------- hook
     def hook_unavailable_reason(self) -> str | None:
@@ -233,9 +218,9 @@ class FSDP1Adapter(GradAdapter):
         hybrid = sorted({u.strategy for u in self.units} & HYBRID)
         if hybrid:
             return f"FSDP1 refuses communication hooks under hybrid sharding ({', '.join(hybrid)})"
-        if any(getattr(u.module, "_comm_hook", None) is not None for u in self.units):
+        if any(u.view.comm_hook is not None for u in self.units):
             return "this model already has an FSDP communication hook (FSDP allows one)"
-        if any(u.module._handle._use_fake_reduce for u in self.units):
+        if any(u.view.fake_reduce for u in self.units):
             return "FSDP fake reduction is enabled"
         return None
 
@@ -254,6 +239,7 @@ class FSDP1Adapter(GradAdapter):
             if "already has" in reason:
                 warnings.warn(f"distclip: {reason}; computing the norm after backward instead.", stacklevel=3)
             return False
+        _compat.track_amp_unscaling()
         self.hook = FSDP1NormHook(self)
         units = {id(u.module): u for u in self.units}
         # Outermost units first, so FSDP's lazy initialisation (which its first forward would do)
@@ -261,7 +247,8 @@ class FSDP1Adapter(GradAdapter):
         for root in FSDP.fsdp_modules(self.module, root_only=True):
             root.register_comm_hook(state=None, hook=self.hook.reduce_and_measure)
         for _, fsdp in fsdp1_units(self.module):  # each unit gets its own state: the hook must know whose shard it is
-            fsdp._comm_hook_state = units.get(id(fsdp))
+            view = units.get(id(fsdp))
+            (view.view if view is not None else _compat.FSDP1Unit(fsdp)).set_comm_hook_state(view)
         return True
 
     def reduced_partials(self) -> torch.Tensor | None:
@@ -270,15 +257,11 @@ class FSDP1Adapter(GradAdapter):
         partials = self.hook.take()
         if partials is None:
             return None
-        pieces, groups = slice_segments(self._grads(), self._counted_unmanaged, self.group_of)
+        pieces, groups = slice_segments(self.local_grads(), self._counted_unmanaged, self.group_of)
         if not pieces:
             return partials
         return combine_partials([partials, local_partials(pieces, groups, self.layout, partials.device)],
                                 self.layout, partials.device)
-
-    def _grad_versions(self) -> list[Any]:
-        """Identity and version of every gradient FSDP writes (unmanaged ones are measured at clip time)."""
-        return [None if s.grad is None else (id(s.grad), s.grad._version) for s in self._sources[: self._managed_sources]]
 
 
 def _div_if_needed(tensor: torch.Tensor, factor: float) -> None:
@@ -286,63 +269,40 @@ def _div_if_needed(tensor: torch.Tensor, factor: float) -> None:
         tensor.div_(factor)
 
 
-class FSDP1NormHook:
+class FSDP1NormHook(ReductionHook):
     """FSDP's default reduction, then this rank's per-group partials of the reduced shard."""
 
     def __init__(self, adapter: FSDP1Adapter):
+        super().__init__(adapter.layout)
         self.adapter = adapter
-        self._partials: dict[int, torch.Tensor] = {}
-        self._valid = True
-        self._backward = -1  # id of the backward whose reductions are being measured
-        self._snapshot: list[Any] | None = None
 
     # -- called by FSDP in each unit's post-backward hook: (state, grad) for NO_SHARD,
     # (state, padded unsharded grad, sharded output) otherwise.
     def reduce_and_measure(self, unit, grad, output=None):
-        fsdp = unit.module
-        if backward_id() != self._backward:  # first reduction of a new backward
-            self._backward = backward_id()
-            self._partials.clear()
-            self._valid = queue_after_backward(self._queue_snapshot)
-            self._snapshot = None
+        self.begin()
+        view = unit.view
         # A sharded gradient kept from an earlier backward will be added to this one afterwards.
-        accumulating = output is not None and hasattr(unit.flat_param, "_saved_grad_shard")
-        _div_if_needed(grad, fsdp._gradient_predivide_factor)
+        accumulating = output is not None and view.accumulating()
+        _div_if_needed(grad, view.predivide)
         if output is None:
-            dist.all_reduce(grad, group=fsdp.process_group)
+            dist.all_reduce(grad, group=view.process_group)
             reduced = grad
         else:
-            dist.reduce_scatter_single(output, grad, group=fsdp.process_group)
+            dist.reduce_scatter_single(output, grad, group=view.process_group)
             reduced = output
-        _div_if_needed(reduced, fsdp._gradient_postdivide_factor)
-        if accumulating or not cast_is_exact(reduced.dtype, unit.flat_param.dtype):
-            self._valid = False
+        _div_if_needed(reduced, view.postdivide)
+        if accumulating or not cast_is_exact(reduced.dtype, view.flat_param.dtype):
+            self.invalidate()
             return
         slices, groups = unit.hook_plan
-        device = collective_device(self.adapter.reduce_group, reduced.device)
-        self._partials[unit.index] = local_partials([reduced[a:b] for a, b in slices], groups, self.adapter.layout, device)
+        device = self.adapter.collective_device([reduced])
+        self.record(unit.index, local_partials([reduced[a:b] for a, b in slices], groups, self.adapter.layout, device))
 
-    def _queue_snapshot(self) -> None:
-        # Runs after FSDP's final callback (queued at the root's pre-backward); queue once more
-        # so that the snapshot follows anything else FSDP queued meanwhile.
-        if not queue_after_backward(self._take_snapshot):
-            self._take_snapshot()
+    def versions(self) -> list[Any]:
+        """Identity and version of every gradient FSDP writes (unmanaged ones are measured at clip time)."""
+        return grad_versions([s.grad for s in self.adapter._sources[: self.adapter._managed_sources]])
 
-    def _take_snapshot(self) -> None:
-        self._snapshot = self.adapter._grad_versions()
-
-    def take(self) -> torch.Tensor | None:
-        """The partials of the last synchronised backward, once, if the gradients are untouched."""
-        snapshot, self._snapshot = self._snapshot, None
-        if snapshot is None or not self._valid:
-            return None
-        current = self.adapter._grad_versions()
-        if snapshot != current:  # changed since backward (unscale_, a manual edit, no_sync accumulation...)
-            return None
-        for unit in self.adapter.units:  # every unit holding a gradient was reduced in that backward
-            if unit.index not in self._partials and any(current[s] is not None for s in unit.sources):
-                return None
-        if not self._partials:
-            return None
-        parts = [self._partials[i] for i in sorted(self._partials)]
-        return combine_partials(parts, self.adapter.layout, parts[0].device)
+    def complete(self) -> bool:
+        sources = self.adapter._sources
+        return all(unit.index in self.measured or all(sources[s].grad is None for s in unit.sources)
+                   for unit in self.adapter.units)

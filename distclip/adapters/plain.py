@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+from typing import Sequence
+
 import torch
 
 from .base import GradAdapter
+from .counting import LocalPiece
 
 
 class PlainAdapter(GradAdapter):
@@ -13,9 +16,6 @@ class PlainAdapter(GradAdapter):
     kind = "plain"
     foldable = True
 
-    def counted_pieces(self) -> tuple[list[torch.Tensor], list[int]]:
-        grads = [p.grad for p in self.params]
-        pieces = [g for g in grads if g is not None]
-        if len(pieces) == len(grads):
-            return pieces, self.group_of
-        return pieces, [g for g, grad in zip(self.group_of, grads) if grad is not None]
+    def __init__(self, named_params: Sequence[tuple[str, torch.nn.Parameter]]):
+        super().__init__(named_params)
+        self.pieces = [LocalPiece(i, 0, p.numel(), i) for i, p in enumerate(self.params)]

@@ -3,26 +3,70 @@
 from __future__ import annotations
 
 import math
+import types
+import warnings
 import weakref
+from collections import OrderedDict
 from typing import Any
 
 import torch
 
 from .clipper import GradClipper
 
-_cache: "weakref.WeakKeyDictionary[torch.nn.Module, dict[str, GradClipper]]" = weakref.WeakKeyDictionary()
+_MAX_CACHED = 16  # clippers kept for parameter lists (modules keep one per settings in a weak dict)
+_by_module: "weakref.WeakKeyDictionary[torch.nn.Module, dict[str, tuple[tuple[Any, ...], GradClipper]]]" = (
+    weakref.WeakKeyDictionary())
+_by_params: "OrderedDict[tuple[Any, ...], tuple[list[weakref.ref], GradClipper]]" = OrderedDict()
+
+
+def _signature(module: torch.nn.Module) -> tuple[Any, ...]:
+    """Which tensors the module trains right now: changes when layers are (un)frozen or a Parameter is replaced."""
+    return tuple((id(p), p.requires_grad) for p in module.parameters())
 
 
 def _clipper(model_or_params: Any, settings: dict[str, Any]) -> GradClipper:
-    """A clipper for one call. Modules keep theirs (plans are built once); no set-up collective here."""
-    settings = {"comm_hook": False, "check_consistency": False, **settings}
-    if not isinstance(model_or_params, torch.nn.Module):
-        return GradClipper(model_or_params, settings)
-    per_model = _cache.setdefault(model_or_params, {})
+    """The clipper for this call, reused while the parameters it was built for are still the trained ones.
+
+    Building one runs the set-up check (a collective on distributed layouts), so clippers are kept:
+    per module and settings while the module trains the same tensors (a rebuild follows
+    freezing, unfreezing or replacing parameters: on every rank alike), per list of parameters
+    and settings while those very tensors are alive.
+    """
+    settings = {"comm_hook": False, **settings}
     key = repr(sorted(settings.items()))
-    if key not in per_model:
-        per_model[key] = GradClipper(model_or_params, settings)
-    return per_model[key]
+    if isinstance(model_or_params, torch.nn.Module):
+        per_model = _by_module.setdefault(model_or_params, {})
+        signature = _signature(model_or_params)
+        cached = per_model.get(key)
+        if cached is None or cached[0] != signature:
+            cached = per_model[key] = (signature, GradClipper(model_or_params, settings))
+        return cached[1]
+    if isinstance(model_or_params, torch.Tensor):
+        model_or_params = [model_or_params]
+    elif isinstance(model_or_params, types.GeneratorType):
+        model_or_params = list(model_or_params)
+        if not model_or_params:
+            warnings.warn("`parameters` is an empty generator, no gradient clipping will occur.", stacklevel=4)
+    else:
+        model_or_params = list(model_or_params) if not isinstance(model_or_params, (str, bytes, dict)) else model_or_params
+    if not isinstance(model_or_params, list) or not all(_is_tensor_or_named(x) for x in model_or_params):
+        return GradClipper(model_or_params, settings)  # raises the clear error for what it is
+    tensors = [x[1] if isinstance(x, tuple) else x for x in model_or_params]
+    list_key = (key, tuple(id(t) for t in tensors), tuple(x[0] for x in model_or_params if isinstance(x, tuple)),
+                tuple(t.requires_grad for t in tensors))
+    cached_params = _by_params.get(list_key)
+    if cached_params is not None and all(ref() is t for ref, t in zip(cached_params[0], tensors)):
+        _by_params.move_to_end(list_key)
+        return cached_params[1]
+    clipper = GradClipper(model_or_params, settings)
+    _by_params[list_key] = ([weakref.ref(t) for t in tensors], clipper)
+    while len(_by_params) > _MAX_CACHED:
+        _by_params.popitem(last=False)
+    return clipper
+
+
+def _is_tensor_or_named(x: Any) -> bool:
+    return isinstance(x, torch.Tensor) or (isinstance(x, tuple) and len(x) == 2 and isinstance(x[1], torch.Tensor))
 
 
 def clip_grad_norm_(

@@ -1,66 +1,29 @@
-"""GradClipper: adapter -> local partials -> ONE collective -> policy -> coefficients -> report."""
+"""GradClipper: adapter -> local partials -> ONE collective -> policy -> coefficients -> adapter applies -> report."""
 
 from __future__ import annotations
 
+import math
 import os
-from dataclasses import dataclass, field
+import warnings
 from typing import Any, Callable, Iterable, Mapping
 
 import torch
-from torch.utils._foreach_utils import _group_tensors_by_device_and_dtype
 
-from ..adapters import adapter_for
+from ..adapters import _compat, adapter_for
 from ..adapters.base import GradAdapter
 from .attach import Attachment
 from .config import ClipConfig, ConfigError, load_config
+from .errors import NonFiniteGradientError, StateDictError, UsageError
 from .groups import GroupTable, resolve_groups
 from .names import canonical_name
-from .norms import SlotLayout, local_partials
+from .norms import SlotLayout
 from .policies import ClipPolicy, build_policy
-from .reduce import check_consistency, collective_device, reduce_slots
+from .reduce import check_consistency, reduce_slots
+from .report import ClipReport
 
-EPS = 1e-6  # torch's: coefficient = max_norm / (norm + 1e-6)
+STATE_VERSION = 2
 
-
-class NonFiniteGradientError(RuntimeError):
-    """The global gradient norm is NaN or inf and ``nonfinite: error`` was asked for (raised on every rank)."""
-
-
-@dataclass
-class ClipReport:
-    """What one clip saw and did. Tensors are fp32, identical on every rank, never DTensors.
-
-    Attributes:
-        total_norm: pre-clip global norm over every group, in the config's ``norm_type``.
-        group_norms: pre-clip norm of each group, in the group's own ``norm_type``.
-        coefs: coefficient applied to each group's gradients (0 when the step was skipped or zeroed).
-        thresholds: the threshold each group was clipped to.
-        skipped: the optimizer step was dropped because the norm was non-finite (``nonfinite: skip``).
-        finite: whether every norm was finite (a bool tensor: reading it syncs with the device).
-        source: ``comm_hook`` when the norm was computed inside the gradient reduction, else ``post_backward``.
-    """
-
-    total_norm: torch.Tensor
-    group_norms: dict[str, torch.Tensor]
-    coefs: dict[str, torch.Tensor]
-    thresholds: dict[str, torch.Tensor] = field(default_factory=dict)
-    skipped: bool = False
-    finite: torch.Tensor | None = None
-    source: str = "post_backward"
-
-    def to_floats(self) -> dict[str, Any]:
-        """Plain Python numbers for logging (one host sync)."""
-        return {
-            "total_norm": self.total_norm.item(),
-            "group_norms": {k: v.item() for k, v in self.group_norms.items()},
-            "coefs": {k: v.item() for k, v in self.coefs.items()},
-            "skipped": self.skipped,
-        }
-
-    def __str__(self) -> str:
-        f = self.to_floats()
-        groups = " ".join(f"{k}={v:.4g}(x{f['coefs'][k]:.3g})" for k, v in f["group_norms"].items())
-        return f"norm={f['total_norm']:.6g} {groups}" + (" SKIPPED" if self.skipped else "")
+__all__ = ["GradClipper", "ClipReport", "NonFiniteGradientError"]
 
 
 class GradClipper:
@@ -78,8 +41,8 @@ class GradClipper:
             ``accelerator.clip_grad_norm_`` on a subset of an FSDP model. Frozen tensors are ignored.
         **overrides: config settings that take precedence, e.g. ``max_norm=0.5``.
 
-    At construction every rank checks (one all-gather) that all ranks have the same config and
-    group layout, and raises :class:`~distclip.reduce.ConfigMismatchError` otherwise.
+    At construction every rank checks (one all-gather of one number) that all ranks have the same
+    config and group layout, and raises :class:`~distclip.ConfigMismatchError` otherwise.
     """
 
     def __init__(
@@ -89,11 +52,17 @@ class GradClipper:
         *,
         ddp_comm_hook: Callable | None = None,
         ddp_comm_hook_state: Any = None,
-        params: Iterable[torch.Tensor | str] | None = None,
+        params: Iterable[torch.Tensor | str] | str | None = None,
         **overrides: Any,
     ):
         self.config = load_config(config, **overrides)
+        if not self.config.check_consistency:
+            warnings.warn(
+                "distclip: check_consistency: false no longer skips the set-up check (ranks with different values "
+                "of it hung); the check costs one all-gather of one number at construction. Drop the key.",
+                FutureWarning, stacklevel=2)
         self.adapter: GradAdapter = adapter_for(model)
+        _refuse_meta_parameters(self.adapter)
         if not self.adapter.has_names and (self.config.groups or self.config.per_layer):
             raise ConfigError(
                 "per-group clipping needs parameter names, but bare parameters were given: pass the "
@@ -108,10 +77,11 @@ class GradClipper:
         self.adapter.bind(self.table, self.layout)
         self.policy: ClipPolicy = build_policy(self.config.policy, self.table.groups)
         self.group_names = self.table.names[: self._excluded]  # the hidden group is last: never reported
+        self._visible = list(range(len(self.group_names)))
         self.steps = 0
         self.last_report: ClipReport | None = None
-        if self.config.check_consistency:
-            check_consistency(self.adapter.reduce_group, self.fingerprint(), self._summary())
+        _compat.track_amp_unscaling()  # GradScaler's unscaling becomes visible (hooks, overflow detection)
+        check_consistency(self.adapter.reduce_group, self.fingerprint(), self._summary())
         if self.config.comm_hook and self._excluded is None:
             self.adapter.enable_reduction_hook(ddp_comm_hook, ddp_comm_hook_state)
 
@@ -132,19 +102,51 @@ class GradClipper:
         ``fold``: apply a uniform clip through a fused optimizer's ``grad_scale`` instead of a
         separate pass over the gradients (None: whenever possible). ``.remove()`` detaches.
         """
+        if not isinstance(optimizer, torch.optim.Optimizer):
+            raise UsageError(
+                f"GradClipper.attach expects a torch.optim.Optimizer (e.g. torch.optim.AdamW(model.parameters())), "
+                f"got {type(optimizer).__module__}.{type(optimizer).__qualname__}"
+            )
         return Attachment(self, optimizer, fold)
 
     def state_dict(self) -> dict[str, Any]:
-        return {"version": 1, "groups": self.group_names, "steps": self.steps, "policy": self.policy.state_dict()}
+        """Everything a resume needs to continue with the same coefficients (policy state by group name)."""
+        return {"version": STATE_VERSION, "groups": list(self.group_names), "steps": self.steps,
+                "policy": self.policy.state_dict()}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore :meth:`state_dict`; a state of another version, group layout or policy is a :class:`StateDictError`."""
+        if not isinstance(state, Mapping):
+            raise StateDictError(f"distclip state must be the mapping GradClipper.state_dict() returned, got {type(state).__name__}")
+        unknown = set(state) - {"version", "groups", "steps", "policy"}
+        if unknown:
+            raise StateDictError(f"distclip state has unknown keys {sorted(unknown)}: it is not a GradClipper.state_dict()")
+        version = state.get("version")
+        if version not in (1, STATE_VERSION):
+            raise StateDictError(
+                f"distclip state has version {version!r}; this distclip reads versions 1 and {STATE_VERSION}. "
+                "Save it again with this version of distclip"
+            )
         if list(state.get("groups", [])) != self.group_names:
-            raise ConfigError(
+            raise StateDictError(
                 f"distclip state has groups {state.get('groups')} but this clipper has {self.group_names}: "
                 "load it into a clipper built with the same config and model"
             )
-        self.steps = int(state.get("steps", 0))
-        self.policy.load_state_dict(state.get("policy", {}))
+        steps = state.get("steps", 0)
+        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
+            raise StateDictError(f"distclip state has steps={steps!r}; expected a non-negative int")
+        policy = state.get("policy", {})
+        if not isinstance(policy, Mapping):
+            raise StateDictError(f"distclip state's 'policy' must be a mapping, got {type(policy).__name__}")
+        if version >= 2 or policy:
+            kind = policy.get("kind")
+            if kind != self.policy.kind:
+                raise StateDictError(
+                    f"distclip state holds the state of policy {kind!r}, but this clipper's policy is "
+                    f"{self.policy.kind!r}: load it into a clipper built with the same config"
+                )
+        self.policy.load_state_dict(dict(policy))
+        self.steps = steps
 
     @property
     def clips_subset(self) -> bool:
@@ -152,15 +154,17 @@ class GradClipper:
         return self._excluded is not None
 
     def fingerprint(self) -> str:
-        return f"{self.config.fingerprint()}-{self.table.fingerprint()}"
+        return f"{self.config.fingerprint()}-{self.table.fingerprint()}-{sorted(self.adapter.describe().items())}"
 
     # ---------------------------------------------------------------- internals
     def _summary(self) -> dict[str, Any]:
         return {**self.config.to_dict(), "group_order": self.group_names,
                 "group_layout": self.table.fingerprint(), **self.adapter.describe()}
 
-    def _names_of(self, params: Iterable[torch.Tensor | str]) -> list[str]:
+    def _names_of(self, params: Iterable[torch.Tensor | str] | str) -> list[str]:
         """Canonical names of the parameters to clip (identity lookup among the adapter's parameters)."""
+        if isinstance(params, (str, torch.Tensor)):
+            params = [params]  # one name or one tensor, not its characters or rows
         name_of = self.adapter.tensor_names()
         names, unknown = [], 0
         for p in params:
@@ -170,6 +174,8 @@ class GradClipper:
                 names.append(name_of[id(p)])
             elif isinstance(p, torch.Tensor) and p.requires_grad:
                 unknown += 1
+            elif not isinstance(p, torch.Tensor):
+                raise UsageError(f"params must hold parameter tensors or their names, got a {type(p).__name__}: {p!r}")
         if unknown:
             raise ConfigError(
                 f"distclip: {unknown} of the parameters to clip are not parameters of the model "
@@ -178,17 +184,11 @@ class GradClipper:
             )
         return names
 
-    def _local_partials(self, pending_scale: torch.Tensor | None = None) -> tuple[torch.Tensor, str]:
-        group = self.adapter.reduce_group
-        partials = self.adapter.reduced_partials() if self._excluded is None else None
-        source = "comm_hook"
-        if partials is None:
-            pieces, groups = self.adapter.counted_pieces()
-            if self._excluded is not None:  # the hidden group's slots stay 0: excluded from every norm
-                kept = [(t, g) for t, g in zip(pieces, groups) if g != self._excluded]
-                pieces, groups = [t for t, _ in kept], [g for _, g in kept]
-            device = collective_device(group, pieces[0].device if pieces else self.adapter.device_hint())
-            partials, source = local_partials(pieces, groups, self.layout, device), "post_backward"
+    def _local_partials(self, pending_scale: torch.Tensor | None) -> tuple[torch.Tensor, str]:
+        partials, source = self.adapter.local_partials()
+        if self._excluded is not None:  # the hidden group is excluded from every norm
+            keep = [float(g != self._excluded) for g, _ in self.layout.slots]
+            partials = partials * self.layout.constant("visible", partials.device, keep, partials.dtype)
         scale = self.adapter.grad_scale()  # a loss scale the counted pieces still carry
         if pending_scale is not None:
             scale = pending_scale * scale
@@ -203,90 +203,88 @@ class GradClipper:
         pending_scale: torch.Tensor | None = None,
         fold: Callable[[torch.Tensor], None] | None = None,
     ) -> ClipReport:
-        """One clip. ``pending_scale``: a loss scale the gradients still carry (divided out of the
-        norms). ``fold``: applies the (uniform) coefficients instead of multiplying the gradients."""
+        """One clip. ``pending_scale``: a loss scale the gradients still carry (divided out of the norms;
+        set by GradScaler for fused optimizers). ``fold``: applies the (uniform) coefficients instead of
+        multiplying the gradients."""
         partials, source = self._local_partials(pending_scale)
-        reduced = reduce_slots(partials, self.layout.uses_max, self.adapter.reduce_group)
+        reduced = reduce_slots(partials, self.layout, self.adapter.reduce_group)
         group_norms = self.layout.group_norms(reduced)
         total_norm = self.layout.total_norm(reduced)
-        thresholds = self.policy.thresholds(group_norms)
-        norms32 = group_norms.float()
-        coefs = torch.clamp(thresholds.float() / (norms32 + EPS), max=1.0)
+        thresholds, coefs = self.policy.coefficients(group_norms, total_norm)
+        coefs = coefs.float()  # fp32 values (exact): what multiplies the gradients, as in torch
         finite = torch.isfinite(reduced).all()
-        skipped = False
+        skipped, reason = False, None
         if apply:
-            if fold is not None and self.config.nonfinite == "ignore":
-                fold(coefs)
-            elif self.config.nonfinite == "ignore":  # no host sync at all: always multiply, as torch does
-                self._scale(coefs, range(len(self.group_names)))
+            mode = self.config.nonfinite
+            accepted = finite
+            if mode == "ignore":  # no host sync at all: always multiply, as torch does
+                if fold is not None:
+                    fold(coefs)
+                else:
+                    self.adapter.scale(coefs, self._visible)
             else:
                 # The one host sync: the non-finite decision, and which groups are clipped at all
                 # (multiplying by exactly 1.0 changes nothing, so unclipped groups are not touched).
                 finite_flag, *host_coefs = torch.cat([finite.float().reshape(1), coefs]).tolist()
-                clipped = [g for g, c in enumerate(host_coefs) if c < 1.0]
-                if finite_flag and fold is not None:
-                    if clipped:
+                if finite_flag:
+                    clipped = [g for g in self._visible if host_coefs[g] < 1.0]
+                    if clipped and fold is not None:
                         fold(coefs)
-                elif finite_flag:
-                    self._scale_by_host_coefs(host_coefs, clipped)
+                    elif clipped:
+                        self.adapter.scale(coefs, clipped, host_coefs)
                 else:
-                    skipped = self._handle_nonfinite(reduced)
+                    skipped, reason = self._handle_nonfinite(reduced, scaler_managed=pending_scale is not None)
                     coefs = torch.zeros_like(coefs)
-            self.policy.update(group_norms, finite)
+                    accepted = torch.zeros((), dtype=torch.bool, device=coefs.device)
+            self.policy.update(group_norms, total_norm, coefs, accepted)
             self.steps += 1
         report = ClipReport(
             total_norm=total_norm.float(),
-            group_norms=dict(zip(self.group_names, norms32)),
+            group_norms=dict(zip(self.group_names, group_norms.float())),
             coefs=dict(zip(self.group_names, coefs)),
             thresholds=dict(zip(self.group_names, thresholds.float())),
             skipped=skipped,
             finite=finite,
             source=source,
+            skip_reason=reason,
         )
         self.last_report = report
         return report
 
-    def _clipped_grads(self) -> list[list[torch.Tensor]]:
-        """Per group, the gradients to scale; none for the hidden group of parameters outside ``params``."""
-        grads = self.adapter.scaled_grads()
-        if self._excluded is not None:
-            grads[self._excluded] = []
-        return grads
+    def _handle_nonfinite(self, reduced: torch.Tensor, scaler_managed: bool) -> tuple[bool, str | None]:
+        """Same decision on every rank (it is taken on the reduced vector). Returns (skipped, reason).
 
-    def _scale(self, coefs: torch.Tensor, groups: Iterable[int]) -> None:
-        """Multiply each chosen group's local gradients by its coefficient (foreach, in place)."""
-        per_group = self._clipped_grads()
-        for g in groups:
-            if not per_group[g]:
-                continue
-            for (device, _), ([tensors], _) in _group_tensors_by_device_and_dtype([per_group[g]]).items():
-                torch._foreach_mul_(tensors, coefs[g].to(device))
-
-    def _scale_by_host_coefs(self, host_coefs: list[float], groups: list[int]) -> None:
-        """Same as :meth:`_scale` with coefficients already on the host: one foreach call per
-        device and dtype for all groups together (no per-group kernel launches)."""
-        per_group = self._clipped_grads()
-        tensors = [t for g in groups for t in per_group[g]]
-        scalars = [host_coefs[g] for g in groups for _ in per_group[g]]
-        if not tensors:
-            return
-        for (_, _), ([same_kind], indices) in _group_tensors_by_device_and_dtype([tensors], with_indices=True).items():
-            torch._foreach_mul_(same_kind, [scalars[i] for i in indices])
-
-    def _handle_nonfinite(self, reduced: torch.Tensor) -> bool:
-        """Same decision on every rank (it is taken on the reduced vector). Returns ``skipped``."""
+        A non-finite norm of gradients a GradScaler still carries (or has just unscaled) is a
+        loss-scale overflow: GradScaler skips that step and backs off by itself, so distclip leaves
+        the gradients alone and raises nothing, whatever ``nonfinite`` says.
+        """
+        if scaler_managed or self.adapter.loss_scaled() or _compat.unscaled_by_grad_scaler(
+                g for g in self.adapter.local_grads() if g is not None):
+            return True, "overflow"
         mode = self.config.nonfinite
         if mode == "error":
             norms = self.layout.group_norms(reduced).tolist()
-            bad = {n: v for n, v in zip(self.group_names, norms)}
+            bad = {n: v for n, v in zip(self.group_names, norms) if not math.isfinite(v)}
+            p = self.config.norm_type
             raise NonFiniteGradientError(
-                f"distclip: non-finite gradient norm (group norms: {bad}) with nonfinite='error'. "
-                "Use nonfinite='skip' to drop such steps, or find the source of the NaN/inf."
+                f"The total norm of order {p} for gradients from `parameters` is non-finite, so it cannot be "
+                f"clipped. distclip: non-finite group norm(s) {bad} with nonfinite='error' (the same on every "
+                "rank). To drop such steps use nonfinite='skip'; to scale the gradients by the non-finite norm "
+                "anyway, as torch does with `error_if_nonfinite=False`, use nonfinite='ignore'."
             )
         if mode == "zero":
-            grads = [t for group in self._clipped_grads() for t in group]
-            if grads:
-                torch._foreach_zero_(grads)
-            return False
+            self.adapter.zero(self._visible)
+            return False, None
         self.adapter.drop_grads()
-        return True
+        return True, "nonfinite"
+
+
+def _refuse_meta_parameters(adapter: GradAdapter) -> None:
+    meta = [n for n, p in zip(adapter.names, adapter.params) if p.device.type == "meta"]
+    if meta:
+        raise UsageError(
+            f"distclip: {len(meta)} parameters are on the meta device (e.g. {meta[:3]}): they hold no values or "
+            "gradients yet. Materialise the model first (e.g. model.to_empty(device=...) and initialise it), "
+            "then build the clipper"
+        )
+

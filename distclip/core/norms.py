@@ -8,9 +8,9 @@ config's p, a second slot in the config's p so that the total norm is exact too.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import cached_property
-from typing import Sequence
+from typing import Hashable, Sequence
 
 import torch
 from torch.utils._foreach_utils import _group_tensors_by_device_and_dtype
@@ -27,6 +27,7 @@ class SlotLayout:
     group_norm_types: tuple[float, ...]
     total_norm_type: float
     slots: tuple[tuple[int, float], ...]  # (group index, p)
+    _constants: dict[Hashable, torch.Tensor] = field(default_factory=dict, compare=False, repr=False)
 
     @classmethod
     def build(cls, groups: Sequence[ClipGroup], total_norm_type: float) -> "SlotLayout":
@@ -59,11 +60,31 @@ class SlotLayout:
             out.append((p, slot_of_group))
         return out
 
+    def constant(self, name: str, device: torch.device, values: Sequence[float | int | bool], dtype: torch.dtype) -> torch.Tensor:
+        """A device constant of this layout, built once per device (never on the per-step path)."""
+        key = (name, device)
+        cached = self._constants.get(key)
+        if cached is None:
+            cached = self._constants[key] = torch.tensor(list(values), dtype=dtype, device=device)
+        return cached
+
+    def slot_index(self, ids: Sequence[int], device: torch.device) -> torch.Tensor:
+        """The slot of each of a list of pieces as a device index, cached by the list (a plan's pieces repeat every step)."""
+        key = ("index", device, tuple(ids))
+        cached = self._constants.get(key)
+        if cached is None:
+            if len(self._constants) > 256:  # bounded: plans change rarely; drop stale ones
+                self._constants.clear()
+            cached = self._constants[key] = torch.tensor(key[2], dtype=torch.long, device=device)
+        return cached
+
     def group_norms(self, reduced: torch.Tensor) -> torch.Tensor:
         """Per-group norms (float64) from the reduced slot vector, each in its group's p."""
-        index = {slot: s for s, slot in enumerate(self.slots)}
-        values = reduced[[index[(g, p)] for g, p in enumerate(self.group_norm_types)]]
-        return _root(values, torch.tensor(self.group_norm_types, dtype=ACC_DTYPE, device=reduced.device))
+        position = {slot: s for s, slot in enumerate(self.slots)}
+        index = self.constant("group_slots", reduced.device,
+                              [position[(g, p)] for g, p in enumerate(self.group_norm_types)], torch.long)
+        p = self.constant("group_p", reduced.device, self.group_norm_types, ACC_DTYPE)
+        return _root(reduced.index_select(0, index), p)
 
     def unscale(self, partials: torch.Tensor, scale: float | torch.Tensor) -> torch.Tensor:
         """Partials of gradients that still carry a factor ``scale`` (e.g. an fp16 loss scale), divided out.
@@ -71,9 +92,13 @@ class SlotLayout:
         A p-slot holds sum |s g|^p = s^p sum |g|^p, an infinity slot max |s g| = s max |g|. Exact
         in float64 when ``scale`` is a power of two (dynamic loss scales are). No host sync.
         """
-        s = torch.as_tensor(scale, dtype=ACC_DTYPE).to(partials.device)
-        p = torch.tensor([q for _, q in self.slots], dtype=ACC_DTYPE, device=partials.device)
-        return partials / torch.where(torch.isinf(p), s, s.pow(p))
+        s = scale.to(partials.device, ACC_DTYPE) if isinstance(scale, torch.Tensor) else scale
+        p = self.constant("slot_p", partials.device, [q for _, q in self.slots], ACC_DTYPE)
+        return partials / torch.where(torch.isinf(p), s, torch.pow(s, p))
+
+    def max_mask(self, device: torch.device) -> torch.Tensor:
+        """Per slot, whether it is reduced with MAX (a device constant)."""
+        return self.constant("uses_max", device, self.uses_max, torch.bool)
 
     def total_norm(self, reduced: torch.Tensor) -> torch.Tensor:
         """The global norm (float64) in the config's p over every group."""
@@ -149,7 +174,7 @@ def local_partials(
         for (dev, dtype), ([same_kind], indices) in grouped.items():
             values = torch.stack(_per_tensor_norms(same_kind, p, _norm_dtype(dtype))).to(ACC_DTYPE)
             ids = slot_ids if len(grouped) == 1 else [slot_ids[i] for i in indices]
-            index = torch.tensor(ids, device=values.device)
+            index = layout.slot_index(ids, values.device)
             contrib = torch.zeros(layout.num_slots, dtype=ACC_DTYPE, device=values.device)
             if math.isinf(p):
                 contrib.scatter_reduce_(0, index, values, reduce="amax")
@@ -163,7 +188,7 @@ def local_partials(
 def combine_partials(partials: Sequence[torch.Tensor], layout: SlotLayout, device: torch.device) -> torch.Tensor:
     """Combine slot vectors of disjoint piece sets (e.g. DDP buckets), in the order given."""
     out = torch.zeros(layout.num_slots, dtype=ACC_DTYPE, device=device)
-    is_max = torch.tensor(layout.uses_max, device=device)
+    is_max = layout.max_mask(device)
     for vec in partials:
         out = torch.where(is_max, torch.maximum(out, vec), out + vec)
     return out

@@ -1,14 +1,22 @@
-"""The one collective per clip, and the set-up check that every rank clips the same way."""
+"""The one collective per clip, and the set-up exchange that checks every rank clips the same way.
+
+Both exchange fixed-size tensors only (no pickling, no numpy): the per-step vector of slots, and
+at set-up a few 60-bit hashes per rank; details are exchanged (as bytes) only when hashes differ.
+"""
 
 from __future__ import annotations
 
+import json
 import math
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 import torch
 import torch.distributed as dist
 
 from .config import ConfigError
+
+if TYPE_CHECKING:
+    from .norms import SlotLayout
 
 ProcessGroup = Any  # torch.distributed.ProcessGroup; None means "rank-local, no collective"
 
@@ -36,54 +44,88 @@ def collective_device(group: ProcessGroup | None, hint: torch.device | None) -> 
     return hint if hint is not None else torch.device("cpu")
 
 
-def reduce_slots(partials: torch.Tensor, uses_max: Sequence[bool], group: ProcessGroup | None) -> torch.Tensor:
+def reduce_slots(partials: torch.Tensor, layout: "SlotLayout", group: ProcessGroup | None) -> torch.Tensor:
     """Reduce the float64 slot vector across ``group`` in exactly ONE collective.
 
     SUM for p-norm slots, MAX for infinity-norm slots. The result is bitwise identical on every
-    rank. NaN always propagates: a MAX all-reduce may drop NaN, so infinity-norm slots carry a
-    NaN flag alongside; a layout mixing both kinds all-gathers the vector and folds it locally
+    rank. Non-finite values always propagate: SUM carries NaN and inf by itself; a MAX all-reduce
+    may drop NaN, so infinity-norm slots carry a NaN flag alongside (NaN becomes 0 in the values,
+    +inf stays +inf); a layout mixing both kinds all-gathers the vector and folds it locally
     in rank order instead.
     """
-    is_max = torch.tensor(list(uses_max), dtype=torch.bool, device=partials.device)
     if group_size(group) == 1:
         return partials
+    uses_max = layout.uses_max
     if not any(uses_max):
         dist.all_reduce(partials, op=dist.ReduceOp.SUM, group=group)
         return partials
     if all(uses_max):
         nan = partials.isnan()
-        packed = torch.cat([partials.nan_to_num(nan=math.inf), nan.to(partials.dtype)])
+        packed = torch.cat([torch.where(nan, 0.0, partials), nan.to(partials.dtype)])
         dist.all_reduce(packed, op=dist.ReduceOp.MAX, group=group)
         values, any_nan = packed.split(partials.numel())
-        return torch.where(any_nan > 0, torch.full_like(values, math.nan), values)
+        return torch.where(any_nan > 0, math.nan, values)
     world = dist.get_world_size(group)
     gathered = partials.new_empty(world * partials.numel())
-    gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
-    gather(gathered, partials, group=group)
+    dist.all_gather_into_tensor(gathered, partials, group=group)
     rows = gathered.view(world, partials.numel())
-    return torch.where(is_max, rows.amax(dim=0), rows.sum(dim=0))
+    return torch.where(layout.max_mask(partials.device), rows.amax(dim=0), rows.sum(dim=0))
+
+
+# ---------------------------------------------------------------- set-up exchange
+def hash60(text: str) -> int:
+    """A 60-bit integer hash of ``text`` (fits an int64 tensor element)."""
+    import hashlib
+
+    return int(hashlib.sha256(text.encode()).hexdigest()[:15], 16)
+
+
+def exchange_ints(group: ProcessGroup, values: Sequence[int]) -> torch.Tensor:
+    """All-gather a fixed number of int64 values per rank: a ``(world, len(values))`` tensor, rank order."""
+    device = collective_device(group, None)
+    mine = torch.tensor(list(values), dtype=torch.int64, device=device)
+    out = mine.new_empty(dist.get_world_size(group) * mine.numel())
+    dist.all_gather_into_tensor(out, mine, group=group)
+    return out.view(-1, mine.numel()).cpu()
+
+
+def exchange_bytes(group: ProcessGroup, payload: bytes) -> list[bytes]:
+    """All-gather a byte string of any length per rank (two fixed-size collectives, no pickling)."""
+    device = collective_device(group, None)
+    sizes = exchange_ints(group, [len(payload)])[:, 0].tolist()
+    width = max(sizes) or 1
+    buffer = torch.zeros(width, dtype=torch.uint8)
+    if payload:
+        buffer[: len(payload)] = torch.frombuffer(bytearray(payload), dtype=torch.uint8)
+    buffer = buffer.to(device)
+    out = buffer.new_empty(len(sizes) * width)
+    dist.all_gather_into_tensor(out, buffer, group=group)
+    rows = out.view(len(sizes), width).cpu()
+    return [bytes(rows[r, :n].tolist()) for r, n in enumerate(sizes)]
 
 
 def check_consistency(group: ProcessGroup | None, fingerprint: str, summary: dict[str, Any]) -> None:
-    """All-gather each rank's fingerprint once at set-up; raise the same clear error on every rank if any differ.
+    """Compare each rank's fingerprint once at set-up; raise the same clear error on every rank if any differ.
 
     Without this, ranks that disagree on the config or the group layout either hang in the next
-    collective (different vector lengths) or silently clip differently.
+    collective (different vector lengths) or silently clip differently. One all-gather of one
+    int64 per rank; the summaries travel only when the fingerprints differ.
     """
     if group_size(group) == 1:
         return
-    gathered: list[Any] = [None] * dist.get_world_size(group)
-    dist.all_gather_object(gathered, (fingerprint, summary), group=group)
-    reference_fp, reference = gathered[0]
-    bad = [r for r, (fp, _) in enumerate(gathered) if fp != reference_fp]
+    hashes = exchange_ints(group, [hash60(fingerprint)])[:, 0].tolist()
+    bad = [r for r, h in enumerate(hashes) if h != hashes[0]]
     if not bad:
         return
+    texts = exchange_bytes(group, json.dumps(summary, sort_keys=True, default=str).encode())
+    summaries = [json.loads(t) for t in texts]
+    reference = summaries[0]
     lines = []
     for r in bad[:4]:
-        other = gathered[r][1]
+        other = summaries[r]
         diffs = [f"{k}: rank 0 has {reference.get(k)!r}, rank {r} has {other.get(k)!r}"
                  for k in sorted(set(reference) | set(other)) if reference.get(k) != other.get(k)]
-        lines += diffs or [f"rank {r}: fingerprint {gathered[r][0]} differs from rank 0's {reference_fp}"]
+        lines += diffs or [f"rank {r}: fingerprint differs from rank 0's"]
     raise ConfigMismatchError(
         f"distclip: ranks {bad} clip differently from rank 0 (this would hang or clip inconsistently):\n  "
         + "\n  ".join(lines)

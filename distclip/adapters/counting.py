@@ -1,17 +1,18 @@
-"""Shared by the sharded adapters (FSDP1, FSDP2/DTensor): local pieces, who counts which element, the reduce group.
+"""Counting each element once: local pieces, who else holds a copy, who counts which element, the reduce group.
 
 A *piece* is a contiguous range of one local gradient tensor that belongs to one parameter. A
 piece is either held by this rank alone (a shard), or held identically by ``count`` replicas
-(NO_SHARD, an HSDP replica, a ``Replicate`` mesh dimension, a parameter FSDP does not manage).
+(DDP, NO_SHARD, an HSDP replica, a ``Replicate`` mesh dimension, a DTensor on a sub-mesh of a
+larger mesh, a parameter FSDP does not manage, a declared replicated plain tensor).
 Replicated pieces of one replica set are laid end to end, in the same order on every replica,
-and split into disjoint ``1/count`` slices (:func:`distclip.partition.replica_segments`): every
+and split into disjoint ``1/count`` slices (:func:`distclip.core.partition.replica_segments`): every
 element is counted exactly once over the whole job, and the norm work is split across replicas.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Hashable, Iterable, Sequence
+from typing import Hashable, Iterable, Sequence
 
 import torch
 import torch.distributed as dist
@@ -105,20 +106,6 @@ def covering_group(rank_sets: Iterable[tuple[frozenset[int], dist.ProcessGroup |
         f"({len(world)} ranks) that no single process group of the model spans, so there is no "
         "group to reduce the norm over. Shard every part of the model over the same ranks (or over the whole world)."
     )
-
-
-def backward_id() -> int:
-    """Id of the running backward call (a new one per ``backward()``), -1 outside any backward."""
-    return torch._C._current_graph_task_id()
-
-
-def queue_after_backward(callback: Callable[[], None]) -> bool:
-    """Run ``callback`` at the end of the current backward (after callbacks queued before it)."""
-    try:
-        torch.autograd.Variable._execution_engine.queue_callback(callback)
-        return True
-    except RuntimeError:  # not inside a backward
-        return False
 
 
 _FLOAT_BITS = {torch.float16: (5, 10), torch.bfloat16: (8, 7), torch.float32: (8, 23), torch.float64: (11, 52)}

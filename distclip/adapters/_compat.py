@@ -1,0 +1,244 @@
+"""Every private torch internal distclip reads, in one place, with one "unsupported version" message.
+
+distclip is tested with torch 2.13 (see ``TESTED_TORCH``). The adapters never touch a private
+attribute themselves: they call these functions, so a torch release that moves an internal fails
+here, once, with :class:`UnsupportedVersionError` naming what is missing, instead of deep inside a
+backward hook. (DeepSpeed's internals are read only by :mod:`distclip.adapters.deepspeed`, behind
+the same error.)
+"""
+
+from __future__ import annotations
+
+import functools
+import weakref
+from typing import Any, Callable, Iterable, Sequence
+
+import torch
+import torch.distributed as dist
+
+TESTED_TORCH = "2.13"
+
+
+class UnsupportedVersionError(RuntimeError):
+    """A private torch (or DeepSpeed) internal distclip relies on is missing or changed."""
+
+
+def unsupported(what: str, err: BaseException | None = None, package: str = "torch", version: str | None = None) -> UnsupportedVersionError:
+    """The one message for an internal that is not where distclip expects it."""
+    version = version or torch.__version__
+    detail = f" ({type(err).__name__}: {err})" if err is not None else ""
+    return UnsupportedVersionError(
+        f"distclip: {what} is not available in {package} {version}{detail}. This distclip release is tested "
+        f"with torch {TESTED_TORCH} and DeepSpeed 0.19.8; install one of those versions, or upgrade distclip."
+    )
+
+
+def _internal(what: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """Turn AttributeError/ImportError/TypeError raised while reading an internal into UnsupportedVersionError."""
+
+    def wrap(fn: Callable[..., Any]) -> Callable[..., Any]:
+        @functools.wraps(fn)
+        def run(*args: Any, **kwargs: Any) -> Any:
+            try:
+                return fn(*args, **kwargs)
+            except (AttributeError, ImportError, TypeError) as err:
+                raise unsupported(what, err) from err
+
+        return run
+
+    return wrap
+
+
+# ------------------------------------------------------------------ kernels
+# The foreach kernels torch.optim itself uses (private names, stable in practice).
+foreach_norm = torch._foreach_norm
+foreach_mul_ = torch._foreach_mul_
+foreach_zero_ = torch._foreach_zero_
+
+
+@_internal("torch.utils._foreach_utils._group_tensors_by_device_and_dtype")
+def group_by_device_and_dtype(tensors: Sequence[torch.Tensor]) -> dict[tuple[torch.device, torch.dtype], tuple[list[torch.Tensor], list[int]]]:
+    """``{(device, dtype): (tensors, their indices in the input)}`` in first-seen order (torch's own grouping)."""
+    from torch.utils._foreach_utils import _group_tensors_by_device_and_dtype
+
+    if not tensors:
+        return {}
+    grouped = _group_tensors_by_device_and_dtype([list(tensors)], with_indices=True)
+    return {key: (same_kind, indices) for key, ([same_kind], indices) in grouped.items()}
+
+
+# ------------------------------------------------------------------ autograd
+def backward_id() -> int:
+    """Id of the running backward (a new one per ``backward()`` call), -1 outside any backward."""
+    return torch._C._current_graph_task_id()
+
+
+def queue_after_backward(callback: Callable[[], None]) -> bool:
+    """Run ``callback`` at the end of the current backward (after the callbacks queued before it)."""
+    try:
+        torch.autograd.Variable._execution_engine.queue_callback(callback)
+        return True
+    except RuntimeError:  # not inside a backward
+        return False
+
+
+def version(tensor: torch.Tensor) -> int:
+    """The tensor's version counter (bumped by every in-place write through it or a view of it)."""
+    return tensor._version
+
+
+# ------------------------------------------------------------------ amp
+# ``torch._amp_foreach_non_finite_check_and_unscale_`` (what GradScaler and ShardedGradScaler
+# call to unscale gradients in place) does not bump the gradients' version counters in torch
+# 2.13, so a gradient unscaled after backward looks untouched. distclip wraps it once: after the
+# original op, the versions are bumped (so a norm measured during backward is known to be stale)
+# and each unscaled gradient is remembered with its new version (so a non-finite norm of these
+# gradients is known to be a loss-scale overflow that GradScaler will skip).
+_UNSCALED: "weakref.WeakKeyDictionary[torch.Tensor, int]" = weakref.WeakKeyDictionary()
+_AMP_OP = "_amp_foreach_non_finite_check_and_unscale_"
+
+
+def track_amp_unscaling() -> None:
+    """Make GradScaler's in-place unscaling visible to version counters (idempotent, process-wide)."""
+    original = getattr(torch, _AMP_OP, None)
+    if original is None:
+        raise unsupported(f"torch.{_AMP_OP} (GradScaler's unscale kernel)")
+    if getattr(original, "_distclip_tracked", False):
+        return
+
+    @functools.wraps(original)
+    def unscale_and_bump_versions(grads: list[torch.Tensor], found_inf: torch.Tensor, inv_scale: torch.Tensor) -> None:
+        original(grads, found_inf, inv_scale)
+        tensors = list(grads)
+        locals_ = [t._local_tensor for t in tensors if _is_dtensor(t)]
+        torch.autograd.graph.increment_version(tensors + locals_)
+        for t in tensors + locals_:
+            _UNSCALED[t] = t._version
+
+    unscale_and_bump_versions._distclip_tracked = True  # type: ignore[attr-defined]
+    setattr(torch, _AMP_OP, unscale_and_bump_versions)
+
+
+def unscaled_by_grad_scaler(tensors: Iterable[torch.Tensor]) -> bool:
+    """Whether any of these gradients was unscaled in place by a GradScaler and not written since."""
+    return any(_UNSCALED.get(t) == t._version for t in tensors)
+
+
+# ------------------------------------------------------------------ DTensor / DeviceMesh
+def _is_dtensor(t: Any) -> bool:
+    from torch.distributed.tensor import DTensor
+
+    return isinstance(t, DTensor)
+
+
+def local_tensor(t: torch.Tensor) -> torch.Tensor:
+    """This rank's part of a DTensor (no autograd, no communication); a plain tensor as it is."""
+    return t._local_tensor if _is_dtensor(t) else t
+
+
+def dtensor_spec(t: torch.Tensor) -> Any:
+    """A DTensor's spec object (FSDP2 gives a gradient the very spec object of its parameter)."""
+    return getattr(t, "_spec", None)
+
+
+@_internal("DeviceMesh._get_root_mesh (the mesh a sub-mesh was sliced from)")
+def root_mesh(mesh: Any) -> Any:
+    """The mesh ``mesh`` was sliced or flattened from (itself when it is a root)."""
+    root = mesh._get_root_mesh()
+    return mesh if root is None else root
+
+
+# ------------------------------------------------------------------ DDP
+def ddp_has_comm_hook(ddp: Any) -> bool:
+    return bool(getattr(ddp, "_comm_hooks", None))
+
+
+# ------------------------------------------------------------------ FSDP1
+class FSDP1Unit:
+    """Read-only view of what distclip needs from one FSDP1 unit (``FullyShardedDataParallel``)."""
+
+    @_internal("FSDP1 handle metadata (_handle, flat_param, _fqns, _shard_param_infos)")
+    def __init__(self, fsdp: Any):
+        handle = fsdp._handle
+        self.fsdp = fsdp
+        self.has_params = handle is not None
+        if handle is None:
+            return
+        self.flat_param = handle.flat_param
+        self.strategy: str = handle._sharding_strategy.name
+        self.use_orig_params: bool = handle._use_orig_params
+        self.fqns: list[str] = list(self.flat_param._fqns)
+        self.shard_infos: list[Any] = list(self.flat_param._shard_param_infos)  # in_shard, offset_in_shard, numel_in_shard
+        self.orig_params: list[Any] = list(self.flat_param._params or []) if self.use_orig_params else []
+        self.shared_params: list[Any] = list(self.flat_param._shared_params or []) if self.use_orig_params else []
+        self.process_group = fsdp.process_group
+        self.device_mesh = getattr(fsdp, "_device_mesh", None)
+        self.inter_node_group = getattr(fsdp, "_inter_node_pg", None)
+        self.predivide: float = fsdp._gradient_predivide_factor
+        self.postdivide: float = fsdp._gradient_postdivide_factor
+        self.fake_reduce: bool = bool(getattr(handle, "_use_fake_reduce", False))
+
+    @property
+    def comm_hook(self) -> Any:
+        return getattr(self.fsdp, "_comm_hook", None)
+
+    def set_comm_hook_state(self, state: Any) -> None:
+        self.fsdp._comm_hook_state = state
+
+    def accumulating(self) -> bool:
+        """A sharded gradient from an earlier backward is kept and will be added to this one."""
+        return hasattr(self.flat_param, "_saved_grad_shard")
+
+
+def is_fsdp1_flattened(param: Any) -> bool:
+    return bool(getattr(param, "_fsdp_flattened", False))
+
+
+# ------------------------------------------------------------------ FSDP2
+@_internal("FSDP2 internals (FSDPModule._get_fsdp_state()._fsdp_param_groups)")
+def fsdp2_param_groups(module: torch.nn.Module) -> list[tuple[Any, Any]]:
+    """(fully_shard module, its parameter group) for every module with exactly one group.
+
+    ``set_all_reduce_hook`` is refused for modules with several groups (per-parameter meshes);
+    their gradients are then measured after backward.
+    """
+    from torch.distributed.fsdp import FSDPModule
+
+    out = []
+    for m in module.modules():
+        if isinstance(m, FSDPModule):
+            groups = m._get_fsdp_state()._fsdp_param_groups
+            if len(groups) == 1:
+                out.append((m, groups[0]))
+    return out
+
+
+def fsdp2_has_all_reduce_hook(group: Any) -> bool:
+    return getattr(group, "_all_reduce_hook", None) is not None
+
+
+@_internal("FSDP2 parameter metadata (FSDPParam.sharded_param, sharded_size, padded_sharded_param_size)")
+def fsdp2_params(group: Any) -> list[tuple[Any, int, int]]:
+    """(sharded parameter, its local shard numel, its padded numel in the flat reduce output) in order."""
+    return [(fp.sharded_param, fp.sharded_size.numel(), fp.padded_sharded_param_size.numel()) for fp in group.fsdp_params]
+
+
+@_internal("FSDP2 gradient division factors (_fsdp_collectives._get_gradient_divide_factors)")
+def fsdp2_post_divides(group: Any, reduce_dtype: torch.dtype) -> bool:
+    """Whether FSDP2 divides the reduce output after the all-reduce hook (it then is not the final gradient)."""
+    from torch.distributed.fsdp._fully_shard._fsdp_collectives import _get_gradient_divide_factors
+    from torch.distributed.fsdp._fully_shard._fsdp_common import DDPMeshInfo, FSDPMeshInfo
+
+    info = group.mesh_info
+    rs_group = group._reduce_scatter_process_group if isinstance(info, FSDPMeshInfo) else None
+    ar_group = group._all_reduce_process_group if isinstance(info, DDPMeshInfo) else None
+    _, post, _, _ = _get_gradient_divide_factors(
+        rs_group, ar_group, reduce_dtype, group.device.type, group.gradient_divide_factor,
+        group.force_sum_reduction_for_comms)
+    return post is not None and post != 1
+
+
+# ------------------------------------------------------------------ process groups
+def group_ranks(group: Any) -> list[int]:
+    """Global ranks of a process group, in group-rank order."""
+    return list(dist.get_process_group_ranks(group))
