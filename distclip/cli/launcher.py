@@ -8,8 +8,9 @@
 3. refuses configurations with which Accelerate would silently run fewer processes than asked
    (each alone, or only one) on this machine;
 4. runs ``accelerate launch`` with that file and every other argument as given, and the distclip
-   section in ``$DISTCLIP_CONFIG`` (inline YAML) for every rank, where ``GradClipper``,
-   ``distclip.accelerate.enable`` and ``distclip.hf_trainer.enable`` read it.
+   section in ``$DISTCLIP_CONFIG`` (inline YAML; a temporary file's path when very long) for every
+   rank, where ``GradClipper``, ``distclip.accelerate.enable`` and ``distclip.hf_trainer.enable`` read
+   it; what it writes is first read back through ``ClipConfig.from_env`` and must give the same config.
 
 A plain ``accelerate launch`` user sets ``DISTCLIP_CONFIG`` (a path or inline YAML) instead.
 """
@@ -27,12 +28,14 @@ from typing import Any, Mapping
 
 import yaml
 
-from ..core.config import ENV_VAR, ClipConfig, ConfigError
+from ..core.config import ENV_VAR, ClipConfig, ConfigError, read_yaml_file
 
 SECTION = "distclip"
 NESTED_SECTIONS = ("fsdp_config", "deepspeed_config", "mpirun_config", "megatron_lm_config", "fp8_config",
                    "dynamo_config", "parallelism_config")
 GPU_TYPES = ("MULTI_GPU", "FSDP", "MEGATRON_LM")
+# Longer sections go to $DISTCLIP_CONFIG as a file path: Linux refuses an environment string over 128 KiB.
+INLINE_ENV_LIMIT = 32 * 1024
 
 
 class LaunchError(ValueError):
@@ -59,13 +62,10 @@ class LaunchPlan:
 
 def split_config(path: str | os.PathLike) -> SplitConfig:
     """Read a combined YAML and validate its ``distclip:`` section (raises :class:`ConfigError` naming the key)."""
-    path = str(path)
-    if not Path(path).is_file():
+    path = os.fsdecode(path)
+    if not os.path.isfile(path):  # never raises (a name too long, a NUL byte): those do not exist either
         raise LaunchError(f"config file {path!r} does not exist")
-    try:
-        data = yaml.safe_load(Path(path).read_text())
-    except yaml.YAMLError as err:
-        raise ConfigError(f"{path}: not valid YAML: {err}") from None
+    data = read_yaml_file(path, what="config file")  # ConfigError for non-UTF-8 text, bad YAML, unreadable
     if not isinstance(data, Mapping):
         raise ConfigError(f"{path}: expected a mapping of Accelerate settings with a '{SECTION}:' section")
     accelerate_part = {k: v for k, v in data.items() if k != SECTION}
@@ -111,13 +111,34 @@ def plan_launch(argv: list[str]) -> LaunchPlan:
         os.unlink(accelerate_file)
         raise
     env = dict(os.environ)
+    temp_files = [accelerate_file]
     if split.section is not None:
-        env[ENV_VAR] = yaml.safe_dump(split.section, default_flow_style=True, width=1 << 30).strip()
+        try:
+            env[ENV_VAR] = _section_for_env(split.section, temp_files)
+            check_env_round_trip(env, split.clip, config_path)
+        except BaseException:
+            for path in temp_files:
+                os.unlink(path)
+            raise
     command = [sys.executable, "-m", "accelerate.commands.launch", *_replace_config_file(argv, config_path, accelerate_file)]
     groups = "uniform" if split.clip is None or not (split.clip.groups or split.clip.per_layer) else "per-group"
     where = f"distclip config from '{SECTION}:' ({groups})" if split.section is not None else (
         f"no '{SECTION}:' section: ranks read ${ENV_VAR}" + (" (set)" if ENV_VAR in os.environ else " (unset: defaults)"))
-    return LaunchPlan(command, env, f"{summary}; {where}", [accelerate_file])
+    return LaunchPlan(command, env, f"{summary}; {where}", temp_files)
+
+
+def check_env_round_trip(env: Mapping[str, str], expected: ClipConfig | None, source: str = "config") -> None:
+    """Raise :class:`LaunchError` unless ``env`` gives every rank, through ``ClipConfig.from_env``, ``expected``."""
+    try:
+        received = ClipConfig.from_env(environ=env)
+    except ConfigError as err:
+        raise LaunchError(f"{source}: the '{SECTION}:' section written to ${ENV_VAR} does not load back: {err}") from None
+    if expected is None or received is None or received.fingerprint() != expected.fingerprint():
+        raise LaunchError(
+            f"{source}: the '{SECTION}:' section written to ${ENV_VAR} loads back as {received!r}, not as "
+            f"{expected!r}; please report this as a distclip bug (a plain `accelerate launch` with "
+            f"DISTCLIP_CONFIG=<path of a YAML file> avoids it)"
+        )
 
 
 def check_process_count(cluster: Any, args: argparse.Namespace, source: str = "config") -> str:
@@ -197,11 +218,21 @@ def _mpirun_version() -> bytes:
         return b""
 
 
-def _write_temp_yaml(data: Mapping[str, Any]) -> str:
-    handle, name = tempfile.mkstemp(prefix="distclip-accelerate-", suffix=".yaml")
+def _write_temp_yaml(data: Mapping[str, Any], prefix: str = "distclip-accelerate-") -> str:
+    handle, name = tempfile.mkstemp(prefix=prefix, suffix=".yaml")
     with os.fdopen(handle, "w") as f:
         yaml.safe_dump(dict(data), f, sort_keys=False)
     return name
+
+
+def _section_for_env(section: Any, temp_files: list[str]) -> str:
+    """The ``$DISTCLIP_CONFIG`` value for ``section``: inline YAML, or (when long) the path of a file holding it."""
+    inline = yaml.safe_dump(section, default_flow_style=True, width=1 << 30).strip()
+    if len(inline.encode("utf-8", "surrogateescape")) <= INLINE_ENV_LIMIT:
+        return inline
+    path = _write_temp_yaml(section, prefix="distclip-section-")
+    temp_files.append(path)
+    return path
 
 
 _CONFIG_OPTIONS = ("--config_file", "--config-file")

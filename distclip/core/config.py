@@ -11,7 +11,11 @@ import difflib
 import hashlib
 import json
 import math
+import numbers
 import os
+import re
+import stat
+import sys
 from pathlib import Path
 from typing import Annotated, Any, Literal, Mapping, Union
 
@@ -27,36 +31,138 @@ class ConfigError(ValueError):
     """Invalid distclip configuration. The message names the key, the value and what is allowed."""
 
 
+_INF_WORDS = {"inf", "infinity", ".inf"}
+_MAX_NORM_RULE = "must be a positive number (e.g. 1.0 or '1e-3'), or 'inf' to measure without clipping"
+_NORM_TYPE_RULE = "must be a number p > 0 (e.g. 1, 2, 3.5) or 'inf' (also 'max')"
+_TOO_LARGE = "the number is too large for a float64 (write 'inf' for no limit)"
+_DEPTH_RULE = (
+    "must be a whole number greater than or equal to 1: how many leading name components make one "
+    "layer (e.g. 2 groups 'blocks.3.attn.weight' under 'blocks.3')"
+)
+
+
+def _one_number(value: Any) -> Any:
+    """The Python scalar held by a numpy scalar/array or a torch tensor of exactly one element; else ``value``.
+
+    Read once at set-up (never on the per-step path), so the ``.item()`` host sync is harmless.
+    """
+    torch = sys.modules.get("torch")
+    if torch is not None and isinstance(value, torch.Tensor):
+        if value.numel() != 1:
+            raise ValueError(f"a tensor of shape {tuple(value.shape)} is not one number")
+        if value.is_meta or value.dtype is torch.bool or value.is_complex():
+            raise ValueError(f"a {value.dtype} tensor{' on meta' if value.is_meta else ''} is not a real number")
+        return value.detach().item()
+    numpy = sys.modules.get("numpy")
+    if numpy is not None and isinstance(value, (numpy.ndarray, numpy.generic)):
+        if value.size != 1:
+            raise ValueError(f"an array of shape {value.shape} is not one number")
+        return value.item()
+    return value
+
+
+def _real(value: Any, rule: str) -> float:
+    """A float from what users write: a real number (not a bool), a numeric string, a one-element array/tensor.
+
+    Raises ValueError(``rule`` plus the reason) otherwise; NaN and out-of-range checks are the caller's.
+    """
+    try:
+        value = _one_number(value)
+    except ValueError as err:
+        raise ValueError(f"{rule}; {err}") from None
+    if isinstance(value, str):
+        text = value.strip().lower()
+        if text.lstrip("+-") in _INF_WORDS:
+            return -math.inf if text.startswith("-") else math.inf
+        try:
+            number = float(text)
+        except ValueError:
+            raise ValueError(f"{rule}; this string is not a number") from None
+        if math.isinf(number):
+            raise ValueError(f"{rule}; {_TOO_LARGE}")
+        return number
+    if isinstance(value, bool):
+        raise ValueError(f"{rule}; a bool is not a number")
+    if not isinstance(value, numbers.Real):
+        raise ValueError(f"{rule}; got {type(value).__name__}")
+    try:
+        number = float(value)
+        overflowed = math.isinf(number) and value != number  # e.g. a Fraction or longdouble beyond float64
+    except OverflowError:
+        overflowed = True
+    except (TypeError, ValueError, ArithmeticError) as err:
+        raise ValueError(f"{rule}; {type(err).__name__}: {err}") from None
+    if overflowed:
+        raise ValueError(f"{rule}; {_TOO_LARGE}")
+    return number
+
+
 def _parse_norm_type(value: Any) -> float:
     """Accept any p > 0, or infinity (as a number, or the strings 'inf' / 'infinity' / 'max')."""
-    if isinstance(value, str) and value.strip().lower() in {"inf", "+inf", "infinity", "max"}:
+    if isinstance(value, str) and value.strip().lower() == "max":
         return math.inf
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise ValueError("must be a number p > 0 (e.g. 2.0) or 'inf'")
-    p = float(value)
+    p = _real(value, _NORM_TYPE_RULE)
     if math.isnan(p) or p <= 0:
-        raise ValueError("must be a number p > 0 (e.g. 1, 2, 3.5) or 'inf'; p <= 0 is not a norm")
+        raise ValueError(_NORM_TYPE_RULE + ("; NaN is not a number" if math.isnan(p) else "; p <= 0 is not a norm"))
     return p
 
 
 def _parse_max_norm(value: Any) -> float:
     """A positive threshold (inf allowed: measure without clipping)."""
-    if isinstance(value, str) and value.strip().lower() in {"inf", "+inf", "infinity"}:
-        return math.inf
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise ValueError("must be a positive number (e.g. 1.0)")
-    v = float(value)
+    v = _real(value, _MAX_NORM_RULE)
     if math.isnan(v) or v <= 0:
-        raise ValueError("must be a positive number (e.g. 1.0); use 'inf' to measure without clipping")
+        raise ValueError(_MAX_NORM_RULE + ("; NaN is not a threshold" if math.isnan(v) else ""))
     return v
 
 
+def _parse_depth(value: Any) -> int:
+    """A whole number >= 1: an int, an integral float (2.0) or a string of one ("2"); never a bool."""
+    try:
+        value = _one_number(value)
+    except ValueError as err:
+        raise ValueError(f"{_DEPTH_RULE}; {err}") from None
+    if isinstance(value, str):
+        try:
+            value = int(value.strip())
+        except ValueError:
+            raise ValueError(f"{_DEPTH_RULE}; this string is not a whole number") from None
+    elif isinstance(value, bool):
+        raise ValueError(f"{_DEPTH_RULE}; a bool is not a depth")
+    elif isinstance(value, numbers.Integral):
+        value = int(value)
+    elif isinstance(value, numbers.Real) and math.isfinite(value) and float(value).is_integer():
+        value = int(value)
+    else:
+        raise ValueError(f"{_DEPTH_RULE}; got {type(value).__name__} {_show(value)}")
+    if value < 1:
+        raise ValueError(_DEPTH_RULE)
+    return value
+
+
+def _parse_name(value: Any) -> Any:
+    if not isinstance(value, str):
+        raise ValueError(f"must be a string naming the group (quote numbers: name: '1'); got {type(value).__name__}")
+    if not value.strip():
+        raise ValueError("must be a non-empty group name, e.g. 'embed'")
+    return value
+
+
 def _as_pattern_list(value: Any) -> Any:
-    return [value] if isinstance(value, str) else value
+    """One glob string, or a list (tuple) of them; anything else (a mapping, a set: no stable order) is refused."""
+    if isinstance(value, str):
+        return [value]
+    if isinstance(value, (list, tuple)):
+        return list(value)
+    raise ValueError(
+        f"must be a glob string or a list of them, e.g. '*embed*' or ['*embed*', 'lm_head.*']; "
+        f"got {type(value).__name__}"
+    )
 
 
 NormType = Annotated[float, BeforeValidator(_parse_norm_type)]
 MaxNorm = Annotated[float, BeforeValidator(_parse_max_norm)]
+Depth = Annotated[int, BeforeValidator(_parse_depth)]
+GroupName = Annotated[str, BeforeValidator(_parse_name)]
 Patterns = Annotated[list[Annotated[str, Field(min_length=1)]], BeforeValidator(_as_pattern_list), Field(min_length=1)]
 
 
@@ -67,7 +173,7 @@ class _Section(BaseModel):
 class GroupSpec(_Section):
     """A named clip group: parameters whose canonical name matches one of the glob patterns."""
 
-    name: Annotated[str, Field(min_length=1)]
+    name: GroupName
     match: Patterns
     max_norm: MaxNorm | None = None
     norm_type: NormType | None = None
@@ -76,7 +182,7 @@ class GroupSpec(_Section):
 class PerLayerSpec(_Section):
     """One group per module prefix of ``depth`` name components, e.g. ``blocks.3`` at depth 2."""
 
-    depth: Annotated[int, Field(ge=1)]
+    depth: Depth
     match: Patterns = ["*"]
     max_norm: MaxNorm | None = None
     norm_type: NormType | None = None
@@ -136,7 +242,10 @@ class ClipConfig(_Section):
     def from_dict(cls, data: Mapping[str, Any], source: str = "config") -> "ClipConfig":
         """Validate a mapping; raise :class:`ConfigError` naming the bad key, its value and what is allowed."""
         if not isinstance(data, Mapping):
-            raise ConfigError(f"{source}: expected a mapping of distclip settings, got {type(data).__name__}: {data!r}")
+            raise ConfigError(
+                f"{source}: expected a mapping of distclip settings (e.g. {{max_norm: 1.0}}), "
+                f"got {type(data).__name__}: {_show(data)}"
+            )
         try:
             return cls.model_validate(dict(data))
         except ValidationError as err:
@@ -145,26 +254,34 @@ class ClipConfig(_Section):
     @classmethod
     def from_yaml(cls, path: str | os.PathLike) -> "ClipConfig":
         """Load a YAML (or JSON) file. A file with a top-level ``distclip:`` section uses that section."""
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"distclip config file {str(path)!r} does not exist (or is not a file)")
-        return cls.from_dict(_distclip_section(_load_yaml(path.read_text(), str(path)), str(path)), source=str(path))
+        name = _path_name(path)
+        return cls.from_dict(_distclip_section(read_yaml_file(name), name), source=name)
 
     @classmethod
-    def from_env(cls, var: str = ENV_VAR) -> "ClipConfig | None":
-        """Read ``$DISTCLIP_CONFIG``: a path to a YAML file, or inline YAML. None when unset."""
-        raw = os.environ.get(var)
+    def from_env(cls, var: str = ENV_VAR, environ: Mapping[str, str] | None = None) -> "ClipConfig | None":
+        """Read ``$DISTCLIP_CONFIG``: a path to a YAML file, or inline YAML. None when unset.
+
+        ``environ`` (default ``os.environ``) lets a launcher check the environment it gives its ranks.
+        """
+        raw = (os.environ if environ is None else environ).get(var)
         if raw is None or not raw.strip():
             return None
-        if Path(raw).is_file():
+        source = f"${var}"
+        if os.path.isfile(raw):  # False (never an error) for inline YAML, however long: no ENAMETOOLONG
             return cls.from_yaml(raw)
-        data = _load_yaml(raw, f"${var}")
+        data = _load_yaml(raw, source)
         if not isinstance(data, Mapping):
+            if os.path.isdir(raw):
+                problem = "is a directory"
+            elif "\n" not in raw and (os.sep in raw or raw.strip().endswith((".yaml", ".yml", ".json"))):
+                problem = "is not an existing file"
+            else:
+                problem = f"is neither an existing file nor an inline YAML mapping (it reads as a {type(data).__name__})"
             raise ConfigError(
-                f"${var}={raw!r} is neither an existing file nor inline YAML mapping; "
-                f"set it to a config path or e.g. '{{max_norm: 1.0, norm_type: 2}}'"
+                f"{source}={_show(raw)} {problem}; set it to a YAML file's path or to inline YAML, "
+                f"e.g. '{{max_norm: 1.0, norm_type: 2}}'"
             )
-        return cls.from_dict(_distclip_section(data, f"${var}"), source=f"${var}")
+        return cls.from_dict(_distclip_section(data, source), source=source)
 
     # ---------------------------------------------------------------- utilities
     def replace(self, **changes: Any) -> "ClipConfig":
@@ -201,30 +318,91 @@ def load_config(spec: "ClipConfig | Mapping[str, Any] | str | os.PathLike | None
 
 
 # --------------------------------------------------------------------- helpers
+def read_yaml_file(path: str | os.PathLike, what: str = "distclip config file") -> Any:
+    """The parsed content of a UTF-8 YAML (or JSON) file; :class:`ConfigError` saying what is wrong otherwise."""
+    name = _path_name(path)
+    try:
+        mode = os.stat(name).st_mode
+    except (FileNotFoundError, NotADirectoryError):
+        raise ConfigError(f"{what} {_show(name)} does not exist") from None
+    except (OSError, ValueError) as err:  # a name too long, a NUL byte, no permission on a folder
+        raise ConfigError(f"{what} {_show(name)} cannot be opened: {_reason(err)}") from None
+    if stat.S_ISDIR(mode):
+        raise ConfigError(f"{what} {_show(name)} is a directory; give the path of a YAML file")
+    if not stat.S_ISREG(mode):
+        raise ConfigError(f"{what} {_show(name)} is not a regular file (or does not exist); give a YAML file")
+    try:
+        data = Path(name).read_bytes()
+    except OSError as err:
+        raise ConfigError(f"{what} {_show(name)} cannot be read: {_reason(err)}") from None
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as err:
+        raise ConfigError(
+            f"{what} {_show(name)} is not UTF-8 text (byte {_show(data[err.start:err.start + 1])} at offset "
+            f"{err.start}); save it as UTF-8"
+        ) from None
+    return _load_yaml(text, name)
+
+
 def _load_yaml(text: str, source: str) -> Any:
     try:
         return yaml.safe_load(text)
     except yaml.YAMLError as err:
-        raise ConfigError(f"{source}: not valid YAML: {err}") from None
+        raise ConfigError(f"{source}: not valid YAML: {_printable(str(err))}") from None
+    except (ValueError, TypeError, OverflowError, RecursionError) as err:  # e.g. a date 2024-02-30, deep nesting
+        raise ConfigError(f"{source}: YAML that cannot be read: {type(err).__name__}: {_printable(str(err))}") from None
 
 
 def _distclip_section(data: Any, source: str) -> Any:
     if isinstance(data, Mapping) and "distclip" in data:
-        return data["distclip"]
+        return data["distclip"] if data["distclip"] is not None else {}
     if data is None:
         return {}
     return data
 
 
+def _path_name(path: Any) -> str:
+    try:
+        return os.fsdecode(path)
+    except TypeError:
+        raise ConfigError(f"a distclip config path must be a str or os.PathLike, got {type(path).__name__}") from None
+
+
+def _reason(err: BaseException) -> str:
+    return getattr(err, "strerror", None) or str(err) or type(err).__name__
+
+
+def _printable(text: str) -> str:
+    """``text`` with lone surrogates (undecodable bytes from a file or the environment) escaped."""
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+def _show(value: Any, limit: int = 120) -> str:
+    """A short ``repr`` for messages: never raises, never prints a whole huge value."""
+    if isinstance(value, int) and not isinstance(value, bool) and value.bit_length() > 256:
+        return f"<an int of {len(str(abs(value))) if value.bit_length() < 10_000 else 'thousands of'} digits>"
+    try:
+        text = _printable(repr(value))
+    except Exception:  # a deeply nested value, an object whose __repr__ fails
+        return f"<a {type(value).__name__}>"
+    return text if len(text) <= limit else f"{text[:limit - 30]}...{text[-12:]} ({len(text)} characters)"
+
+
+_PLAIN_KEY = re.compile(r"[A-Za-z_][A-Za-z0-9_-]*")
+
+
 def _format_loc(loc: tuple[Any, ...]) -> str:
     out = ""
-    for part in loc:
+    for i, part in enumerate(loc):
         if isinstance(part, int):
             out += f"[{part}]"
-        elif part in POLICY_KINDS:  # the discriminated-union tag adds no information
+        elif i > 0 and loc[i - 1] == "policy" and part in POLICY_KINDS:  # the union's tag adds no information
             continue
-        else:
-            out += f".{part}" if out else str(part)
+        elif isinstance(part, str) and _PLAIN_KEY.fullmatch(part):
+            out += f".{part}" if out else part
+        else:  # an empty key, spaces, dots, control characters: quoted so the message reads unambiguously
+            out += f"[{_show(part)}]"
     return out or "<root>"
 
 
@@ -239,6 +417,27 @@ def _allowed_keys(loc: tuple[Any, ...]) -> list[str]:
     return list(model.model_fields)
 
 
+# What a section or list item holds, added to pydantic's own type errors ("Input should be a valid list").
+_EXPECTED = {
+    "groups": "a list of groups, e.g. [{name: embed, match: '*embed*', max_norm: 0.1}]",
+    "groups[]": "a mapping {name: ..., match: ..., max_norm: ..., norm_type: ...} (max_norm, norm_type optional)",
+    "match[]": "a non-empty glob string, e.g. '*embed*'",
+    "per_layer": "a mapping {depth: N, match: ..., max_norm: ..., norm_type: ...} (only depth required)",
+    "policy": "a mapping with a 'kind' key",
+    "comm_hook": "true or false",
+    "check_consistency": "true or false",
+}
+
+
+def _expected(loc: tuple[Any, ...]) -> str:
+    """What is allowed at ``loc``, for pydantic's built-in errors (distclip's validators say it themselves)."""
+    keys = [part for part in loc if isinstance(part, str)]
+    if not keys:
+        return ""
+    key = keys[-1] + ("[]" if isinstance(loc[-1], int) else "")
+    return _EXPECTED.get(key, "")
+
+
 def _explain(err: ValidationError, source: str) -> str:
     lines = []
     for e in err.errors():
@@ -248,14 +447,24 @@ def _explain(err: ValidationError, source: str) -> str:
             allowed = _allowed_keys(loc)
             hint = difflib.get_close_matches(str(loc[-1]), allowed, n=1)
             lines.append(
-                f"{where}: unknown key (value {e['input']!r}); allowed keys here: {', '.join(allowed)}"
+                f"{where}: unknown key (value {_show(e['input'])}); allowed keys here: {', '.join(allowed)}"
                 + (f"; did you mean {hint[0]!r}?" if hint else "")
             )
-        elif e["type"] == "union_tag_invalid":
-            lines.append(f"{where}: unknown policy kind {e['input'].get('kind')!r}; allowed: {', '.join(POLICY_KINDS)}")
+        elif e["type"] == "invalid_key":
+            parent = _format_loc(loc[:-1])
+            lines.append(
+                f"{parent}: key {_show(e['input'])} ({type(e['input']).__name__}) is not a string; "
+                f"allowed keys here: {', '.join(_allowed_keys(loc))}"
+            )
+        elif e["type"] in ("union_tag_invalid", "union_tag_not_found"):
+            kind = e["input"].get("kind") if isinstance(e["input"], Mapping) else None
+            problem = f"unknown policy kind {_show(kind)}" if e["type"] == "union_tag_invalid" else "no 'kind' key"
+            lines.append(f"{where}: {problem}; allowed kinds: {', '.join(POLICY_KINDS)} (e.g. {{kind: fixed}})")
         elif e["type"] == "missing":
             lines.append(f"{where}: required key is missing")
         else:
             msg = e["msg"].removeprefix("Value error, ")
-            lines.append(f"{where} = {e['input']!r}: {msg}" if loc else msg)
+            expected = _expected(loc) if e["type"] != "value_error" else ""
+            msg += f"; expected {expected}" if expected else ""
+            lines.append(f"{where} = {_show(e['input'])}: {msg}" if loc else msg)
     return f"invalid distclip config ({source}):\n  " + "\n  ".join(lines)
