@@ -1,4 +1,4 @@
-"""Assign parameters to clip groups: explicit glob groups, the per-layer or per-parameter shorthand, then ``default``."""
+"""Assign parameters to clip groups: explicit glob groups, the per-layer or per-parameter shorthand, ``default``."""
 
 from __future__ import annotations
 
@@ -108,7 +108,8 @@ def resolve_groups(config: ClipConfig, param_names: Sequence[str], warn_empty: b
             assignment[name] = prefix
         else:
             assignment[name] = DEFAULT_GROUP
-    groups = (*explicit, *shorthand.values(), ClipGroup(DEFAULT_GROUP, config.max_norm, config.norm_type, origin="default"))
+    default = ClipGroup(DEFAULT_GROUP, config.max_norm, config.norm_type, origin="default")
+    groups = (*explicit, *shorthand.values(), default)
     position = {g.name: i for i, g in enumerate(groups)}
     if warn_empty:
         used = set(assignment.values())

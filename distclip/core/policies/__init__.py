@@ -20,7 +20,9 @@ from .policyset import PolicySet
 from .spikes import SpikeDetector
 from .zclip import ZClipPolicy
 
-POLICIES: dict[str, type[ClipPolicy]] = {cls.kind: cls for cls in (FixedPolicy, ZClipPolicy, AutoClipPolicy, AdaGCPolicy)}
+POLICIES: dict[str, type[ClipPolicy]] = {
+    cls.kind: cls for cls in (FixedPolicy, ZClipPolicy, AutoClipPolicy, AdaGCPolicy)
+}
 
 __all__ = [
     "EPS", "POLICIES", "AdaGCPolicy", "AutoClipPolicy", "ClipPolicy", "FixedPolicy", "PolicySet", "SpikeDetector",

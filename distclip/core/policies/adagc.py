@@ -62,7 +62,9 @@ class AdaGCPolicy(ClipPolicy):
         coefs = torch.where(warming, clip_coefficients(self.max_norm, covered), clip_coefficients(adaptive, norms))
         return thresholds, coefs
 
-    def update(self, group_norms: torch.Tensor, total_norm: torch.Tensor, coefs: torch.Tensor, accepted: torch.Tensor) -> None:
+    def update(
+        self, group_norms: torch.Tensor, total_norm: torch.Tensor, coefs: torch.Tensor, accepted: torch.Tensor
+    ) -> None:
         st = self._on(group_norms.device)
         norms = group_norms.to(F64)
         ok = self._usable(norms, accepted)

@@ -54,7 +54,9 @@ class AutoClipPolicy(ClipPolicy):
         thresholds = torch.minimum(self._quantiles(st), self._const["max_norm"])
         return thresholds, clip_coefficients(thresholds, norms)
 
-    def update(self, group_norms: torch.Tensor, total_norm: torch.Tensor, coefs: torch.Tensor, accepted: torch.Tensor) -> None:
+    def update(
+        self, group_norms: torch.Tensor, total_norm: torch.Tensor, coefs: torch.Tensor, accepted: torch.Tensor
+    ) -> None:
         st = self._on(group_norms.device)
         norms = group_norms.to(F64)
         ok = self._usable(norms, accepted)

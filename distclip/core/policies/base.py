@@ -33,7 +33,9 @@ class Stateful:
     kind: ClassVar[str] = ""
     version: ClassVar[int] = 1
 
-    def __init__(self, num_groups: int | None, state: dict[str, torch.Tensor], const: dict[str, torch.Tensor] | None = None):
+    def __init__(
+        self, num_groups: int | None, state: dict[str, torch.Tensor], const: dict[str, torch.Tensor] | None = None
+    ):
         self.num_groups = num_groups
         self._state = state
         self._const = const or {}
@@ -62,8 +64,11 @@ class Stateful:
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Load a :meth:`state_dict` of the same kind, version, group count and sizes (else ConfigError)."""
-        self._state = self._checked(state)
-        self._device = None  # moved to the norms' device on the next call
+        self._install(self._checked(state))
+
+    def _install(self, tensors: dict[str, torch.Tensor]) -> None:
+        """Take checked state tensors; they move to the norms' device on the next call."""
+        self._state, self._device = tensors, None
 
     def _checked(self, state: Mapping[str, Any]) -> dict[str, torch.Tensor]:
         """The tensors of ``state``, after checking it fits this object; raises ConfigError naming the mismatch."""
@@ -76,7 +81,9 @@ class Stateful:
                 f"a clipper configured with policy kind {state.get('kind')!r}, or start this policy afresh"
             )
         if state.get("version") != self.version:
-            raise ConfigError(f"{what}: saved with version {state.get('version')!r}, this distclip reads version {self.version}")
+            raise ConfigError(
+                f"{what}: saved with version {state.get('version')!r}, this distclip reads version {self.version}"
+            )
         if self.num_groups is not None and state.get("num_groups") != self.num_groups:
             raise ConfigError(
                 f"{what}: saved for {state.get('num_groups')!r} groups but this policy covers {self.num_groups}; "
@@ -132,7 +139,9 @@ class ClipPolicy(Stateful):
     def coefficients(self, group_norms: torch.Tensor, total_norm: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         raise NotImplementedError
 
-    def update(self, group_norms: torch.Tensor, total_norm: torch.Tensor, coefs: torch.Tensor, accepted: torch.Tensor) -> None:
+    def update(
+        self, group_norms: torch.Tensor, total_norm: torch.Tensor, coefs: torch.Tensor, accepted: torch.Tensor
+    ) -> None:
         raise NotImplementedError
 
     def thresholds(self, group_norms: torch.Tensor) -> torch.Tensor:

@@ -52,7 +52,11 @@ class PolicySet:
             coefs.index_copy_(0, index, c)
         return thresholds, coefs
 
-    def update(self, group_norms: torch.Tensor, total_norm: torch.Tensor, coefs: torch.Tensor, accepted: torch.Tensor) -> None:
+    def update(
+        self, group_norms: torch.Tensor, total_norm: torch.Tensor, coefs: torch.Tensor, accepted: torch.Tensor
+    ) -> None:
+        """Each policy learns from its groups; a step with a non-finite norm in ANY group teaches none of them."""
+        accepted = accepted.to(group_norms.device) & torch.isfinite(group_norms).all() & torch.isfinite(total_norm)
         if self._whole:
             self.members[0][0].update(group_norms, total_norm, coefs, accepted)
             return
@@ -77,7 +81,9 @@ class PolicySet:
                 f"{state.get('kind') if isinstance(state, Mapping) else type(state).__name__!r}"
             )
         if state.get("version") != self.version:
-            raise ConfigError(f"distclip policy state: saved with version {state.get('version')!r}, this distclip reads {self.version}")
+            raise ConfigError(
+                f"distclip policy state: saved with version {state.get('version')!r}, this distclip reads {self.version}"
+            )
         if list(state.get("groups", [])) != self.names:
             raise ConfigError(
                 f"distclip policy state: saved for groups {state.get('groups')} but this clipper has {self.names}; "
@@ -93,4 +99,4 @@ class PolicySet:
             )
         checked = [policy._checked(saved[self.names[ix[0]]]) for policy, ix in self.members]
         for (policy, _), tensors in zip(self.members, checked):
-            policy._state, policy._device = tensors, None
+            policy._install(tensors)

@@ -42,7 +42,9 @@ class SpikeDetector(Stateful):
         exceeds = (x - mean) > self.spec.sigma_factor * var.sqrt()
         return exceeds & (n >= self.spec.min_observations) & torch.isfinite(x)
 
-    def update(self, group_norms: torch.Tensor, total_norm: torch.Tensor, coefs: torch.Tensor, accepted: torch.Tensor) -> None:
+    def update(
+        self, group_norms: torch.Tensor, total_norm: torch.Tensor, coefs: torch.Tensor, accepted: torch.Tensor
+    ) -> None:
         """Record the total norm of an accepted, finite step; anything else leaves the state bitwise unchanged."""
         st = self._on(total_norm.device)
         x = total_norm.to(F64).reshape(1)

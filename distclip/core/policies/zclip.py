@@ -13,8 +13,10 @@ Same trajectory as the ``zclip`` package's ``ZClip.step`` on the same norms:
   ``mean <- a mean + (1-a) x``, ``var <- a var + (1-a) (x - mean_new)^2``; with
   ``skip_update_on_spike`` a spike leaves the EMA alone.
 
-The one difference from the package: a norm just below its cap (within 1e-6) gets torch's
-coefficient ``cap / (norm + 1e-6)`` where the package leaves it at 1.
+Differences from the package: only accepted, finite steps count (warm-up included), where the
+package would record a NaN norm; and a norm just below its cap (within 1e-6) gets torch's
+coefficient ``cap / (norm + 1e-6)`` where the package leaves it at 1. When no spike is found
+the reported threshold is the cap (``inf`` without one), not the norm itself.
 """
 
 from __future__ import annotations
@@ -66,7 +68,9 @@ class ZClipPolicy(ClipPolicy):
         thresholds = torch.where(st["count"] >= self.spec.warmup_steps, adaptive, cap)
         return thresholds, clip_coefficients(thresholds, norms)
 
-    def update(self, group_norms: torch.Tensor, total_norm: torch.Tensor, coefs: torch.Tensor, accepted: torch.Tensor) -> None:
+    def update(
+        self, group_norms: torch.Tensor, total_norm: torch.Tensor, coefs: torch.Tensor, accepted: torch.Tensor
+    ) -> None:
         st = self._on(group_norms.device)
         norms = group_norms.to(F64)
         W, alpha = self.spec.warmup_steps, self.spec.alpha
