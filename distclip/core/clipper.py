@@ -17,7 +17,7 @@ from .errors import NonFiniteGradientError, StateDictError, UsageError
 from .groups import GroupTable, resolve_groups
 from .names import canonical_name
 from .norms import SlotLayout
-from .policies import ClipPolicy, build_policy
+from .policies import PolicySet, SpikeDetector, build_policies, build_spike_detector
 from .reduce import check_consistency, reduce_slots
 from .report import ClipReport
 
@@ -63,7 +63,7 @@ class GradClipper:
                 FutureWarning, stacklevel=2)
         self.adapter: GradAdapter = adapter_for(model)
         _refuse_meta_parameters(self.adapter)
-        if not self.adapter.has_names and (self.config.groups or self.config.per_layer):
+        if not self.adapter.has_names and (self.config.groups or self.config.per_layer or self.config.per_parameter):
             raise ConfigError(
                 "per-group clipping needs parameter names, but bare parameters were given: pass the "
                 "model itself or model.named_parameters()"
@@ -75,7 +75,8 @@ class GradClipper:
             self._excluded = len(self.table.groups) - 1
         self.layout = SlotLayout.build(self.table.groups, self.config.norm_type)
         self.adapter.bind(self.table, self.layout)
-        self.policy: ClipPolicy = build_policy(self.config.policy, self.table.groups)
+        self.policy: PolicySet = build_policies(self.config, self.table.groups)
+        self.spikes: SpikeDetector | None = build_spike_detector(self.config)
         self.group_names = self.table.names[: self._excluded]  # the hidden group is last: never reported
         self._visible = list(range(len(self.group_names)))
         self.steps = 0
@@ -111,14 +112,17 @@ class GradClipper:
 
     def state_dict(self) -> dict[str, Any]:
         """Everything a resume needs to continue with the same coefficients (policy state by group name)."""
-        return {"version": STATE_VERSION, "groups": list(self.group_names), "steps": self.steps,
-                "policy": self.policy.state_dict()}
+        state = {"version": STATE_VERSION, "groups": list(self.group_names), "steps": self.steps,
+                 "policy": self.policy.state_dict()}
+        if self.spikes is not None:
+            state["skip_spikes"] = self.spikes.state_dict()
+        return state
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Restore :meth:`state_dict`; a state of another version, group layout or policy is a :class:`StateDictError`."""
         if not isinstance(state, Mapping):
             raise StateDictError(f"distclip state must be the mapping GradClipper.state_dict() returned, got {type(state).__name__}")
-        unknown = set(state) - {"version", "groups", "steps", "policy"}
+        unknown = set(state) - {"version", "groups", "steps", "policy", "skip_spikes"}
         if unknown:
             raise StateDictError(f"distclip state has unknown keys {sorted(unknown)}: it is not a GradClipper.state_dict()")
         version = state.get("version")
@@ -145,7 +149,15 @@ class GradClipper:
                     f"distclip state holds the state of policy {kind!r}, but this clipper's policy is "
                     f"{self.policy.kind!r}: load it into a clipper built with the same config"
                 )
+        if (self.spikes is None) != ("skip_spikes" not in state):
+            raise StateDictError(
+                "distclip state and this clipper disagree on skip_spikes (one has it, the other not): load it into "
+                "a clipper built with the same config")
+        if self.spikes is not None:
+            self.spikes._checked(state["skip_spikes"])  # all checks pass before anything is loaded
         self.policy.load_state_dict(dict(policy))
+        if self.spikes is not None:
+            self.spikes.load_state_dict(state["skip_spikes"])
         self.steps = steps
 
     @property
@@ -213,30 +225,38 @@ class GradClipper:
         thresholds, coefs = self.policy.coefficients(group_norms, total_norm)
         coefs = coefs.float()  # fp32 values (exact): what multiplies the gradients, as in torch
         finite = torch.isfinite(reduced).all()
+        spike = self.spikes.skip(group_norms, total_norm) if self.spikes is not None else None
         skipped, reason = False, None
         if apply:
-            mode = self.config.nonfinite
-            accepted = finite
-            if mode == "ignore":  # no host sync at all: always multiply, as torch does
+            accepted = finite if spike is None else finite & ~spike  # what the policies may learn from
+            if self.config.nonfinite == "ignore" and spike is None:  # no host sync at all: always multiply, as torch
                 if fold is not None:
                     fold(coefs)
                 else:
                     self.adapter.scale(coefs, self._visible)
             else:
-                # The one host sync: the non-finite decision, and which groups are clipped at all
-                # (multiplying by exactly 1.0 changes nothing, so unclipped groups are not touched).
-                finite_flag, *host_coefs = torch.cat([finite.float().reshape(1), coefs]).tolist()
-                if finite_flag:
+                # The one host sync: the non-finite and spike decisions, and which groups are clipped at
+                # all (multiplying by exactly 1.0 changes nothing, so unclipped groups are not touched).
+                flags = [finite.float().reshape(1), (spike if spike is not None else ~finite).float().reshape(1)]
+                finite_flag, spike_flag, *host_coefs = torch.cat([*flags, coefs]).tolist()
+                if finite_flag and spike_flag:  # a spike: skip the step, like a non-finite one
+                    self.adapter.drop_grads()
+                    skipped, reason = True, "spike"
+                elif finite_flag:
                     clipped = [g for g in self._visible if host_coefs[g] < 1.0]
                     if clipped and fold is not None:
                         fold(coefs)
                     elif clipped:
                         self.adapter.scale(coefs, clipped, host_coefs)
+                elif self.config.nonfinite == "ignore":  # torch semantics, also with skip_spikes on
+                    self.adapter.scale(coefs, self._visible)
                 else:
                     skipped, reason = self._handle_nonfinite(reduced, scaler_managed=pending_scale is not None)
+                if skipped or (not finite_flag and self.config.nonfinite == "zero"):
                     coefs = torch.zeros_like(coefs)
-                    accepted = torch.zeros((), dtype=torch.bool, device=coefs.device)
             self.policy.update(group_norms, total_norm, coefs, accepted)
+            if self.spikes is not None:
+                self.spikes.update(group_norms, total_norm, coefs, accepted)
             self.steps += 1
         report = ClipReport(
             total_norm=total_norm.float(),

@@ -177,6 +177,7 @@ class GroupSpec(_Section):
     match: Patterns
     max_norm: MaxNorm | None = None
     norm_type: NormType | None = None
+    policy: "PolicySpec | None" = None  # None: the top-level policy
 
 
 class PerLayerSpec(_Section):
@@ -186,6 +187,21 @@ class PerLayerSpec(_Section):
     match: Patterns = ["*"]
     max_norm: MaxNorm | None = None
     norm_type: NormType | None = None
+    policy: "PolicySpec | None" = None  # one policy over all the per-layer groups; None: the top-level one
+
+
+# ------------------------------------------------------------------ policies
+def _not_bool(value: Any) -> Any:
+    """Numbers only: pydantic would otherwise read ``true`` as 1."""
+    if isinstance(value, bool):
+        raise ValueError("must be a number, not a boolean")
+    return value
+
+
+Count = Annotated[int, BeforeValidator(_not_bool), Field(ge=1)]
+PositiveFloat = Annotated[float, BeforeValidator(_not_bool), Field(gt=0, allow_inf_nan=False)]
+UnitOpen = Annotated[float, BeforeValidator(_not_bool), Field(gt=0, lt=1)]  # (0, 1)
+UnitClosed = Annotated[float, BeforeValidator(_not_bool), Field(ge=0, le=1)]  # [0, 1]
 
 
 class FixedPolicySpec(_Section):
@@ -194,9 +210,76 @@ class FixedPolicySpec(_Section):
     kind: Literal["fixed"] = "fixed"
 
 
-# Adaptive policies join this union (and POLICY_KINDS) as new ``kind`` values.
-PolicySpec = Annotated[Union[FixedPolicySpec], Field(discriminator="kind")]
-POLICY_KINDS: dict[str, type[BaseModel]] = {"fixed": FixedPolicySpec}
+class ZClipPolicySpec(_Section):
+    """ZClip (arXiv 2504.02507): z-score spike detection on an EMA of the group norm.
+
+    The group's ``max_norm`` caps every threshold (ZClip's ``max_grad_norm``; ``inf``: no cap)
+    and is the threshold during warm-up. ``clip_option`` is used in ``zscore`` mode only.
+    """
+
+    kind: Literal["zclip"] = "zclip"
+    alpha: UnitOpen = 0.97
+    z_thresh: PositiveFloat = 2.5
+    warmup_steps: Count = 25
+    mode: Literal["zscore", "percentile"] = "zscore"
+    clip_option: Literal["adaptive_scaling", "mean"] = "adaptive_scaling"
+    clip_factor: PositiveFloat = 1.0
+    skip_update_on_spike: bool = False
+    eps: PositiveFloat = 1e-6
+
+
+class AutoClipPolicySpec(_Section):
+    """AutoClip (arXiv 2007.14469), as the ``autoclip`` package: the ``quantile`` of the last
+    ``history_length`` norms, taken BEFORE the current norm joins them (first step unclipped).
+
+    The group's ``max_norm`` caps the threshold (``inf``: no cap, as the package).
+    """
+
+    kind: Literal["autoclip"] = "autoclip"
+    quantile: UnitClosed = 0.9
+    history_length: Count = 1000
+
+
+class AdaGCPolicySpec(_Section):
+    """AdaGC (arXiv 2502.11034): per-group thresholds ``lambda_rel * gamma_i``, gamma an EMA of
+    the clipped norm. During ``warmup_steps`` the covered groups are clipped together at their
+    ``max_norm`` on the norm over all of them. Meant for ``per_parameter`` groups."""
+
+    kind: Literal["adagc"] = "adagc"
+    lambda_rel: PositiveFloat = 1.05
+    beta: UnitOpen = 0.98
+    warmup_steps: Count = 100
+
+
+PolicySpec = Annotated[
+    Union[FixedPolicySpec, ZClipPolicySpec, AutoClipPolicySpec, AdaGCPolicySpec], Field(discriminator="kind")
+]
+POLICY_KINDS: dict[str, type[BaseModel]] = {
+    "fixed": FixedPolicySpec,
+    "zclip": ZClipPolicySpec,
+    "autoclip": AutoClipPolicySpec,
+    "adagc": AdaGCPolicySpec,
+}
+GroupSpec.model_rebuild()
+PerLayerSpec.model_rebuild()
+
+
+class SkipSpikesSpec(_Section):
+    """Skip a step whose total norm is more than ``sigma_factor`` standard deviations above the
+    mean of the last ``window`` accepted steps (once ``min_observations`` of them exist)."""
+
+    window: Annotated[int, BeforeValidator(_not_bool), Field(ge=2)] = 128
+    sigma_factor: PositiveFloat = 6.0
+    min_observations: Annotated[int, BeforeValidator(_not_bool), Field(ge=2)] = 16
+
+    @model_validator(mode="after")
+    def _enough_window(self) -> "SkipSpikesSpec":
+        if self.min_observations > self.window:
+            raise ValueError(
+                f"min_observations = {self.min_observations} exceeds window = {self.window}: the window "
+                "never holds that many norms; lower min_observations or widen the window"
+            )
+        return self
 
 
 class ClipConfig(_Section):
@@ -209,7 +292,11 @@ class ClipConfig(_Section):
         per_layer: shorthand for one group per module prefix (after the explicit groups).
         nonfinite: ``skip`` (drop this step), ``error`` (raise on every rank), ``zero`` (zero the
             gradients) or ``ignore`` (torch semantics: scale by the non-finite norm).
-        policy: threshold policy; ``fixed`` uses each group's ``max_norm``.
+        per_parameter: shorthand for one group per parameter tensor, named by its canonical name
+            (after the explicit groups; not with ``per_layer``).
+        policy: threshold policy of every group without its own ``policy``; ``fixed`` uses each
+            group's ``max_norm``; ``zclip``, ``autoclip``, ``adagc`` adapt it.
+        skip_spikes: skip steps whose total norm is a spike (z-score over recent accepted steps).
         comm_hook: compute the norm inside DDP's gradient reduction (comm hook) when possible.
         check_consistency: at set-up, verify every rank has the same config and group layout.
     """
@@ -218,8 +305,10 @@ class ClipConfig(_Section):
     norm_type: NormType = 2.0
     groups: list[GroupSpec] = []
     per_layer: PerLayerSpec | None = None
+    per_parameter: bool = False
     nonfinite: Literal["skip", "error", "zero", "ignore"] = "skip"
     policy: PolicySpec = FixedPolicySpec()
+    skip_spikes: SkipSpikesSpec | None = None
     comm_hook: bool = True
     check_consistency: bool = True
 
@@ -235,6 +324,15 @@ class ClipConfig(_Section):
             if group.name in seen:
                 raise ValueError(f"groups[{i}].name = {group.name!r} is used twice; group names must be unique")
             seen.add(group.name)
+        return self
+
+    @model_validator(mode="after")
+    def _one_shorthand(self) -> "ClipConfig":
+        if self.per_parameter and self.per_layer is not None:
+            raise ValueError(
+                "per_parameter: true and per_layer both make the groups of the unmatched parameters; "
+                "keep one of them (explicit groups still come first)"
+            )
         return self
 
     # ----------------------------------------------------------------- loading
@@ -409,11 +507,12 @@ def _format_loc(loc: tuple[Any, ...]) -> str:
 def _allowed_keys(loc: tuple[Any, ...]) -> list[str]:
     """The keys allowed in the section that holds ``loc``'s last key."""
     model: type[BaseModel] = ClipConfig
-    if len(loc) > 1:
-        if loc[0] == "policy":
-            model = POLICY_KINDS.get(loc[1], FixedPolicySpec)
-        else:
-            model = {"groups": GroupSpec, "per_layer": PerLayerSpec}.get(loc[0], ClipConfig)
+    if "policy" in loc[:-1]:  # top-level, a group's or per_layer's policy: the kind follows the key
+        kind = loc[loc.index("policy") + 1]
+        model = POLICY_KINDS.get(kind, FixedPolicySpec)
+    elif len(loc) > 1:
+        sections = {"groups": GroupSpec, "per_layer": PerLayerSpec, "skip_spikes": SkipSpikesSpec}
+        model = sections.get(loc[0], ClipConfig)
     return list(model.model_fields)
 
 

@@ -1,4 +1,4 @@
-"""Assign parameters to clip groups: explicit glob groups, the per-layer shorthand, then ``default``."""
+"""Assign parameters to clip groups: explicit glob groups, the per-layer or per-parameter shorthand, ``default``."""
 
 from __future__ import annotations
 
@@ -16,11 +16,17 @@ EXCLUDED_GROUP = "<not clipped>"  # hidden trailing group of the parameters outs
 
 @dataclass(frozen=True)
 class ClipGroup:
-    """One clip group: its threshold and norm type, resolved from the config."""
+    """One clip group: its threshold and norm type, resolved from the config.
+
+    ``origin``: the config section that made it (``groups``, ``per_layer``, ``per_parameter``,
+    ``default``, or ``excluded`` for the hidden group of a clipped subset); it decides which
+    ``policy`` the group follows.
+    """
 
     name: str
     max_norm: float
     norm_type: float
+    origin: str = "groups"
 
 
 @dataclass(frozen=True)
@@ -52,7 +58,7 @@ class GroupTable:
                 f"(e.g. {sorted(unknown)[:3]}); pass parameters of the model the clipper was built for"
             )
         excluded = len(self.groups)
-        groups = (*self.groups, ClipGroup(EXCLUDED_GROUP, math.inf, norm_type))
+        groups = (*self.groups, ClipGroup(EXCLUDED_GROUP, math.inf, norm_type, origin="excluded"))
         return GroupTable(groups, {n: (g if n in keep else excluded) for n, g in self.index_of.items()})
 
 
@@ -66,7 +72,8 @@ def _layer_prefix(name: str, depth: int) -> str:
 
 
 def resolve_groups(config: ClipConfig, param_names: Sequence[str], warn_empty: bool = True) -> GroupTable:
-    """Build the group table. Order: explicit groups (config order), per-layer groups (model order), default.
+    """Build the group table. Order: explicit groups (config order), per-layer or per-parameter groups
+    (model order), default.
 
     ``param_names`` must be the canonical names of every parameter, in the same order on every
     rank. Explicit groups that match nothing are kept (so every rank has the same layout) and
@@ -74,12 +81,20 @@ def resolve_groups(config: ClipConfig, param_names: Sequence[str], warn_empty: b
     """
     explicit = [ClipGroup(g.name, g.max_norm or config.max_norm, g.norm_type or config.norm_type) for g in config.groups]
     explicit_names = {g.name for g in explicit}
-    per_layer: dict[str, ClipGroup] = {}
+    shorthand: dict[str, ClipGroup] = {}  # per-layer or per-parameter groups, in model order
     assignment: dict[str, str] = {}
     for name in param_names:
         spec = next((g for g in config.groups if _matches(name, g.match)), None)
         if spec is not None:
             assignment[name] = spec.name
+        elif config.per_parameter:
+            if name in explicit_names or name == DEFAULT_GROUP:
+                raise ConfigError(
+                    f"per_parameter: parameter {name!r} would make a group with the name of an explicit group "
+                    f"or 'default'; rename that group"
+                )
+            shorthand[name] = ClipGroup(name, config.max_norm, config.norm_type, origin="per_parameter")
+            assignment[name] = name
         elif config.per_layer is not None and _matches(name, config.per_layer.match):
             prefix = _layer_prefix(name, config.per_layer.depth)
             if prefix in explicit_names or prefix == DEFAULT_GROUP:
@@ -88,11 +103,13 @@ def resolve_groups(config: ClipConfig, param_names: Sequence[str], warn_empty: b
                     f"explicit group or 'default'; rename that group or change per_layer.depth"
                 )
             layer = config.per_layer
-            per_layer.setdefault(prefix, ClipGroup(prefix, layer.max_norm or config.max_norm, layer.norm_type or config.norm_type))
+            shorthand.setdefault(prefix, ClipGroup(prefix, layer.max_norm or config.max_norm,
+                                                   layer.norm_type or config.norm_type, origin="per_layer"))
             assignment[name] = prefix
         else:
             assignment[name] = DEFAULT_GROUP
-    groups = (*explicit, *per_layer.values(), ClipGroup(DEFAULT_GROUP, config.max_norm, config.norm_type))
+    default = ClipGroup(DEFAULT_GROUP, config.max_norm, config.norm_type, origin="default")
+    groups = (*explicit, *shorthand.values(), default)
     position = {g.name: i for i, g in enumerate(groups)}
     if warn_empty:
         used = set(assignment.values())

@@ -1,0 +1,24 @@
+"""``kind: fixed``: each group's configured ``max_norm``, always."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from .base import EPS, ClipPolicy
+
+
+class FixedPolicy(ClipPolicy):
+    """Each group's ``max_norm`` (``inf``: measured, never clipped). Stateless."""
+
+    kind = "fixed"
+
+    def coefficients(self, group_norms: torch.Tensor, total_norm: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        self._on(group_norms.device)
+        thresholds = self._const["max_norm"]
+        # fp32 arithmetic, exactly torch's clip_grad_norm_ coefficient (widened to float64 exactly)
+        return thresholds, torch.clamp(thresholds.float() / (group_norms.float() + EPS), max=1.0).double()
+
+    def update(self, *_: Any) -> None:
+        """Nothing to learn (any call shape, so callers of the older ``update(norms, finite)`` still work)."""
