@@ -20,6 +20,15 @@ stage   optimizer                        norm: the pieces this rank counts      
 With optimizer offload (ZeRO 1-3, to CPU) the reduced gradients already sit in the fp32 flat
 partitions when the norm runs; the pieces are then the parameters' ranges of those.
 
+MoE (``deepspeed.moe.layer.MoE``, ZeRO 0-2): an expert parameter (``param.allreduce = False``,
+``param.group_name`` naming its expert-parallel group) is held only by the ranks of its
+expert-data-parallel group, and the experts of different expert-parallel ranks are different
+tensors even where their names coincide. At ZeRO-0 each rank counts its 1/size slice of its
+experts over that group (dense parameters: 1/world over the data-parallel group); at ZeRO-1/2
+DeepSpeed partitions each MoE parameter group over that group (``real_dp_process_group``), so the
+partition pieces are already disjoint. Either way every element counts once over the job, and the
+one reduction runs over the data-parallel group, which spans every expert-data-parallel group.
+
 ZeRO 1-3: ``scaled_global_norm`` / ``_get_norm_groups`` (called once per step, after reduction,
 before any update) run distclip's clip: local partials of the pieces, divided by the loss scale
 they carry, ONE collective, policy, coefficients. DeepSpeed's separate overflow check is switched
@@ -45,7 +54,7 @@ from ..core.groups import GroupTable
 from ..core.names import named_trainable_parameters
 from ..core.norms import SlotLayout
 from .base import GradAdapter
-from .counting import LocalPiece, Replicas
+from .counting import LocalPiece, Replicas, group_ranks
 
 if TYPE_CHECKING:
     from ..core.clipper import ClipReport, GradClipper
@@ -93,7 +102,7 @@ def _check_parallel_layout(engine: Any) -> None:
     if getattr(engine, "mpu", None) is not None:
         problems.append("model parallelism (mpu) is set")
     if getattr(engine, "has_moe_layers", False):
-        problems.append("the model has MoE layers")
+        problems += _moe_problems(engine)
     if getattr(engine, "pipeline_parallelism", False):
         problems.append("pipeline parallelism is enabled")
     if getattr(engine, "zenflow", False):
@@ -107,8 +116,86 @@ def _check_parallel_layout(engine: Any) -> None:
     if problems:
         raise UnsupportedDeepSpeedSetup(
             "distclip cannot clip this DeepSpeed engine exactly: " + "; ".join(problems)
-            + ". Supported: data parallelism with ZeRO 0-3, optimizer offload to CPU included."
+            + ". Supported: data parallelism with ZeRO 0-3, optimizer offload to CPU included, and DeepSpeed MoE "
+            "layers (deepspeed.moe.layer.MoE, expert parallelism without tensor or sequence parallelism) at ZeRO 0-2."
         )
+
+
+# ------------------------------------------------------------------------------------------- MoE
+def is_expert_param(param: torch.Tensor) -> bool:
+    """DeepSpeed's own test for an MoE expert parameter (``deepspeed.moe.utils.is_moe_param``)."""
+    return hasattr(param, "allreduce") and not param.allreduce
+
+
+def _moe_problems(engine: Any) -> list[str]:
+    """What distclip cannot count exactly in this MoE engine (empty: every expert's holders are known)."""
+    problems = []
+    if any(type(m).__name__ == "AutoEPMoELayer" for m in engine.module.modules()):
+        problems.append("the model has AutoEP MoE layers (expert_parallel config / AutoEPMoELayer); only "
+                        "deepspeed.moe.layer.MoE layers are supported")
+    if int(engine.zero_optimization_stage()) == 3:
+        problems.append("the model has MoE layers at ZeRO-3 (MoE is supported at ZeRO 0-2)")
+    if int(getattr(engine, "sequence_parallel_size", 1) or 1) > 1:
+        problems.append("the model has MoE layers and sequence parallelism is enabled")
+    known = getattr(engine, "expert_data_parallel_group", None) or {}
+    unknown = sorted({str(getattr(p, "group_name", None)) for p in engine.module.parameters()
+                      if is_expert_param(p) and getattr(p, "group_name", None) not in known})
+    if unknown:
+        problems.append(f"expert parameters (allreduce=False) name expert groups {unknown} that the engine has no "
+                        f"expert-data-parallel group for (known: {sorted(known)})")
+    return problems
+
+
+def expert_replicas(engine: Any, params: Sequence[torch.Tensor], reduce_group: Any) -> dict[str, Replicas]:
+    """Per expert group name among ``params``: this rank's copy of that group's experts.
+
+    The ranks of an expert-data-parallel group hold the same experts (DeepSpeed all-reduces their
+    gradients over it); other groups hold other experts. Each group must lie inside ``reduce_group``.
+    """
+    reduce_ranks = group_ranks(reduce_group)
+    replicas: dict[str, Replicas] = {}
+    for name in sorted({p.group_name for p in params if is_expert_param(p)}):
+        group = engine.expert_data_parallel_group[name]
+        if not group_ranks(group) <= reduce_ranks:
+            raise UnsupportedDeepSpeedSetup(
+                f"distclip: the expert-data-parallel group of '{name}' (ranks {sorted(group_ranks(group))}) is not "
+                f"inside the data-parallel group (ranks {sorted(reduce_ranks)}) that the norm is reduced over"
+            )
+        replicas[name] = Replicas(("expert", name), dist.get_rank(group), dist.get_world_size(group))
+    return replicas
+
+
+def check_partition_groups(engine: Any, optimizer: Any) -> None:
+    """ZeRO-1/2: each parameter group is partitioned over the data-parallel group, or (an MoE group,
+    experts of one expert group only) over that group's expert-data-parallel ranks; else refused."""
+    dp_ranks = group_ranks(optimizer.dp_process_group)
+    moe_flags = getattr(optimizer, "is_moe_param_group", None) or [False] * len(optimizer.bit16_groups)
+    experts = getattr(engine, "expert_data_parallel_group", None) or {}
+    for i, (params, is_moe) in enumerate(zip(optimizer.bit16_groups, moe_flags)):
+        ranks = group_ranks(optimizer.real_dp_process_group[i])
+        if not is_moe:
+            if any(is_expert_param(p) for p in params):
+                raise UnsupportedDeepSpeedSetup(
+                    f"distclip: ZeRO parameter group {i} mixes expert parameters (allreduce=False) into a dense group, "
+                    "which DeepSpeed partitions as if they were replicated; build the optimizer's groups with "
+                    "deepspeed.moe.utils.split_params_into_different_moe_groups_for_optimizer"
+                )
+            if ranks != dp_ranks:
+                raise UnsupportedDeepSpeedSetup(
+                    f"distclip: ZeRO parameter group {i} is partitioned over ranks {sorted(ranks)}, not over the "
+                    f"data-parallel group (ranks {sorted(dp_ranks)})"
+                )
+            continue
+        names = {getattr(p, "group_name", None) for p in params}
+        name = next(iter(names)) if len(names) == 1 else None
+        holders = group_ranks(experts[name]) if name in experts else None
+        if not all(is_expert_param(p) for p in params) or holders != ranks or not ranks <= dp_ranks:
+            raise UnsupportedDeepSpeedSetup(
+                f"distclip: MoE parameter group {i} of the ZeRO optimizer must hold the experts of one expert group "
+                f"only, partitioned over that group's expert-data-parallel ranks (here: expert groups "
+                f"{sorted(map(str, names))}, partitioned over ranks {sorted(ranks)}); build the optimizer's groups "
+                "with deepspeed.moe.utils.split_params_into_different_moe_groups_for_optimizer"
+            )
 
 
 @dataclass
@@ -236,15 +323,22 @@ def group_spans(fragments: Sequence[tuple[int, int, int]]) -> Spans:
 
 
 class Zero0Adapter(DeepSpeedAdapter):
-    """ZeRO-0 (plain data parallel): gradients all-reduced into ``param.grad``; each rank counts 1/world of them."""
+    """ZeRO-0 (plain data parallel): gradients all-reduced into ``param.grad``; each rank counts 1/world of them.
+
+    With MoE, an expert's gradient is all-reduced over its expert-data-parallel group only: each
+    rank counts 1/size of its experts over that group, and 1/world of the dense gradients.
+    """
 
     def __init__(self, engine: Any):
         super().__init__(engine)
         group = engine.seq_data_parallel_group
         self.reduce_group = group
-        copy = Replicas(("zero0", frozenset(dist.get_process_group_ranks(group))), dist.get_rank(group),
-                        dist.get_world_size(group))
-        self.pieces = [LocalPiece(i, 0, p.numel(), i, copy) for i, p in enumerate(self.params)]
+        dense = Replicas(("zero0", frozenset(dist.get_process_group_ranks(group))), dist.get_rank(group),
+                         dist.get_world_size(group))
+        experts = expert_replicas(engine, self.params, group)  # {} without MoE
+        # MoE: an expert is replicated over its expert-data-parallel group only
+        self.pieces = [LocalPiece(i, 0, p.numel(), i, experts[p.group_name] if is_expert_param(p) else dense)
+                       for i, p in enumerate(self.params)]
 
     def scale(self, coefs: torch.Tensor, groups: Sequence[int], host_coefs: Sequence[float] | None = None) -> None:
         self._require_installed()
@@ -282,10 +376,8 @@ class ZeroPartitionAdapter(DeepSpeedAdapter):
 
     def __init__(self, engine: Any):
         super().__init__(engine)
-        self.reduce_group = self.optimizer.dp_process_group
-        groups = self.optimizer.real_dp_process_group
-        if any(dist.get_world_size(g) != dist.get_world_size(self.reduce_group) for g in groups):
-            raise UnsupportedDeepSpeedSetup("distclip: ZeRO parameter groups partitioned over different process groups")
+        self.reduce_group = self.optimizer.dp_process_group  # spans every group's partition, MoE groups included
+        check_partition_groups(engine, self.optimizer)
 
     def bind(self, table: GroupTable, layout: SlotLayout) -> None:
         super().bind(table, layout)
