@@ -5,6 +5,7 @@
 
 from . import deepspeed  # distclip.deepspeed.attach(engine, config); imports no DeepSpeed
 from .adapters import UnsupportedModelError
+from .adapters.declared import declare
 from .core.api import clip_grad_norm_, global_grad_norm
 from .core.clipper import GradClipper
 from .core.errors import NonFiniteGradientError, StateDictError, UsageError
@@ -29,6 +30,7 @@ __all__ = [
     "UsageError",
     "canonical_name",
     "clip_grad_norm_",
+    "declare",
     "global_grad_norm",
     "load_config",
 ]

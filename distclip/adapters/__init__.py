@@ -21,13 +21,31 @@ class UnsupportedModelError(TypeError):
     """distclip does not know how this object's gradients are laid out."""
 
 
-def adapter_for(obj: Any) -> GradAdapter:
+def adapter_for(obj: Any, pipeline_group: Any = None, tied: Any = None) -> GradAdapter:
     """The adapter for a module (plain, DDP, FSDP1, FSDP2), a DeepSpeed engine, a parameter, or an
-    iterable of parameters / (name, parameter).
+    iterable of parameters / (name, parameter); with ``pipeline_group``, for this rank's pipeline
+    stage(s): a module, a ``torch.distributed.pipelining`` PipelineStage, or a list of them.
 
     FSDP1: the module is, or contains, a ``FullyShardedDataParallel`` unit. FSDP2 / DTensor: some
     parameter is a DTensor (``fully_shard``, tensor parallel, or DTensor parameters passed directly).
     """
+    if pipeline_group is not None:
+        from .pipeline import PipelineAdapter
+
+        return PipelineAdapter(obj, pipeline_group, tied)
+    if tied:
+        raise UnsupportedModelError("distclip: tied= declares weights tied across pipeline stages; pass pipeline_group too")
+    if _is_pipeline_stage(obj) or (isinstance(obj, (list, tuple)) and obj and all(
+            _is_pipeline_stage(s) or isinstance(s, torch.nn.Module) for s in obj)):
+        raise UnsupportedModelError(
+            "distclip: pipeline stages need the pipeline process group, so that the norm is summed over the "
+            "stages: GradClipper(stage, config, pipeline_group=pp_group) (a ProcessGroup or a 1-D DeviceMesh)")
+    return single_adapter(obj)
+
+
+def single_adapter(obj: Any, pipeline_ranks: frozenset[int] | None = None) -> GradAdapter:
+    """The adapter of one layout (see :func:`adapter_for`); ``pipeline_ranks``: the ranks of this rank's
+    pipeline group, whose stages hold other parameters (never copies)."""
     if isinstance(obj, DistributedDataParallel):
         return DDPAdapter(obj)
     if is_deepspeed_engine(obj):  # before nn.Module: an engine is one
@@ -38,7 +56,7 @@ def adapter_for(obj: Any) -> GradAdapter:
 
             return FSDP1Adapter(obj)
         named = list(named_trainable_parameters(obj))
-        return _for_params(named, module=obj)
+        return _for_params(named, module=obj, pipeline_ranks=pipeline_ranks)
     if isinstance(obj, torch.Tensor):
         return _unnamed([obj])
     if isinstance(obj, Iterable) and not isinstance(obj, (str, bytes, dict)):
@@ -53,14 +71,20 @@ def adapter_for(obj: Any) -> GradAdapter:
     )
 
 
-def _for_params(named: list[tuple[str, torch.Tensor]], module: torch.nn.Module | None = None) -> GradAdapter:
+def _for_params(named: list[tuple[str, torch.Tensor]], module: torch.nn.Module | None = None,
+                pipeline_ranks: frozenset[int] | None = None) -> GradAdapter:
     _refuse_fsdp1_pieces([p for _, p in named])
     dtensor = _dtensor_type()
     if dtensor is not None and any(isinstance(p, dtensor) for _, p in named):
         from .dtensor import DTensorAdapter
 
-        return DTensorAdapter(named, module=module)
+        return DTensorAdapter(named, module=module, pipeline_ranks=pipeline_ranks)
     return PlainAdapter(named)
+
+
+def _is_pipeline_stage(obj: Any) -> bool:
+    """A ``torch.distributed.pipelining`` stage (it holds this rank's module as ``submod``)."""
+    return isinstance(getattr(obj, "submod", None), torch.nn.Module) and hasattr(obj, "stage_index")
 
 
 def _unnamed(params: list[torch.Tensor]) -> GradAdapter:

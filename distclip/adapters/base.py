@@ -18,12 +18,14 @@ from __future__ import annotations
 from typing import Any, Sequence
 
 import torch
+import torch.distributed as dist
 
 from ..core.groups import GroupTable
 from ..core.norms import SlotLayout, local_partials
 from ..core.reduce import ProcessGroup, collective_device
 from . import _compat
-from .counting import LocalPiece, Segment, counted_segments, slice_segments
+from .counting import LocalPiece, Replicas, Segment, counted_segments, slice_segments
+from .declared import Declaration, census_payload, check_census, declaration_of, declared_replicas
 from .hooks import ReductionHook
 
 
@@ -50,6 +52,8 @@ class GradAdapter:
         self.names: list[str] = [n for n, _ in unique]
         self.params: list[torch.nn.Parameter] = [p for _, p in unique]
         self.pieces: list[LocalPiece] = []  # COUNT: set by subclasses (sources index local_grads())
+        self.uncounted: set[int] = set()  # parameters another rank or stage counts (tied copies, declared owners)
+        self.declarations: list[Declaration | None] = []
         self.group_of: list[int] = []
         self.layout: SlotLayout | None = None
         self._device: torch.device | None = None
@@ -61,12 +65,38 @@ class GradAdapter:
         self.params_by_group: list[list[int]] = [[] for _ in table.groups]
         for i, g in enumerate(self.group_of):
             self.params_by_group[g].append(i)
-        self._counted: list[Segment] = counted_segments(self.pieces)
+        self._counted: list[Segment] = counted_segments([p for p in self.pieces if p.param not in self.uncounted])
         self._scaled: list[Segment] = [(p.source, p.start, p.start + p.numel, p.param) for p in self.pieces if p.numel]
 
     def tensor_names(self) -> dict[int, str]:
         """``id(tensor) -> canonical name`` for the parameter tensors a user may pass to pick parameters."""
         return {id(p): n for n, p in zip(self.names, self.params)}
+
+    # ----------------------------------------------------------------- layout
+    def whole_params_with_declarations(self, base: Replicas | None, base_ranks: frozenset[int]) -> bool:
+        """Pieces for layouts whose local gradients are whole parameters (plain, DDP): the wrapper's replicas
+        ``base`` over ``base_ranks``, changed by :func:`distclip.declare` declarations. Returns whether any exists."""
+        rank = dist.get_rank() if dist.is_initialized() else 0
+        self.declarations = [declaration_of(p) for p in self.params]
+        self.pieces = []
+        for i, (name, p) in enumerate(zip(self.names, self.params)):
+            replicas, counted = declared_replicas(self.declarations[i], base, base_ranks, rank, name)
+            if not counted:
+                self.uncounted.add(i)
+            self.pieces.append(LocalPiece(i, 0, p.numel(), i, replicas))
+        return any(d is not None for d in self.declarations)
+
+    def verify_layout(self) -> None:
+        """Set-up check of what metadata cannot prove (a collective, after the consistency check): declared
+        copies must be copies."""
+        if any(d is not None for d in self.declarations):
+            check_census(self.reduce_group, census_payload(self.names, self.params, self.declarations))
+
+    def stage_size(self) -> int:
+        """How many ranks hold a part or a copy of these (one pipeline stage's) gradients."""
+        if self.reduce_group is None:
+            return 1
+        return len(_compat.group_ranks(self.reduce_group))
 
     # ------------------------------------------------------------------ COUNT
     def local_grads(self) -> list[torch.Tensor | None]:
@@ -162,4 +192,5 @@ class GradAdapter:
 
     def describe(self) -> dict[str, object]:
         """What the set-up consistency check compares across ranks (beyond config and groups)."""
-        return {"adapter": self.kind, "num_params": len(self.names)}
+        declared = sum(d is not None for d in self.declarations)
+        return {"adapter": self.kind, "num_params": len(self.names), **({"declared": declared} if declared else {})}

@@ -16,6 +16,7 @@ edit) falls back to the post-backward path.
 
 from __future__ import annotations
 
+import math
 import warnings
 from itertools import accumulate
 from typing import Any, Callable
@@ -47,7 +48,15 @@ class DDPAdapter(GradAdapter):
         self.reduce_group = ddp.process_group
         ranks = frozenset(_compat.group_ranks(self.reduce_group))
         self.replicas = Replicas(("ddp", ranks), dist.get_rank(self.reduce_group), len(ranks))
-        self.pieces = [LocalPiece(i, 0, p.numel(), i, self.replicas) for i, p in enumerate(self.params)]
+        self._dp_ranks = ranks
+        if self.whole_params_with_declarations(self.replicas, ranks):  # hand-written TP/EP beside DDP
+            self.reduce_group = dist.group.WORLD
+
+    def stage_size(self) -> int:
+        """DDP's ranks times the declared groups beyond them (a grid: e.g. dp x tp)."""
+        extra = {tuple(sorted(g)) for d in self.declarations if d is not None
+                 for g in (*d.replicated, d.sharded) if g and not set(g) <= self._dp_ranks}
+        return len(self._dp_ranks) * math.prod(len(g) for g in extra)
 
     def enable_reduction_hook(self, inner: CommHook | None = None, inner_state: Any = None) -> bool:
         """Register distclip's norm hook around ``inner`` (DDP's all-reduce by default).
@@ -120,7 +129,7 @@ class DDPNormHook(ReductionHook):
             offsets = [0, *accumulate(p.numel() for p in params)]
             indices = [self._index_of[id(p)] for p in params]
             pieces = [LocalPiece(0, offsets[k], p.numel(), i, self.adapter.pieces[i].replicas)
-                      for k, (p, i) in enumerate(zip(params, indices))]
+                      for k, (p, i) in enumerate(zip(params, indices)) if i not in self.adapter.uncounted]
             segments = counted_segments(pieces)
             cached = self._plans[index] = (key, [(lo, hi) for _, lo, hi, _ in segments],
                                            [self.adapter.group_of[i] for *_, i in segments])

@@ -57,10 +57,12 @@ class DTensorAdapter(GradAdapter):
 
     kind = "fsdp2"
 
-    def __init__(self, named_params: Sequence[tuple[str, torch.nn.Parameter]], module: torch.nn.Module | None = None):
+    def __init__(self, named_params: Sequence[tuple[str, torch.nn.Parameter]], module: torch.nn.Module | None = None,
+                 pipeline_ranks: frozenset[int] | None = None):
         super().__init__(named_params)
         self.module = module
         self._rank = dist.get_rank()
+        self._pipeline_ranks = pipeline_ranks
         self._replica_cache: dict[tuple[int, tuple[Any, ...]], Replicas | None] = {}
         self._geometries: dict[int, tuple[Any, MeshGeometry]] = {}  # id(mesh) -> (mesh, geometry)
         spans: dict[Hashable, tuple[frozenset[int], dist.ProcessGroup | None]] = {}
@@ -78,10 +80,12 @@ class DTensorAdapter(GradAdapter):
             if piece is not None:
                 dtensor_pieces.append(piece)
         world = frozenset(range(dist.get_world_size()))
-        rank_sets = list(spans.values()) + ([(world, None)] if plain else [])
+        rank_sets = list(spans.values()) + ([(world, None)] if plain and pipeline_ranks is None else [])
         self._span = frozenset().union(*(r for r, _ in rank_sets)) if rank_sets else world
         self.reduce_group = covering_group(rank_sets, "DTensor")
-        copy = Replicas(("plain",), dist.get_rank(self.reduce_group), dist.get_world_size(self.reduce_group))
+        # plain parameters beside the DTensors: copies over the ranks of this (pipeline stage's) layout
+        stage = sorted(self._stage_ranks())
+        copy = Replicas(("plain", tuple(stage)), stage.index(self._rank), len(stage))
         self._plain = [LocalPiece(i, 0, self.params[i].numel(), i, copy) for i in plain]
         self.pieces = dtensor_pieces + self._plain
         self._placements = {i: (id(p.device_mesh), tuple(p.placements)) for i, p in enumerate(self.params)
@@ -92,8 +96,18 @@ class DTensorAdapter(GradAdapter):
         """The mesh's place in its root mesh, computed once per mesh object (it is slow)."""
         cached = self._geometries.get(id(mesh))
         if cached is None or cached[0] is not mesh:
-            cached = self._geometries[id(mesh)] = (mesh, MeshGeometry(mesh, self._rank))
+            cached = self._geometries[id(mesh)] = (mesh, MeshGeometry(mesh, self._rank, self._pipeline_ranks))
         return cached[1]
+
+    def _stage_ranks(self) -> frozenset[int]:
+        """The ranks holding this layout: the world, or under pipeline parallelism this stage's ranks."""
+        if self._pipeline_ranks is None:
+            return frozenset(_compat.group_ranks(self.reduce_group))
+        geometries = [g for _, g in self._geometries.values() if g.coordinate is not None]
+        return geometries[0].stage_ranks if geometries else frozenset({self._rank})
+
+    def stage_size(self) -> int:
+        return len(self._stage_ranks())
 
     def _piece(self, i: int, t: DTensor) -> LocalPiece | None:
         """Parameter ``i``'s local part of ``t`` (its parameter or gradient) and who else holds a copy of it."""
@@ -233,7 +247,8 @@ class FSDP2NormHook(ReductionHook):
         for (_, numel, padded), i in zip(fsdp_params, params):  # FSDP2 lays each shard out padded, in this order
             copy = self._replicas.get(i)
             key = None if copy is None else Replicas(("group", index), copy.index, copy.count)
-            pieces.append(LocalPiece(0, offset, numel, i, key))
+            if i not in self.adapter.uncounted:
+                pieces.append(LocalPiece(0, offset, numel, i, key))
             offset += padded
         segments = counted_segments(pieces)
         plan = _GroupPlan(params, [(lo, hi) for _, lo, hi, _ in segments],

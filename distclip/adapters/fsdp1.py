@@ -184,7 +184,7 @@ class FSDP1Adapter(GradAdapter):
         for unit in self.units:
             own = [LocalPiece(0, p.start, p.numel, p.param,
                               None if p.replicas is None else Replicas(unit.index, p.replicas.index, p.replicas.count))
-                   for p in unit.flat_pieces]
+                   for p in unit.flat_pieces if p.param not in self.uncounted]
             segments = counted_segments(own)
             unit.hook_plan = ([(lo, hi) for _, lo, hi, _ in segments], [self.group_of[i] for *_, i in segments])
 

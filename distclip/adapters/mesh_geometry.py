@@ -19,6 +19,8 @@ from __future__ import annotations
 import math
 from typing import Any, Sequence
 
+import torch
+
 from . import _compat
 from .counting import Replicas
 
@@ -31,7 +33,7 @@ def mesh_key(mesh: Any) -> tuple[tuple[int, ...], tuple[int, ...]]:
 class MeshGeometry:
     """One mesh placed in its root mesh, from this rank's point of view (computed once per mesh)."""
 
-    def __init__(self, mesh: Any, rank: int):
+    def __init__(self, mesh: Any, rank: int, pipeline_ranks: frozenset[int] | None = None):
         self.mesh = mesh
         self.key = mesh_key(mesh)
         self.coordinate = mesh.get_coordinate()  # None: this rank is not in the mesh
@@ -49,7 +51,12 @@ class MeshGeometry:
         self.root_coordinate: tuple[int, ...] = tuple(position[0].tolist())
         self.spans: list[tuple[int, ...]] = [self._root_dims_of(d) for d in range(mesh.ndim)]
         covered = {d for dims in self.spans for d in dims}
-        self.uncovered = tuple(d for d in range(len(self.root_shape)) if d not in covered)
+        # Root dimensions along which the pipeline stages run hold other stages' parameters, not copies.
+        self.stage_dims = self._dims_varying(pipeline_ranks) if pipeline_ranks else ()
+        self.uncovered = tuple(d for d in range(len(self.root_shape)) if d not in covered and d not in self.stage_dims)
+        same_stage = (root_grid.new_ones(root_grid.shape, dtype=torch.bool) if not self.stage_dims else
+                      self._along(root_grid, self.stage_dims))
+        self.stage_ranks = frozenset(root_grid[same_stage].tolist())
 
     def _root_dims_of(self, dim: int) -> tuple[int, ...]:
         """The root dimensions that mesh dimension ``dim`` runs along (several for a flattened one)."""
@@ -66,6 +73,24 @@ class MeshGeometry:
                 f"{self.root} (a partial slice)"
             )
         return dims
+
+    def _dims_varying(self, ranks: frozenset[int]) -> tuple[int, ...]:
+        """The root dimensions along which these ranks' coordinates differ (none if some are outside the root)."""
+        if not ranks <= self.root_ranks:
+            return ()
+        coords = [tuple((self.root.mesh == r).nonzero()[0].tolist()) for r in sorted(ranks)]
+        return tuple(d for d in range(len(self.root_shape)) if len({c[d] for c in coords}) > 1)
+
+    def _along(self, grid: torch.Tensor, dims: Sequence[int]) -> torch.Tensor:
+        """Mask of the grid positions that share this rank's coordinates along ``dims``."""
+        mask = grid.new_ones(grid.shape, dtype=torch.bool)
+        for d in dims:
+            index = [slice(None)] * grid.ndim
+            index[d] = self.root_coordinate[d]
+            keep = torch.zeros_like(mask)
+            keep[tuple(index)] = True
+            mask &= keep
+        return mask
 
     def replicas(self, placements: Sequence[Any]) -> Replicas | None:
         """This rank's copy among the ranks holding the same piece (None: it alone holds it)."""

@@ -2,20 +2,32 @@
 
 from __future__ import annotations
 
+import math
 from typing import Sequence
 
 import torch
+import torch.distributed as dist
 
 from .base import GradAdapter
-from .counting import LocalPiece
 
 
 class PlainAdapter(GradAdapter):
-    """Every local gradient counts; no collective (each rank clips its own gradients)."""
+    """Every local gradient counts; no collective (each rank clips its own gradients, as torch).
+
+    With :func:`distclip.declare` d parameters (hand-written tensor parallelism), the declared copies
+    are counted once and the norm is reduced over the world.
+    """
 
     kind = "plain"
     foldable = True
 
     def __init__(self, named_params: Sequence[tuple[str, torch.nn.Parameter]]):
         super().__init__(named_params)
-        self.pieces = [LocalPiece(i, 0, p.numel(), i) for i, p in enumerate(self.params)]
+        rank = dist.get_rank() if dist.is_initialized() else 0
+        if self.whole_params_with_declarations(None, frozenset({rank})):
+            self.reduce_group = dist.group.WORLD
+
+    def stage_size(self) -> int:
+        """1, times the declared groups (a grid: e.g. tp, or tp x ep)."""
+        groups = {tuple(sorted(g)) for d in self.declarations if d is not None for g in (*d.replicated, d.sharded) if g}
+        return math.prod(len(g) for g in groups) if groups else 1

@@ -24,7 +24,18 @@ def _signature(module: torch.nn.Module) -> tuple[Any, ...]:
     return tuple((id(p), p.requires_grad) for p in module.parameters())
 
 
-def _clipper(model_or_params: Any, settings: dict[str, Any]) -> GradClipper:
+LAYOUT_KEYWORDS = ("pipeline_group", "tied", "params")  # GradClipper arguments, not config settings
+
+
+def _split(options: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(config settings, GradClipper layout arguments) from a call's keyword arguments."""
+    layout = {k: options.pop(k) for k in LAYOUT_KEYWORDS if options.get(k) is not None}
+    for k in LAYOUT_KEYWORDS:
+        options.pop(k, None)
+    return options, layout
+
+
+def _clipper(model_or_params: Any, settings: dict[str, Any], layout: dict[str, Any] | None = None) -> GradClipper:
     """The clipper for this call, reused while the parameters it was built for are still the trained ones.
 
     Building one runs the set-up check (a collective on distributed layouts), so clippers are kept:
@@ -33,13 +44,26 @@ def _clipper(model_or_params: Any, settings: dict[str, Any]) -> GradClipper:
     and settings while those very tensors are alive.
     """
     settings = {"comm_hook": False, **settings}
-    key = repr(sorted(settings.items()))
+    layout = layout or {}
+    key = repr(sorted(settings.items())) + repr(sorted((k, id(v) if k != "tied" else repr(v)) for k, v in layout.items()))
+    if layout.get("pipeline_group") is not None:  # this rank's stage(s): a module, a PipelineStage, or a list
+        stages = model_or_params if isinstance(model_or_params, (list, tuple)) else [model_or_params]
+        modules = [getattr(s, "submod", s) for s in stages]
+        owner = modules[0] if isinstance(modules[0], torch.nn.Module) else None
+        if owner is not None:
+            per_model = _by_module.setdefault(owner, {})
+            signature = tuple(x for m in modules for x in _signature(m))
+            cached = per_model.get(key)
+            if cached is None or cached[0] != signature:
+                cached = per_model[key] = (signature, GradClipper(model_or_params, settings, **layout))
+            return cached[1]
+        return GradClipper(model_or_params, settings, **layout)
     if isinstance(model_or_params, torch.nn.Module):
         per_model = _by_module.setdefault(model_or_params, {})
         signature = _signature(model_or_params)
         cached = per_model.get(key)
         if cached is None or cached[0] != signature:
-            cached = per_model[key] = (signature, GradClipper(model_or_params, settings))
+            cached = per_model[key] = (signature, GradClipper(model_or_params, settings, **layout))
         return cached[1]
     if isinstance(model_or_params, torch.Tensor):
         model_or_params = [model_or_params]
@@ -50,7 +74,7 @@ def _clipper(model_or_params: Any, settings: dict[str, Any]) -> GradClipper:
     else:
         model_or_params = list(model_or_params) if not isinstance(model_or_params, (str, bytes, dict)) else model_or_params
     if not isinstance(model_or_params, list) or not all(_is_tensor_or_named(x) for x in model_or_params):
-        return GradClipper(model_or_params, settings)  # raises the clear error for what it is
+        return GradClipper(model_or_params, settings, **layout)  # raises the clear error for what it is
     tensors = [x[1] if isinstance(x, tuple) else x for x in model_or_params]
     list_key = (key, tuple(id(t) for t in tensors), tuple(x[0] for x in model_or_params if isinstance(x, tuple)),
                 tuple(t.requires_grad for t in tensors))
@@ -58,7 +82,7 @@ def _clipper(model_or_params: Any, settings: dict[str, Any]) -> GradClipper:
     if cached_params is not None and all(ref() is t for ref, t in zip(cached_params[0], tensors)):
         _by_params.move_to_end(list_key)
         return cached_params[1]
-    clipper = GradClipper(model_or_params, settings)
+    clipper = GradClipper(model_or_params, settings, **layout)
     _by_params[list_key] = ([weakref.ref(t) for t in tensors], clipper)
     while len(_by_params) > _MAX_CACHED:
         _by_params.popitem(last=False)
@@ -84,14 +108,18 @@ def clip_grad_norm_(
     counts every gradient element exactly once across ranks for DDP (and the other supported
     wrappers), and is identical on every rank. ``options`` are :class:`ClipConfig` settings, e.g.
     ``groups=[...]`` for per-group clipping or ``nonfinite="skip"``. ``foreach`` is accepted for
-    compatibility; distclip always uses foreach kernels where the device has them.
+    compatibility; distclip always uses foreach kernels where the device has them. With pipeline
+    parallelism pass this rank's stage(s) and ``pipeline_group=`` (and ``tied=``), as for
+    :class:`GradClipper`.
     """
+    options, layout = _split(dict(options))
     settings = {"max_norm": max_norm, "norm_type": norm_type,
                 "nonfinite": "error" if error_if_nonfinite else "ignore", **options}
-    return _clipper(model_or_params, settings).clip().total_norm
+    return _clipper(model_or_params, settings, layout).clip().total_norm
 
 
 def global_grad_norm(model_or_params: Any, norm_type: float | str = 2.0, **options: Any) -> torch.Tensor:
     """The exact pre-clip global gradient norm (plain fp32 tensor, identical on every rank); nothing is clipped."""
+    options, layout = _split(dict(options))
     settings = {"max_norm": math.inf, "norm_type": norm_type, "nonfinite": "ignore", **options}
-    return _clipper(model_or_params, settings).measure().total_norm
+    return _clipper(model_or_params, settings, layout).measure().total_norm

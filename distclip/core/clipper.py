@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import warnings
@@ -11,6 +12,7 @@ import torch
 
 from ..adapters import _compat, adapter_for
 from ..adapters.base import GradAdapter
+from ..adapters.pipeline import PipelineAdapter
 from .attach import Attachment
 from .config import ClipConfig, ConfigError, load_config
 from .errors import NonFiniteGradientError, StateDictError, UsageError
@@ -18,7 +20,7 @@ from .groups import GroupTable, resolve_groups
 from .names import canonical_name
 from .norms import SlotLayout
 from .policies import PolicySet, SpikeDetector, build_policies, build_spike_detector
-from .reduce import check_consistency, reduce_slots
+from .reduce import check_consistency, exchange_bytes, reduce_slots
 from .report import ClipReport
 
 STATE_VERSION = 2
@@ -39,6 +41,12 @@ class GradClipper:
             counted in the norms and scaled; the model's other gradients are left alone. The norm is
             still exact under sharding (the model's layout decides what each rank counts), e.g. for
             ``accelerator.clip_grad_norm_`` on a subset of an FSDP model. Frozen tensors are ignored.
+        pipeline_group: for pipeline parallelism, the pipeline process group (or 1-D DeviceMesh, e.g.
+            torchtitan's ``pp_mesh``); ``model`` is then this rank's stage: a module (plain, DDP,
+            FSDP1, FSDP2), a ``torch.distributed.pipelining`` PipelineStage, or a list of them (virtual
+            stages). The norm is summed over every stage in the same single collective.
+        tied: with ``pipeline_group``, weights tied across stages, e.g. ``[("embed.weight", "head.weight")]``
+            (kept in sync by you): the first name is counted once, the others are scaled alike.
         **overrides: config settings that take precedence, e.g. ``max_norm=0.5``.
 
     At construction every rank checks (one all-gather of one number) that all ranks have the same
@@ -53,6 +61,8 @@ class GradClipper:
         ddp_comm_hook: Callable | None = None,
         ddp_comm_hook_state: Any = None,
         params: Iterable[torch.Tensor | str] | str | None = None,
+        pipeline_group: Any = None,
+        tied: Iterable[Iterable[str]] | None = None,
         **overrides: Any,
     ):
         self.config = load_config(config, **overrides)
@@ -61,14 +71,17 @@ class GradClipper:
                 "distclip: check_consistency: false no longer skips the set-up check (ranks with different values "
                 "of it hung); the check costs one all-gather of one number at construction. Drop the key.",
                 FutureWarning, stacklevel=2)
-        self.adapter: GradAdapter = adapter_for(model)
+        self.adapter: GradAdapter = adapter_for(model, pipeline_group=pipeline_group, tied=tied)
         _refuse_meta_parameters(self.adapter)
         if not self.adapter.has_names and (self.config.groups or self.config.per_layer or self.config.per_parameter):
             raise ConfigError(
                 "per-group clipping needs parameter names, but bare parameters were given: pass the "
                 "model itself or model.named_parameters()"
             )
-        self.table: GroupTable = resolve_groups(self.config, self.adapter.names)
+        self._pipeline = isinstance(self.adapter, PipelineAdapter)
+        self.table: GroupTable = resolve_groups(self.config, self._names_of_every_stage())
+        if self._pipeline:
+            self.table = self.table.tied(self.adapter.copies())
         self._excluded: int | None = None  # index of the hidden group of parameters outside ``params``
         if params is not None:
             self.table = self.table.restricted_to(self._names_of(params), self.config.norm_type)
@@ -82,7 +95,8 @@ class GradClipper:
         self.steps = 0
         self.last_report: ClipReport | None = None
         _compat.track_amp_unscaling()  # GradScaler's unscaling becomes visible (hooks, overflow detection)
-        check_consistency(self.adapter.reduce_group, self.fingerprint(), self._summary())
+        check_consistency(self.adapter.reduce_group, self.fingerprint(), self._summary(), *self._stage_fingerprint())
+        self.adapter.verify_layout()
         if self.config.comm_hook and self._excluded is None:
             self.adapter.enable_reduction_hook(ddp_comm_hook, ddp_comm_hook_state)
 
@@ -166,12 +180,29 @@ class GradClipper:
         return self._excluded is not None
 
     def fingerprint(self) -> str:
-        return f"{self.config.fingerprint()}-{self.table.fingerprint()}-{sorted(self.adapter.describe().items())}"
+        """Equal on every rank iff all clip the same way (under pipeline parallelism: the same slot layout)."""
+        layout = self.table.groups_fingerprint() if self._pipeline else self.table.fingerprint()
+        return f"{self.config.fingerprint()}-{layout}-{sorted(self.adapter.describe().items())}"
 
     # ---------------------------------------------------------------- internals
+    def _stage_fingerprint(self) -> tuple[int, str]:
+        """(stage key, what must be equal among the ranks holding the same pipeline stage(s))."""
+        if not self._pipeline:
+            return 0, ""
+        return self.adapter.stage_key(), f"{self.table.fingerprint(self.adapter.names)}-{self.adapter.describe_stage()}"
+
+    def _names_of_every_stage(self) -> list[str]:
+        """The parameter names the group table is built from: every stage's under pipeline parallelism
+        (exchanged once over the pipeline group, in stage order), else this model's."""
+        if not self._pipeline:
+            return self.adapter.names
+        payloads = exchange_bytes(self.adapter.pipeline_group, json.dumps(self.adapter.names).encode())
+        return list(dict.fromkeys(n for payload in payloads for n in json.loads(payload)))
+
     def _summary(self) -> dict[str, Any]:
+        stage = {"stage_layout": self._stage_fingerprint()[1]} if self._pipeline else {}
         return {**self.config.to_dict(), "group_order": self.group_names,
-                "group_layout": self.table.fingerprint(), **self.adapter.describe()}
+                "group_layout": self.table.fingerprint(), **self.adapter.describe(), **stage}
 
     def _names_of(self, params: Iterable[torch.Tensor | str] | str) -> list[str]:
         """Canonical names of the parameters to clip (identity lookup among the adapter's parameters)."""

@@ -40,10 +40,23 @@ class GroupTable:
     def names(self) -> list[str]:
         return [g.name for g in self.groups]
 
-    def fingerprint(self) -> str:
-        """Hash of the group order and of every parameter's group: equal across ranks iff layouts agree."""
-        text = repr([(g.name, g.max_norm, g.norm_type) for g in self.groups]) + repr(sorted(self.index_of.items()))
+    def fingerprint(self, names: Sequence[str] | None = None) -> str:
+        """Hash of the group order and of each parameter's group (of ``names`` only, when given): equal
+        across ranks iff layouts agree."""
+        assigned = self.index_of.items() if names is None else ((n, self.index_of[n]) for n in names)
+        text = repr([(g.name, g.max_norm, g.norm_type) for g in self.groups]) + repr(sorted(assigned))
         return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+    def groups_fingerprint(self) -> str:
+        """Hash of the group order, thresholds and norm types alone (the slot layout)."""
+        return hashlib.sha256(repr([(g.name, g.max_norm, g.norm_type) for g in self.groups]).encode()).hexdigest()[:16]
+
+    def tied(self, copies: dict[str, str]) -> "GroupTable":
+        """This table with each tied copy in its counted parameter's group (both are scaled alike)."""
+        unknown = sorted(owner for owner in copies.values() if owner not in self.index_of)
+        if unknown:
+            raise ConfigError(f"tied: {unknown} is not a trainable parameter of any pipeline stage")
+        return GroupTable(self.groups, {**self.index_of, **{c: self.index_of[o] for c, o in copies.items()}})
 
     def restricted_to(self, names: Sequence[str], norm_type: float) -> "GroupTable":
         """This table with every parameter NOT in ``names`` moved to a trailing :data:`EXCLUDED_GROUP`.

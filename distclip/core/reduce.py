@@ -67,12 +67,18 @@ def reduce_slots(partials: torch.Tensor, layout: "SlotLayout", group: ProcessGro
         return torch.where(any_nan > 0, math.nan, values)
     world = dist.get_world_size(group)
     gathered = partials.new_empty(world * partials.numel())
-    dist.all_gather_into_tensor(gathered, partials, group=group)
+    _all_gather_into(gathered, partials, group)
     rows = gathered.view(world, partials.numel())
     return torch.where(layout.max_mask(partials.device), rows.amax(dim=0), rows.sum(dim=0))
 
 
 # ---------------------------------------------------------------- set-up exchange
+def _all_gather_into(out: torch.Tensor, mine: torch.Tensor, group: ProcessGroup) -> None:
+    """All-gather equal-sized tensors into one flat output (``all_gather_single`` where torch has it)."""
+    gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+    gather(out, mine, group=group)
+
+
 def hash60(text: str) -> int:
     """A 60-bit integer hash of ``text`` (fits an int64 tensor element)."""
     import hashlib
@@ -85,7 +91,7 @@ def exchange_ints(group: ProcessGroup, values: Sequence[int]) -> torch.Tensor:
     device = collective_device(group, None)
     mine = torch.tensor(list(values), dtype=torch.int64, device=device)
     out = mine.new_empty(dist.get_world_size(group) * mine.numel())
-    dist.all_gather_into_tensor(out, mine, group=group)
+    _all_gather_into(out, mine, group)
     return out.view(-1, mine.numel()).cpu()
 
 
@@ -99,33 +105,39 @@ def exchange_bytes(group: ProcessGroup, payload: bytes) -> list[bytes]:
         buffer[: len(payload)] = torch.frombuffer(bytearray(payload), dtype=torch.uint8)
     buffer = buffer.to(device)
     out = buffer.new_empty(len(sizes) * width)
-    dist.all_gather_into_tensor(out, buffer, group=group)
+    _all_gather_into(out, buffer, group)
     rows = out.view(len(sizes), width).cpu()
     return [bytes(rows[r, :n].tolist()) for r, n in enumerate(sizes)]
 
 
-def check_consistency(group: ProcessGroup | None, fingerprint: str, summary: dict[str, Any]) -> None:
+def check_consistency(group: ProcessGroup | None, fingerprint: str, summary: dict[str, Any],
+                      stage_key: int = 0, stage_fingerprint: str = "") -> None:
     """Compare each rank's fingerprint once at set-up; raise the same clear error on every rank if any differ.
 
     Without this, ranks that disagree on the config or the group layout either hang in the next
-    collective (different vector lengths) or silently clip differently. One all-gather of one
-    int64 per rank; the summaries travel only when the fingerprints differ.
+    collective (different vector lengths) or silently clip differently. ``fingerprint`` must be
+    equal on every rank; ``stage_fingerprint`` among the ranks with the same ``stage_key`` (the
+    replicas of one pipeline stage). One all-gather of three int64 per rank; the summaries travel
+    only when a fingerprint differs.
     """
     if group_size(group) == 1:
         return
-    hashes = exchange_ints(group, [hash60(fingerprint)])[:, 0].tolist()
-    bad = [r for r, h in enumerate(hashes) if h != hashes[0]]
+    table = exchange_ints(group, [hash60(fingerprint), stage_key, hash60(stage_fingerprint)]).tolist()
+    first_of_stage: dict[int, int] = {}
+    for r, (_, key, _) in enumerate(table):
+        first_of_stage.setdefault(key, r)
+    bad = [r for r, (h, key, s) in enumerate(table) if h != table[0][0] or s != table[first_of_stage[key]][2]]
     if not bad:
         return
     texts = exchange_bytes(group, json.dumps(summary, sort_keys=True, default=str).encode())
     summaries = [json.loads(t) for t in texts]
-    reference = summaries[0]
     lines = []
     for r in bad[:4]:
-        other = summaries[r]
-        diffs = [f"{k}: rank 0 has {reference.get(k)!r}, rank {r} has {other.get(k)!r}"
+        base = 0 if table[r][0] != table[0][0] else first_of_stage[table[r][1]]
+        reference, other = summaries[base], summaries[r]
+        diffs = [f"{k}: rank {base} has {reference.get(k)!r}, rank {r} has {other.get(k)!r}"
                  for k in sorted(set(reference) | set(other)) if reference.get(k) != other.get(k)]
-        lines += diffs or [f"rank {r}: fingerprint differs from rank 0's"]
+        lines += diffs or [f"rank {r}: fingerprint differs from rank {base}'s"]
     raise ConfigMismatchError(
         f"distclip: ranks {bad} clip differently from rank 0 (this would hang or clip inconsistently):\n  "
         + "\n  ".join(lines)

@@ -1,0 +1,176 @@
+"""Declared layouts of plain (non-DTensor) parameters: hand-written tensor / expert parallelism.
+
+A DTensor says where its pieces live; a plain tensor does not. In a Megatron-style model a
+column-parallel weight is a different shard on every tensor-parallel rank, while a LayerNorm
+weight is the same copy on all of them, and nothing on the tensors tells the two apart: counted
+by the data-parallel rule alone, the copies are counted once per tensor-parallel rank (the
+"norm sqrt(TP) too large" bug) and the shards of the other ranks are never added. Declare them::
+
+    distclip.declare(block.norm.weight, replicated_over=tp_group)   # the same on every rank of tp_group
+    distclip.declare(block.fc1.weight, sharded_over=tp_group)       # a different part on each rank of tp_group
+    distclip.declare(model.router.bias, owner=0)                     # counted by global rank 0 only
+
+on every rank, before building the clipper. Groups are process groups (or 1-D DeviceMeshes).
+A declaration adds to what the wrapper already knows: under ``DDP(model, process_group=dp)`` a
+parameter is a copy on every rank of ``dp`` anyway, so a declared ``replicated_over=tp`` one is a
+copy on every rank of ``dp`` x ``tp``. The clip then reduces over every rank that holds a counted
+element (the world, when the groups tile it). Undeclared plain parameters keep the wrapper's rule
+(DDP: copies over its group; a plain module: this rank's own).
+"""
+
+from __future__ import annotations
+
+import weakref
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from ..core.errors import UsageError
+from . import _compat
+from .counting import Replicas
+
+_DECLARED: "weakref.WeakKeyDictionary[torch.Tensor, Declaration]" = weakref.WeakKeyDictionary()
+
+
+@dataclass(frozen=True)
+class Declaration:
+    """How a plain parameter is laid out beyond its wrapper."""
+
+    replicated: tuple[tuple[int, ...], ...] = ()  # global ranks of each group it is a copy over, in group order
+    sharded: tuple[int, ...] = ()  # global ranks of the group it is split over
+    owner: int | None = None  # the one global rank that counts it
+
+    def ranks(self) -> set[int]:
+        """Every rank the declaration names."""
+        return {r for g in self.replicated for r in g} | set(self.sharded)
+
+
+def _ranks_of(group: Any, what: str) -> tuple[int, ...]:
+    if hasattr(group, "get_group") and hasattr(group, "mesh"):  # a DeviceMesh
+        if group.ndim != 1:
+            raise UsageError(f"distclip.declare({what}=...): a DeviceMesh must be 1-D (slice it, e.g. mesh['tp'])")
+        group = group.get_group()
+    try:
+        return tuple(_compat.group_ranks(group))
+    except Exception as err:  # noqa: BLE001 - anything else is not a process group
+        raise UsageError(
+            f"distclip.declare({what}=...) expects a torch.distributed ProcessGroup or a 1-D DeviceMesh, got "
+            f"{type(group).__name__}"
+        ) from err
+
+
+def declare(param: torch.Tensor, *, replicated_over: Any = None, sharded_over: Any = None,
+            owner: int | None = None) -> torch.Tensor:
+    """Declare how a plain parameter is laid out across ranks; returns ``param``.
+
+    ``replicated_over=group`` (or a list of groups): the same values on every rank of the group(s);
+    ``sharded_over=group``: a different part on each rank of ``group`` (may be combined with
+    ``replicated_over`` for the copies of each part); ``owner=rank``: counted by that global rank
+    only (alone). Call it on every rank, before the clipper is built.
+    """
+    if not isinstance(param, torch.Tensor) or _compat._is_dtensor(param):
+        raise UsageError(
+            "distclip.declare is for plain tensors; a DTensor already carries its layout "
+            f"(got {type(param).__name__})")
+    if owner is not None:
+        if replicated_over is not None or sharded_over is not None:
+            raise UsageError("distclip.declare(owner=...) takes no other keyword: the owner alone counts the tensor")
+        if isinstance(owner, bool) or not isinstance(owner, int) or not 0 <= owner < dist.get_world_size():
+            raise UsageError(f"distclip.declare(owner=...) must be a global rank in [0, {dist.get_world_size()}), got {owner!r}")
+        _DECLARED[param] = Declaration(owner=owner)
+        return param
+    if replicated_over is None and sharded_over is None:
+        raise UsageError("distclip.declare needs replicated_over=, sharded_over= or owner=")
+    groups = replicated_over if isinstance(replicated_over, (list, tuple)) else ([] if replicated_over is None else [replicated_over])
+    replicated = tuple(_ranks_of(g, "replicated_over") for g in groups)
+    sharded = _ranks_of(sharded_over, "sharded_over") if sharded_over is not None else ()
+    if sharded and any(set(sharded) & set(g) - {dist.get_rank()} for g in replicated):
+        raise UsageError("distclip.declare: the sharded_over group overlaps a replicated_over group: a tensor cannot be "
+                         "both a copy and a different part on the same ranks")
+    _DECLARED[param] = Declaration(replicated=replicated, sharded=sharded)
+    return param
+
+
+def declaration_of(param: torch.Tensor) -> Declaration | None:
+    return _DECLARED.get(param)
+
+
+def declared_replicas(declaration: Declaration | None, base: Replicas | None, base_ranks: frozenset[int],
+                      rank: int, name: str) -> tuple[Replicas | None, bool]:
+    """(replicas, counted here) of a plain parameter whose wrapper makes it a copy over ``base_ranks``.
+
+    ``base``: the wrapper's own replicas (None: this rank's alone). Each ``replicated_over`` group G
+    multiplies the copies by |G|: rank (g, b) is copy ``g * |B| + b`` of ``|G| * |B|``. G must meet
+    the ranks counted so far in this rank only (a grid), or lie inside them (nothing new).
+    """
+    if declaration is None:
+        return base, True
+    if declaration.owner is not None:
+        return None, rank == declaration.owner
+    index, count = (base.index, base.count) if base is not None else (0, 1)
+    covered = set(base_ranks) | {rank}
+    key: list[Any] = ["declared", tuple(sorted(base_ranks))]
+    for ranks in declaration.replicated:
+        group = frozenset(ranks)
+        if rank not in group:
+            raise UsageError(f"distclip: {name!r} is declared replicated over ranks {sorted(group)}, which do not "
+                             f"include this rank ({rank})")
+        if group <= covered:
+            continue
+        overlap = group & covered
+        if len(overlap) > 1:
+            raise UsageError(
+                f"distclip: {name!r} is declared replicated over ranks {sorted(group)}, which share {sorted(overlap)} "
+                f"with the ranks it is already a copy over ({sorted(covered)}): declare each group once, e.g. only "
+                "the tensor-parallel group under DDP")
+        index, count = ranks.index(rank) * count + index, count * len(group)
+        covered |= group
+        key.append(tuple(sorted(group)))
+    if count == 1:
+        return None, True
+    return Replicas(tuple(key), index, count), True
+
+
+def census_payload(names: list[str], params: list[torch.Tensor], declarations: list[Declaration | None]) -> list[list[Any]]:
+    """Per group a parameter is declared replicated over: [group ranks, hash of those parameters' names,
+    shapes and values]. The members of a group must publish the same hash (checked at set-up)."""
+    members: dict[tuple[int, ...], list[int]] = {}
+    for i, d in enumerate(declarations):
+        for ranks in (d.replicated if d is not None else ()):
+            members.setdefault(tuple(sorted(ranks)), []).append(i)
+    out = []
+    for ranks, indices in members.items():
+        tensors = [params[i].detach() for i in indices]
+        checksums = [t.double().abs().sum() for t in tensors] if tensors else []
+        values = torch.stack(checksums).tolist() if checksums else []
+        text = repr([(names[i], tuple(params[i].shape), str(params[i].dtype), v) for i, v in zip(indices, values)])
+        import hashlib
+
+        out.append([list(ranks), hashlib.sha256(text.encode()).hexdigest()[:16], [names[i] for i in indices[:3]]])
+    return out
+
+
+def check_census(group: Any, payload: list[list[Any]]) -> None:
+    """Raise on every rank when parameters declared replicated over a group differ between its ranks."""
+    import json
+
+    from ..core.reduce import exchange_bytes
+
+    published = [json.loads(b) for b in exchange_bytes(group, json.dumps(payload).encode())]
+    problems = []
+    for ranks, digest, examples in payload:
+        for r in ranks:
+            theirs = {tuple(g): h for g, h, _ in published[r]}
+            if theirs.get(tuple(ranks)) != digest:
+                problems.append(f"ranks {ranks}: rank {r} holds other shapes or values (e.g. {examples})")
+                break
+    flags = torch.tensor([len(problems)], dtype=torch.int64)
+    from ..core.reduce import exchange_ints
+
+    if any(exchange_ints(group, flags.tolist())[:, 0].tolist()):  # every rank raises, not only those that saw it
+        raise UsageError(
+            "distclip: parameters declared replicated_over a group are not copies on its ranks"
+            + (": " + "; ".join(problems[:3]) if problems else " (see the other ranks' errors)")
+            + ". A tensor that differs across the group is a shard: declare it sharded_over that group instead")

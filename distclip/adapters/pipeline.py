@@ -1,0 +1,167 @@
+"""Pipeline parallelism: this rank's stage(s) of a model split over a pipeline process group.
+
+Each rank holds one stage (or several: virtual stages), and each stage may itself be a plain
+module, DDP, FSDP1 or FSDP2 (also tensor parallel) over the stage's own ranks. The global norm is
+the sum over the stages: each stage adapter counts its elements once among the stage's ranks, and
+the partials of every stage travel in the SAME single collective, over the world (every stage's
+ranks together). So a pipeline adds no collective, and per-group clipping works across stages:
+the group table is built from the names of every stage (exchanged once at set-up over the
+pipeline group), so every rank has the same slot layout even where a group has no parameter.
+
+Tied weights on two stages (torchtitan / Megatron: the first stage's embedding and the last
+stage's output head are copies the user keeps in sync by an all-reduce between the two stages)
+are declared with ``tied=[("tok_embeddings.weight", "output.weight")]``: the first name counts,
+the others are copies, excluded from the norm and scaled with the first one's group coefficient.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import torch
+import torch.distributed as dist
+
+from ..core.config import ConfigError
+from ..core.groups import GroupTable
+from ..core.norms import SlotLayout, combine_partials
+from . import _compat
+from .base import GradAdapter
+
+
+def pipeline_process_group(group: Any) -> Any:
+    """A ProcessGroup from a ProcessGroup or a 1-D DeviceMesh (torchtitan passes its ``pp_mesh``)."""
+    if hasattr(group, "get_group") and hasattr(group, "mesh"):
+        if group.ndim != 1:
+            raise ConfigError(f"pipeline_group: a DeviceMesh must be 1-D (the pipeline dimension, e.g. mesh['pp']), got {group}")
+        return group.get_group()
+    try:
+        _compat.group_ranks(group)
+    except Exception as err:  # noqa: BLE001
+        raise ConfigError(f"pipeline_group must be a ProcessGroup or a 1-D DeviceMesh, got {type(group).__name__}") from err
+    return group
+
+
+def stage_modules(stages: Any) -> list[Any]:
+    """The objects to adapt: a stage, a PipelineStage (its ``submod``), or a list of them (virtual stages)."""
+    items = list(stages) if isinstance(stages, (list, tuple)) else [stages]
+    if not items:
+        raise ConfigError("distclip: no pipeline stage given")
+    return [s.submod if isinstance(getattr(s, "submod", None), torch.nn.Module) and hasattr(s, "stage_index") else s
+            for s in items]
+
+
+class PipelineAdapter(GradAdapter):
+    """The stages this rank holds, each counted by its own adapter, reduced over the world in one collective."""
+
+    kind = "pipeline"
+
+    def __init__(self, stages: Any, pipeline_group: Any, tied: Sequence[Sequence[str]] | None = None):
+        from . import single_adapter
+
+        super().__init__([])
+        self.pipeline_group = pipeline_process_group(pipeline_group)
+        self.pipeline_ranks = frozenset(_compat.group_ranks(self.pipeline_group))
+        self.pipeline_rank = dist.get_rank(self.pipeline_group)
+        self.stages = [single_adapter(m, pipeline_ranks=self.pipeline_ranks) for m in stage_modules(stages)]
+        self.names = [n for s in self.stages for n in s.names]
+        self.params = [p for s in self.stages for p in s.params]
+        self.has_names = all(s.has_names for s in self.stages)
+        duplicates = sorted({n for n in self.names if self.names.count(n) > 1}) if len(self.stages) > 1 else []
+        if duplicates:
+            raise ConfigError(
+                f"distclip: the stages on this rank share parameter names {duplicates[:3]}: give virtual stages the "
+                "full model's names (as torchtitan's pipeline split does) so that groups and tied weights are unambiguous")
+        self.tied = [tuple(t) for t in (tied or [])]
+        for tie in self.tied:
+            if len(tie) < 2 or not all(isinstance(n, str) for n in tie):
+                raise ConfigError(f"tied: each entry lists two or more parameter names (the counted one first), got {tie!r}")
+        self.reduce_group = dist.group.WORLD
+        self._check_tiles_world()
+
+    def _check_tiles_world(self) -> None:
+        sizes = {s.stage_size() for s in self.stages}
+        world, stages = dist.get_world_size(), len(self.pipeline_ranks)
+        if len(sizes) != 1 or stages * sizes.pop() != world:
+            raise ConfigError(
+                f"distclip: {stages} pipeline ranks x the ranks of each stage ({sorted({s.stage_size() for s in self.stages})}) "
+                f"do not make up the {world} ranks of the world; the norm is reduced over the world, so every rank "
+                "must hold a stage of this model (pass the pipeline group of this model's ranks)")
+
+    # ----------------------------------------------------------------- layout
+    def copies(self) -> dict[str, str]:
+        """Tied copies on this rank -> the name of the parameter that counts for them."""
+        local = set(self.names)
+        return {copy: tie[0] for tie in self.tied for copy in tie[1:] if copy in local}
+
+    def bind(self, table: GroupTable, layout: SlotLayout) -> None:
+        self.layout = layout
+        copies = self.copies()
+        for stage in self.stages:
+            stage.uncounted |= {i for i, n in enumerate(stage.names) if n in copies}
+            stage.bind(table, layout)
+        self.group_of = [g for s in self.stages for g in s.group_of]
+
+    def tensor_names(self) -> dict[int, str]:
+        return {k: v for s in self.stages for k, v in s.tensor_names().items()}
+
+    def stage_key(self) -> int:
+        """Which stage(s) this rank holds: ranks with the same key must have the same stage layout."""
+        return self.pipeline_rank
+
+    def describe(self) -> dict[str, object]:
+        return {"adapter": self.kind, "pipeline_size": len(self.pipeline_ranks), "virtual_stages": len(self.stages)}
+
+    def describe_stage(self) -> dict[str, object]:
+        return {"stages": [s.describe() for s in self.stages]}
+
+    def verify_layout(self) -> None:
+        for stage in self.stages:
+            stage.verify_layout()
+
+    # ------------------------------------------------------------------ COUNT
+    def local_grads(self) -> list[torch.Tensor | None]:
+        return [g for s in self.stages for g in s.local_grads()]
+
+    def local_partials(self) -> tuple[torch.Tensor, str]:
+        parts = [s.local_partials() for s in self.stages]
+        device = self.collective_device([p for p, _ in parts])
+        combined = combine_partials([p.to(device) for p, _ in parts], self.layout, device)
+        sources = {source for _, source in parts}
+        return combined, sources.pop() if len(sources) == 1 else "mixed"
+
+    def counted_pieces(self) -> tuple[list[torch.Tensor], list[int]]:
+        pieces, groups = [], []
+        for stage in self.stages:
+            p, g = stage.counted_pieces()
+            pieces += p
+            groups += g
+        return pieces, groups
+
+    def grad_scale(self) -> float:
+        return 1.0
+
+    # ------------------------------------------------------------------- HOOK
+    def enable_reduction_hook(self, inner: Any = None, inner_state: Any = None) -> bool:
+        enabled = [s.enable_reduction_hook(inner, inner_state) for s in self.stages]
+        self.hook_status = ", ".join(s.hook_status for s in self.stages)
+        return all(enabled)
+
+    # ------------------------------------------------------------------ APPLY
+    def scaled_grads(self) -> list[list[torch.Tensor]]:
+        out: list[list[torch.Tensor]] = [[] for _ in range(self.layout.num_groups)]
+        for stage in self.stages:
+            for g, tensors in enumerate(stage.scaled_grads()):
+                out[g] += tensors
+        return out
+
+    def scale(self, coefs: torch.Tensor, groups: Sequence[int], host_coefs: Sequence[float] | None = None) -> None:
+        for stage in self.stages:
+            stage.scale(coefs, groups, host_coefs)
+
+    def zero(self, groups: Sequence[int]) -> None:
+        for stage in self.stages:
+            stage.zero(groups)
+
+    def drop_grads(self) -> None:
+        for stage in self.stages:
+            stage.drop_grads()
