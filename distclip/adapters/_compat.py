@@ -49,6 +49,24 @@ def _internal(what: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
     return wrap
 
 
+def deepspeed_internal(what: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """Like :func:`_internal`, for DeepSpeed's ZeRO optimizer internals (its attributes and dicts)."""
+
+    def wrap(fn: Callable[..., Any]) -> Callable[..., Any]:
+        @functools.wraps(fn)
+        def run(*args: Any, **kwargs: Any) -> Any:
+            try:
+                return fn(*args, **kwargs)
+            except (AttributeError, KeyError) as err:
+                import deepspeed
+
+                raise unsupported(what, err, "DeepSpeed", deepspeed.__version__) from err
+
+        return run
+
+    return wrap
+
+
 # ------------------------------------------------------------------ kernels
 # The foreach kernels torch.optim itself uses (private names, stable in practice).
 foreach_norm = torch._foreach_norm

@@ -53,6 +53,7 @@ import torch.distributed as dist
 from ..core.groups import GroupTable
 from ..core.names import named_trainable_parameters
 from ..core.norms import SlotLayout
+from . import _compat
 from .base import GradAdapter
 from .counting import LocalPiece, Replicas, group_ranks
 
@@ -73,6 +74,7 @@ def is_deepspeed_engine(obj: Any) -> bool:
     return module is not None and isinstance(obj, module.DeepSpeedEngine)
 
 
+@_compat.deepspeed_internal("DeepSpeed's engine and ZeRO optimizer layout")
 def deepspeed_adapter(engine: Any) -> "DeepSpeedAdapter":
     """The adapter for this engine's ZeRO stage and optimizer; a clear error for what is not supported."""
     _check_parallel_layout(engine)
@@ -146,6 +148,7 @@ def _moe_problems(engine: Any) -> list[str]:
     return problems
 
 
+@_compat.deepspeed_internal("DeepSpeed's expert-parallel groups (engine.expert_data_parallel_group)")
 def expert_replicas(engine: Any, params: Sequence[torch.Tensor], reduce_group: Any) -> dict[str, Replicas]:
     """Per expert group name among ``params``: this rank's copy of that group's experts.
 
@@ -165,6 +168,7 @@ def expert_replicas(engine: Any, params: Sequence[torch.Tensor], reduce_group: A
     return replicas
 
 
+@_compat.deepspeed_internal("DeepSpeed's ZeRO partition groups (real_dp_process_group)")
 def check_partition_groups(engine: Any, optimizer: Any) -> None:
     """ZeRO-1/2: each parameter group is partitioned over the data-parallel group, or (an MoE group,
     experts of one expert group only) over that group's expert-data-parallel ranks; else refused."""
@@ -229,6 +233,7 @@ class DeepSpeedAdapter(GradAdapter):
         self.engine.get_global_grad_norm = self.global_grad_norm
         self._install_seam()
 
+    @_compat.deepspeed_internal("DeepSpeed ZeRO optimizer internals (_install_seam)")
     def _install_seam(self) -> None:
         raise NotImplementedError
 
@@ -273,7 +278,7 @@ class DeepSpeedAdapter(GradAdapter):
             return
         factors = plan.factors.to(flat.device)
         for g, ranges in spans.items():
-            torch._foreach_mul_([flat[a:b] for a, b in ranges], factors[g])
+            _compat.foreach_mul_([flat[a:b] for a, b in ranges], factors[g])
 
     # ------------------------------------------------------- GradAdapter API
     def scale(self, coefs: torch.Tensor, groups: Sequence[int], host_coefs: Sequence[float] | None = None) -> None:
@@ -355,6 +360,7 @@ class Zero0Adapter(DeepSpeedAdapter):
     def grad_scale(self) -> float:
         return 1.0
 
+    @_compat.deepspeed_internal("DeepSpeed ZeRO optimizer internals (_install_seam)")
     def _install_seam(self) -> None:
         optimizer = self.optimizer
 
@@ -379,6 +385,7 @@ class ZeroPartitionAdapter(DeepSpeedAdapter):
         self.reduce_group = self.optimizer.dp_process_group  # spans every group's partition, MoE groups included
         check_partition_groups(engine, self.optimizer)
 
+    @_compat.deepspeed_internal("DeepSpeed ZeRO optimizer internals (bind)")
     def bind(self, table: GroupTable, layout: SlotLayout) -> None:
         super().bind(table, layout)
         group_of = self._group_index()
@@ -395,6 +402,7 @@ class ZeroPartitionAdapter(DeepSpeedAdapter):
             self._fragments.append(fragments)
             self._spans.append(group_spans(fragments))
 
+    @_compat.deepspeed_internal("DeepSpeed ZeRO optimizer internals (counted_pieces)")
     def counted_pieces(self) -> tuple[list[torch.Tensor], list[int]]:
         if self.optimizer.cpu_offload:  # reduced gradients already sit in the fp32 partitions
             flats = [part.grad for part in self.optimizer.single_partition_of_fp32_groups]
@@ -422,6 +430,7 @@ class ZeroPartitionAdapter(DeepSpeedAdapter):
             groups += gids
         return pieces, groups
 
+    @_compat.deepspeed_internal("DeepSpeed ZeRO optimizer internals (_install_seam)")
     def _install_seam(self) -> None:
         optimizer = self.optimizer
         optimizer.compute_grad_norm = True  # DeepSpeed computes (now: asks distclip for) the norm in step()
@@ -457,6 +466,7 @@ class Zero3Adapter(DeepSpeedAdapter):
                         "data-parallel one (hpZ / MiCS / AutoTP); not supported"
                     )
 
+    @_compat.deepspeed_internal("DeepSpeed ZeRO optimizer internals (bind)")
     def bind(self, table: GroupTable, layout: SlotLayout) -> None:
         super().bind(table, layout)
         group_of = self._group_index()
@@ -476,6 +486,7 @@ class Zero3Adapter(DeepSpeedAdapter):
             self._fragments.append(fragments)
             self._spans.append(group_spans(fragments))
 
+    @_compat.deepspeed_internal("DeepSpeed ZeRO optimizer internals (counted_pieces)")
     def counted_pieces(self) -> tuple[list[torch.Tensor], list[int]]:
         if self.optimizer.offload_optimizer:  # reduced gradients already sit in the fp32 sub-groups
             return _fragment_pieces([flat.grad for flat in self.optimizer.fp32_partitioned_groups_flat], self._fragments)
@@ -499,6 +510,7 @@ class Zero3Adapter(DeepSpeedAdapter):
                 groups.append(g)
         return pieces, groups
 
+    @_compat.deepspeed_internal("DeepSpeed ZeRO optimizer internals (_install_seam)")
     def _install_seam(self) -> None:
         optimizer = self.optimizer
         flats = optimizer.fp32_partitioned_groups_flat
