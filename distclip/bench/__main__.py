@@ -19,6 +19,11 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+try:
+    import numpy  # noqa: F401  (torch's CommDebugMode, which counts the collectives, imports it)
+except ImportError:
+    raise SystemExit("distclip bench needs numpy (torch's CommDebugMode imports it): pip install 'distclip[bench]'") from None
+
 from .cases import BACKENDS, VARIANTS
 from .suites import bench_backend, bench_bandwidth, bench_scaling
 from .table import print_backend_table, print_bandwidth, print_scaling
@@ -30,9 +35,18 @@ def parse_size(text: str) -> int:
     return int(float(text[:-1] if scale > 1 else text) * scale)
 
 
+def default_backends() -> list[str]:
+    """Every backend, without the DeepSpeed ones when DeepSpeed is not installed (pip install 'distclip[deepspeed]')."""
+    import importlib.util
+
+    has_deepspeed = importlib.util.find_spec("deepspeed") is not None
+    return [b for b in BACKENDS if has_deepspeed or not b.startswith("deepspeed")]
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="distclip bench", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--backends", default=",".join(BACKENDS), help=f"comma-separated, from {list(BACKENDS)}")
+    parser.add_argument("--backends", default=",".join(default_backends()),
+                        help=f"comma-separated, from {list(BACKENDS)} (default: all; DeepSpeed rows when it is installed)")
     parser.add_argument("--params", default="10M", help="model size(s), comma-separated (e.g. 10M,50M)")
     parser.add_argument("--layers", type=int, default=24, help="blocks in the model (= groups per layer)")
     parser.add_argument("--batch", type=int, default=8)
