@@ -62,10 +62,26 @@ VARIANTS = {
 }
 
 
+POLICY_SPECS = {  # the adaptive policies, for the ddp-policies rows
+    "zclip": {"kind": "zclip", "warmup_steps": 2},
+    "autoclip": {"kind": "autoclip", "quantile": 0.9, "history_length": 1000},
+    "adagc": {"kind": "adagc", "warmup_steps": 2},
+}
+
+
 def clip_config(variant: str, hook: bool) -> dict[str, Any]:
+    """``distclip[-hook][-groups|-pertensor][-<policy>|-spikes]``: the distclip config of a variant."""
     config: dict[str, Any] = {"max_norm": MAX_NORM, "comm_hook": hook, "nonfinite": "skip"}
-    if variant.endswith("groups"):
+    parts = variant.split("-")
+    if "groups" in parts:
         config["per_layer"] = {"depth": 2, "match": ["blocks.*"]}
+    if "pertensor" in parts:
+        config["per_parameter"] = True
+    policy = next((POLICY_SPECS[p] for p in parts if p in POLICY_SPECS), None)
+    if policy is not None:
+        config["policy"] = policy
+    if "spikes" in parts:
+        config["skip_spikes"] = {"window": 128, "sigma_factor": 6.0, "min_observations": 16}
     return config
 
 
@@ -227,6 +243,10 @@ DEEPSPEED_VARIANTS = ["none", "native", "distclip", "distclip-groups"]
 BACKENDS: dict[str, tuple[Callable[..., Case], list[str]]] = {
     "ddp": (build_ddp, ["none", "native", "distclip", "distclip-groups", "distclip-hook", "distclip-hook-groups",
                         "distclip-hook-fold"]),
+    # the adaptive policies against the fixed one, same model and groups (25 per layer, or one per tensor)
+    "ddp-policies": (build_ddp, ["none", "native", "distclip-hook-groups", "distclip-hook-groups-zclip",
+                                 "distclip-hook-groups-autoclip", "distclip-hook-groups-spikes",
+                                 "distclip-hook-pertensor", "distclip-hook-pertensor-adagc"]),
     "fsdp1": (build_fsdp1, SHARDED_VARIANTS),
     "fsdp2": (build_fsdp2, SHARDED_VARIANTS),
     "deepspeed-zero1": (build_deepspeed(1), DEEPSPEED_VARIANTS),

@@ -114,6 +114,10 @@ def _add_ratios(rows: list[dict[str, Any]]) -> None:
         uniform = by.get(grouped.removesuffix("-groups"))
         if grouped in by and uniform and uniform["clip_ms"] > 0:
             by[grouped]["groups_vs_uniform"] = by[grouped]["clip_ms"] / uniform["clip_ms"]
+    for row in rows:  # an adaptive policy against the fixed one on the same groups
+        fixed = by.get(row["variant"].rsplit("-", 1)[0])
+        if row["variant"].split("-")[-1] in ("zclip", "autoclip", "adagc", "spikes") and fixed and fixed["clip_ms"] > 0:
+            row["policy_vs_fixed"] = row["clip_ms"] / fixed["clip_ms"]
 
 
 # ----------------------------------------------------------------- scaling
