@@ -14,8 +14,9 @@ Every N clips each rank checks what its APPLY step actually did, and the ranks c
   something disagrees; the verdict is then the same on every rank, which all raise
   :class:`~distclip.ClipAuditError` naming the ranks (or warn, ``on_mismatch: warn``).
 
-Cost per audited clip: one local norm pass over the counted gradients, one host sync, that
-all-gather. Between audits: nothing (the clip's own single collective is unchanged).
+Cost per audited clip: one local norm pass over the counted gradients after APPLY (two when the
+norms came from a reduction hook, which splits replicated elements among ranks its own way), one
+host sync, that all-gather. Between audits: nothing (the clip's own single collective is unchanged).
 
 The same audit steps read the device-side streak counters and warn (:class:`StaleClippingWarning`,
 once per streak, from rank 0 of the reduce group) when a group with a finite threshold has been

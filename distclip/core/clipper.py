@@ -264,8 +264,11 @@ class GradClipper:
         multiplying the gradients."""
         partials, source = self._local_partials(pending_scale)
         audit = self.audit if apply and self.audit is not None and self.audit.due(self.steps + 1) else None
-        before = partials.clone() if audit is not None else None  # the reduction below is in place
-        reduced = reduce_slots(partials, self.layout, self.adapter.reduce_group)
+        before = None  # the audit's local partials before APPLY, of the same counted pieces as after it
+        if audit is not None and audit.measurable:
+            # a reduction hook splits the replicated elements among ranks its own way: measure the counted pieces
+            before = partials.clone() if source == "post_backward" else self._local_partials(pending_scale, True)[0]
+        reduced = reduce_slots(partials, self.layout, self.adapter.reduce_group)  # in place
         group_norms = self.layout.group_norms(reduced)
         total_norm = self.layout.total_norm(reduced)
         thresholds, coefs = self.policy.coefficients(group_norms, total_norm)
@@ -326,7 +329,7 @@ class GradClipper:
         )
         if apply:  # running counts on the device: no host sync
             self.counters.update(clipped_mask(coefs[:visible], finite, skipped))
-        report.clip_counts, report.clip_steps = self.counters.clipped, self.counters.steps
+        report.clip_counts, report.clip_steps = self.counters.current(coefs.device), self.counters.steps
         self.last_report = report
         if apply:
             self.log.observe(report, self.steps)  # reads the device only when a sink is due, on the rank that writes

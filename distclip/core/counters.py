@@ -37,6 +37,12 @@ class ClipCounters:
             self.streaks = (self.streaks + 1) * torch.stack([hits, 1 - hits])
         self.steps += 1
 
+    def current(self, device: torch.device) -> torch.Tensor:
+        """The clip counts so far (zeros before the first clip, allocated once)."""
+        if self.clipped is None:
+            self.clipped = torch.zeros(self.num_groups, dtype=torch.long, device=device)
+        return self.clipped
+
     def state_dict(self) -> dict[str, Any]:
         clipped = torch.zeros(self.num_groups, dtype=torch.long) if self.clipped is None else self.clipped.detach().cpu()
         return {"steps": self.steps, "clipped": clipped.clone()}
