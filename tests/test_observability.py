@@ -348,6 +348,8 @@ def test_audit_names_the_rank_that_scaled_differently(patch, finds):
     messages = run_ranks(audited, WORLD, AUDIT, patch)
     assert messages[0] is not None and messages[0] == messages[1]  # raised on every rank, the same words
     assert "ranks [1] did not clip like the others" in messages[0] and finds in messages[0], messages[0]
+    if patch is halve_scale_on_rank_one:  # rank 1 counts none of embed's elements (DDP splits replicas by tensor),
+        assert "embed by" in messages[0]  # but it scales its copy: that is measured too
 
 
 @pytest.mark.multiprocess

@@ -2,21 +2,21 @@
 
 Every N clips each rank checks what its APPLY step actually did, and the ranks compare:
 
-* **measured**: the partial norms of the gradients this rank counts, taken again after APPLY,
-  divided by the ones taken before, give the factor each group's local gradients were really
-  multiplied by; it must be the coefficient the rank applied (within 1%: fp32/bf16 rounding of
-  the scaled gradients). A rank whose adapter scaled the wrong tensors, by the wrong factor or
-  not at all fails here. (Skipped where APPLY happens later: DeepSpeed, a fold into a fused
-  optimizer, and a loss-scale overflow left to GradScaler.)
+* **measured**: per group, the partial norm of EVERY local gradient piece this rank's APPLY
+  scales (replicated copies included, not only the pieces it counts), after APPLY divided by
+  before, is the factor the group's local gradients were really multiplied by; it must be the
+  coefficient the rank applied (within 1%: fp32/bf16 rounding of the scaled gradients). A rank
+  whose adapter scaled the wrong tensors, by the wrong factor or not at all fails here.
+  (Skipped where APPLY happens later: DeepSpeed, a fold into a fused optimizer, and a loss-scale
+  overflow left to GradScaler.)
 * **cross-rank**: a checksum (a 60-bit hash) of the coefficients applied, of which groups were
   scaled and of the action (scale, zero, drop, ...), all-gathered with the count of measured
   mismatches: ONE all-gather of 3 int64 per rank. Details travel (two more all-gathers) only when
   something disagrees; the verdict is then the same on every rank, which all raise
   :class:`~distclip.ClipAuditError` naming the ranks (or warn, ``on_mismatch: warn``).
 
-Cost per audited clip: one local norm pass over the counted gradients after APPLY (two when the
-norms came from a reduction hook, which splits replicated elements among ranks its own way), one
-host sync, that all-gather. Between audits: nothing (the clip's own single collective is unchanged).
+Cost per audited clip: two local norm passes over this rank's gradients (before and after APPLY),
+one host sync, that all-gather. Between audits: nothing (the clip's own single collective is unchanged).
 
 The same audit steps read the device-side streak counters and warn (:class:`StaleClippingWarning`,
 once per streak, from rank 0 of the reduce group) when a group with a finite threshold has been

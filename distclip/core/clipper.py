@@ -223,15 +223,8 @@ class GradClipper:
             )
         return names
 
-    def _local_partials(self, pending_scale: torch.Tensor | None, counted: bool = False) -> tuple[torch.Tensor, str]:
-        """This rank's slot vector (the hidden group masked out, loss scales divided out). ``counted``: measured
-        from the counted pieces now, never taken from a reduction hook (the audit's look after APPLY)."""
-        if counted:
-            pieces, groups = self.adapter.counted_pieces()
-            partials = local_partials(pieces, groups, self.layout, self.adapter.collective_device(pieces))
-            source = "post_backward"
-        else:
-            partials, source = self.adapter.local_partials()
+    def _local_partials(self, pending_scale: torch.Tensor | None) -> tuple[torch.Tensor, str]:
+        partials, source = self.adapter.local_partials()
         if self._excluded is not None:  # the hidden group is excluded from every norm
             keep = [float(g != self._excluded) for g, _ in self.layout.slots]
             partials = partials * self.layout.constant("visible", partials.device, keep, partials.dtype)
@@ -241,6 +234,14 @@ class GradClipper:
         if not (isinstance(scale, float) and scale == 1.0):
             partials = self.layout.unscale(partials, scale)
         return partials, source
+
+    def _applied_partials(self) -> torch.Tensor:
+        """For the audit: this rank's slot partials over EVERY local gradient piece APPLY scales (replicas too,
+        not only the counted ones), before or after APPLY. Only their ratio is used: no unscaling needed."""
+        per_group = self.adapter.scaled_grads()
+        tensors = [t for g in per_group for t in g]
+        groups = [i for i, g in enumerate(per_group) for _ in g]
+        return local_partials(tensors, groups, self.layout, self.adapter.collective_device(tensors))
 
     def _log_info(self) -> dict[str, Any]:
         """What a sink's ``start`` gets: the config and the groups (``distclip suggest`` rebuilds the config from it)."""
@@ -264,11 +265,8 @@ class GradClipper:
         multiplying the gradients."""
         partials, source = self._local_partials(pending_scale)
         audit = self.audit if apply and self.audit is not None and self.audit.due(self.steps + 1) else None
-        before = None  # the audit's local partials before APPLY, of the same counted pieces as after it
-        if audit is not None and audit.measurable:
-            # a reduction hook splits the replicated elements among ranks its own way: measure the counted pieces
-            before = partials.clone() if source == "post_backward" else self._local_partials(pending_scale, True)[0]
-        reduced = reduce_slots(partials, self.layout, self.adapter.reduce_group)  # in place
+        before = self._applied_partials() if audit is not None and audit.measurable else None
+        reduced = reduce_slots(partials, self.layout, self.adapter.reduce_group)
         group_norms = self.layout.group_norms(reduced)
         total_norm = self.layout.total_norm(reduced)
         thresholds, coefs = self.policy.coefficients(group_norms, total_norm)
@@ -334,7 +332,7 @@ class GradClipper:
         if apply:
             self.log.observe(report, self.steps)  # reads the device only when a sink is due, on the rank that writes
         if audit is not None:
-            after = self._local_partials(pending_scale, counted=True)[0] if audit.measures(applied) else None
+            after = self._applied_partials() if audit.measures(applied) else None
             audit.check(self.steps, applied, coefs[:visible], thresholds[:visible], before if after is not None else None,
                         after, self.counters.streaks)
         return report

@@ -330,7 +330,7 @@ class LogSpec(_Section):
 
 class AuditSpec(_Section):
     """Every ``every`` clips, check that every rank applied the same coefficients to the same groups
-    (one all-gather of 3 int64 per rank, and one or two local norm passes over the gradients this rank counts);
+    (one all-gather of 3 int64 per rank, and two local norm passes over this rank's gradients);
     ``on_mismatch``: raise :class:`~distclip.ClipAuditError` on every rank, or warn. Also warn when a
     group has been clipped on every one, or none, of the last ``stale_after`` clips."""
 
