@@ -4,8 +4,11 @@
 
 Runs on CPU (gloo) or GPU (NCCL); no download (the text ships with Python). Plain SGD at a high
 learning rate, where clipping decides between training and diverging (compare with
-``--config configs/no_clip.yaml``). Rank 0 prints per step the loss, the exact global gradient
-norm, each clip group's norm and the coefficient applied to it.
+``--config configs/no_clip.yaml``). Rank 0 prints the loss, the exact global gradient norm, each
+clip group's norm and the coefficient applied to it (every ``--log-every`` steps, and a live
+progress line in between on a terminal), and the clipper writes every step's clip metrics to
+``--jsonl`` (default ``runs/demo.jsonl``) for ``distclip plot`` / ``distclip suggest``. The demo
+needs nothing beyond torch and distclip (the progress line is plain text, no tqdm/rich).
 """
 
 from __future__ import annotations
@@ -57,6 +60,32 @@ def sample(text: torch.Tensor, batch: int, seq: int, generator: torch.Generator)
     return window[:, :-1], window[:, 1:]
 
 
+class LiveLine:
+    """A one-line progress display redrawn in place on a terminal (stderr); silent otherwise."""
+
+    def __init__(self, total: int, enabled: bool):
+        self.total, self.enabled = total, enabled
+        self.start = time.perf_counter()
+        self.clipped = 0
+
+    def update(self, step: int, loss: torch.Tensor, report: distclip.ClipReport) -> None:
+        if not self.enabled:
+            return
+        metrics = report.to_metrics()  # one host read; this line is rank 0's and a terminal's only
+        self.clipped += any(v == 1.0 for k, v in metrics.items() if k.startswith("clipped/"))
+        done = step / self.total
+        bar = "#" * int(24 * done) + "." * (24 - int(24 * done))
+        rate = step / max(time.perf_counter() - self.start, 1e-9)
+        sys.stderr.write(f"\r  [{bar}] {step}/{self.total}  loss {loss.item():6.3f}  norm {metrics['grad_norm']:8.3g}  "
+                         f"clipped {self.clipped / step:4.0%}  {rate:5.1f} steps/s ")
+        sys.stderr.flush()
+
+    def clear(self) -> None:
+        if self.enabled:
+            sys.stderr.write("\r\033[K")
+            sys.stderr.flush()
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", default="configs/demo.yaml", help="distclip config (YAML)")
@@ -70,6 +99,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="model dtype (float64: tests compare the launched run with a float64 reference to rounding)")
     parser.add_argument("--json", action="store_true",
                         help="also print, on every rank and step, a JSON line with the world size and the exact norms")
+    parser.add_argument("--jsonl", default="runs/demo.jsonl",
+                        help="clip log written by rank 0 every step (distclip.JSONLSink); '' for none")
     args = parser.parse_args(argv)
 
     use_cuda = torch.cuda.is_available()
@@ -86,6 +117,8 @@ def main(argv: list[str] | None = None) -> int:
     optimizer = torch.optim.SGD(model.parameters(), lr=args.lr)
     clipper = distclip.GradClipper(model, args.config)
     clipper.attach(optimizer)  # exact clip right before every optimizer.step()
+    if args.jsonl:
+        clipper.add_sink(distclip.JSONLSink(args.jsonl))  # ClipReport.to_metrics() of every clip, from rank 0
 
     text = stdlib_text(args.text_bytes)
     split = int(0.95 * text.numel())
@@ -98,7 +131,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"groups: {clipper.group_names}")
 
     start = time.perf_counter()
-    clipped_steps = skipped_steps = 0
+    clipped_steps, skipped_steps = 0, 0  # clipped_steps becomes a device tensor: read once, at the end
+    live = LiveLine(args.steps, enabled=rank == 0 and sys.stderr.isatty())
     for step in range(1, args.steps + 1):
         tokens, targets = (t.to(device) for t in sample(train, args.batch, args.seq, generator))
         loss = nn.functional.cross_entropy(model(tokens).flatten(0, 1), targets.flatten())
@@ -112,12 +146,16 @@ def main(argv: list[str] | None = None) -> int:
                       **report.to_floats(), "source": report.source}
             sys.stdout.write(f"DISTCLIP {json.dumps(record)}\n")  # one write: ranks share the stream
             sys.stdout.flush()
-        clipped_steps += int(min(c.item() for c in report.coefs.values()) < 1.0)
-        skipped_steps += int(report.skipped)
+        if report.skipped:
+            skipped_steps += 1
+        else:  # a threshold scaled some group down (no host sync: summed on the device)
+            clipped_steps = clipped_steps + (torch.stack(list(report.coefs.values())) < 1.0).any().long()
+        live.update(step, loss, report)
         if step % args.log_every == 0 or step <= 8:
             mean_loss = loss.detach().clone()
             dist.all_reduce(mean_loss)  # logging only: the clip itself issued one collective
             if rank == 0:
+                live.clear()
                 groups = "  ".join(f"{name} {norm.item():.3g} x{report.coefs[name].item():.3f}"
                                    for name, norm in report.group_norms.items())
                 print(f"step {step:4d} | loss {mean_loss.item() / world:7.4f} | norm {report.total_norm.item():10.4g} "
@@ -127,9 +165,15 @@ def main(argv: list[str] | None = None) -> int:
     with torch.no_grad():
         tokens, targets = (t.to(device) for t in sample(held_out, 64, args.seq, torch.Generator().manual_seed(99)))
         bpc = nn.functional.cross_entropy(model(tokens).flatten(0, 1), targets.flatten()).item() / math.log(2)
+    clipper.close()
     if rank == 0:
-        print(f"clipped on {clipped_steps} of {args.steps} steps, skipped {skipped_steps}; "
+        live.clear()
+        print(f"clipped on {int(clipped_steps)} of {args.steps} steps, skipped {skipped_steps}; "
               f"held-out bits per char: {bpc:.3f}  ({time.perf_counter() - start:.1f} s)")
+        if args.jsonl:
+            png = str(Path(args.jsonl).with_suffix(".png"))
+            print(f"clip log: {args.jsonl} ({args.steps} clips); see it with: distclip plot {args.jsonl} -o {png}"
+                  "  (needs pip install 'distclip[plot]')")
     del model
     dist.barrier()
     dist.destroy_process_group()

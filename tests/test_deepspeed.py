@@ -693,3 +693,38 @@ def test_nonfinite_zero_ignore_error_inside_deepspeed(stage):
     assert zero == {"error": None, "skipped_steps": 0, "skipped": False, "unchanged": True, "all_finite": True}
     assert ignore["error"] is None and ignore["skipped_steps"] == 0 and not ignore["all_finite"]
     assert error["error"].startswith("NonFiniteGradientError") and error["unchanged"]
+
+
+# ------------------------------------------------------------------ observability (issue 13)
+def observed(stage: int, path: str, diverge: bool) -> dict[str, Any]:
+    """The clip inside DeepSpeed's step writes its metrics (rank 0) and is audited (checksums only: APPLY
+    happens later, inside the step, so the audit does not measure it there)."""
+    engine = new_engine(stage)
+    clipper = distclip.deepspeed.attach(engine, {**PER_GROUP, "log": {"jsonl": path}, "audit": {"every": 1}})
+    if diverge and dist.get_rank() == 1:
+        original = clipper.policy.coefficients
+        clipper.policy.coefficients = lambda norms, total: (original(norms, total)[0], original(norms, total)[1] * 0.5)
+    out: dict[str, Any] = {"metrics": [], "error": None}
+    try:
+        for step in range(STEPS):
+            micro_step(engine, step)
+            out["metrics"].append(clipper.last_report.to_metrics())
+    except distclip.ClipAuditError as err:
+        out["error"] = str(err)
+    clipper.close()
+    close(engine)
+    return out
+
+
+@pytest.mark.parametrize("stage", [2])
+def test_metrics_log_and_audit_inside_the_deepspeed_step(stage, tmp_path):
+    import json
+
+    results = run_ranks(observed, 2, stage, str(tmp_path / "clip.jsonl"), False, timeout=300)
+    assert results[0] == results[1] and results[0]["error"] is None
+    lines = [json.loads(line) for line in (tmp_path / "clip.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in lines[1:]] == list(range(1, STEPS + 1))
+    assert [{k: v for k, v in r.items() if k != "step"} for r in lines[1:]] == results[0]["metrics"]
+    assert any(v == 1.0 for k, v in results[0]["metrics"][0].items() if k.startswith("clipped/"))
+    diverged = run_ranks(observed, 2, stage, str(tmp_path / "other.jsonl"), True, timeout=300)
+    assert diverged[0]["error"] == diverged[1]["error"] and "ranks [1] did not clip like the others" in diverged[0]["error"]

@@ -94,4 +94,15 @@ def test_trainer_max_grad_norm_is_exact_per_group_on_two_ranks(tmp_path):
                 assert rel_err(log[f"grad_norm/{name}"], value) <= 1e-6, (name, log, value)
             # per-group clipping happened: the embedding group was clipped to its own threshold
             assert log["clip_coef/embed"] < 1.0
+        # the logs carry ClipReport.to_metrics()'s names; the clip rates count the steps so far
+        thresholds = {"embed": 0.01, "attn": 0.05, "default": MAX_GRAD_NORM}
+        clipped = dict.fromkeys(thresholds, 0)
+        for step, (log, ref) in enumerate(zip(rank_logs, refs), 1):
+            assert log["skipped"] == 0.0
+            for name, threshold in thresholds.items():
+                assert log[f"clip_threshold/{name}"] == pytest.approx(threshold)
+                assert log[f"nonfinite/{name}"] == 0.0
+                assert log[f"clipped/{name}"] == float(ref["groups"][name] + 1e-6 > threshold)
+                clipped[name] += ref["groups"][name] + 1e-6 > threshold
+                assert log[f"clip_rate/{name}"] == pytest.approx(clipped[name] / step)
         assert rank_logs == results[0][1]  # identical on every rank

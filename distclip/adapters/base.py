@@ -43,6 +43,7 @@ class GradAdapter:
     reduce_group: ProcessGroup | None = None  # None: rank-local, no collective
     has_names = True  # False when given bare parameters (per-group clipping then impossible)
     foldable = False  # gradients live in param.grad of the very tensors an optimizer steps
+    applies_in_place = True  # APPLY changes the counted gradients at once (the audit measures it)
     hook: ReductionHook | None = None
     hook_status = "not enabled"  # after enable_reduction_hook: the hook's name, or why there is none
 

@@ -214,6 +214,7 @@ class DeepSpeedAdapter(GradAdapter):
     """Common part: names from ``engine.module``, DeepSpeed's clipping off, honest ``get_global_grad_norm``."""
 
     kind = "deepspeed"
+    applies_in_place = False  # the coefficients reach the fp32 partitions later, inside DeepSpeed's step
 
     def __init__(self, engine: Any):
         super().__init__(list(named_trainable_parameters(engine.module)))

@@ -1,7 +1,10 @@
-"""The ``distclip`` command (also ``python -m distclip``): ``launch``, ``check`` and ``bench``; subcommands register in COMMANDS.
+"""The ``distclip`` command (also ``python -m distclip``): ``launch``, ``check``, ``bench``, ``plot`` and
+``suggest``; subcommands register in COMMANDS.
 
     distclip launch --config_file configs/accelerate_multi_cpu.yaml launch/train_accelerate.py --steps 3
     distclip check configs/accelerate_fsdp2.yaml
+    distclip plot runs/demo.jsonl -o runs/demo.png
+    distclip suggest runs/measure.jsonl --quantile 0.9 -o clip.yaml
 
 Exit status: the training's own for ``launch``; 2 for a configuration refused before anything started.
 """
@@ -79,11 +82,27 @@ def _bench(argv: list[str]) -> int:
     return bench_main(argv)
 
 
+def _plot(argv: list[str]) -> int:
+    from .plot import main as plot_main
+
+    return plot_main(argv)
+
+
+def _suggest(argv: list[str]) -> int:
+    from .suggest import main as suggest_main
+
+    return suggest_main(argv)
+
+
 # name -> (one-line help, handler taking the remaining argv and returning the exit status)
 COMMANDS: dict[str, tuple[str, Callable[[list[str]], int]]] = {
     "launch": ("accelerate launch with a combined Accelerate + distclip YAML, checked first", _launch),
     "check": ("validate a combined YAML (distclip section, Accelerate part, process count)", _check),
     "bench": ("benchmark clipping against the native alternatives (python -m distclip.bench --help)", _bench),
+    "plot": ("plot a clip log (JSONL): per-group norms, thresholds, clip events, clip rate (needs distclip[plot])",
+             _plot),
+    "suggest": ("per-group thresholds from a clip log of a run with max_norm: inf (YAML, JSON or an optuna space)",
+                _suggest),
 }
 
 

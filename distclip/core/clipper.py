@@ -14,14 +14,17 @@ from ..adapters import _compat, adapter_for
 from ..adapters.base import GradAdapter
 from ..adapters.pipeline import PipelineAdapter
 from .attach import Attachment
+from .audit import Applied, ClipAudit
 from .config import ClipConfig, ConfigError, load_config
+from .counters import ClipCounters
 from .errors import NonFiniteGradientError, StateDictError, UsageError
 from .groups import GroupTable, resolve_groups
 from .names import canonical_name
-from .norms import SlotLayout
+from .norms import SlotLayout, local_partials
 from .policies import PolicySet, SpikeDetector, build_policies, build_spike_detector
 from .reduce import check_consistency, exchange_bytes, reduce_slots
-from .report import ClipReport
+from .report import ClipReport, clipped_mask
+from .sinks import MetricsLog
 
 STATE_VERSION = 2
 
@@ -51,6 +54,10 @@ class GradClipper:
 
     At construction every rank checks (one all-gather of one number) that all ranks have the same
     config and group layout, and raises :class:`~distclip.ConfigMismatchError` otherwise.
+
+    Observability: every report carries the running per-group clip counts (kept on the device);
+    the config's ``log`` section and :meth:`add_sink` write :meth:`ClipReport.to_metrics` from one
+    rank every N clips; ``audit`` checks every N clips that all ranks applied the same coefficients.
     """
 
     def __init__(
@@ -94,6 +101,12 @@ class GradClipper:
         self._visible = list(range(len(self.group_names)))
         self.steps = 0
         self.last_report: ClipReport | None = None
+        self.counters = ClipCounters(len(self.group_names), streaks=self.config.audit is not None)
+        self.log = MetricsLog.from_config(self.config.log, self.adapter.reduce_group, info=self._log_info)
+        self.audit: ClipAudit | None = None
+        if self.config.audit is not None:
+            self.audit = ClipAudit(self.config.audit, self.group_names, self.layout, self.adapter.reduce_group,
+                                   measurable=self.adapter.applies_in_place)
         _compat.track_amp_unscaling()  # GradScaler's unscaling becomes visible (hooks, overflow detection)
         check_consistency(self.adapter.reduce_group, self.fingerprint(), self._summary(), *self._stage_fingerprint())
         self.adapter.verify_layout()
@@ -124,10 +137,21 @@ class GradClipper:
             )
         return Attachment(self, optimizer, fold)
 
+    def add_sink(self, sink: Any, every: int | None = None, rank: int | None = 0) -> Any:
+        """Write every ``every`` clips' :meth:`ClipReport.to_metrics` to ``sink`` (``write(metrics, step)`` /
+        ``close()``, e.g. :class:`~distclip.JSONLSink`), from rank ``rank`` of the reduce group (None: every
+        rank). ``every`` defaults to the config's ``log.every`` (else 1). Returns the sink."""
+        return self.log.add(sink, every=every, rank=rank)
+
+    def close(self) -> None:
+        """Close the sinks (flushes TensorBoard); also done at interpreter exit."""
+        self.log.close()
+
     def state_dict(self) -> dict[str, Any]:
-        """Everything a resume needs to continue with the same coefficients (policy state by group name)."""
+        """Everything a resume needs to continue with the same coefficients (policy state by group name)
+        and the same running clip rates."""
         state = {"version": STATE_VERSION, "groups": list(self.group_names), "steps": self.steps,
-                 "policy": self.policy.state_dict()}
+                 "policy": self.policy.state_dict(), "counts": self.counters.state_dict()}
         if self.spikes is not None:
             state["skip_spikes"] = self.spikes.state_dict()
         return state
@@ -136,7 +160,7 @@ class GradClipper:
         """Restore :meth:`state_dict`; a state of another version, group layout or policy is a :class:`StateDictError`."""
         if not isinstance(state, Mapping):
             raise StateDictError(f"distclip state must be the mapping GradClipper.state_dict() returned, got {type(state).__name__}")
-        unknown = set(state) - {"version", "groups", "steps", "policy", "skip_spikes"}
+        unknown = set(state) - {"version", "groups", "steps", "policy", "skip_spikes", "counts"}
         if unknown:
             raise StateDictError(f"distclip state has unknown keys {sorted(unknown)}: it is not a GradClipper.state_dict()")
         version = state.get("version")
@@ -169,10 +193,13 @@ class GradClipper:
                 "a clipper built with the same config")
         if self.spikes is not None:
             self.spikes._checked(state["skip_spikes"])  # all checks pass before anything is loaded
+        counters = ClipCounters(len(self.group_names), streaks=self.counters.track_streaks)
+        if "counts" in state:  # states saved before the counts existed start them afresh
+            counters.load_state_dict(state["counts"])
         self.policy.load_state_dict(dict(policy))
         if self.spikes is not None:
             self.spikes.load_state_dict(state["skip_spikes"])
-        self.steps = steps
+        self.steps, self.counters = steps, counters
 
     @property
     def clips_subset(self) -> bool:
@@ -239,6 +266,24 @@ class GradClipper:
             partials = self.layout.unscale(partials, scale)
         return partials, source
 
+    def _applied_partials(self) -> torch.Tensor:
+        """For the audit: this rank's slot partials over EVERY local gradient piece APPLY scales (replicas too,
+        not only the counted ones), before or after APPLY. Only their ratio is used: no unscaling needed."""
+        per_group = self.adapter.scaled_grads()
+        tensors = [t for g in per_group for t in g]
+        groups = [i for i, g in enumerate(per_group) for _ in g]
+        return local_partials(tensors, groups, self.layout, self.adapter.collective_device(tensors))
+
+    def _log_info(self) -> dict[str, Any]:
+        """What a sink's ``start`` gets: the config and the groups (``distclip suggest`` rebuilds the config from it)."""
+        members: dict[str, list[str]] = {}
+        for name, g in self.table.index_of.items():
+            members.setdefault(self.table.groups[g].name, []).append(name)
+        groups = [{"name": g.name, "origin": g.origin, "max_norm": g.max_norm, "norm_type": g.norm_type,
+                   **({"params": members.get(g.name, [])} if g.origin in ("per_layer", "per_parameter") else {})}
+                  for g in self.table.groups[: len(self.group_names)]]
+        return {"config": self.config.to_dict(), "groups": groups}
+
     @torch.no_grad()
     def _run(
         self,
@@ -250,6 +295,8 @@ class GradClipper:
         set by GradScaler for fused optimizers). ``fold``: applies the (uniform) coefficients instead of
         multiplying the gradients."""
         partials, source = self._local_partials(pending_scale)
+        audit = self.audit if apply and self.audit is not None and self.audit.due(self.steps + 1) else None
+        before = self._applied_partials() if audit is not None and audit.measurable else None
         reduced = reduce_slots(partials, self.layout, self.adapter.reduce_group)
         group_norms = self.layout.group_norms(reduced)
         total_norm = self.layout.total_norm(reduced)
@@ -258,13 +305,16 @@ class GradClipper:
         finite = torch.isfinite(reduced).all()
         spike = self.spikes.skip(group_norms, total_norm) if self.spikes is not None else None
         skipped, reason = False, None
+        applied = Applied("none")
         if apply:
             accepted = finite if spike is None else finite & ~spike  # what the policies may learn from
             if self.config.nonfinite == "ignore" and spike is None:  # no host sync at all: always multiply, as torch
                 if fold is not None:
                     fold(coefs)
+                    applied = Applied("fold", tuple(self._visible))
                 else:
                     self.adapter.scale(coefs, self._visible)
+                    applied = Applied("scale", tuple(self._visible))
             else:
                 # The one host sync: the non-finite and spike decisions, and which groups are clipped at
                 # all (multiplying by exactly 1.0 changes nothing, so unclipped groups are not touched).
@@ -273,22 +323,29 @@ class GradClipper:
                 if finite_flag and spike_flag:  # a spike: skip the step, like a non-finite one
                     self.adapter.drop_grads()
                     skipped, reason = True, "spike"
+                    applied = Applied("drop")
                 elif finite_flag:
                     clipped = [g for g in self._visible if host_coefs[g] < 1.0]
                     if clipped and fold is not None:
                         fold(coefs)
+                        applied = Applied("fold", tuple(self._visible))
                     elif clipped:
                         self.adapter.scale(coefs, clipped, host_coefs)
+                        applied = Applied("scale", tuple(clipped))
                 elif self.config.nonfinite == "ignore":  # torch semantics, also with skip_spikes on
                     self.adapter.scale(coefs, self._visible)
+                    applied = Applied("scale", tuple(self._visible))
                 else:
                     skipped, reason = self._handle_nonfinite(reduced, scaler_managed=pending_scale is not None)
+                    applied = Applied({"overflow": "leave", "nonfinite": "drop"}.get(reason, "zero"),
+                                      () if skipped else tuple(self._visible))
                 if skipped or (not finite_flag and self.config.nonfinite == "zero"):
                     coefs = torch.zeros_like(coefs)
             self.policy.update(group_norms, total_norm, coefs, accepted)
             if self.spikes is not None:
                 self.spikes.update(group_norms, total_norm, coefs, accepted)
             self.steps += 1
+        visible = len(self.group_names)
         report = ClipReport(
             total_norm=total_norm.float(),
             group_norms=dict(zip(self.group_names, group_norms.float())),
@@ -299,7 +356,16 @@ class GradClipper:
             source=source,
             skip_reason=reason,
         )
+        if apply:  # running counts on the device: no host sync
+            self.counters.update(clipped_mask(coefs[:visible], finite, skipped))
+        report.clip_counts, report.clip_steps = self.counters.current(coefs.device), self.counters.steps
         self.last_report = report
+        if apply:
+            self.log.observe(report, self.steps)  # reads the device only when a sink is due, on the rank that writes
+        if audit is not None:
+            after = self._applied_partials() if audit.measures(applied) else None
+            audit.check(self.steps, applied, coefs[:visible], thresholds[:visible], before if after is not None else None,
+                        after, self.counters.streaks)
         return report
 
     def _handle_nonfinite(self, reduced: torch.Tensor, scaler_managed: bool) -> tuple[bool, str | None]:

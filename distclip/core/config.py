@@ -282,6 +282,63 @@ class SkipSpikesSpec(_Section):
         return self
 
 
+# ------------------------------------------------------------ observability
+_PATH_RULE = "must be a file or folder path (a non-empty string), e.g. 'runs/clip.jsonl'"
+_AUDIT_RULE = "must be true, false, or a mapping {every: N, stale_after: M, on_mismatch: raise | warn}"
+
+
+def _parse_path(value: Any) -> str:
+    """A path as users write it: a non-empty string or an ``os.PathLike`` (no NUL byte); never a number or a bool."""
+    if isinstance(value, os.PathLike):
+        value = os.fspath(value)
+    if isinstance(value, bytes) or not isinstance(value, str):
+        raise ValueError(f"{_PATH_RULE}; got {type(value).__name__}")
+    if not value.strip():
+        raise ValueError(f"{_PATH_RULE}; this one is empty")
+    if "\0" in value:
+        raise ValueError(f"{_PATH_RULE}; a path cannot hold a NUL character")
+    return value
+
+
+def _audit_shorthand(value: Any) -> Any:
+    """``audit: true`` is the default audit, ``audit: false`` none; a mapping sets its fields."""
+    if value is True:
+        return {}
+    if value is False or value is None:
+        return None
+    if isinstance(value, (Mapping, BaseModel)):
+        return value
+    raise ValueError(f"{_AUDIT_RULE}; got {type(value).__name__} {_show(value)}")
+
+
+LogPath = Annotated[str, BeforeValidator(_parse_path)]
+
+
+class LogSpec(_Section):
+    """Where the clip metrics (:meth:`ClipReport.to_metrics`) go, every ``every`` clips, from one rank
+    (rank 0 of the clipper's reduce group: the numbers are the same on every rank).
+
+    ``jsonl``: a JSON-lines file (one line per write, with ``step``; started afresh). ``tensorboard``:
+    a TensorBoard log folder (needs the ``tensorboard`` extra). Sinks added with
+    ``GradClipper.add_sink`` also write every ``every`` clips unless given their own.
+    """
+
+    every: Count = 1
+    jsonl: LogPath | None = None
+    tensorboard: LogPath | None = None
+
+
+class AuditSpec(_Section):
+    """Every ``every`` clips, check that every rank applied the same coefficients to the same groups
+    (one all-gather of 3 int64 per rank, and two local norm passes over this rank's gradients);
+    ``on_mismatch``: raise :class:`~distclip.ClipAuditError` on every rank, or warn. Also warn when a
+    group has been clipped on every one, or none, of the last ``stale_after`` clips."""
+
+    every: Count = 100
+    stale_after: Count = 1000
+    on_mismatch: Literal["raise", "warn"] = "raise"
+
+
 class ClipConfig(_Section):
     """What to clip, how, and what to do with non-finite gradients.
 
@@ -299,6 +356,9 @@ class ClipConfig(_Section):
         skip_spikes: skip steps whose total norm is a spike (z-score over recent accepted steps).
         comm_hook: compute the norm inside DDP's gradient reduction (comm hook) when possible.
         check_consistency: at set-up, verify every rank has the same config and group layout.
+        log: where the clip metrics go (JSONL, TensorBoard), and how often.
+        audit: a periodic cross-rank check of the coefficients applied, and stale-clipping warnings
+            (``true`` for the defaults).
     """
 
     max_norm: MaxNorm = 1.0
@@ -311,6 +371,8 @@ class ClipConfig(_Section):
     skip_spikes: SkipSpikesSpec | None = None
     comm_hook: bool = True
     check_consistency: bool = True
+    log: LogSpec | None = None
+    audit: Annotated[AuditSpec | None, BeforeValidator(_audit_shorthand)] = None
 
     @model_validator(mode="after")
     def _unique_group_names(self) -> "ClipConfig":
@@ -511,7 +573,8 @@ def _allowed_keys(loc: tuple[Any, ...]) -> list[str]:
         kind = loc[loc.index("policy") + 1]
         model = POLICY_KINDS.get(kind, FixedPolicySpec)
     elif len(loc) > 1:
-        sections = {"groups": GroupSpec, "per_layer": PerLayerSpec, "skip_spikes": SkipSpikesSpec}
+        sections = {"groups": GroupSpec, "per_layer": PerLayerSpec, "skip_spikes": SkipSpikesSpec,
+                    "log": LogSpec, "audit": AuditSpec}
         model = sections.get(loc[0], ClipConfig)
     return list(model.model_fields)
 
@@ -525,6 +588,8 @@ _EXPECTED = {
     "policy": "a mapping with a 'kind' key",
     "comm_hook": "true or false",
     "check_consistency": "true or false",
+    "log": "a mapping {every: N, jsonl: PATH, tensorboard: DIR} (each optional)",
+    "audit": "true, false, or a mapping {every: N, stale_after: M, on_mismatch: raise | warn}",
 }
 
 

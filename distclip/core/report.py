@@ -1,4 +1,4 @@
-"""What one clip saw and did: :class:`ClipReport`."""
+"""What one clip saw and did: :class:`ClipReport`, and its flat metrics (:meth:`ClipReport.to_metrics`)."""
 
 from __future__ import annotations
 
@@ -22,6 +22,9 @@ class ClipReport:
             that GradScaler / DeepSpeed skip themselves) or ``spike`` (``skip_spikes``).
         finite: whether every norm was finite (a bool tensor: reading it syncs with the device).
         source: ``comm_hook`` when the norm was computed inside the gradient reduction, else ``post_backward``.
+        clip_counts: per group (in the order of ``group_norms``), on how many of the clipper's
+            ``clip_steps`` clips so far it was clipped (int64, on the device; None outside a clipper).
+        clip_steps: the number of clips ``clip_counts`` counts (this one included).
     """
 
     total_norm: torch.Tensor
@@ -32,6 +35,39 @@ class ClipReport:
     finite: torch.Tensor | None = None
     source: str = "post_backward"
     skip_reason: str | None = None
+    clip_counts: torch.Tensor | None = None
+    clip_steps: int = 0
+
+    def to_metrics(self) -> dict[str, float]:
+        """The clip as flat, plainly named metrics (floats), as sinks and trackers write them.
+
+        Keys: ``grad_norm`` (pre-clip total norm), ``skipped`` (0/1), and per group
+        ``grad_norm/<group>`` (pre-clip), ``clip_coef/<group>`` (the coefficient applied),
+        ``clip_threshold/<group>``, ``clipped/<group>`` (1 when the threshold scaled the group down
+        on an accepted step), ``nonfinite/<group>`` (1 when the group's reduced norm is NaN or inf)
+        and ``clip_rate/<group>`` (the fraction of the run's clips so far that clipped the group).
+
+        One host sync: everything is read from the device in one ``.tolist()``. The clipper never
+        calls this on its own; its sinks do, on the one rank that writes, when a write is due.
+        """
+        names = list(self.group_norms)
+        norms = torch.stack([self.group_norms[n] for n in names]).float()
+        coefs = torch.stack([self.coefs[n] for n in names]).float().to(norms.device)
+        families: list[tuple[str, torch.Tensor]] = [("grad_norm", norms), ("clip_coef", coefs)]
+        if self.thresholds:
+            families.append(("clip_threshold", torch.stack([self.thresholds[n] for n in names]).float().to(norms.device)))
+        finite = None if self.finite is None else self.finite.to(norms.device)
+        families.append(("clipped", clipped_mask(coefs, finite, self.skipped).float()))
+        families.append(("nonfinite", (~torch.isfinite(norms)).float()))
+        if self.clip_counts is not None:
+            families.append(("clip_rate", self.clip_counts.to(norms.device).double() / max(self.clip_steps, 1)))
+        values = torch.cat([self.total_norm.reshape(1).double().to(norms.device),
+                            *(v.double() for _, v in families)]).tolist()
+        out = {"grad_norm": values[0], "skipped": float(self.skipped)}
+        g = len(names)
+        for i, (family, _) in enumerate(families):
+            out.update({f"{family}/{name}": v for name, v in zip(names, values[1 + i * g : 1 + (i + 1) * g])})
+        return out
 
     def to_floats(self) -> dict[str, Any]:
         """Plain Python numbers for logging (one host sync)."""
@@ -50,3 +86,12 @@ class ClipReport:
         f = self.to_floats()
         groups = " ".join(f"{k}={v:.4g}(x{f['coefs'][k]:.3g})" for k, v in f["group_norms"].items())
         return f"norm={f['total_norm']:.6g} {groups}" + (f" SKIPPED ({self.skip_reason})" if self.skipped else "")
+
+
+def clipped_mask(coefs: torch.Tensor, finite: torch.Tensor | None, skipped: bool) -> torch.Tensor:
+    """Per group: whether its threshold scaled it down (coefficient < 1) on a step that was not skipped
+    and had finite norms (a bool tensor, no host sync). A skipped or non-finite step clips no group."""
+    mask = coefs < 1.0
+    if finite is not None:
+        mask = mask & finite
+    return mask & (not skipped)

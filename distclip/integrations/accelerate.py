@@ -23,6 +23,11 @@ group's threshold), and so does ``norm_type`` when given (omitted: the config's)
 ``groups``/``per_layer`` keep their own thresholds and norm types, and ``nonfinite``/``policy``
 come from the config. ``max_norm=inf`` measures without clipping anything.
 ``accelerate`` is imported only when this module is used.
+
+Metrics: the config's ``log`` section writes every clip's :meth:`~distclip.ClipReport.to_metrics`
+(JSONL, TensorBoard) from the main process, and :func:`log_to_trackers` sends the same keys to the
+accelerator's own trackers (``accelerator.log``; wandb, TensorBoard, ... as set up by
+``accelerator.init_trackers``), with ``step`` = the number of clips so far.
 """
 
 from __future__ import annotations
@@ -39,8 +44,9 @@ from ..adapters import UnsupportedModelError
 from ..core.clipper import ClipReport, GradClipper
 from ..core.config import ClipConfig, load_config
 from ..core.names import canonical_name
+from ..core.sinks import CallbackSink, MetricsLog
 
-__all__ = ["enable", "disable", "last_report", "AccelerateClipping"]
+__all__ = ["enable", "disable", "last_report", "log_to_trackers", "AccelerateClipping"]
 
 DDP_TYPES = frozenset({"NO", "MULTI_CPU", "MULTI_GPU", "MULTI_NPU", "MULTI_MLU", "MULTI_SDAA", "MULTI_MUSA",
                        "MULTI_XPU", "MULTI_HPU", "MULTI_NEURON"})
@@ -78,6 +84,15 @@ def last_report(accelerator: Any) -> ClipReport | None:
     return None if clipping is None else clipping.last_report
 
 
+def log_to_trackers(accelerator: Any, every: int | None = None) -> CallbackSink:
+    """Send every ``every`` clips' metrics (:meth:`~distclip.ClipReport.to_metrics` keys) to
+    ``accelerator.log`` (its trackers), from the main process. Call after :func:`enable`."""
+    clipping = getattr(accelerator, "_distclip", None)
+    if clipping is None:
+        raise RuntimeError("distclip: call distclip.accelerate.enable(accelerator) before log_to_trackers(accelerator)")
+    return clipping.log_to_trackers(every)
+
+
 class AccelerateClipping:
     """distclip behind one ``Accelerator``: replaces its ``clip_grad_norm_`` and wraps its ``prepare``."""
 
@@ -87,6 +102,8 @@ class AccelerateClipping:
         self.distributed_type = str(getattr(accelerator.distributed_type, "value", accelerator.distributed_type))
         self.kind = _kind(self.distributed_type)
         self.last_report: ClipReport | None = None
+        self.clips = 0  # clip_grad_norm_ calls (DDP/FSDP): the step the metrics are logged at
+        self.log = MetricsLog.from_config(config.log, None, info=self._log_info)  # one log for all the clippers
         self._clippers: dict[tuple[Any, ...], GradClipper] = {}
         self._hooked: set[int] = set()  # models whose reduction hook a clipper already owns
         self._deepspeed: dict[int, GradClipper] = {}  # id(engine) -> clipper attached inside its step
@@ -102,7 +119,20 @@ class AccelerateClipping:
         if self.kind == "deepspeed":
             self._attach_deepspeed()
 
+    def add_sink(self, sink: Any, every: int | None = None, rank: int | None = 0) -> Any:
+        """Write the clips' metrics to ``sink`` (see :meth:`GradClipper.add_sink`); rank 0 is the main process."""
+        return self.log.add(sink, every=every, rank=rank)
+
+    def log_to_trackers(self, every: int | None = None) -> CallbackSink:
+        """Send the clips' metrics to ``accelerator.log`` (the trackers) every ``every`` clips."""
+        return self.log.add(CallbackSink(self.accelerator.log), every=every)
+
+    def _log_info(self) -> dict[str, Any]:
+        clippers = [*self._clippers.values(), *self._deepspeed.values()]
+        return clippers[-1]._log_info() if clippers else {"config": self.config.to_dict()}
+
     def disable(self) -> None:
+        self.log.close()
         for name, saved in self._saved.items():  # the class's own methods (or earlier patches) show through again
             if saved is None:
                 self.accelerator.__dict__.pop(name, None)
@@ -134,6 +164,8 @@ class AccelerateClipping:
         clipper = self._clipper(model, subset, float(max_norm), norm_type)
         report = clipper.measure() if math.isinf(float(max_norm)) else clipper.clip()
         self.last_report = report
+        self.clips += 1
+        self.log.observe(report, self.clips)
         return report.total_norm
 
     # -------------------------------------------------------------- DDP/FSDP
@@ -171,7 +203,7 @@ class AccelerateClipping:
         key = (owner_key, subset_key, max_norm, p)
         if key not in self._clippers:
             hook = self.config.comm_hook and model is not None and subset is None and id(model) not in self._hooked
-            config = self.config.replace(max_norm=max_norm, norm_type=p, comm_hook=hook)
+            config = self.config.replace(max_norm=max_norm, norm_type=p, comm_hook=hook, log=None)
             target = model if model is not None else subset
             self._clippers[key] = GradClipper(target, config, params=subset if model is not None else None)
             if hook:
@@ -186,7 +218,9 @@ class AccelerateClipping:
         attach = _require(DEEPSPEED_MODULE, "DeepSpeed").attach
         for engine in engines:
             if id(engine) not in self._deepspeed:
-                self._deepspeed[id(engine)] = attach(engine, self.config)
+                clipper = attach(engine, self.config.replace(log=None))
+                clipper.log = self.log  # it clips inside DeepSpeed's step: it writes this log itself
+                self._deepspeed[id(engine)] = clipper
 
     def _deepspeed_norm(self, max_norm: float) -> torch.Tensor:
         self._attach_deepspeed()

@@ -9,8 +9,10 @@ every optimizer step (with ``max_grad_norm <= 0`` it only measures, with ``max_n
 ``enable`` puts distclip behind that call (:func:`distclip.accelerate.enable` on
 ``trainer.accelerator``): ``max_grad_norm`` is the default group's threshold, the config's groups
 keep theirs, and the logged ``grad_norm`` is the exact global pre-clip norm, for DDP, FSDP and
-DeepSpeed alike. With more than one clip group, each log line also gets ``grad_norm/<group>``
-and ``clip_coef/<group>`` (for the last step before the log). Imports ``transformers``.
+DeepSpeed alike. Each log line also gets the last clip's per-group metrics, with the names of
+:meth:`distclip.ClipReport.to_metrics` (``grad_norm/<group>``, ``clip_coef/<group>``,
+``clip_threshold/<group>``, ``clipped/<group>``, ``nonfinite/<group>``, ``clip_rate/<group>``
+and ``skipped``), so wandb / TensorBoard reporters show them. Imports ``transformers``.
 """
 
 from __future__ import annotations
@@ -45,18 +47,17 @@ def enable(trainer: Any, config: ClipConfig | Mapping[str, Any] | str | os.PathL
 
 
 class GroupNormLogger(TrainerCallback):
-    """Adds the last clip's per-group norms and coefficients to the Trainer's logs (more than one group only)."""
+    """Adds the last clip's :meth:`~distclip.ClipReport.to_metrics` to the Trainer's logs (the Trainer's own
+    ``grad_norm`` stays: it is the same exact total norm). One host read per log line."""
 
     def __init__(self, clipping: distclip_accelerate.AccelerateClipping):
         self.clipping = clipping
 
     def on_log(self, args: Any, state: Any, control: Any, logs: dict[str, float] | None = None, **kwargs: Any) -> None:
         report = self.clipping.last_report
-        if logs is None or report is None or "grad_norm" not in logs or len(report.group_norms) < 2:
+        if logs is None or report is None or "grad_norm" not in logs:
             return
-        values = report.to_floats()
-        extra = {f"grad_norm/{name}": value for name, value in values["group_norms"].items()}
-        extra.update({f"clip_coef/{name}": value for name, value in values["coefs"].items()})
+        extra = {k: v for k, v in report.to_metrics().items() if k != "grad_norm"}
         logs.update(extra)
         if state.log_history and state.log_history[-1].get("grad_norm") == logs["grad_norm"]:
             state.log_history[-1].update(extra)  # the Trainer stored this log line just before calling us

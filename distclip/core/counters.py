@@ -1,0 +1,62 @@
+"""Running per-group clip counts, kept on the device: the clip rate without a host sync per step."""
+
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+import torch
+
+from .errors import StateDictError
+
+
+class ClipCounters:
+    """How many clips scaled each group down, and (with ``streaks``) for how many clips in a row
+    each group has been clipped / not clipped (the audit's stale-clipping warnings read those).
+
+    :meth:`update` is a few tiny device ops: no host sync, no tensor built from Python values.
+    Every update makes new tensors (out of place), so a :class:`ClipReport` holding the counts
+    of its step keeps them.
+    """
+
+    def __init__(self, num_groups: int, streaks: bool = False):
+        self.num_groups = num_groups
+        self.steps = 0
+        self.clipped: torch.Tensor | None = None  # int64 [G]
+        self.track_streaks = streaks
+        self.streaks: torch.Tensor | None = None  # int64 [2, G]: clipped in a row, not clipped in a row
+
+    def update(self, clipped: torch.Tensor) -> None:
+        """Count one clip; ``clipped`` is the bool [G] mask of the groups it scaled down."""
+        hits = clipped.long()
+        if self.clipped is None or self.clipped.device != hits.device:
+            self.clipped = torch.zeros_like(hits) if self.clipped is None else self.clipped.to(hits.device)
+        self.clipped = self.clipped + hits
+        if self.track_streaks:
+            if self.streaks is None or self.streaks.device != hits.device:
+                self.streaks = torch.zeros((2, self.num_groups), dtype=torch.long, device=hits.device)
+            self.streaks = (self.streaks + 1) * torch.stack([hits, 1 - hits])
+        self.steps += 1
+
+    def current(self, device: torch.device) -> torch.Tensor:
+        """The clip counts so far (zeros before the first clip, allocated once)."""
+        if self.clipped is None:
+            self.clipped = torch.zeros(self.num_groups, dtype=torch.long, device=device)
+        return self.clipped
+
+    def state_dict(self) -> dict[str, Any]:
+        clipped = torch.zeros(self.num_groups, dtype=torch.long) if self.clipped is None else self.clipped.detach().cpu()
+        return {"steps": self.steps, "clipped": clipped.clone()}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore :meth:`state_dict` (streaks start afresh: they describe recent clips, not the run)."""
+        steps = state.get("steps") if isinstance(state, Mapping) else None
+        clipped = state.get("clipped") if isinstance(state, Mapping) else None
+        valid_steps = isinstance(steps, int) and not isinstance(steps, bool) and steps >= 0
+        valid_counts = isinstance(clipped, torch.Tensor) and clipped.shape == (self.num_groups,) \
+            and clipped.dtype == torch.long
+        if not (valid_steps and valid_counts):
+            raise StateDictError(
+                f"distclip state's 'counts' must be {{'steps': int >= 0, 'clipped': int64 tensor of {self.num_groups} "
+                f"counts}} as GradClipper.state_dict() writes it; got {state!r}")
+        device = clipped.device if self.clipped is None else self.clipped.device
+        self.steps, self.clipped, self.streaks = steps, clipped.detach().clone().to(device), None
