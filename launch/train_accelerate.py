@@ -13,6 +13,7 @@ Parameter names: ``embed.weight``, ``blocks.N.{norm,attn,mlp.0,mlp.2}.*``, ``hea
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import sys
@@ -126,6 +127,13 @@ def main(argv: list[str] | None = None) -> int:
             print(f"step {step} | norm {record['norm']:.6g} | {groups}", flush=True)
     accelerator.wait_for_everyone()
     accelerator.end_training()
+    # Release the wrappers before the process group (else gloo can abort at exit: rc 134, "terminate
+    # called without an active exception", when DDP / DeepSpeed still hold it).
+    del model, optimizer
+    gc.collect()
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
     return 0
 
 
