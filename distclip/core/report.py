@@ -22,6 +22,9 @@ class ClipReport:
             that GradScaler / DeepSpeed skip themselves) or ``spike`` (``skip_spikes``).
         finite: whether every norm was finite (a bool tensor: reading it syncs with the device).
         source: ``comm_hook`` when the norm was computed inside the gradient reduction, else ``post_backward``.
+        unit_coefs: with unit-wise (``agc``) groups, the coefficient of every unit (fp32, the
+            :class:`~distclip.core.unitwise.UnitPlan` order); their groups' ``coefs`` are the smallest of
+            their units' and their ``thresholds`` the ``clip_factor``. None without agc groups.
     """
 
     total_norm: torch.Tensor
@@ -32,6 +35,7 @@ class ClipReport:
     finite: torch.Tensor | None = None
     source: str = "post_backward"
     skip_reason: str | None = None
+    unit_coefs: torch.Tensor | None = None
 
     def to_floats(self) -> dict[str, Any]:
         """Plain Python numbers for logging (one host sync)."""

@@ -1,0 +1,363 @@
+"""Unit-wise clipping (AGC, NFNets arXiv 2102.06171): the units, their partial sums, their coefficients.
+
+A *unit* is one row (dim-0 slice) of a parameter with two or more dimensions (an output row of a
+Linear, an output filter of a conv), or the whole of a 0-/1-D parameter. For every unit ``i`` of a
+parameter clipped with ``kind: agc`` (timm's ``adaptive_clip_grad``, in the group's p)::
+
+    max_norm_i = clip_factor * max(||W_i||, eps)
+    G_i <- G_i                                          if ||G_i|| < max_norm_i
+    G_i <- G_i * max_norm_i / max(||G_i||, 1e-6)        otherwise
+
+**Layout** (:class:`UnitPlan`): the units of every agc parameter, parameters in canonical-name
+order, rows in order. It depends only on names and GLOBAL shapes, so it is the same on every
+rank. Its part of the slot vector, after the group slots, is ``[sum |g|^p per unit, sum |w|^p
+per unit]`` (``max`` for p = inf): the unit norms of gradients and parameters travel in the same
+single collective as the group norms.
+
+**Mapping** (:class:`PieceMap`): a rank holds a parameter as *spans*, runs of consecutive
+elements in the parameter's global flat (row-major) order: a whole tensor, the rows of an FSDP2
+``Shard(0)`` shard, a slice of an FSDP1 flat shard or of a ZeRO partition that splits rows. A span
+of a parameter with rows of ``L`` elements covers a *head* (the end of a row it starts inside),
+``k`` whole rows (a ``(k, L)`` view) and a *tail* (the start of a row it ends inside). The split
+and the unit of every value are computed once, at bind; each step then costs, per span, at most
+one row-norm kernel plus a share of one foreach norm (counting), and at most three multiplies
+(applying): linear in the number of spans and units, no host synchronisation.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from dataclasses import dataclass
+from typing import Hashable, Mapping, Sequence
+
+import torch
+
+from .config import ClipConfig, ConfigError
+from .groups import ClipGroup
+from .norms import ACC_DTYPE, SlotLayout, _norm_dtype, _per_tensor_norms
+
+GRAD_NORM_FLOOR = 1e-6  # timm's grad_norm.clamp(min=1e-6)
+
+
+@dataclass(frozen=True)
+class UnitwiseSpec:
+    """How one clip group is clipped unit-wise: the norm's p, AGC's ``clip_factor`` and ``eps``."""
+
+    p: float
+    clip_factor: float
+    eps: float
+
+
+@dataclass(frozen=True)
+class UnitBlock:
+    """The units of one agc parameter: ``units`` rows of ``row`` elements, from unit ``first`` on."""
+
+    name: str
+    param: int  # the adapter's parameter index
+    group: int
+    first: int
+    units: int
+    row: int
+    spec: UnitwiseSpec
+
+
+@dataclass(frozen=True)
+class Span:
+    """Elements ``[offset, offset + numel)`` of parameter ``param``, in its global flat (row-major) order."""
+
+    param: int
+    offset: int
+    numel: int
+
+
+Part = tuple[int, int, int, int]  # (start, stop) in the span's flat tensor, rows (0: part of one row), first unit
+
+
+def units_of(shape: Sequence[int]) -> tuple[int, int]:
+    """(number of units, elements per unit) of a parameter of this global shape."""
+    numel = math.prod(shape)
+    if len(shape) <= 1 or shape[0] == 0:
+        return 1, numel
+    return shape[0], numel // shape[0]
+
+
+class UnitPlan:
+    """Every agc parameter's units in one global order, and their coefficients from the reduced sums."""
+
+    def __init__(self, blocks: Sequence[UnitBlock], groups: Sequence[int], num_groups: int):
+        self.blocks = tuple(blocks)
+        self.groups = sorted(groups)  # the groups clipped unit-wise (with or without parameters)
+        self.num_groups = num_groups
+        self.by_param: dict[int, UnitBlock] = {b.param: b for b in self.blocks}
+        self.num_units = sum(b.units for b in self.blocks)
+        self._constants: dict[Hashable, torch.Tensor] = {}
+
+    @classmethod
+    def build(cls, names: Sequence[str], shapes: Sequence[Sequence[int]], group_of: Sequence[int],
+              specs: Mapping[int, UnitwiseSpec], num_groups: int) -> "UnitPlan":
+        """The plan of the parameters whose group is in ``specs`` (``names``, global ``shapes``: per parameter)."""
+        blocks, first = [], 0
+        for i in sorted((i for i, g in enumerate(group_of) if g in specs), key=lambda i: names[i]):
+            units, row = units_of(shapes[i])
+            blocks.append(UnitBlock(names[i], i, group_of[i], first, units, row, specs[group_of[i]]))
+            first += units
+        return cls(blocks, list(specs), num_groups)
+
+    def fingerprint(self) -> str:
+        """Equal on two ranks iff their unit layouts are (names, shapes, groups and settings in order)."""
+        text = repr([(b.name, b.group, b.units, b.row, b.spec) for b in self.blocks])
+        return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+    def piece_map(self, spans: Sequence[Span]) -> "PieceMap":
+        return PieceMap(self, spans)
+
+    # ------------------------------------------------------------ per unit, on device
+    def _constant(self, name: str, device: torch.device, per_block: Sequence[float], dtype: torch.dtype) -> torch.Tensor:
+        """A per-unit device constant from one value per block (built once per device)."""
+        key = (name, device)
+        if key not in self._constants:
+            counts = torch.tensor([b.units for b in self.blocks], dtype=torch.long)
+            values = torch.tensor(list(per_block), dtype=dtype)
+            self._constants[key] = torch.repeat_interleave(values, counts).to(device)
+        return self._constants[key]
+
+    def p(self, device: torch.device) -> torch.Tensor:
+        return self._constant("p", device, [b.spec.p for b in self.blocks], ACC_DTYPE)
+
+    @property
+    def uses_max(self) -> tuple[bool, ...]:
+        """Per block: its unit sums are maxima (p = inf)."""
+        return tuple(math.isinf(b.spec.p) for b in self.blocks)
+
+    def max_mask(self, device: torch.device) -> torch.Tensor:
+        """Per slot of the unit part ``[grads (U), params (U)]``: reduced with MAX."""
+        key = ("max_mask", device)
+        if key not in self._constants:
+            one = self._constant("uses_max", device, [float(m) for m in self.uses_max], ACC_DTYPE) > 0
+            self._constants[key] = torch.cat([one, one])
+        return self._constants[key]
+
+    def unscale(self, unit_partials: torch.Tensor, scale: float | torch.Tensor) -> torch.Tensor:
+        """Unit partials whose gradient half still carries a factor ``scale`` (a loss scale), divided out.
+
+        ``sum |s g|^p = s^p sum |g|^p``; ``max |s g| = s max |g|``; the parameter half carries none.
+        """
+        s = scale.to(unit_partials.device, ACC_DTYPE) if isinstance(scale, torch.Tensor) else scale
+        p = self.p(unit_partials.device)
+        grads, params = unit_partials.split(self.num_units)
+        return torch.cat([grads / torch.where(torch.isinf(p), s, torch.pow(s, p)), params])
+
+    def coefficients(self, reduced_units: torch.Tensor) -> torch.Tensor:
+        """Each unit's coefficient (float64, identical on every rank) from the reduced ``[grads, params]`` sums.
+
+        timm's rule: ``max_norm = clip_factor * max(||W_i||, eps)``; 1 where ``||G_i|| < max_norm``,
+        else ``max_norm / max(||G_i||, 1e-6)``. NaN propagates (a NaN norm never compares smaller).
+        """
+        device = reduced_units.device
+        p = self.p(device)
+        sums_g, sums_w = reduced_units.split(self.num_units)
+        grad_norm = torch.where(torch.isinf(p), sums_g, sums_g.pow(1.0 / p))
+        param_norm = torch.where(torch.isinf(p), sums_w, sums_w.pow(1.0 / p))
+        eps = self._constant("eps", device, [b.spec.eps for b in self.blocks], ACC_DTYPE)
+        factor = self._constant("clip_factor", device, [b.spec.clip_factor for b in self.blocks], ACC_DTYPE)
+        max_norm = torch.maximum(param_norm, eps) * factor
+        clipped = max_norm / grad_norm.clamp(min=GRAD_NORM_FLOOR)
+        return torch.where(grad_norm < max_norm, torch.ones_like(clipped), clipped)
+
+    def group_minima(self, unit_coefs: torch.Tensor) -> torch.Tensor:
+        """Per group, the smallest coefficient of its units (1 for a group without units), float64 [G]."""
+        device = unit_coefs.device
+        index = self._constant("group", device, [b.group for b in self.blocks], torch.long)
+        out = torch.ones(self.num_groups, dtype=unit_coefs.dtype, device=device)
+        return out.scatter_reduce_(0, index, unit_coefs, reduce="amin", include_self=True)
+
+    def group_mask(self, device: torch.device) -> torch.Tensor:
+        """Per group: clipped unit-wise."""
+        key = ("group_mask", device)
+        if key not in self._constants:
+            mask = torch.zeros(self.num_groups, dtype=torch.bool)
+            mask[self.groups] = True
+            self._constants[key] = mask.to(device)
+        return self._constants[key]
+
+
+class SlotsWithUnits:
+    """The group slots followed by a plan's unit slots: which of them reduce with MAX (for ``reduce_slots``)."""
+
+    def __init__(self, layout: SlotLayout, plan: UnitPlan):
+        self.layout = layout
+        self.plan = plan
+        unit_max = plan.uses_max if plan.num_units else ()
+        self.any_max = layout.any_max or any(unit_max)
+        self.all_max = layout.all_max and all(unit_max)
+        self._mask: dict[torch.device, torch.Tensor] = {}
+
+    def max_mask(self, device: torch.device) -> torch.Tensor:
+        if device not in self._mask:
+            self._mask[device] = torch.cat([self.layout.max_mask(device), self.plan.max_mask(device)])
+        return self._mask[device]
+
+
+class PieceMap:
+    """A fixed list of spans mapped onto the units once: what each span's elements add to, what multiplies them.
+
+    Built at bind from the spans' global positions; per step it takes the spans' tensors (in the
+    same order, each holding exactly its span's elements; ``None``: absent this step).
+    """
+
+    def __init__(self, plan: UnitPlan, spans: Sequence[Span]):
+        self.plan = plan
+        self.spans = tuple(spans)
+        self.parts: list[tuple[Part, ...]] = []
+        self.p_of: list[float] = []
+        for span in self.spans:
+            block = plan.by_param[span.param]
+            self.parts.append(_split(span, block))
+            self.p_of.append(block.spec.p)
+        self.passes = {p: [s for s, q in enumerate(self.p_of) if q == p] for p in dict.fromkeys(self.p_of)}
+        self._index: dict[Hashable, torch.Tensor] = {}
+
+    def _unit_index(self, p: float, present: tuple[int, ...], device: torch.device) -> torch.Tensor:
+        """The unit of every value of these spans, in value order (cached: the spans present rarely change)."""
+        key = (p, present, device)
+        cached = self._index.get(key)
+        if cached is None:
+            if len(self._index) > 64:
+                self._index.clear()
+            units = [u + r for s in present for _, _, rows, u in self.parts[s] for r in range(max(rows, 1))]
+            cached = self._index[key] = torch.tensor(units, dtype=torch.long, device=device)
+        return cached
+
+    def sums(self, tensors: Sequence[torch.Tensor | None], device: torch.device) -> torch.Tensor:
+        """Per unit, ``sum |x|^p`` (``max |x|`` for p = inf) of these spans' elements: float64 [U] on ``device``."""
+        out = torch.zeros(self.plan.num_units, dtype=ACC_DTYPE, device=device)
+        for p, members in self.passes.items():
+            present = tuple(s for s in members if tensors[s] is not None and self.parts[s])
+            if not present:
+                continue
+            values = self._values([tensors[s] for s in present], [self.parts[s] for s in present], p).to(device)
+            index = self._unit_index(p, present, device)
+            if math.isinf(p):
+                out.scatter_reduce_(0, index, values, reduce="amax")
+            else:
+                out.index_add_(0, index, values if p == 1 else values.pow(p))
+        return out
+
+    @staticmethod
+    def _values(tensors: Sequence[torch.Tensor], parts: Sequence[tuple[Part, ...]], p: float) -> torch.Tensor:
+        """The norm of every head, row and tail, in order (float64): one row-norm kernel per block of rows,
+        one foreach norm per dtype for all heads and tails."""
+        chunks: list[torch.Tensor | None] = []
+        pieces: list[tuple[int, torch.Tensor]] = []  # (position in chunks, a part of one row)
+        for tensor, span_parts in zip(tensors, parts):
+            flat = tensor.reshape(-1)
+            for start, stop, rows, _ in span_parts:
+                if rows:
+                    chunks.append(torch.linalg.vector_norm(flat[start:stop].view(rows, -1), p, dim=1,
+                                                           dtype=_norm_dtype(flat.dtype)))
+                else:
+                    pieces.append((len(chunks), flat[start:stop]))
+                    chunks.append(None)
+        by_dtype: dict[torch.dtype, list[int]] = {}
+        for k, (_, t) in enumerate(pieces):
+            by_dtype.setdefault(t.dtype, []).append(k)
+        for dtype, ks in by_dtype.items():
+            norms = _per_tensor_norms([pieces[k][1] for k in ks], p, _norm_dtype(dtype))
+            for k, n in zip(ks, norms):
+                chunks[pieces[k][0]] = n.reshape(1)
+        return torch.cat(chunks).to(ACC_DTYPE)
+
+    def scale_(self, tensors: Sequence[torch.Tensor | None], coefs: torch.Tensor) -> None:
+        """Multiply each span's elements by their unit's coefficient, in place.
+
+        A whole local tensor of whole rows (DDP, FSDP2 ``Shard(0)``) is multiplied by a per-row
+        coefficient broadcast over its other dimensions (any strides); a flat piece (an FSDP1
+        flat shard, a ZeRO partition) by its head, rows (a ``(k, L)`` view) and tail.
+        """
+        by_device: dict[torch.device, torch.Tensor] = {}
+        heads: list[torch.Tensor] = []
+        head_coefs: list[torch.Tensor] = []
+        for tensor, span_parts in zip(tensors, self.parts):
+            if tensor is None or not span_parts:
+                continue
+            c = by_device.get(tensor.device)
+            if c is None:
+                c = by_device[tensor.device] = coefs.to(tensor.device)
+            start, stop, rows, unit = span_parts[0]
+            if len(span_parts) == 1 and start == 0 and stop == tensor.numel():  # the span is the whole tensor
+                if not rows:  # one unit, or part of one
+                    heads.append(tensor)
+                    head_coefs.append(c[unit])
+                    continue
+                if tensor.dim() >= 2 and tensor.shape[0] == rows:  # whole rows along the tensor's own dim 0
+                    tensor.mul_(c[unit : unit + rows].view(rows, *([1] * (tensor.dim() - 1))))
+                    continue
+            flat = _flat_view(tensor)
+            for start, stop, rows, unit in span_parts:
+                if rows:
+                    flat[start:stop].view(rows, -1).mul_(c[unit : unit + rows, None])
+                else:
+                    heads.append(flat[start:stop])
+                    head_coefs.append(c[unit])
+        for same_kind, indices in _group_by_device_and_dtype(heads).values():
+            torch._foreach_mul_(same_kind, [head_coefs[i] for i in indices])
+
+
+def _split(span: Span, block: UnitBlock) -> tuple[Part, ...]:
+    """A span's head / whole rows / tail, as (start, stop, rows, first unit) in the span's own flat order.
+
+    One whole row is a "part of one row" (rows = 0): its norm joins the batched foreach norm.
+    """
+    if span.numel <= 0:
+        return ()
+    end = span.offset + span.numel
+    if span.offset < 0 or end > block.units * block.row:
+        raise ConfigError(
+            f"distclip agc: a local piece of {block.name!r} claims elements [{span.offset}, {end}) of a parameter "
+            f"of {block.units * block.row} elements; the layout's metadata does not match the parameter's shape"
+        )
+    row = block.row
+    parts: list[Part] = []
+    position = span.offset
+    first_full = -(-position // row) * row  # the first row boundary at or after the span's start
+    if first_full > position:  # head: the rest of the row the span starts inside
+        stop = min(first_full, end)
+        parts.append((0, stop - span.offset, 0, block.first + position // row))
+        position = stop
+    rows = (end - position) // row
+    if rows:
+        start = position - span.offset
+        parts.append((start, start + rows * row, rows if rows > 1 else 0, block.first + position // row))
+        position += rows * row
+    if position < end:  # tail: the start of the row the span ends inside
+        parts.append((position - span.offset, span.numel, 0, block.first + position // row))
+    return tuple(parts)
+
+
+def _flat_view(tensor: torch.Tensor) -> torch.Tensor:
+    try:
+        return tensor.view(-1)
+    except RuntimeError as err:
+        raise RuntimeError(
+            f"distclip agc: a gradient piece of shape {tuple(tensor.shape)} and strides {tensor.stride()} is not "
+            "one contiguous run of elements, so its rows cannot be scaled in place; this layout is not supported"
+        ) from err
+
+
+def _group_by_device_and_dtype(tensors: list[torch.Tensor]):
+    from ..adapters._compat import group_by_device_and_dtype  # core imports no adapter at module load
+
+    return group_by_device_and_dtype(tensors)
+
+
+def unitwise_specs(config: ClipConfig, groups: Sequence[ClipGroup]) -> dict[int, UnitwiseSpec]:
+    """The groups of a config clipped unit-wise (``policy: {kind: agc}``), each with its spec."""
+    from .policies import policy_scope  # policies import nothing from here; kept lazy all the same
+
+    out = {}
+    for g, group in enumerate(groups):
+        _, spec = policy_scope(config, group)
+        if spec.kind == "agc":
+            out[g] = UnitwiseSpec(group.norm_type, spec.clip_factor, spec.eps)
+    return out
