@@ -88,6 +88,18 @@ def timm_ratios(grads: dict[str, torch.Tensor], params: dict[str, torch.Tensor],
                       for n in grads])
 
 
+def timm_coefs(grads: dict[str, torch.Tensor], params: dict[str, torch.Tensor], p: float,
+               clip_factor: float = CLIP_FACTOR) -> torch.Tensor:
+    """Every unit's coefficient by timm's rule (float64), parameters in name order, rows in order: the order
+    distclip documents for ``ClipReport.unit_coefs``."""
+    out = []
+    for name in sorted(grads):
+        max_norm = unitwise_norm(params[name].double(), p).clamp(min=EPS) * clip_factor
+        grad_norm = unitwise_norm(grads[name].double(), p)
+        out.append(torch.where(grad_norm < max_norm, 1.0, max_norm / grad_norm.clamp(min=1e-6)).flatten())
+    return torch.cat(out)
+
+
 def reference(world: int, p: float, step: int = 0, scalar: bool = True) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
     """(gradients, parameters) in float64, one process, on every rank's batch (the mean loss ranks average)."""
     model = make_net(torch.float64, scalar)
@@ -309,7 +321,20 @@ def clip_layout(name: str, config: dict[str, Any]) -> dict[str, Any]:
         report = clipper.clip()
     return {"pre": pre, "params": params, "post": full_grads(), "collectives": comm.get_total_counts(),
             "unit_coefs": report.unit_coefs.clone(), "coefs_equal": gathered_equal(report.unit_coefs),
-            "coefs": {k: v.item() for k, v in report.coefs.items()}, "source": report.source}
+            "coefs": {k: v.item() for k, v in report.coefs.items()}, "source": report.source,
+            **row_layout(clipper.adapter)}
+
+
+def row_layout(adapter) -> dict[str, Any]:
+    """How this rank's counted pieces meet the rows: do some start or end inside a row of a multi-row
+    parameter, and how many elements of each parameter this rank counts (what the test asserts it exercised)."""
+    plan, spans = adapter.unit_plan, adapter._unit_count_map.spans
+    blocks = {s.param: plan.by_param[s.param] for s in spans}
+    split = any(b.units > 1 and (s.offset % b.row or s.numel % b.row) for s, b in ((s, blocks[s.param]) for s in spans))
+    counted: dict[str, int] = {}
+    for s in spans:
+        counted[blocks[s.param].name] = counted.get(blocks[s.param].name, 0) + s.numel
+    return {"splits_rows": split, "counted": counted}
 
 
 def timm_on_local_shards() -> dict[str, torch.Tensor]:
@@ -415,6 +440,17 @@ def test_two_ranks_match_timm(layout, p):
         assert r[(layout, p)]["collectives"] == 1, (layout, p, r[(layout, p)]["collectives"])
     coefs = rec["unit_coefs"]
     assert (coefs < 1).any() and (coefs == 1).any(), coefs  # some units clipped, some not
+    factor = PER_GROUP_FACTOR if p == "per_group" else CLIP_FACTOR
+    pre = {n: g for n, g in rec["pre"].items() if agc_names is None or n in agc_names}
+    torch.testing.assert_close(coefs.double(), timm_coefs(pre, rec["params"], math.inf if p == "per_group" else p, factor),
+                               rtol=1e-6, atol=0)  # in the documented order
+    # the layout really is what this test is about
+    if layout == "fsdp2":  # whole rows on each rank, 7 rows of fc1 as 4 + 3, 1-D parameters split
+        assert not any(r[(layout, p)]["splits_rows"] for r in ranks)
+        assert sorted(r[(layout, p)]["counted"]["fc1.weight"] for r in ranks) == [3 * 80, 4 * 80]
+        assert sorted(r[(layout, p)]["counted"]["fc1.bias"] for r in ranks) == [3, 4]
+    else:  # DDP's 1/world slices and FSDP1's flat shards start and end inside rows
+        assert any(r[(layout, p)]["splits_rows"] for r in ranks)
     if p != "per_group":  # against an independent float64 run of the same step on all ranks' data
         ref_grads, ref_params = reference(2, norm_type)
         independent = max_rel_err(rec["post"], timm_clip(ref_grads, ref_params, norm_type))
@@ -451,7 +487,7 @@ def test_refused_layouts_say_what_is_supported():
 
 
 # ------------------------------------------------------------------ 2 ranks: DeepSpeed
-DS_STAGES = [0, 1, 2, 3]
+DS_STAGES = [0, 1, 2, 3, "2-offload", "3-offload"]  # offload: the reduced gradients sit in the fp32 partitions
 DS_LR = 100.0  # large updates: the clipped gradient is (before - after) / lr, read to fp32 precision
 
 
@@ -465,9 +501,16 @@ def deepspeed_checks() -> dict[Any, Any]:
         for p in (2.0, math.inf):
             model = make_net(scalar=False)
             optimizer = torch.optim.SGD(model.parameters(), lr=DS_LR)
+            zero = {"stage": int(str(stage)[0])}
+            offload = {"zero_force_ds_cpu_optimizer": False} if str(stage).endswith("offload") else {}
+            if offload:
+                zero["offload_optimizer"] = {"device": "cpu"}
             engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config={
-                "train_micro_batch_size_per_gpu": 4, "zero_optimization": {"stage": stage},
-                "zero_allow_untested_optimizer": True, "steps_per_print": 10**9})
+                "train_micro_batch_size_per_gpu": 4, "zero_optimization": zero,
+                "zero_allow_untested_optimizer": True, "steps_per_print": 10**9, **offload})
+            if offload:
+                opt = engine.optimizer
+                assert getattr(opt, "cpu_offload", False) or getattr(opt, "offload_optimizer", False)
             clipper = distclip.deepspeed.attach(engine, agc(p))
             counts = count_clip_collectives(clipper)
             before = full_params(engine)
@@ -477,8 +520,34 @@ def deepspeed_checks() -> dict[Any, Any]:
             report = clipper.last_report
             out[(stage, p)] = {"update": {n: (before[n] - after[n]) / DS_LR for n in before}, "params": before,
                                "collectives": counts, "unit_coefs": report.unit_coefs.clone(),
-                               "coefs_equal": gathered_equal(report.unit_coefs), "skipped": report.skipped}
+                               "coefs_equal": gathered_equal(report.unit_coefs), "skipped": report.skipped,
+                               **row_layout(clipper.adapter)}
             engine.destroy()
+    out["fp16"] = fp16_zero2()
+    return out
+
+
+def fp16_zero2() -> dict[str, Any]:
+    """fp16 ZeRO-2: the counted gradients carry the loss scale (256), the fp32 master parameters none."""
+    import deepspeed
+
+    from tests.test_deepspeed import full_params, precision
+
+    model = make_net(scalar=False)
+    optimizer = torch.optim.SGD(model.parameters(), lr=DS_LR)
+    engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config={
+        "train_micro_batch_size_per_gpu": 4, "zero_optimization": {"stage": 2}, "zero_allow_untested_optimizer": True,
+        "steps_per_print": 10**9, **precision("fp16")})
+    clipper = distclip.deepspeed.attach(engine, agc())
+    scale = float(engine.optimizer.loss_scale)
+    before = full_params(engine)
+    engine.backward(loss_of(engine, *(t.half() for t in data(0, dist.get_rank()))))
+    engine.step()
+    after = full_params(engine)
+    report = clipper.last_report
+    out = {"loss_scale": scale, "unit_coefs": report.unit_coefs.clone(), "params": before, "skipped": report.skipped,
+           "update": {n: (before[n] - after[n]) / DS_LR for n in before}}
+    engine.destroy()
     return out
 
 
@@ -505,6 +574,27 @@ def test_deepspeed_matches_timm(stage, p, deepspeed_shm_op):
     for r in ranks:
         assert r[(stage, p)]["coefs_equal"] and torch.equal(r[(stage, p)]["unit_coefs"], coefs)
         assert r[(stage, p)]["collectives"] == [1], (stage, p, r[(stage, p)]["collectives"])
+    torch.testing.assert_close(coefs.double(), timm_coefs(ref_grads, ref_params, p), rtol=1e-5, atol=0)
+    # ZeRO-0's 1/world slices, ZeRO-1/2's partition boundary and ZeRO-3's per-parameter partitions split rows
+    assert any(r[(stage, p)]["splits_rows"] for r in ranks)
+
+
+@pytest.mark.multiprocess
+def test_deepspeed_fp16_unit_norms_divide_out_the_loss_scale(deepspeed_shm_op):
+    """fp16 ZeRO-2: coefficients and update as timm's on float64 data from the same fp16 weights, to fp16's
+    precision; counting the loss scale (256) in the gradient norms would clip every unit ~256x harder."""
+    rec = deepspeed_results()[0]["fp16"]
+    assert rec["loss_scale"] == 256.0 and not rec["skipped"]
+    model = make_net(torch.float16, scalar=False).double()
+    xs, ys = zip(*(data(0, r) for r in range(2)))
+    loss_of(model, torch.cat(xs).half().double(), torch.cat(ys).half().double()).backward()
+    grads = {n: q.grad for n, q in model.named_parameters()}
+    params = {n: q.detach() for n, q in model.named_parameters()}
+    expected = timm_coefs(grads, params, 2.0)
+    err = ((rec["unit_coefs"].double() - expected).abs() / expected).max().item()
+    print(f"agc ZeRO-2 fp16: max relative error of the unit coefficients vs float64 {err:.2e}")
+    assert err <= 2e-2
+    assert max_rel_err(rec["update"], timm_clip(grads, params, 2.0)) <= 5e-2
 
 
 @pytest.fixture(scope="module")
