@@ -607,3 +607,41 @@ def deepspeed_shm_op():
                           timeout=900, env=env, capture_output=True, text=True)
     if proc.returncode != 0:
         pytest.fail(f"building DeepSpeed's deepspeed_shm_comm op failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}")
+
+
+# ------------------------------------------------------------------ the mapping itself
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+
+@st.composite
+def spans_of_a_parameter(draw):
+    shape = draw(st.sampled_from([(), (1,), (6,), (1, 5), (4, 3), (5, 2, 3), (3, 1)]))
+    numel = math.prod(shape)
+    cuts = sorted(draw(st.lists(st.integers(0, numel), max_size=4)))
+    bounds = [0, *cuts, numel]
+    return shape, [(a, b - a) for a, b in zip(bounds, bounds[1:])]
+
+
+@settings(max_examples=150, deadline=None)
+@given(spans_of_a_parameter(), st.sampled_from([1.0, 2.0, 3.0, math.inf]))
+def test_piece_map_sends_every_element_to_its_row(case, p):
+    """Any split of a parameter's flat order into runs (as shards cut it): the sums per unit and the scaling
+    are those of the rows, element by element (brute force: element k belongs to row k // row length)."""
+    from distclip.core.unitwise import Span, UnitPlan, UnitwiseSpec
+
+    shape, runs = case
+    plan = UnitPlan.build(["w"], [shape], [0], {0: UnitwiseSpec(p, 0.5, 1e-3)}, 1)
+    block = plan.blocks[0]
+    values = torch.randn(max(1, math.prod(shape)), dtype=torch.float64).reshape(shape)
+    flat = values.reshape(-1)
+    pieces = plan.piece_map([Span(0, a, n) for a, n in runs])
+    sums = pieces.sums([flat[a : a + n].clone() for a, n in runs], torch.device("cpu"))
+    rows = flat.reshape(block.units, block.row).abs()
+    expected = rows.amax(dim=1) if math.isinf(p) else rows.pow(p).sum(dim=1)
+    torch.testing.assert_close(sums, expected, rtol=1e-12, atol=0)
+    coefs = torch.arange(1, block.units + 1, dtype=torch.float32) / 8
+    scaled = [flat[a : a + n].clone() for a, n in runs]
+    pieces.scale_(scaled, coefs)
+    expected_scaled = (flat.reshape(block.units, block.row) * coefs.double()[:, None]).reshape(-1)
+    torch.testing.assert_close(torch.cat(scaled) if scaled else flat[:0], expected_scaled, rtol=1e-7, atol=0)

@@ -59,13 +59,17 @@ VARIANTS = {
     "distclip-hook": "distclip uniform, norm inside the reduction",
     "distclip-hook-groups": "distclip per layer, norm inside the reduction",
     "distclip-hook-fold": "distclip uniform, norm inside the reduction, scale folded into the fused optimizer",
+    "distclip-agc": "distclip unit-wise AGC (policy kind agc): every row against its weights' row norm",
 }
+AGC_CLIP_FACTOR = 1e-3  # small enough that most units clip
 
 
 def clip_config(variant: str, hook: bool) -> dict[str, Any]:
     config: dict[str, Any] = {"max_norm": MAX_NORM, "comm_hook": hook, "nonfinite": "skip"}
     if variant.endswith("groups"):
         config["per_layer"] = {"depth": 2, "match": ["blocks.*"]}
+    if variant.endswith("agc"):
+        config["policy"] = {"kind": "agc", "clip_factor": AGC_CLIP_FACTOR}
     return config
 
 
@@ -183,7 +187,8 @@ def build_fsdp2(variant: str, make_model: Callable[[], nn.Module], device: torch
     return case
 
 
-SHARDED_VARIANTS = ["none", "native", "distclip", "distclip-groups", "distclip-hook", "distclip-hook-groups"]
+SHARDED_VARIANTS = ["none", "native", "distclip", "distclip-groups", "distclip-hook", "distclip-hook-groups",
+                    "distclip-agc"]
 
 
 class DeepSpeedCase(Case):
@@ -222,11 +227,11 @@ def build_deepspeed(stage: int) -> Callable[[str, Callable[[], nn.Module], torch
     return build
 
 
-DEEPSPEED_VARIANTS = ["none", "native", "distclip", "distclip-groups"]
+DEEPSPEED_VARIANTS = ["none", "native", "distclip", "distclip-groups", "distclip-agc"]
 
 BACKENDS: dict[str, tuple[Callable[..., Case], list[str]]] = {
     "ddp": (build_ddp, ["none", "native", "distclip", "distclip-groups", "distclip-hook", "distclip-hook-groups",
-                        "distclip-hook-fold"]),
+                        "distclip-hook-fold", "distclip-agc"]),
     "fsdp1": (build_fsdp1, SHARDED_VARIANTS),
     "fsdp2": (build_fsdp2, SHARDED_VARIANTS),
     "deepspeed-zero1": (build_deepspeed(1), DEEPSPEED_VARIANTS),

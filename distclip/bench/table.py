@@ -15,7 +15,7 @@ def _fmt(value: Any, spec: str = ".2f") -> str:
 def print_backend_table(backend: str, params: int, rows: list[dict[str, Any]], machine: dict[str, Any]) -> None:
     print(f"\n== {backend}: {rows[0]['num_params'] / 1e6:.1f}M params, {machine['world_size']} ranks "
           f"({machine['backend']}), median of measured steps ==")
-    header = f"{'variant':22s} {'clip ms':>9s} {'step ms':>9s} {'vs native':>9s} {'groups/unif':>11s} " \
+    header = f"{'variant':22s} {'clip ms':>9s} {'step ms':>9s} {'vs native':>9s} {'vs uniform':>11s} " \
              f"{'clip % step':>11s} {'step +%':>8s} {'colls':>6s} {'+mem MB':>8s}"
     print(header)
     print("-" * len(header))

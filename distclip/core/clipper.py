@@ -303,12 +303,11 @@ class GradClipper:
         total_norm = self.layout.total_norm(reduced)
         thresholds, coefs = self.policy.coefficients(group_norms, total_norm)
         unit_coefs = None
-        finite = torch.isfinite(reduced).all()
+        finite = torch.isfinite(reduced).all()  # the unit gradient sums hold the same elements as the group slots
         if self.units is not None:  # unit-wise groups report their smallest unit coefficient
             unit_coefs = self.units.coefficients(reduced_units)
             coefs = torch.where(self.units.group_mask(coefs.device), self.units.group_minima(unit_coefs), coefs)
             unit_coefs = unit_coefs.float()
-            finite = finite & torch.isfinite(reduced_units).all()
         coefs = coefs.float()  # fp32 values (exact): what multiplies the gradients, as in torch
         spike = self.spikes.skip(group_norms, total_norm) if self.spikes is not None else None
         skipped, reason = False, None

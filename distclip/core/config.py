@@ -256,10 +256,10 @@ class AGCPolicySpec(_Section):
 
     A unit is one row (dim-0 slice) of a parameter with two or more dimensions (an output row of
     a Linear, an output filter of a conv), the whole tensor for a 0-/1-D parameter; in the group's
-    ``norm_type``: ``G_i <- clip_factor * max(||W_i||, eps) / ||G_i|| * G_i`` where
-    ``||G_i|| / max(||W_i||, eps) > clip_factor`` (timm's ``adaptive_clip_grad``). The group's
-    ``max_norm`` is not used; its norm is still measured. Reported per group: threshold
-    ``clip_factor``, coefficient the smallest of its units' coefficients. Stateless.
+    ``norm_type``, with ``m_i = clip_factor * max(||W_i||, eps)``: ``G_i <- G_i * m_i / max(||G_i||, 1e-6)``
+    unless ``||G_i|| < m_i`` (timm's ``adaptive_clip_grad``, exactly). The group's ``max_norm`` is
+    not used; its norm is still measured. Reported per group: threshold ``clip_factor``,
+    coefficient the smallest of its units' coefficients. Stateless.
     """
 
     kind: Literal["agc"] = "agc"

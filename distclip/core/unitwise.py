@@ -19,9 +19,15 @@ elements in the parameter's global flat (row-major) order: a whole tensor, the r
 ``Shard(0)`` shard, a slice of an FSDP1 flat shard or of a ZeRO partition that splits rows. A span
 of a parameter with rows of ``L`` elements covers a *head* (the end of a row it starts inside),
 ``k`` whole rows (a ``(k, L)`` view) and a *tail* (the start of a row it ends inside). The split
-and the unit of every value are computed once, at bind; each step then costs, per span, at most
-one row-norm kernel plus a share of one foreach norm (counting), and at most three multiplies
-(applying): linear in the number of spans and units, no host synchronisation.
+and the unit of every value are computed once, at bind (device index tensors cached there).
+
+**Per-step cost**, on top of the group norms: counting reads each counted gradient and parameter
+element once more (per span at most one row-norm kernel, plus one foreach norm per dtype for all
+heads, tails and one-unit tensors, one ``index_add_`` per p); the collective grows by 2 float64
+per unit; the coefficients are a few elementwise kernels over the U units; applying multiplies
+every local gradient element once (per span one broadcast multiply or at most three, the scalar
+ones in one foreach call). Linear in the number of spans and units; no host synchronisation, no
+tensor built from host data after the first step.
 """
 
 from __future__ import annotations
@@ -91,6 +97,14 @@ class UnitPlan:
         self.num_groups = num_groups
         self.by_param: dict[int, UnitBlock] = {b.param: b for b in self.blocks}
         self.num_units = sum(b.units for b in self.blocks)
+        self.uses_max = tuple(math.isinf(b.spec.p) for b in self.blocks)  # per block: its unit sums are maxima
+        self._per_block: dict[str, tuple[tuple[float | int, ...], torch.dtype]] = {
+            "p": (tuple(b.spec.p for b in self.blocks), ACC_DTYPE),
+            "eps": (tuple(b.spec.eps for b in self.blocks), ACC_DTYPE),
+            "clip_factor": (tuple(b.spec.clip_factor for b in self.blocks), ACC_DTYPE),
+            "group": (tuple(b.group for b in self.blocks), torch.long),
+            "uses_max": (self.uses_max, torch.bool),
+        }
         self._constants: dict[Hashable, torch.Tensor] = {}
 
     @classmethod
@@ -113,28 +127,26 @@ class UnitPlan:
         return PieceMap(self, spans)
 
     # ------------------------------------------------------------ per unit, on device
-    def _constant(self, name: str, device: torch.device, per_block: Sequence[float], dtype: torch.dtype) -> torch.Tensor:
-        """A per-unit device constant from one value per block (built once per device)."""
+    def _constant(self, name: str, device: torch.device) -> torch.Tensor:
+        """A per-unit device constant (``p``, ``eps``, ``clip_factor``, ``group``, ``uses_max``) from its value
+        per block, built once per device."""
         key = (name, device)
-        if key not in self._constants:
+        cached = self._constants.get(key)
+        if cached is None:
+            values, dtype = self._per_block[name]
             counts = torch.tensor([b.units for b in self.blocks], dtype=torch.long)
-            values = torch.tensor(list(per_block), dtype=dtype)
-            self._constants[key] = torch.repeat_interleave(values, counts).to(device)
-        return self._constants[key]
+            cached = torch.repeat_interleave(torch.tensor(values, dtype=dtype), counts).to(device)
+            self._constants[key] = cached
+        return cached
 
     def p(self, device: torch.device) -> torch.Tensor:
-        return self._constant("p", device, [b.spec.p for b in self.blocks], ACC_DTYPE)
-
-    @property
-    def uses_max(self) -> tuple[bool, ...]:
-        """Per block: its unit sums are maxima (p = inf)."""
-        return tuple(math.isinf(b.spec.p) for b in self.blocks)
+        return self._constant("p", device)
 
     def max_mask(self, device: torch.device) -> torch.Tensor:
         """Per slot of the unit part ``[grads (U), params (U)]``: reduced with MAX."""
         key = ("max_mask", device)
         if key not in self._constants:
-            one = self._constant("uses_max", device, [float(m) for m in self.uses_max], ACC_DTYPE) > 0
+            one = self._constant("uses_max", device)
             self._constants[key] = torch.cat([one, one])
         return self._constants[key]
 
@@ -159,8 +171,7 @@ class UnitPlan:
         sums_g, sums_w = reduced_units.split(self.num_units)
         grad_norm = torch.where(torch.isinf(p), sums_g, sums_g.pow(1.0 / p))
         param_norm = torch.where(torch.isinf(p), sums_w, sums_w.pow(1.0 / p))
-        eps = self._constant("eps", device, [b.spec.eps for b in self.blocks], ACC_DTYPE)
-        factor = self._constant("clip_factor", device, [b.spec.clip_factor for b in self.blocks], ACC_DTYPE)
+        eps, factor = self._constant("eps", device), self._constant("clip_factor", device)
         max_norm = torch.maximum(param_norm, eps) * factor
         clipped = max_norm / grad_norm.clamp(min=GRAD_NORM_FLOOR)
         return torch.where(grad_norm < max_norm, torch.ones_like(clipped), clipped)
@@ -168,7 +179,7 @@ class UnitPlan:
     def group_minima(self, unit_coefs: torch.Tensor) -> torch.Tensor:
         """Per group, the smallest coefficient of its units (1 for a group without units), float64 [G]."""
         device = unit_coefs.device
-        index = self._constant("group", device, [b.group for b in self.blocks], torch.long)
+        index = self._constant("group", device)
         out = torch.ones(self.num_groups, dtype=unit_coefs.dtype, device=device)
         return out.scatter_reduce_(0, index, unit_coefs, reduce="amin", include_self=True)
 
