@@ -144,10 +144,15 @@ def unscaled_by_grad_scaler(tensors: Iterable[torch.Tensor]) -> bool:
 
 
 # ------------------------------------------------------------------ DTensor / DeviceMesh
-def _is_dtensor(t: Any) -> bool:
+@functools.cache
+def _dtensor_class() -> type:
     from torch.distributed.tensor import DTensor
 
-    return isinstance(t, DTensor)
+    return DTensor
+
+
+def _is_dtensor(t: Any) -> bool:
+    return isinstance(t, _dtensor_class())
 
 
 def local_tensor(t: torch.Tensor) -> torch.Tensor:

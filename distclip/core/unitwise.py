@@ -210,11 +210,50 @@ class SlotsWithUnits:
         return self._mask[device]
 
 
+Member = tuple[int, int, int, int, int]  # (span, start, stop, rows (0: part of one row), first unit)
+_SMALL = 1 << 15  # elements: blocks of whole rows below this are copied side by side for one row-norm kernel
+
+
+@dataclass(frozen=True)
+class _Batch:
+    """Parts whose norms one kernel computes: ``rows`` (a block of whole rows, alone), ``stacked`` (small
+    blocks with the same row length, dtype and device, copied side by side), ``scalars`` (one norm each:
+    heads, tails, single rows, whole one-unit tensors, by one foreach call)."""
+
+    kind: str
+    members: tuple[Member, ...]
+    row: int = 0
+    dtype: torch.dtype | None = None
+
+
+@dataclass(frozen=True)
+class _CountPlan:
+    batches: tuple[_Batch, ...]
+    index: torch.Tensor  # the unit of every value the batches give, in order
+
+
+@dataclass(frozen=True)
+class _ScaleGroup:
+    """Parts multiplied by one foreach call, all on one device: ``rows`` whole rows each (coefficients
+    shaped ``(rows, 1, ...)`` for ``ndim``-D targets), or one coefficient each (``rows`` 0).
+
+    Grouped by the number of rows so that the coefficients are an ``unbind`` of one gathered tensor
+    (``split`` into unequal sizes costs about ten times more per view)."""
+
+    device: torch.device
+    ndim: int
+    rows: int
+    members: tuple[tuple[int, int, int, int, bool], ...]  # (span, start, stop, rows, the whole tensor)
+    index: torch.Tensor  # the unit of every coefficient, in order
+
+
 class PieceMap:
     """A fixed list of spans mapped onto the units once: what each span's elements add to, what multiplies them.
 
     Built at bind from the spans' global positions; per step it takes the spans' tensors (in the
-    same order, each holding exactly its span's elements; ``None``: absent this step).
+    same order, each holding exactly its span's elements; ``None``: absent this step). How the
+    parts are batched into kernels is planned on the first step and cached (keyed by which spans
+    are present and their dtypes, devices and shapes).
     """
 
     def __init__(self, plan: UnitPlan, spans: Sequence[Span]):
@@ -227,92 +266,125 @@ class PieceMap:
             self.parts.append(_split(span, block))
             self.p_of.append(block.spec.p)
         self.passes = {p: [s for s, q in enumerate(self.p_of) if q == p] for p in dict.fromkeys(self.p_of)}
-        self._index: dict[Hashable, torch.Tensor] = {}
+        self._count_plans: dict[Hashable, _CountPlan] = {}
+        self._scale_plans: dict[Hashable, tuple[_ScaleGroup, ...]] = {}
 
-    def _unit_index(self, p: float, present: tuple[int, ...], device: torch.device) -> torch.Tensor:
-        """The unit of every value of these spans, in value order (cached: the spans present rarely change)."""
-        key = (p, present, device)
-        cached = self._index.get(key)
-        if cached is None:
-            if len(self._index) > 64:
-                self._index.clear()
-            units = [u + r for s in present for _, _, rows, u in self.parts[s] for r in range(max(rows, 1))]
-            cached = self._index[key] = torch.tensor(units, dtype=torch.long, device=device)
-        return cached
-
+    # ------------------------------------------------------------------ counting
     def sums(self, tensors: Sequence[torch.Tensor | None], device: torch.device) -> torch.Tensor:
         """Per unit, ``sum |x|^p`` (``max |x|`` for p = inf) of these spans' elements: float64 [U] on ``device``."""
         out = torch.zeros(self.plan.num_units, dtype=ACC_DTYPE, device=device)
         for p, members in self.passes.items():
-            present = tuple(s for s in members if tensors[s] is not None and self.parts[s])
+            present = tuple((s, tensors[s].dtype, tensors[s].device) for s in members
+                            if tensors[s] is not None and self.parts[s])
             if not present:
                 continue
-            values = self._values([tensors[s] for s in present], [self.parts[s] for s in present], p).to(device)
-            index = self._unit_index(p, present, device)
+            key = (p, device, present)
+            plan = self._count_plans.get(key)
+            if plan is None:
+                plan = self._count_plans[key] = self._count_plan(present, device)
+            values = self._norms(plan, tensors, p, device)
             if math.isinf(p):
-                out.scatter_reduce_(0, index, values, reduce="amax")
+                out.scatter_reduce_(0, plan.index, values, reduce="amax")
             else:
-                out.index_add_(0, index, values if p == 1 else values.pow(p))
+                out.index_add_(0, plan.index, values if p == 1 else values.pow(p))
         return out
 
-    @staticmethod
-    def _values(tensors: Sequence[torch.Tensor], parts: Sequence[tuple[Part, ...]], p: float) -> torch.Tensor:
-        """The norm of every head, row and tail, in order (float64): one row-norm kernel per block of rows,
-        one foreach norm per dtype for all heads and tails."""
-        chunks: list[torch.Tensor | None] = []
-        pieces: list[tuple[int, torch.Tensor]] = []  # (position in chunks, a part of one row)
-        for tensor, span_parts in zip(tensors, parts):
-            flat = tensor.reshape(-1)
-            for start, stop, rows, _ in span_parts:
-                if rows:
-                    chunks.append(torch.linalg.vector_norm(flat[start:stop].view(rows, -1), p, dim=1,
-                                                           dtype=_norm_dtype(flat.dtype)))
+    def _count_plan(self, present: tuple[tuple[int, torch.dtype, torch.device], ...], device: torch.device) -> _CountPlan:
+        if len(self._count_plans) > 64:  # bounded: the present spans change rarely
+            self._count_plans.clear()
+        alone: list[Member] = []
+        stacked: dict[tuple[int, torch.dtype, torch.device], list[Member]] = {}
+        scalars: dict[tuple[torch.dtype, torch.device], list[Member]] = {}
+        for s, dtype, dev in present:
+            for start, stop, rows, unit in self.parts[s]:
+                member = (s, start, stop, rows, unit)
+                if not rows:
+                    scalars.setdefault((dtype, dev), []).append(member)
+                elif stop - start >= _SMALL:
+                    alone.append(member)
                 else:
-                    pieces.append((len(chunks), flat[start:stop]))
-                    chunks.append(None)
-        by_dtype: dict[torch.dtype, list[int]] = {}
-        for k, (_, t) in enumerate(pieces):
-            by_dtype.setdefault(t.dtype, []).append(k)
-        for dtype, ks in by_dtype.items():
-            norms = _per_tensor_norms([pieces[k][1] for k in ks], p, _norm_dtype(dtype))
-            for k, n in zip(ks, norms):
-                chunks[pieces[k][0]] = n.reshape(1)
-        return torch.cat(chunks).to(ACC_DTYPE)
+                    stacked.setdefault(((stop - start) // rows, dtype, dev), []).append(member)
+        batches = [_Batch("rows", tuple(alone))] if alone else []
+        batches += [_Batch("stacked", tuple(m), row, dtype) for (row, dtype, _), m in stacked.items()]
+        batches += [_Batch("scalars", tuple(m), 0, dtype) for (dtype, _), m in scalars.items()]
+        units = [u + r for b in batches for *_, rows, u in b.members for r in range(max(rows, 1))]
+        return _CountPlan(tuple(batches), torch.tensor(units, dtype=torch.long, device=device))
 
+    @staticmethod
+    def _norms(plan: _CountPlan, tensors: Sequence[torch.Tensor | None], p: float, device: torch.device) -> torch.Tensor:
+        """The norm of every part, in the plan's order (float64 on ``device``)."""
+        chunks: list[torch.Tensor] = []
+        for batch in plan.batches:
+            if batch.kind == "rows":
+                for s, start, stop, rows, _ in batch.members:
+                    block = tensors[s].reshape(-1)[start:stop].view(rows, -1)
+                    chunks.append(torch.linalg.vector_norm(block, p, dim=1, dtype=_norm_dtype(block.dtype)))
+            elif batch.kind == "stacked":
+                block = torch.cat([tensors[s].reshape(-1)[start:stop] for s, start, stop, _, _ in batch.members])
+                chunks.append(torch.linalg.vector_norm(block.view(-1, batch.row), p, dim=1, dtype=_norm_dtype(batch.dtype)))
+            else:
+                parts = [tensors[s].reshape(-1)[start:stop] for s, start, stop, _, _ in batch.members]
+                chunks.append(torch.stack(_per_tensor_norms(parts, p, _norm_dtype(batch.dtype))))
+        return torch.cat([c.to(device, ACC_DTYPE) for c in chunks]) if len(chunks) > 1 else chunks[0].to(device, ACC_DTYPE)
+
+    # ------------------------------------------------------------------ applying
     def scale_(self, tensors: Sequence[torch.Tensor | None], coefs: torch.Tensor) -> None:
-        """Multiply each span's elements by their unit's coefficient, in place.
+        """Multiply each span's elements by their unit's coefficient, in place: one foreach call per device and
+        kind of part.
 
         A whole local tensor of whole rows (DDP, FSDP2 ``Shard(0)``) is multiplied by a per-row
         coefficient broadcast over its other dimensions (any strides); a flat piece (an FSDP1
         flat shard, a ZeRO partition) by its head, rows (a ``(k, L)`` view) and tail.
         """
-        by_device: dict[torch.device, torch.Tensor] = {}
-        heads: list[torch.Tensor] = []
-        head_coefs: list[torch.Tensor] = []
-        for tensor, span_parts in zip(tensors, self.parts):
-            if tensor is None or not span_parts:
-                continue
-            c = by_device.get(tensor.device)
+        present = tuple((s, tensors[s].device, tuple(tensors[s].shape)) for s in range(len(tensors))
+                        if tensors[s] is not None and self.parts[s])
+        if not present:
+            return
+        groups = self._scale_plans.get(present)
+        if groups is None:
+            groups = self._scale_plans[present] = self._scale_plan(present)
+        on_device: dict[torch.device, torch.Tensor] = {}
+        flats: dict[int, torch.Tensor] = {}
+        for group in groups:
+            c = on_device.get(group.device)
             if c is None:
-                c = by_device[tensor.device] = coefs.to(tensor.device)
-            start, stop, rows, unit = span_parts[0]
-            if len(span_parts) == 1 and start == 0 and stop == tensor.numel():  # the span is the whole tensor
-                if not rows:  # one unit, or part of one
-                    heads.append(tensor)
-                    head_coefs.append(c[unit])
+                c = on_device[group.device] = coefs.to(group.device)
+            picked = c.index_select(0, group.index)
+            if group.rows:  # (members, rows, 1, ...): built by unsqueeze, which unbind splits fast (a view with
+                picked = picked.view(len(group.members), group.rows)  # trailing size-1 dims given at once is 5x slower)
+                for _ in range(group.ndim - 1):
+                    picked = picked.unsqueeze(-1)
+            factors = list(picked.unbind(0))
+            targets = []
+            for s, start, stop, rows, whole in group.members:
+                if whole:
+                    targets.append(tensors[s])
                     continue
-                if tensor.dim() >= 2 and tensor.shape[0] == rows:  # whole rows along the tensor's own dim 0
-                    tensor.mul_(c[unit : unit + rows].view(rows, *([1] * (tensor.dim() - 1))))
-                    continue
-            flat = _flat_view(tensor)
-            for start, stop, rows, unit in span_parts:
-                if rows:
-                    flat[start:stop].view(rows, -1).mul_(c[unit : unit + rows, None])
+                if s not in flats:
+                    flats[s] = _flat_view(tensors[s])
+                piece = flats[s][start:stop]
+                targets.append(piece.view(rows, -1) if rows else piece)
+            torch._foreach_mul_(targets, factors)
+
+    def _scale_plan(self, present: tuple[tuple[int, torch.device, tuple[int, ...]], ...]) -> tuple[_ScaleGroup, ...]:
+        if len(self._scale_plans) > 64:
+            self._scale_plans.clear()
+        members: dict[tuple[torch.device, int, int], list[tuple[int, int, int, int, bool]]] = {}
+        units: dict[tuple[torch.device, int, int], list[int]] = {}
+        for s, device, shape in present:
+            numel = math.prod(shape)
+            for start, stop, rows, unit in self.parts[s]:
+                whole = start == 0 and stop == numel
+                if rows and whole and len(shape) >= 2 and shape[0] == rows:
+                    key, part = (device, len(shape), rows), (s, start, stop, rows, True)  # broadcast along dim 0
+                elif rows:
+                    key, part = (device, 2, rows), (s, start, stop, rows, False)  # a (rows, L) view of the flat piece
                 else:
-                    heads.append(flat[start:stop])
-                    head_coefs.append(c[unit])
-        for same_kind, indices in _group_by_device_and_dtype(heads).values():
-            torch._foreach_mul_(same_kind, [head_coefs[i] for i in indices])
+                    key, part = (device, 0, 0), (s, start, stop, 0, whole)  # one coefficient
+                members.setdefault(key, []).append(part)
+                units.setdefault(key, []).extend(range(unit, unit + max(rows, 1)))
+        return tuple(_ScaleGroup(device, ndim, rows, tuple(m), torch.tensor(units[key], dtype=torch.long, device=device))
+                     for key, m in members.items() for device, ndim, rows in [key])
 
 
 def _split(span: Span, block: UnitBlock) -> tuple[Part, ...]:
@@ -354,12 +426,6 @@ def _flat_view(tensor: torch.Tensor) -> torch.Tensor:
             f"distclip agc: a gradient piece of shape {tuple(tensor.shape)} and strides {tensor.stride()} is not "
             "one contiguous run of elements, so its rows cannot be scaled in place; this layout is not supported"
         ) from err
-
-
-def _group_by_device_and_dtype(tensors: list[torch.Tensor]):
-    from ..adapters._compat import group_by_device_and_dtype  # core imports no adapter at module load
-
-    return group_by_device_and_dtype(tensors)
 
 
 def unitwise_specs(config: ClipConfig, groups: Sequence[ClipGroup]) -> dict[int, UnitwiseSpec]:
