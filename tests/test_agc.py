@@ -230,6 +230,33 @@ def test_missing_gradients_and_non_contiguous_gradients():
     assert max_rel_err(got, timm_clip(grads, params, 2.0)) <= GRAD_RTOL
 
 
+@pytest.mark.parametrize("p", [2.0, math.inf])
+def test_nonfinite_gradient_skips_the_step(p):
+    """A NaN in one gradient element of an agc group: the (unit-derived) group norm is NaN, the step is skipped."""
+    model = make_net()
+    loss_of(model, *data(0, 0, size=8)).backward()
+    model.fc1.weight.grad[3, 5] = math.nan
+    report = distclip.GradClipper(model, agc(p)).clip()
+    assert report.skipped and report.skip_reason == "nonfinite"
+    assert math.isnan(report.group_norms["default"].item())
+    assert all(q.grad is None for q in model.parameters())
+
+
+def test_group_norm_of_an_agc_group_is_its_norm():
+    """The group norm of a unit-wise group (taken from its units' sums) is the group's norm; in another p
+    than the config's (its own slots), too."""
+    for config, group, p in ((agc(2.0), "default", 2.0), (agc(math.inf), "default", math.inf),
+                             ({"groups": [{"name": "w", "match": "*.weight", "norm_type": 3.0, "policy": {"kind": "agc"}}]},
+                              "w", 3.0)):
+        model = make_net()
+        loss_of(model, *data(0, 0, size=8)).backward()
+        names = [n for n, _ in model.named_parameters() if group == "default" or n.endswith(".weight")]
+        grads = dict(model.named_parameters())
+        expected = torch.cat([grads[n].grad.double().flatten() for n in names]).norm(p).item()
+        report = distclip.GradClipper(model, config).measure()
+        assert report.group_norms[group].item() == pytest.approx(expected, rel=1e-6), (config, group)
+
+
 def test_config_section():
     cfg = distclip.ClipConfig.from_dict({"policy": {"kind": "agc"}})
     assert (cfg.policy.clip_factor, cfg.policy.eps) == (0.01, 1e-3)  # the paper's lambda, timm's eps
@@ -317,11 +344,15 @@ def clip_layout(name: str, config: dict[str, Any]) -> dict[str, Any]:
         dist.all_reduce(q.grad)
         q.grad.div_(dist.get_world_size())
     pre, params = full_grads(), full_params()
+    measured = distclip.GradClipper(target, {**config, "comm_hook": False}).measure()  # the post-backward path
     with CommDebugMode() as comm:
         report = clipper.clip()
     return {"pre": pre, "params": params, "post": full_grads(), "collectives": comm.get_total_counts(),
             "unit_coefs": report.unit_coefs.clone(), "coefs_equal": gathered_equal(report.unit_coefs),
             "coefs": {k: v.item() for k, v in report.coefs.items()}, "source": report.source,
+            "groups": {k: v.item() for k, v in report.group_norms.items()}, "total": report.total_norm.item(),
+            "post_backward": (measured.source, {k: v.item() for k, v in measured.group_norms.items()},
+                              measured.unit_coefs.clone()),
             **row_layout(clipper.adapter)}
 
 
@@ -440,6 +471,16 @@ def test_two_ranks_match_timm(layout, p):
         assert r[(layout, p)]["collectives"] == 1, (layout, p, r[(layout, p)]["collectives"])
     coefs = rec["unit_coefs"]
     assert (coefs < 1).any() and (coefs == 1).any(), coefs  # some units clipped, some not
+    if p != "per_group":  # the norms are still measured, exactly
+        flat = torch.cat([g.flatten() for g in rec["pre"].values()])
+        assert rec["groups"]["default"] == pytest.approx(flat.norm(norm_type).item(), rel=1e-6)
+        assert rec["total"] == pytest.approx(flat.norm(norm_type).item(), rel=1e-6)
+    else:
+        flat = torch.cat([rec["pre"][n].flatten() for n in sorted(agc_names)])
+        assert rec["groups"]["rows"] == pytest.approx(flat.norm(math.inf).item(), rel=1e-6)
+    source, groups, post_coefs = rec["post_backward"]  # the same from the post-backward path (group norms
+    assert source == "post_backward" and torch.equal(post_coefs, coefs)  # of agc groups from their units)
+    assert all(groups[k] == pytest.approx(v, rel=1e-6) for k, v in rec["groups"].items()), (groups, rec["groups"])
     factor = PER_GROUP_FACTOR if p == "per_group" else CLIP_FACTOR
     pre = {n: g for n, g in rec["pre"].items() if agc_names is None or n in agc_names}
     torch.testing.assert_close(coefs.double(), timm_coefs(pre, rec["params"], math.inf if p == "per_group" else p, factor),
@@ -521,7 +562,7 @@ def deepspeed_checks() -> dict[Any, Any]:
             out[(stage, p)] = {"update": {n: (before[n] - after[n]) / DS_LR for n in before}, "params": before,
                                "collectives": counts, "unit_coefs": report.unit_coefs.clone(),
                                "coefs_equal": gathered_equal(report.unit_coefs), "skipped": report.skipped,
-                               **row_layout(clipper.adapter)}
+                               "norm": report.group_norms["default"].item(), **row_layout(clipper.adapter)}
             engine.destroy()
     out["fp16"] = fp16_zero2()
     return out
@@ -575,6 +616,8 @@ def test_deepspeed_matches_timm(stage, p, deepspeed_shm_op):
         assert r[(stage, p)]["coefs_equal"] and torch.equal(r[(stage, p)]["unit_coefs"], coefs)
         assert r[(stage, p)]["collectives"] == [1], (stage, p, r[(stage, p)]["collectives"])
     torch.testing.assert_close(coefs.double(), timm_coefs(ref_grads, ref_params, p), rtol=1e-5, atol=0)
+    expected_norm = torch.cat([g.flatten() for g in ref_grads.values()]).norm(p).item()
+    assert rec["norm"] == pytest.approx(expected_norm, rel=1e-5)  # the group norm, from the units' sums
     # ZeRO-0's 1/world slices, ZeRO-1/2's partition boundary and ZeRO-3's per-parameter partitions split rows
     assert any(r[(stage, p)]["splits_rows"] for r in ranks)
 

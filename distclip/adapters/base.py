@@ -114,12 +114,19 @@ class GradAdapter:
         """The gradient pieces this rank counts (disjoint across the job) and their group indices."""
         return slice_segments(self.local_grads(), self._counted, self.group_of)
 
-    def local_partials(self) -> tuple[torch.Tensor, str]:
-        """This rank's slot vector and where it came from (``comm_hook`` or ``post_backward``)."""
+    def local_partials(self, skip_groups: frozenset[int] = frozenset()) -> tuple[torch.Tensor, str]:
+        """This rank's slot vector and where it came from (``comm_hook`` or ``post_backward``).
+
+        ``skip_groups``: on the post-backward path, groups whose slots the caller fills itself (unit-wise
+        groups: from their units' sums); a hook's vector holds every group.
+        """
         hooked = self.reduced_partials()
         if hooked is not None:
             return hooked, "comm_hook"
         pieces, groups = self.counted_pieces()
+        if skip_groups:
+            kept = [i for i, g in enumerate(groups) if g not in skip_groups]
+            pieces, groups = [pieces[i] for i in kept], [groups[i] for i in kept]
         return local_partials(pieces, groups, self.layout, self.collective_device(pieces)), "post_backward"
 
     def collective_device(self, pieces: Sequence[torch.Tensor] = ()) -> torch.device:

@@ -196,6 +196,7 @@ class GradClipper:
     # ---------------------------------------------------------------- internals
     def _bind_units(self) -> UnitPlan | None:
         """The unit layout of the groups clipped unit-wise (``kind: agc``), mapped onto this rank's pieces."""
+        self._derived: frozenset[int] = frozenset()  # unit-wise groups whose slots come from their units' sums
         specs = unitwise_specs(self.config, self.table.groups)
         if not specs:
             return None
@@ -207,6 +208,8 @@ class GradClipper:
                               len(self.table.groups))
         self.adapter.bind_units(plan)
         self._slots = SlotsWithUnits(self.layout, plan)
+        # A unit-wise group whose p is the config's has one slot, the sum of its units' gradient sums.
+        self._derived = frozenset(g for g in specs if self.table.groups[g].norm_type == self.config.norm_type)
         return plan
 
     def _stage_fingerprint(self) -> tuple[int, str]:
@@ -253,7 +256,7 @@ class GradClipper:
         return names
 
     def _local_partials(self, pending_scale: torch.Tensor | None) -> tuple[torch.Tensor, str]:
-        partials, source = self.adapter.local_partials()
+        partials, source = self.adapter.local_partials(self._derived)
         if self._excluded is not None:  # the hidden group is excluded from every norm
             keep = [float(g != self._excluded) for g, _ in self.layout.slots]
             partials = partials * self.layout.constant("visible", partials.device, keep, partials.dtype)
@@ -276,6 +279,9 @@ class GradClipper:
             scale = pending_scale * scale
         if not (isinstance(scale, float) and scale == 1.0):
             units = self.units.unscale(units, scale)
+        if source == "post_backward" and self._derived:  # these groups were left out of the partials
+            partials = self.units.add_group_sums(partials, units.to(partials.device), sorted(self._derived),
+                                                 self.config.norm_type)
         reduced = reduce_slots(torch.cat([partials, units.to(partials.device)]), self._slots, group)
         slots, unit_slots = reduced.split([self.layout.num_slots, 2 * self.units.num_units])
         return slots, unit_slots, source
