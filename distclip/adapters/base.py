@@ -24,8 +24,8 @@ from typing import Any, Sequence
 import torch
 import torch.distributed as dist
 
-from ..core.groups import GroupTable
 from ..core.config import ConfigError
+from ..core.groups import GroupTable
 from ..core.norms import SlotLayout, local_partials
 from ..core.reduce import ProcessGroup, collective_device
 from ..core.unitwise import Span, UnitPlan

@@ -413,15 +413,9 @@ class Zero0Adapter(DeepSpeedAdapter):
         self._require_installed()
         GradAdapter.zero(self, groups)
 
-    def bind_units(self, plan: UnitPlan) -> None:
-        GradAdapter.bind_units(self, plan)
-
-    def unit_partials(self) -> torch.Tensor:
-        return GradAdapter.unit_partials(self)
-
     def scale_units(self, coefs: torch.Tensor) -> None:
         self._require_installed()
-        GradAdapter.scale_units(self, coefs)
+        GradAdapter.scale_units(self, coefs)  # param.grad, in the step pre-hook (counting: the base's pieces)
 
     def drop_grads(self) -> None:
         self._require_installed()

@@ -97,6 +97,7 @@ class GradClipper:
         self.spikes: SpikeDetector | None = build_spike_detector(self.config)
         self.group_names = self.table.names[: self._excluded]  # the hidden group is last: never reported
         self._visible = list(range(len(self.group_names)))
+        self._derived: frozenset[int] = frozenset()  # unit-wise groups whose slots come from their units' sums
         self.units: UnitPlan | None = self._bind_units()
         unitwise = set(self.units.groups) if self.units is not None else set()
         self._group_scaled = [g for g in self._visible if g not in unitwise]  # scaled by a group coefficient
@@ -196,7 +197,6 @@ class GradClipper:
     # ---------------------------------------------------------------- internals
     def _bind_units(self) -> UnitPlan | None:
         """The unit layout of the groups clipped unit-wise (``kind: agc``), mapped onto this rank's pieces."""
-        self._derived: frozenset[int] = frozenset()  # unit-wise groups whose slots come from their units' sums
         specs = unitwise_specs(self.config, self.table.groups)
         if not specs:
             return None
@@ -273,16 +273,15 @@ class GradClipper:
         group = self.adapter.reduce_group
         if self.units is None:
             return reduce_slots(partials, self.layout, group), None, source
-        units = self.adapter.unit_partials()
+        units = self.adapter.unit_partials().to(partials.device)
         scale = self.adapter.grad_scale()  # the gradient half carries the loss scale, the parameter half none
         if pending_scale is not None:
             scale = pending_scale * scale
         if not (isinstance(scale, float) and scale == 1.0):
             units = self.units.unscale(units, scale)
         if source == "post_backward" and self._derived:  # these groups were left out of the partials
-            partials = self.units.add_group_sums(partials, units.to(partials.device), sorted(self._derived),
-                                                 self.config.norm_type)
-        reduced = reduce_slots(torch.cat([partials, units.to(partials.device)]), self._slots, group)
+            partials = self.units.add_group_sums(partials, units, self._derived, self.config.norm_type)
+        reduced = reduce_slots(torch.cat([partials, units]), self._slots, group)
         slots, unit_slots = reduced.split([self.layout.num_slots, 2 * self.units.num_units])
         return slots, unit_slots, source
 

@@ -176,12 +176,12 @@ class UnitPlan:
         clipped = max_norm / grad_norm.clamp(min=GRAD_NORM_FLOOR)
         return torch.where(grad_norm < max_norm, torch.ones_like(clipped), clipped)
 
-    def add_group_sums(self, slots: torch.Tensor, unit_partials: torch.Tensor, groups: Sequence[int], p: float) -> torch.Tensor:
+    def add_group_sums(self, slots: torch.Tensor, unit_partials: torch.Tensor, groups: frozenset[int], p: float) -> torch.Tensor:
         """``slots`` with slot ``g`` of each of ``groups`` (whose norm is in ``p``, the config's p: slot g) given
         the sum (max for p = inf) of its units' gradient sums: the same elements, so these group norms need no
         pass over the gradients of their own."""
         device = slots.device
-        key = ("derived", tuple(groups), device)
+        key = ("derived", groups, device)
         if key not in self._constants:
             pairs = [(b.first + r, b.group) for b in self.blocks if b.group in groups for r in range(b.units)]
             self._constants[key] = torch.tensor(pairs, dtype=torch.long, device=device).reshape(-1, 2)
