@@ -19,6 +19,8 @@ from typing import Any
 import pytest
 import torch
 import torch.distributed as dist
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from torch import nn
 from torch.distributed.tensor.debug import CommDebugMode
 
@@ -653,9 +655,6 @@ def deepspeed_shm_op():
 
 
 # ------------------------------------------------------------------ the mapping itself
-from hypothesis import given, settings  # noqa: E402
-from hypothesis import strategies as st  # noqa: E402
-
 
 @st.composite
 def spans_of_a_parameter(draw):
