@@ -10,6 +10,7 @@ the same error.)
 from __future__ import annotations
 
 import functools
+import math
 import weakref
 from typing import Any, Callable, Iterable, Sequence
 
@@ -143,10 +144,15 @@ def unscaled_by_grad_scaler(tensors: Iterable[torch.Tensor]) -> bool:
 
 
 # ------------------------------------------------------------------ DTensor / DeviceMesh
-def _is_dtensor(t: Any) -> bool:
+@functools.cache
+def _dtensor_class() -> type:
     from torch.distributed.tensor import DTensor
 
-    return isinstance(t, DTensor)
+    return DTensor
+
+
+def _is_dtensor(t: Any) -> bool:
+    return isinstance(t, _dtensor_class())
 
 
 def local_tensor(t: torch.Tensor) -> torch.Tensor:
@@ -157,6 +163,25 @@ def local_tensor(t: torch.Tensor) -> torch.Tensor:
 def dtensor_spec(t: torch.Tensor) -> Any:
     """A DTensor's spec object (FSDP2 gives a gradient the very spec object of its parameter)."""
     return getattr(t, "_spec", None)
+
+
+@_internal("torch.distributed.tensor._utils.compute_local_shape_and_global_offset")
+def dtensor_flat_offset(t: Any) -> int | None:
+    """Where this rank's local tensor of DTensor ``t`` starts in the global tensor's flat (row-major) order, when
+    it is one run of whole rows (every placement ``Replicate`` or ``Shard(0)``); None otherwise (a shard along a
+    dimension >= 1, a strided shard as FSDP2 over tensor parallelism makes)."""
+    from torch.distributed.tensor import Shard
+    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+    if not all(p.is_replicate() or (type(p) is Shard and p.dim == 0) for p in t.placements):
+        return None
+    shape = tuple(t.shape)
+    if len(shape) == 0:
+        return 0
+    local_shape, offset = compute_local_shape_and_global_offset(shape, t.device_mesh, t.placements)
+    if tuple(local_shape[1:]) != shape[1:]:
+        return None
+    return int(offset[0]) * math.prod(shape[1:])
 
 
 @_internal("DeviceMesh._get_root_mesh (the mesh a sub-mesh was sliced from)")
@@ -187,6 +212,10 @@ class FSDP1Unit:
         self.use_orig_params: bool = handle._use_orig_params
         self.fqns: list[str] = list(self.flat_param._fqns)
         self.shard_infos: list[Any] = list(self.flat_param._shard_param_infos)  # in_shard, offset_in_shard, numel_in_shard
+        # where each original parameter's piece of this rank's shard starts in the parameter's flat order
+        self.intra_starts: list[int | None] = [info.intra_param_start_idx for info in self.shard_infos]
+        self.shapes: list[tuple[int, ...]] = [tuple(s) for s in self.flat_param._shapes]  # original (global) shapes
+        self.strides: list[tuple[int, ...]] = [tuple(s) for s in self.flat_param._strides]  # their strides (flat order)
         self.orig_params: list[Any] = list(self.flat_param._params or []) if self.use_orig_params else []
         self.shared_params: list[Any] = list(self.flat_param._shared_params or []) if self.use_orig_params else []
         self.process_group = fsdp.process_group
@@ -199,6 +228,12 @@ class FSDP1Unit:
     @property
     def comm_hook(self) -> Any:
         return getattr(self.fsdp, "_comm_hook", None)
+
+    @property
+    @_internal("FSDP1 FlatParameter._local_shard (this rank's sharded parameter values)")
+    def local_shard(self) -> torch.Tensor:
+        """This rank's shard of the flat parameter (full precision, padding included), outside forward/backward too."""
+        return self.flat_param._local_shard
 
     def set_comm_hook_state(self, state: Any) -> None:
         self.fsdp._comm_hook_state = state

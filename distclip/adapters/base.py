@@ -9,6 +9,10 @@
 * **APPLY** (:meth:`GradAdapter.scale`, :meth:`GradAdapter.zero`, :meth:`GradAdapter.drop_grads`):
   what the clip does to this rank's local gradients: multiply each group by its coefficient,
   zero them, or drop them so the optimizer step leaves parameters and state untouched.
+* **UNITS** (unit-wise clipping, ``kind: agc``; :meth:`GradAdapter.bind_units`,
+  :meth:`GradAdapter.unit_partials`, :meth:`GradAdapter.scale_units`): where each counted piece
+  of gradient and parameter values sits in its parameter's global flat order, so that its
+  elements add to their rows' sums, and the per-row coefficients multiply every local piece.
 
 The core (:class:`~distclip.GradClipper`) only ever talks to an adapter through these methods.
 """
@@ -20,11 +24,13 @@ from typing import Any, Sequence
 import torch
 import torch.distributed as dist
 
+from ..core.config import ConfigError
 from ..core.groups import GroupTable
 from ..core.norms import SlotLayout, local_partials
 from ..core.reduce import ProcessGroup, collective_device
+from ..core.unitwise import Span, UnitPlan
 from . import _compat
-from .counting import LocalPiece, Replicas, Segment, counted_segments, slice_segments
+from .counting import LocalPiece, Replicas, Segment, counted_segments, flat_range, segment_offsets, slice_segments
 from .declared import Declaration, census_payload, check_census, declaration_of, declared_replicas
 from .hooks import ReductionHook
 
@@ -46,6 +52,7 @@ class GradAdapter:
     applies_in_place = True  # APPLY changes the counted gradients at once (the audit measures it)
     hook: ReductionHook | None = None
     hook_status = "not enabled"  # after enable_reduction_hook: the hook's name, or why there is none
+    unit_plan: UnitPlan | None = None  # after bind_units: the unit layout of unit-wise (agc) clipping
 
     def __init__(self, named_params: Sequence[tuple[str, torch.nn.Parameter]]):
         seen: set[int] = set()
@@ -108,12 +115,19 @@ class GradAdapter:
         """The gradient pieces this rank counts (disjoint across the job) and their group indices."""
         return slice_segments(self.local_grads(), self._counted, self.group_of)
 
-    def local_partials(self) -> tuple[torch.Tensor, str]:
-        """This rank's slot vector and where it came from (``comm_hook`` or ``post_backward``)."""
+    def local_partials(self, skip_groups: frozenset[int] = frozenset()) -> tuple[torch.Tensor, str]:
+        """This rank's slot vector and where it came from (``comm_hook`` or ``post_backward``).
+
+        ``skip_groups``: on the post-backward path, groups whose slots the caller fills itself (unit-wise
+        groups: from their units' sums); a hook's vector holds every group.
+        """
         hooked = self.reduced_partials()
         if hooked is not None:
             return hooked, "comm_hook"
         pieces, groups = self.counted_pieces()
+        if skip_groups:
+            kept = [i for i, g in enumerate(groups) if g not in skip_groups]
+            pieces, groups = [pieces[i] for i in kept], [groups[i] for i in kept]
         return local_partials(pieces, groups, self.layout, self.collective_device(pieces)), "post_backward"
 
     def collective_device(self, pieces: Sequence[torch.Tensor] = ()) -> torch.device:
@@ -191,7 +205,68 @@ class GradAdapter:
         for p in self.params:
             p.grad = None
 
+    # ------------------------------------------------------------------ UNITS
+    def global_shapes(self) -> list[tuple[int, ...]]:
+        """Each parameter's GLOBAL shape (what unit-wise clipping splits into rows; known on every rank)."""
+        return [tuple(p.shape) for p in self.params]
+
+    def local_params(self) -> list[torch.Tensor | None]:
+        """The parameter values of each piece source, laid out like :meth:`local_grads` (default: each
+        parameter, local part)."""
+        return [_compat.local_tensor(p).detach() for p in self.params]
+
+    def bind_units(self, plan: UnitPlan) -> None:
+        """Map this rank's pieces of the unit-wise clipped parameters onto ``plan``'s units (once, after bind).
+
+        Counted pieces (disjoint across the job) add to the unit sums; every held piece is scaled.
+        """
+        self.unit_plan = plan
+        self.refuse_unit_layouts(plan)
+        counted = [s for s in self._counted if s[3] in plan.by_param]
+        self._unit_counted = counted
+        self._unit_count_map = plan.piece_map(
+            [Span(s[3], offset, s[2] - s[1]) for s, offset in zip(counted, segment_offsets(counted, self.pieces))])
+        held = [p for p in self.pieces if p.numel and p.param in plan.by_param]
+        self._unit_held = [(p.source, p.start, p.start + p.numel) for p in held]
+        self._unit_apply_map = plan.piece_map([Span(p.param, p.offset, p.numel) for p in held])
+
+    def refuse_unit_layouts(self, plan: UnitPlan) -> None:
+        """A clear ConfigError for unit-wise clipped parameters whose local pieces cannot be mapped to rows."""
+        for i, declaration in enumerate(self.declarations):
+            if i in plan.by_param and declaration is not None and declaration.sharded:
+                raise ConfigError(
+                    f"distclip agc: {self.names[i]!r} is declared sharded_over a group, so its global shape and the "
+                    "position of this rank's part are unknown; unit-wise clipping supports whole, replicated and "
+                    "DTensor Shard(0) parameters. Clip it with another policy (a group with its own policy)")
+        for piece in self.pieces:
+            if piece.param in plan.by_param and piece.numel and piece.offset is None:
+                raise ConfigError(
+                    f"distclip agc: this rank's part of {self.names[piece.param]!r} is not one run of its rows, so its "
+                    "elements cannot be mapped to units; supported: whole parameters, DTensor Shard(0) / Replicate, "
+                    "FSDP1 and ZeRO flat shards. Clip it with another policy (a group with its own policy)")
+
+    def unit_partials(self) -> torch.Tensor:
+        """This rank's unit part of the slot vector: ``[sum |g|^p per unit, sum |w|^p per unit]`` of its counted pieces."""
+        grads, params = self.local_grads(), self.local_params()
+        g = [flat_range(grads[s], lo, hi) for s, lo, hi, _ in self._unit_counted]
+        w = [flat_range(params[s], lo, hi) for s, lo, hi, _ in self._unit_counted]
+        device = self.collective_device([t for t in g if t is not None][:1])
+        return torch.cat([self._unit_count_map.sums(g, device), self._unit_count_map.sums(w, device)])
+
+    def scale_units(self, coefs: torch.Tensor) -> None:
+        """Multiply every local piece of the unit-wise clipped parameters by its units' coefficients (fp32 [U])."""
+        grads = self.local_grads()
+        self._unit_apply_map.scale_([_in_place_range(grads[s], lo, hi) for s, lo, hi in self._unit_held], coefs)
+
     def describe(self) -> dict[str, object]:
         """What the set-up consistency check compares across ranks (beyond config and groups)."""
         declared = sum(d is not None for d in self.declarations)
         return {"adapter": self.kind, "num_params": len(self.names), **({"declared": declared} if declared else {})}
+
+
+def _in_place_range(tensor: torch.Tensor | None, lo: int, hi: int) -> torch.Tensor | None:
+    """Elements ``[lo, hi)`` of ``tensor`` as something to multiply in place: the tensor itself when whole
+    (any strides), else a view of its flat form."""
+    if tensor is None or (lo == 0 and hi == tensor.numel()):
+        return tensor
+    return tensor.view(-1)[lo:hi]

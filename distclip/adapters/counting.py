@@ -33,13 +33,19 @@ class Replicas:
 
 @dataclass(frozen=True)
 class LocalPiece:
-    """Elements ``[start, start + numel)`` of local tensor ``source`` (flattened) belong to parameter ``param``."""
+    """Elements ``[start, start + numel)`` of local tensor ``source`` (flattened) belong to parameter ``param``.
+
+    ``offset``: where the piece's first element sits in the parameter's GLOBAL flat (row-major)
+    order, so that unit-wise clipping can map each element to its row; None when the piece is not
+    one run of that order (a DTensor sharded on a dimension >= 1, a declared shard).
+    """
 
     source: int
     start: int
     numel: int
     param: int
     replicas: Replicas | None = None  # None: this rank is the only holder
+    offset: int | None = 0
 
 
 def counted_segments(pieces: Iterable[LocalPiece]) -> list[Segment]:
@@ -61,6 +67,26 @@ def counted_segments(pieces: Iterable[LocalPiece]) -> list[Segment]:
             m = members[i]
             out.append((m.source, m.start + lo, m.start + hi, m.param))
     return out
+
+
+def segment_offsets(segments: Sequence[Segment], pieces: Iterable[LocalPiece]) -> list[int | None]:
+    """Where each segment (a range of one of ``pieces``) starts in its parameter's global flat order."""
+    by_key: dict[tuple[int, int], list[LocalPiece]] = {}
+    for piece in pieces:
+        by_key.setdefault((piece.source, piece.param), []).append(piece)
+    out: list[int | None] = []
+    for source, lo, _, param in segments:
+        piece = next(p for p in by_key[(source, param)] if p.start <= lo < p.start + p.numel)
+        out.append(None if piece.offset is None else piece.offset + lo - piece.start)
+    return out
+
+
+def flat_range(tensor: torch.Tensor | None, lo: int, hi: int) -> torch.Tensor | None:
+    """Elements ``[lo, hi)`` of ``tensor`` flattened: the tensor itself when that is all of it (its shape kept),
+    else a view of a contiguous tensor (a copy of a non-contiguous one: fine for reading)."""
+    if tensor is None or (lo == 0 and hi == tensor.numel()):
+        return tensor
+    return tensor.reshape(-1)[lo:hi]
 
 
 def slice_segments(

@@ -29,6 +29,12 @@ DeepSpeed partitions each MoE parameter group over that group (``real_dp_process
 partition pieces are already disjoint. Either way every element counts once over the job, and the
 one reduction runs over the data-parallel group, which spans every expert-data-parallel group.
 
+Unit-wise clipping (``kind: agc``, ZeRO 0-3 without MoE): the unit sums count the same pieces as
+the norm, with the parameter values read from the fp32 master partitions at the same fragments
+(``_hp_mapping``'s ``hp_fragment_address`` in the partition, ``lp_fragment_address`` in the
+parameter's flat order; ZeRO-3: rank x partition size); the unit coefficients are multiplied into
+the fp32 partition in the same unscale seam, fragment by fragment (head, rows, tail).
+
 ZeRO 1-3: ``scaled_global_norm`` / ``_get_norm_groups`` (called once per step, after reduction,
 before any update) run distclip's clip: local partials of the pieces, divided by the loss scale
 they carry, ONE collective, policy, coefficients. DeepSpeed's separate overflow check is switched
@@ -50,9 +56,11 @@ from typing import TYPE_CHECKING, Any, Sequence
 import torch
 import torch.distributed as dist
 
+from ..core.config import ConfigError
 from ..core.groups import GroupTable
 from ..core.names import named_trainable_parameters
 from ..core.norms import SlotLayout
+from ..core.unitwise import PieceMap, Span, UnitPlan
 from . import _compat
 from .base import GradAdapter
 from .counting import LocalPiece, Replicas, group_ranks
@@ -206,8 +214,9 @@ def check_partition_groups(engine: Any, optimizer: Any) -> None:
 class _Plan:
     """What to multiply into the fp32 partitions this step: per-group factors, or zeros."""
 
-    factors: torch.Tensor | None  # coefficient / loss scale, per clip group (fp32)
+    factors: torch.Tensor | None  # coefficient / loss scale, per clip group (fp32); 1 / loss scale for unit-wise groups
     zero: bool = False
+    unit_coefs: torch.Tensor | None = None  # per unit (unit-wise groups), fp32
 
 
 class DeepSpeedAdapter(GradAdapter):
@@ -268,7 +277,9 @@ class DeepSpeedAdapter(GradAdapter):
         if self.clipper.config.nonfinite == "zero" and not bool(report.finite):  # already synced by the clip
             return _Plan(factors=None, zero=True)
         coefs = torch.stack(list(report.coefs.values()))
-        return _Plan(factors=coefs / scale)
+        if self.unit_plan is not None:  # unit-wise groups: their units' coefficients, not their smallest one
+            coefs = torch.where(self.unit_plan.group_mask(coefs.device)[: coefs.numel()], 1.0, coefs)
+        return _Plan(factors=coefs / scale, unit_coefs=report.unit_coefs)
 
     def _apply(self, flat: torch.Tensor, spans: Spans) -> None:
         plan = self._plan
@@ -280,6 +291,55 @@ class DeepSpeedAdapter(GradAdapter):
         factors = plan.factors.to(flat.device)
         for g, ranges in spans.items():
             _compat.foreach_mul_([flat[a:b] for a, b in ranges], factors[g])
+
+    def _apply_units(self, flat: torch.Tensor, partition: int) -> None:
+        """Multiply the unit-wise clipped fragments of an fp32 partition by their units' coefficients."""
+        plan = self._plan
+        if self.unit_plan is None or plan is None or plan.zero or plan.unit_coefs is None:
+            return
+        unit_map, ranges = self._unit_apply[partition]
+        if ranges:
+            unit_map.scale_([flat[a:b] for a, b in ranges], plan.unit_coefs)
+
+    # ------------------------------------------------------------ UNITS
+    def global_shapes(self) -> list[tuple[int, ...]]:
+        return [tuple(getattr(p, "ds_shape", p.shape)) for p in self.params]  # ZeRO-3: the partitioned tensor is empty
+
+    def refuse_unit_layouts(self, plan: UnitPlan) -> None:
+        if getattr(self.engine, "has_moe_layers", False) and plan.blocks:
+            raise ConfigError(
+                "distclip agc: unit-wise clipping of a DeepSpeed model with MoE layers is not supported (experts of "
+                "different expert-parallel ranks share names, so the unit layout would not be the same on every "
+                "rank); clip it with another policy")
+        super().refuse_unit_layouts(plan)
+
+    def _bind_partition_units(self, plan: UnitPlan, fragments: list[list[tuple[int, int, int, int]]]) -> None:
+        """From ``(param, offset in the parameter, start in the fp32 partition, numel)`` per partition (one per
+        parameter it holds, in DeepSpeed's order): the counted spans (all of them: a partition is held by this
+        rank alone) and each partition's apply map. Kept as ``(position, param, offset, start, numel)``."""
+        self.unit_plan = plan
+        self.refuse_unit_layouts(plan)
+        kept = [[(k, *f) for k, f in enumerate(frags) if f[0] in plan.by_param and f[3] > 0] for frags in fragments]
+        self._unit_fragments = kept
+        self._unit_count_map = plan.piece_map([Span(j, off, n) for frags in kept for _, j, off, _, n in frags])
+        self._unit_apply: list[tuple[PieceMap, list[tuple[int, int]]]] = [
+            (plan.piece_map([Span(j, off, n) for _, j, off, _, n in frags]), [(a, a + n) for *_, a, n in frags])
+            for frags in kept]
+
+    def _fragment_grads(self, flats: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        """Offload: the unit-wise fragments' gradients, ranges of the fp32 flat gradients."""
+        return [flat.grad[a : a + n] for flat, frags in zip(flats, self._unit_fragments) for *_, a, n in frags]
+
+    def _partition_unit_partials(self, grads: list[torch.Tensor | None], values: Sequence[torch.Tensor]) -> torch.Tensor:
+        """The unit part of the slot vector from the counted gradient pieces (in fragment order) and the fp32
+        partitions (parameter values at the same fragments)."""
+        params = [flat.detach()[a : a + n] for flat, frags in zip(values, self._unit_fragments) for *_, a, n in frags]
+        device = self.collective_device([t for t in grads if t is not None][:1])
+        return torch.cat([self._unit_count_map.sums(grads, device), self._unit_count_map.sums(params, device)])
+
+    def scale_units(self, coefs: torch.Tensor) -> None:
+        """Planned from the report and applied to the fp32 partitions inside the step."""
+        self._require_installed()
 
     # ------------------------------------------------------- GradAdapter API
     def scale(self, coefs: torch.Tensor, groups: Sequence[int], host_coefs: Sequence[float] | None = None) -> None:
@@ -354,6 +414,10 @@ class Zero0Adapter(DeepSpeedAdapter):
         self._require_installed()
         GradAdapter.zero(self, groups)
 
+    def scale_units(self, coefs: torch.Tensor) -> None:
+        self._require_installed()
+        GradAdapter.scale_units(self, coefs)  # param.grad, in the step pre-hook (counting: the base's pieces)
+
     def drop_grads(self) -> None:
         self._require_installed()
         GradAdapter.drop_grads(self)  # param.grad = None: the torch optimizer leaves those parameters alone
@@ -403,17 +467,38 @@ class ZeroPartitionAdapter(DeepSpeedAdapter):
             self._fragments.append(fragments)
             self._spans.append(group_spans(fragments))
 
-    @_compat.deepspeed_internal("DeepSpeed ZeRO optimizer internals (counted_pieces)")
-    def counted_pieces(self) -> tuple[list[torch.Tensor], list[int]]:
+    @_compat.deepspeed_internal("DeepSpeed ZeRO optimizer internals (bind_units)")
+    def bind_units(self, plan: UnitPlan) -> None:
+        """Per partition, the fragments of the parameters it holds (``params_in_partition`` order, as the
+        reduced gradient pieces): where each sits in its parameter and in the fp32 partition."""
+        index = {id(p): j for j, p in enumerate(self.params)}
+        fragments = []
+        for held in self.optimizer.params_in_partition:
+            frags = []
+            for p in held:
+                lp, hp = p._hp_mapping.lp_fragment_address, p._hp_mapping.hp_fragment_address
+                frags.append((index.get(id(p), -1), lp.start, hp.start, hp.numel))
+            fragments.append(frags)
+        self._bind_partition_units(plan, fragments)
+
+    @_compat.deepspeed_internal("DeepSpeed ZeRO optimizer internals (unit_partials)")
+    def unit_partials(self) -> torch.Tensor:
+        partitions = self.optimizer.single_partition_of_fp32_groups
         if self.optimizer.cpu_offload:  # reduced gradients already sit in the fp32 partitions
-            flats = [part.grad for part in self.optimizer.single_partition_of_fp32_groups]
-            return _fragment_pieces(flats, self._fragments)
-        pieces: list[torch.Tensor] = []
-        groups: list[int] = []
+            grads: list[torch.Tensor | None] = self._fragment_grads(partitions)
+        else:
+            held = self._held_grads()
+            grads = [held[i][k] for i, frags in enumerate(self._unit_fragments) for k, *_ in frags]
+        return self._partition_unit_partials(grads, partitions)
+
+    def _held_grads(self) -> list[list[torch.Tensor]]:
+        """Per partition, the reduced gradient piece of each parameter it holds (``params_in_partition`` order)."""
+        out: list[list[torch.Tensor]] = []
         averaged = self.optimizer.averaged_gradients
         for i, (gids, numels) in enumerate(zip(self._piece_groups, self._piece_numels)):
             if not gids:
-                continue  # this rank holds no element of DeepSpeed group i (an empty partition)
+                out.append([])  # this rank holds no element of DeepSpeed group i (an empty partition)
+                continue
             grads = averaged.get(i)
             if grads is None:
                 raise RuntimeError(
@@ -427,6 +512,17 @@ class ZeroPartitionAdapter(DeepSpeedAdapter):
                     f"(pieces {[g.numel() for g in held]}, expected {numels}); this DeepSpeed version lays out "
                     "ZeRO partitions differently than distclip expects"
                 )
+            out.append(held)
+        return out
+
+    @_compat.deepspeed_internal("DeepSpeed ZeRO optimizer internals (counted_pieces)")
+    def counted_pieces(self) -> tuple[list[torch.Tensor], list[int]]:
+        if self.optimizer.cpu_offload:  # reduced gradients already sit in the fp32 partitions
+            flats = [part.grad for part in self.optimizer.single_partition_of_fp32_groups]
+            return _fragment_pieces(flats, self._fragments)
+        pieces: list[torch.Tensor] = []
+        groups: list[int] = []
+        for held, gids in zip(self._held_grads(), self._piece_groups):
             pieces += held
             groups += gids
         return pieces, groups
@@ -447,6 +543,7 @@ class ZeroPartitionAdapter(DeepSpeedAdapter):
                 if i is None:
                     raise RuntimeError("distclip: DeepSpeed unscaled a gradient that is not one of its fp32 partitions")
                 self._apply(flat, self._spans[i])
+                self._apply_units(flat, i)
 
         optimizer.scaled_global_norm = scaled_global_norm
         optimizer.unscale_and_clip_grads = unscale_and_clip_grads
@@ -487,6 +584,27 @@ class Zero3Adapter(DeepSpeedAdapter):
             self._fragments.append(fragments)
             self._spans.append(group_spans(fragments))
 
+    @_compat.deepspeed_internal("DeepSpeed ZeRO-3 optimizer internals (bind_units)")
+    def bind_units(self, plan: UnitPlan) -> None:
+        """Per sub-group, each parameter's partition: rank x partition size in its flat order, at its offset in
+        the fp32 sub-group, without padding."""
+        index = {id(p): j for j, p in enumerate(self.params)}
+        fragments = []
+        for params, frags in zip(self.optimizer.fp16_groups, self._fragments):
+            fragments.append([(index.get(id(p), -1), dist.get_rank(p.ds_process_group) * p.partition_numel(), start, real)
+                              for p, (start, real, _) in zip(params, frags)])
+        self._bind_partition_units(plan, fragments)
+
+    @_compat.deepspeed_internal("DeepSpeed ZeRO-3 optimizer internals (unit_partials)")
+    def unit_partials(self) -> torch.Tensor:
+        flats = self.optimizer.fp32_partitioned_groups_flat
+        if self.optimizer.offload_optimizer:  # reduced gradients already sit in the fp32 sub-groups
+            grads: list[torch.Tensor | None] = self._fragment_grads(flats)
+        else:
+            averaged = self.optimizer.averaged_gradients
+            grads = [averaged[i][k].reshape(-1)[:n] for i, frags in enumerate(self._unit_fragments) for k, *_, n in frags]
+        return self._partition_unit_partials(grads, flats)
+
     @_compat.deepspeed_internal("DeepSpeed ZeRO optimizer internals (counted_pieces)")
     def counted_pieces(self) -> tuple[list[torch.Tensor], list[int]]:
         if self.optimizer.offload_optimizer:  # reduced gradients already sit in the fp32 sub-groups
@@ -524,6 +642,7 @@ class Zero3Adapter(DeepSpeedAdapter):
 
         def unscale_and_clip_grads(sub_group_id: int, total_norm: Any) -> None:
             self._apply(flats[sub_group_id].grad, self._spans[sub_group_id])
+            self._apply_units(flats[sub_group_id].grad, sub_group_id)
 
         optimizer.check_overflow = check_overflow
         optimizer._get_norm_groups = get_norm_groups

@@ -36,8 +36,10 @@ import torch
 import torch.distributed as dist
 from torch.distributed.tensor import DTensor
 
+from ..core.config import ConfigError
 from ..core.groups import GroupTable
 from ..core.norms import SlotLayout, combine_partials, local_partials
+from ..core.unitwise import UnitPlan
 from . import _compat
 from .base import GradAdapter
 from .counting import LocalPiece, Replicas, Segment, cast_is_exact, counted_segments, covering_group, slice_segments
@@ -124,7 +126,7 @@ class DTensorAdapter(GradAdapter):
                     "(or redistribute it to Shard/Replicate first)."
                 )
             self._replica_cache[key] = geometry.replicas(t.placements)
-        return LocalPiece(i, 0, _compat.local_tensor(t).numel(), i, self._replica_cache[key])
+        return LocalPiece(i, 0, _compat.local_tensor(t).numel(), i, self._replica_cache[key], _compat.dtensor_flat_offset(t))
 
     # ------------------------------------------------------------ gradients
     def _unlike(self) -> list[int]:
@@ -156,6 +158,27 @@ class DTensorAdapter(GradAdapter):
                 if piece is not None:
                     pieces.append(piece)
         return counted_segments(pieces + self._plain)
+
+    def refuse_unit_layouts(self, plan: UnitPlan) -> None:
+        for i in plan.by_param:
+            p = self.params[i]
+            if isinstance(p, DTensor) and _compat.dtensor_flat_offset(p) is None:
+                raise ConfigError(
+                    f"distclip agc: {self.names[i]!r} is a DTensor with placements {tuple(p.placements)}: its local "
+                    "tensor is not a run of whole rows, so its elements cannot be mapped to units (rows). Unit-wise "
+                    "clipping supports DTensors whose placements are all Replicate or Shard(0) (FSDP2, HSDP, "
+                    "ColwiseParallel weights); a Shard(1) (RowwiseParallel) or strided (FSDP2 over tensor parallel) "
+                    "parameter is not supported: clip it with another policy (a group with its own policy)")
+        super().refuse_unit_layouts(plan)
+
+    def unit_partials(self) -> torch.Tensor:
+        unlike = self._unlike()
+        if unlike:
+            raise ConfigError(
+                f"distclip agc: the gradient of {self.names[unlike[0]]!r} is laid out unlike its parameter "
+                f"({tuple(self.params[unlike[0]].grad.placements)} vs {tuple(self.params[unlike[0]].placements)}); "
+                "unit-wise clipping needs gradients placed like their parameters")
+        return super().unit_partials()
 
     def scaled_grads(self) -> list[list[torch.Tensor]]:
         grads = self.local_grads()  # whole local tensors (a gradient may be laid out unlike its parameter)

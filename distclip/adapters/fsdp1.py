@@ -35,6 +35,7 @@ back to the post-backward path. FSDP1's private handle metadata is read through
 
 from __future__ import annotations
 
+import math
 import warnings
 from dataclasses import dataclass, field
 from typing import Any
@@ -44,8 +45,10 @@ import torch.distributed as dist
 from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
 
 from ..core.groups import GroupTable
+from ..core.config import ConfigError
 from ..core.names import canonical_name
 from ..core.norms import SlotLayout, combine_partials, local_partials
+from ..core.unitwise import UnitPlan
 from . import _compat
 from .base import GradAdapter
 from .counting import LocalPiece, Replicas, cast_is_exact, counted_segments, covering_group, group_ranks, slice_segments
@@ -93,6 +96,10 @@ class FSDP1Adapter(GradAdapter):
         self.module = module
         self.units: list[_Unit] = []
         self._sources: list[torch.Tensor] = []  # objects whose .grad holds local gradients
+        self._values: list[tuple[_compat.FSDP1Unit, int, int] | None] = []  # per source: (unit, start, numel) of its
+        # values in the unit's local shard; None: the source's own values (the flat parameter itself, or unmanaged)
+        self._shapes: list[tuple[int, ...]] = []  # per name: the original (global) shape
+        self._row_major: list[bool] = []  # per name: the flat order runs over whole rows (dim 0 outermost)
         self._named_tensors: dict[int, str] = {}  # original parameters that exist as tensors
         names: list[str] = []
         managed: set[int] = set()
@@ -119,6 +126,9 @@ class FSDP1Adapter(GradAdapter):
         for name, p in unmanaged:
             self._unmanaged.append(LocalPiece(len(self._sources), 0, p.numel(), len(names), copy))
             self._sources.append(p)
+            self._values.append(None)
+            self._shapes.append(tuple(p.shape))
+            self._row_major.append(True)
             names.append(name)
             self._named_tensors[id(p)] = name
         self.names = names
@@ -159,23 +169,28 @@ class FSDP1Adapter(GradAdapter):
                 return pieces
             unit.sources.append(len(self._sources))
             self._sources.append(view.flat_param)
+            self._values.append((view, 0, -1))
         params = view.orig_params if view.use_orig_params else [None] * len(view.fqns)
-        for fqn, info, param in zip(view.fqns, view.shard_infos, params):
+        for k, (fqn, info, param) in enumerate(zip(view.fqns, view.shard_infos, params)):
             if param is not None and not param.requires_grad:
                 continue
             index = len(names)
             names.append(canonical_name(f"{prefix}.{fqn}" if prefix else fqn))
+            self._shapes.append(view.shapes[k])
+            self._row_major.append(_rows_outermost(view.shapes[k], view.strides[k]))
             if param is not None:
                 self._named_tensors[id(param)] = names[-1]
             numel = info.numel_in_shard if info.in_shard else 0
+            offset = view.intra_starts[k] if info.in_shard else 0  # in the parameter's flat order
             if info.in_shard:
                 unit.flat_pieces.append(LocalPiece(0, info.offset_in_shard, numel, index, unit.replicas))
             if view.use_orig_params:  # the original parameter's .grad is its (flattened) local piece
                 unit.sources.append(len(self._sources))
-                pieces.append(LocalPiece(len(self._sources), 0, numel, index, unit.replicas))
+                pieces.append(LocalPiece(len(self._sources), 0, numel, index, unit.replicas, offset))
                 self._sources.append(param)
+                self._values.append((view, info.offset_in_shard if info.in_shard else 0, numel))
             elif info.in_shard:  # a range of the flat gradient
-                pieces.append(LocalPiece(unit.sources[0], info.offset_in_shard, numel, index, unit.replicas))
+                pieces.append(LocalPiece(unit.sources[0], info.offset_in_shard, numel, index, unit.replicas, offset))
         return pieces
 
     def bind(self, table: GroupTable, layout: SlotLayout) -> None:
@@ -200,6 +215,31 @@ class FSDP1Adapter(GradAdapter):
 
     def tensor_names(self) -> dict[int, str]:
         return self._named_tensors
+
+    def global_shapes(self) -> list[tuple[int, ...]]:
+        return list(self._shapes)
+
+    def local_params(self) -> list[torch.Tensor | None]:
+        """Per source, its parameter values laid out like its gradient: the unit's local shard (or an original
+        parameter's range of it), or an unmanaged parameter itself."""
+        out: list[torch.Tensor | None] = []
+        for source, where in zip(self._sources, self._values):
+            if where is None:
+                out.append(source.detach())
+                continue
+            view, start, numel = where
+            shard = view.local_shard.detach()
+            out.append(shard if numel < 0 else shard.narrow(0, start, numel))
+        return out
+
+    def refuse_unit_layouts(self, plan: UnitPlan) -> None:
+        super().refuse_unit_layouts(plan)
+        for i in plan.by_param:
+            if not self._row_major[i]:
+                raise ConfigError(
+                    f"distclip agc: FSDP1 flattens {self.names[i]!r} (shape {self._shapes[i]}) in a memory order whose "
+                    "rows are not contiguous runs (a transposed or permuted tensor), so its shard cannot be mapped to "
+                    "rows; make the parameter contiguous before wrapping, or clip it with another policy")
 
     def device_hint(self) -> torch.device | None:
         return next((s.grad.device for s in self._sources if s.grad is not None), None) or next(
@@ -262,6 +302,14 @@ class FSDP1Adapter(GradAdapter):
             return partials
         return combine_partials([partials, local_partials(pieces, groups, self.layout, partials.device)],
                                 self.layout, partials.device)
+
+
+def _rows_outermost(shape: tuple[int, ...], strides: tuple[int, ...]) -> bool:
+    """Whether a flat order of this tensor (FSDP1 flattens non-contiguous tensors in memory order) keeps each
+    dim-0 row one contiguous run: dim 0 is the outermost dimension in memory."""
+    if len(shape) <= 1 or shape[0] <= 1:
+        return True
+    return strides[0] * shape[0] == math.prod(shape)
 
 
 def _div_if_needed(tensor: torch.Tensor, factor: float) -> None:

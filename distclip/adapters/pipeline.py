@@ -122,8 +122,8 @@ class PipelineAdapter(GradAdapter):
     def local_grads(self) -> list[torch.Tensor | None]:
         return [g for s in self.stages for g in s.local_grads()]
 
-    def local_partials(self) -> tuple[torch.Tensor, str]:
-        parts = [s.local_partials() for s in self.stages]
+    def local_partials(self, skip_groups: frozenset[int] = frozenset()) -> tuple[torch.Tensor, str]:
+        parts = [s.local_partials(skip_groups) for s in self.stages]
         device = self.collective_device([p for p, _ in parts])
         combined = combine_partials([p.to(device) for p, _ in parts], self.layout, device)
         sources = {source for _, source in parts}

@@ -59,7 +59,9 @@ VARIANTS = {
     "distclip-hook": "distclip uniform, norm inside the reduction",
     "distclip-hook-groups": "distclip per layer, norm inside the reduction",
     "distclip-hook-fold": "distclip uniform, norm inside the reduction, scale folded into the fused optimizer",
+    "distclip-agc": "distclip unit-wise AGC (policy kind agc): every row against its weights' row norm",
 }
+AGC_CLIP_FACTOR = 1e-3  # small enough that most units clip
 
 
 POLICY_SPECS = {  # the adaptive policies, for the ddp-policies rows
@@ -82,6 +84,8 @@ def clip_config(variant: str, hook: bool) -> dict[str, Any]:
         config["policy"] = policy
     if "spikes" in parts:
         config["skip_spikes"] = {"window": 128, "sigma_factor": 6.0, "min_observations": 16}
+    if variant.endswith("agc"):
+        config["policy"] = {"kind": "agc", "clip_factor": AGC_CLIP_FACTOR}
     return config
 
 
@@ -199,7 +203,8 @@ def build_fsdp2(variant: str, make_model: Callable[[], nn.Module], device: torch
     return case
 
 
-SHARDED_VARIANTS = ["none", "native", "distclip", "distclip-groups", "distclip-hook", "distclip-hook-groups"]
+SHARDED_VARIANTS = ["none", "native", "distclip", "distclip-groups", "distclip-hook", "distclip-hook-groups",
+                    "distclip-agc"]
 
 
 class DeepSpeedCase(Case):
@@ -238,11 +243,11 @@ def build_deepspeed(stage: int) -> Callable[[str, Callable[[], nn.Module], torch
     return build
 
 
-DEEPSPEED_VARIANTS = ["none", "native", "distclip", "distclip-groups"]
+DEEPSPEED_VARIANTS = ["none", "native", "distclip", "distclip-groups", "distclip-agc"]
 
 BACKENDS: dict[str, tuple[Callable[..., Case], list[str]]] = {
     "ddp": (build_ddp, ["none", "native", "distclip", "distclip-groups", "distclip-hook", "distclip-hook-groups",
-                        "distclip-hook-fold"]),
+                        "distclip-hook-fold", "distclip-agc"]),
     # the adaptive policies against the fixed one, same model and groups (25 per layer, or one per tensor)
     "ddp-policies": (build_ddp, ["none", "native", "distclip-hook-groups", "distclip-hook-groups-zclip",
                                  "distclip-hook-groups-autoclip", "distclip-hook-groups-spikes",

@@ -110,9 +110,9 @@ def _add_ratios(rows: list[dict[str, Any]]) -> None:
         if none and none["step_ms"] > 0:
             row["step_overhead_pct"] = 100.0 * (row["step_ms"] / none["step_ms"] - 1.0)
             row["clip_pct_of_step"] = 100.0 * row["clip_ms"] / none["step_ms"]
-    for grouped in ("distclip-groups", "distclip-hook-groups"):
-        uniform = by.get(grouped.removesuffix("-groups"))
-        if grouped in by and uniform and uniform["clip_ms"] > 0:
+    for grouped in ("distclip-groups", "distclip-hook-groups", "distclip-agc"):
+        uniform = by.get(grouped.removesuffix("-groups").removesuffix("-agc"))
+        if grouped in by and uniform and uniform["clip_ms"] > 0:  # per layer, or unit-wise, vs uniform
             by[grouped]["groups_vs_uniform"] = by[grouped]["clip_ms"] / uniform["clip_ms"]
     for row in rows:  # an adaptive policy against the fixed one on the same groups
         fixed = by.get(row["variant"].rsplit("-", 1)[0])

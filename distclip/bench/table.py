@@ -16,7 +16,7 @@ def print_backend_table(backend: str, params: int, rows: list[dict[str, Any]], m
     print(f"\n== {backend}: {rows[0]['num_params'] / 1e6:.1f}M params, {machine['world_size']} ranks "
           f"({machine['backend']}), median of measured steps ==")
     width = max(22, *(len(r["variant"]) for r in rows))
-    header = f"{'variant':{width}s} {'clip ms':>9s} {'step ms':>9s} {'vs native':>9s} {'groups/unif':>11s} " \
+    header = f"{'variant':{width}s} {'clip ms':>9s} {'step ms':>9s} {'vs native':>9s} {'vs uniform':>11s} " \
              f"{'policy/fix':>10s} {'clip % step':>11s} {'step +%':>8s} {'colls':>6s} {'+mem MB':>8s}"
     print(header)
     print("-" * len(header))

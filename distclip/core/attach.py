@@ -27,6 +27,8 @@ def fold_blocker(clipper: "GradClipper", optimizer: torch.optim.Optimizer) -> st
         return "the optimizer is not a fused torch optimizer (e.g. AdamW(fused=True))"
     if clipper.clips_subset:
         return "only a subset of the parameters is clipped, a fused optimizer's grad_scale would scale them all"
+    if clipper.units is not None:
+        return "unit-wise clipping (policy kind 'agc') has one coefficient per row, a fused optimizer takes one grad_scale"
     if len(clipper.group_names) != 1:
         return "per-group clipping needs one coefficient per group, a fused optimizer takes one grad_scale"
     if not clipper.adapter.foldable:

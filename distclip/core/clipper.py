@@ -1,4 +1,8 @@
-"""GradClipper: adapter -> local partials -> ONE collective -> policy -> coefficients -> adapter applies -> report."""
+"""GradClipper: adapter -> local partials -> ONE collective -> policy -> coefficients -> adapter applies -> report.
+
+Groups with ``policy: {kind: agc}`` are clipped unit-wise (:mod:`distclip.core.unitwise`): their
+per-unit sums of gradients and parameters ride in the same collective, after the group slots.
+"""
 
 from __future__ import annotations
 
@@ -25,6 +29,7 @@ from .policies import PolicySet, SpikeDetector, build_policies, build_spike_dete
 from .reduce import check_consistency, exchange_bytes, reduce_slots
 from .report import ClipReport, clipped_mask
 from .sinks import MetricsLog
+from .unitwise import SlotsWithUnits, UnitPlan, unitwise_specs
 
 STATE_VERSION = 2
 
@@ -99,6 +104,10 @@ class GradClipper:
         self.spikes: SpikeDetector | None = build_spike_detector(self.config)
         self.group_names = self.table.names[: self._excluded]  # the hidden group is last: never reported
         self._visible = list(range(len(self.group_names)))
+        self._derived: frozenset[int] = frozenset()  # unit-wise groups whose slots come from their units' sums
+        self.units: UnitPlan | None = self._bind_units()
+        unitwise = set(self.units.groups) if self.units is not None else set()
+        self._group_scaled = [g for g in self._visible if g not in unitwise]  # scaled by a group coefficient
         self.steps = 0
         self.last_report: ClipReport | None = None
         self.counters = ClipCounters(len(self.group_names), streaks=self.config.audit is not None)
@@ -209,9 +218,27 @@ class GradClipper:
     def fingerprint(self) -> str:
         """Equal on every rank iff all clip the same way (under pipeline parallelism: the same slot layout)."""
         layout = self.table.groups_fingerprint() if self._pipeline else self.table.fingerprint()
-        return f"{self.config.fingerprint()}-{layout}-{sorted(self.adapter.describe().items())}"
+        units = self.units.fingerprint() if self.units is not None else ""
+        return f"{self.config.fingerprint()}-{layout}-{units}-{sorted(self.adapter.describe().items())}"
 
     # ---------------------------------------------------------------- internals
+    def _bind_units(self) -> UnitPlan | None:
+        """The unit layout of the groups clipped unit-wise (``kind: agc``), mapped onto this rank's pieces."""
+        specs = unitwise_specs(self.config, self.table.groups)
+        if not specs:
+            return None
+        if self._pipeline:
+            raise ConfigError(
+                "distclip: policy kind 'agc' (unit-wise clipping) is not supported with pipeline parallelism yet; "
+                "use another policy for the pipelined model")
+        plan = UnitPlan.build(self.adapter.names, self.adapter.global_shapes(), self.adapter.group_of, specs,
+                              len(self.table.groups))
+        self.adapter.bind_units(plan)
+        self._slots = SlotsWithUnits(self.layout, plan)
+        # A unit-wise group whose p is the config's has one slot, the sum of its units' gradient sums.
+        self._derived = frozenset(g for g in specs if self.table.groups[g].norm_type == self.config.norm_type)
+        return plan
+
     def _stage_fingerprint(self) -> tuple[int, str]:
         """(stage key, what must be equal among the ranks holding the same pipeline stage(s))."""
         if not self._pipeline:
@@ -228,8 +255,9 @@ class GradClipper:
 
     def _summary(self) -> dict[str, Any]:
         stage = {"stage_layout": self._stage_fingerprint()[1]} if self._pipeline else {}
+        units = {"unit_layout": self.units.fingerprint()} if self.units is not None else {}
         return {**self.config.to_dict(), "group_order": self.group_names,
-                "group_layout": self.table.fingerprint(), **self.adapter.describe(), **stage}
+                "group_layout": self.table.fingerprint(), **self.adapter.describe(), **stage, **units}
 
     def _names_of(self, params: Iterable[torch.Tensor | str] | str) -> list[str]:
         """Canonical names of the parameters to clip (identity lookup among the adapter's parameters)."""
@@ -255,7 +283,7 @@ class GradClipper:
         return names
 
     def _local_partials(self, pending_scale: torch.Tensor | None) -> tuple[torch.Tensor, str]:
-        partials, source = self.adapter.local_partials()
+        partials, source = self.adapter.local_partials(self._derived)
         if self._excluded is not None:  # the hidden group is excluded from every norm
             keep = [float(g != self._excluded) for g, _ in self.layout.slots]
             partials = partials * self.layout.constant("visible", partials.device, keep, partials.dtype)
@@ -265,6 +293,32 @@ class GradClipper:
         if not (isinstance(scale, float) and scale == 1.0):
             partials = self.layout.unscale(partials, scale)
         return partials, source
+
+    def _reduce(self, pending_scale: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None, str]:
+        """(reduced group slots, reduced unit slots or None, source): ONE collective for both."""
+        partials, source = self._local_partials(pending_scale)
+        group = self.adapter.reduce_group
+        if self.units is None:
+            return reduce_slots(partials, self.layout, group), None, source
+        units = self.adapter.unit_partials().to(partials.device)
+        scale = self.adapter.grad_scale()  # the gradient half carries the loss scale, the parameter half none
+        if pending_scale is not None:
+            scale = pending_scale * scale
+        if not (isinstance(scale, float) and scale == 1.0):
+            units = self.units.unscale(units, scale)
+        if source == "post_backward" and self._derived:  # these groups were left out of the partials
+            partials = self.units.add_group_sums(partials, units, self._derived, self.config.norm_type)
+        reduced = reduce_slots(torch.cat([partials, units]), self._slots, group)
+        slots, unit_slots = reduced.split([self.layout.num_slots, 2 * self.units.num_units])
+        return slots, unit_slots, source
+
+    def _scale(self, coefs: torch.Tensor, unit_coefs: torch.Tensor | None, groups: list[int],
+               host_coefs: list[float] | None = None) -> None:
+        """Multiply the group-scaled ``groups`` by their coefficients, and the unit-wise ones by their units'."""
+        if groups:
+            self.adapter.scale(coefs, groups, host_coefs)
+        if unit_coefs is not None:
+            self.adapter.scale_units(unit_coefs)
 
     def _applied_partials(self) -> torch.Tensor:
         """For the audit: this rank's slot partials over EVERY local gradient piece APPLY scales (replicas too,
@@ -294,15 +348,19 @@ class GradClipper:
         """One clip. ``pending_scale``: a loss scale the gradients still carry (divided out of the norms;
         set by GradScaler for fused optimizers). ``fold``: applies the (uniform) coefficients instead of
         multiplying the gradients."""
-        partials, source = self._local_partials(pending_scale)
         audit = self.audit if apply and self.audit is not None and self.audit.due(self.steps + 1) else None
         before = self._applied_partials() if audit is not None and audit.measurable else None
-        reduced = reduce_slots(partials, self.layout, self.adapter.reduce_group)
+        reduced, reduced_units, source = self._reduce(pending_scale)
         group_norms = self.layout.group_norms(reduced)
         total_norm = self.layout.total_norm(reduced)
         thresholds, coefs = self.policy.coefficients(group_norms, total_norm)
+        unit_coefs = None
+        finite = torch.isfinite(reduced).all()  # the unit gradient sums hold the same elements as the group slots
+        if self.units is not None:  # unit-wise groups report their smallest unit coefficient
+            unit_coefs = self.units.coefficients(reduced_units)
+            coefs = torch.where(self.units.group_mask(coefs.device), self.units.group_minima(unit_coefs), coefs)
+            unit_coefs = unit_coefs.float()
         coefs = coefs.float()  # fp32 values (exact): what multiplies the gradients, as in torch
-        finite = torch.isfinite(reduced).all()
         spike = self.spikes.skip(group_norms, total_norm) if self.spikes is not None else None
         skipped, reason = False, None
         applied = Applied("none")
@@ -313,8 +371,8 @@ class GradClipper:
                     fold(coefs)
                     applied = Applied("fold", tuple(self._visible))
                 else:
-                    self.adapter.scale(coefs, self._visible)
-                    applied = Applied("scale", tuple(self._visible))
+                    self._scale(coefs, unit_coefs, self._group_scaled)
+                    applied = Applied("scale", tuple(self._group_scaled))
             else:
                 # The one host sync: the non-finite and spike decisions, and which groups are clipped at
                 # all (multiplying by exactly 1.0 changes nothing, so unclipped groups are not touched).
@@ -325,22 +383,24 @@ class GradClipper:
                     skipped, reason = True, "spike"
                     applied = Applied("drop")
                 elif finite_flag:
-                    clipped = [g for g in self._visible if host_coefs[g] < 1.0]
+                    clipped = [g for g in self._group_scaled if host_coefs[g] < 1.0]
+                    units_clipped = self.units is not None and any(host_coefs[g] < 1.0 for g in self.units.groups)
                     if clipped and fold is not None:
                         fold(coefs)
                         applied = Applied("fold", tuple(self._visible))
-                    elif clipped:
-                        self.adapter.scale(coefs, clipped, host_coefs)
+                    elif clipped or units_clipped:
+                        self._scale(coefs, unit_coefs if units_clipped else None, clipped, host_coefs)
                         applied = Applied("scale", tuple(clipped))
                 elif self.config.nonfinite == "ignore":  # torch semantics, also with skip_spikes on
-                    self.adapter.scale(coefs, self._visible)
-                    applied = Applied("scale", tuple(self._visible))
+                    self._scale(coefs, unit_coefs, self._group_scaled)
+                    applied = Applied("scale", tuple(self._group_scaled))
                 else:
                     skipped, reason = self._handle_nonfinite(reduced, scaler_managed=pending_scale is not None)
                     applied = Applied({"overflow": "leave", "nonfinite": "drop"}.get(reason, "zero"),
                                       () if skipped else tuple(self._visible))
                 if skipped or (not finite_flag and self.config.nonfinite == "zero"):
                     coefs = torch.zeros_like(coefs)
+                    unit_coefs = None if unit_coefs is None else torch.zeros_like(unit_coefs)
             self.policy.update(group_norms, total_norm, coefs, accepted)
             if self.spikes is not None:
                 self.spikes.update(group_norms, total_norm, coefs, accepted)
@@ -355,6 +415,7 @@ class GradClipper:
             finite=finite,
             source=source,
             skip_reason=reason,
+            unit_coefs=unit_coefs,
         )
         if apply:  # running counts on the device: no host sync
             self.counters.update(clipped_mask(coefs[:visible], finite, skipped))
@@ -364,7 +425,10 @@ class GradClipper:
             self.log.observe(report, self.steps)  # reads the device only when a sink is due, on the rank that writes
         if audit is not None:
             after = self._applied_partials() if audit.measures(applied) else None
-            audit.check(self.steps, applied, coefs[:visible], thresholds[:visible], before if after is not None else None,
+            audited = coefs[:visible]
+            if self.units is not None:  # unit-wise groups: no single factor to measure (their units agree by construction)
+                audited = torch.where(self.units.group_mask(coefs.device)[:visible], math.nan, audited)
+            audit.check(self.steps, applied, audited, thresholds[:visible], before if after is not None else None,
                         after, self.counters.streaks)
         return report
 

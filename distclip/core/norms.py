@@ -49,6 +49,14 @@ class SlotLayout:
         return tuple(math.isinf(p) for _, p in self.slots)
 
     @cached_property
+    def any_max(self) -> bool:
+        return any(self.uses_max)
+
+    @cached_property
+    def all_max(self) -> bool:
+        return all(self.uses_max)
+
+    @cached_property
     def passes(self) -> list[tuple[float, list[int]]]:
         """For each distinct p: the slot of every group in that p (-1 where the group has none)."""
         out = []

@@ -17,6 +17,7 @@ from .config import ConfigError
 
 if TYPE_CHECKING:
     from .norms import SlotLayout
+    from .unitwise import SlotsWithUnits
 
 ProcessGroup = Any  # torch.distributed.ProcessGroup; None means "rank-local, no collective"
 
@@ -44,8 +45,11 @@ def collective_device(group: ProcessGroup | None, hint: torch.device | None) -> 
     return hint if hint is not None else torch.device("cpu")
 
 
-def reduce_slots(partials: torch.Tensor, layout: "SlotLayout", group: ProcessGroup | None) -> torch.Tensor:
+def reduce_slots(partials: torch.Tensor, layout: "SlotLayout | SlotsWithUnits", group: ProcessGroup | None) -> torch.Tensor:
     """Reduce the float64 slot vector across ``group`` in exactly ONE collective.
+
+    ``layout`` says which slots are maxima (``any_max``, ``all_max``, ``max_mask``): a
+    :class:`SlotLayout`, or one followed by unit-wise slots (``SlotsWithUnits``).
 
     SUM for p-norm slots, MAX for infinity-norm slots. The result is bitwise identical on every
     rank. Non-finite values always propagate: SUM carries NaN and inf by itself; a MAX all-reduce
@@ -55,11 +59,10 @@ def reduce_slots(partials: torch.Tensor, layout: "SlotLayout", group: ProcessGro
     """
     if group_size(group) == 1:
         return partials
-    uses_max = layout.uses_max
-    if not any(uses_max):
+    if not layout.any_max:
         dist.all_reduce(partials, op=dist.ReduceOp.SUM, group=group)
         return partials
-    if all(uses_max):
+    if layout.all_max:
         nan = partials.isnan()
         packed = torch.cat([torch.where(nan, 0.0, partials), nan.to(partials.dtype)])
         dist.all_reduce(packed, op=dist.ReduceOp.MAX, group=group)

@@ -1,6 +1,6 @@
 """Threshold policies: from the exact, reduced group norms to one threshold and coefficient per group.
 
-One module per policy (``fixed``, ``zclip``, ``autoclip``, ``adagc``), the spike detector
+One module per policy (``fixed``, ``zclip``, ``autoclip``, ``adagc``, ``agc``), the spike detector
 (``skip_spikes``) and :class:`PolicySet`, which holds the policies of all groups. The contract
 is in :mod:`.base`. Policies see only reduced norms (identical on every rank), so their state
 stays identical on every rank with no extra communication; they run on device, never syncing.
@@ -13,6 +13,7 @@ from typing import Sequence
 from ..config import ClipConfig, FixedPolicySpec, PolicySpec
 from ..groups import ClipGroup
 from .adagc import AdaGCPolicy
+from .agc import AGCPolicy
 from .autoclip import AutoClipPolicy
 from .base import EPS, ClipPolicy, Stateful, clip_coefficients
 from .fixed import FixedPolicy
@@ -21,11 +22,11 @@ from .spikes import SpikeDetector
 from .zclip import ZClipPolicy
 
 POLICIES: dict[str, type[ClipPolicy]] = {
-    cls.kind: cls for cls in (FixedPolicy, ZClipPolicy, AutoClipPolicy, AdaGCPolicy)
+    cls.kind: cls for cls in (FixedPolicy, ZClipPolicy, AutoClipPolicy, AdaGCPolicy, AGCPolicy)
 }
 
 __all__ = [
-    "EPS", "POLICIES", "AdaGCPolicy", "AutoClipPolicy", "ClipPolicy", "FixedPolicy", "PolicySet", "SpikeDetector",
+    "EPS", "POLICIES", "AGCPolicy", "AdaGCPolicy", "AutoClipPolicy", "ClipPolicy", "FixedPolicy", "PolicySet", "SpikeDetector",
     "Stateful", "ZClipPolicy", "build_policies", "build_policy", "build_spike_detector", "clip_coefficients",
 ]
 
