@@ -191,12 +191,17 @@ class GradClipper:
             raise StateDictError(
                 "distclip state and this clipper disagree on skip_spikes (one has it, the other not): load it into "
                 "a clipper built with the same config")
-        if self.spikes is not None:
-            self.spikes._checked(state["skip_spikes"])  # all checks pass before anything is loaded
-        counters = ClipCounters(len(self.group_names), streaks=self.counters.track_streaks)
-        if "counts" in state:  # states saved before the counts existed start them afresh
-            counters.load_state_dict(state["counts"])
-        self.policy.load_state_dict(dict(policy))
+        try:  # all checks pass before anything is loaded
+            if self.spikes is not None:
+                self.spikes._checked(state["skip_spikes"])
+            counters = ClipCounters(len(self.group_names), streaks=self.counters.track_streaks)
+            if "counts" in state:  # states saved before the counts existed start them afresh
+                counters.load_state_dict(state["counts"])
+            self.policy.load_state_dict(dict(policy))
+        except StateDictError:
+            raise
+        except ConfigError as err:  # a policy's own check (another kind, shape, group layout): the same error type
+            raise StateDictError(str(err)) from err
         if self.spikes is not None:
             self.spikes.load_state_dict(state["skip_spikes"])
         self.steps, self.counters = steps, counters
