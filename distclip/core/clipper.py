@@ -22,7 +22,7 @@ from .groups import GroupTable, resolve_groups
 from .names import canonical_name
 from .norms import SlotLayout, local_partials
 from .policies import PolicySet, SpikeDetector, build_policies, build_spike_detector
-from .reduce import check_consistency, exchange_bytes, reduce_slots
+from .reduce import check_consistency, exchange_bytes, reduce_slots, share_setup_failure
 from .report import ClipReport, clipped_mask
 from .sinks import MetricsLog
 
@@ -72,21 +72,38 @@ class GradClipper:
         tied: Iterable[Iterable[str]] | None = None,
         **overrides: Any,
     ):
+        self.adapter: GradAdapter = adapter_for(model, pipeline_group=pipeline_group, tied=tied)  # needs no config
+        self._pipeline = isinstance(self.adapter, PipelineAdapter)
+        names = self._names_of_every_stage()  # a collective under pipeline parallelism: before anything can fail
+        try:
+            self._set_up(config, overrides, params, names)
+        except Exception as err:
+            # A failure on some ranks only (one rank read another YAML): take part in the set-up exchange
+            # with it, so that the other ranks raise too instead of waiting in that collective.
+            share_setup_failure(self.adapter.reduce_group, err)
+            raise
+        _compat.track_amp_unscaling()  # GradScaler's unscaling becomes visible (hooks, overflow detection)
+        check_consistency(self.adapter.reduce_group, self.fingerprint(), self._summary(), *self._stage_fingerprint())
+        self.adapter.verify_layout()
+        if self.config.comm_hook and self._excluded is None:
+            self.adapter.enable_reduction_hook(ddp_comm_hook, ddp_comm_hook_state)
+
+    def _set_up(self, config: Any, overrides: dict[str, Any], params: Iterable[torch.Tensor | str] | str | None,
+                names: list[str]) -> None:
+        """Everything rank-local: config, groups, slot layout, policies, logging (raises before any collective)."""
         self.config = load_config(config, **overrides)
         if not self.config.check_consistency:
             warnings.warn(
                 "distclip: check_consistency: false no longer skips the set-up check (ranks with different values "
                 "of it hung); the check costs one all-gather of one number at construction. Drop the key.",
-                FutureWarning, stacklevel=2)
-        self.adapter: GradAdapter = adapter_for(model, pipeline_group=pipeline_group, tied=tied)
+                FutureWarning, stacklevel=3)
         _refuse_meta_parameters(self.adapter)
         if not self.adapter.has_names and (self.config.groups or self.config.per_layer or self.config.per_parameter):
             raise ConfigError(
                 "per-group clipping needs parameter names, but bare parameters were given: pass the "
                 "model itself or model.named_parameters()"
             )
-        self._pipeline = isinstance(self.adapter, PipelineAdapter)
-        self.table: GroupTable = resolve_groups(self.config, self._names_of_every_stage())
+        self.table: GroupTable = resolve_groups(self.config, names)
         if self._pipeline:
             self.table = self.table.tied(self.adapter.copies())
         self._excluded: int | None = None  # index of the hidden group of parameters outside ``params``
@@ -107,11 +124,6 @@ class GradClipper:
         if self.config.audit is not None:
             self.audit = ClipAudit(self.config.audit, self.group_names, self.layout, self.adapter.reduce_group,
                                    measurable=self.adapter.applies_in_place)
-        _compat.track_amp_unscaling()  # GradScaler's unscaling becomes visible (hooks, overflow detection)
-        check_consistency(self.adapter.reduce_group, self.fingerprint(), self._summary(), *self._stage_fingerprint())
-        self.adapter.verify_layout()
-        if self.config.comm_hook and self._excluded is None:
-            self.adapter.enable_reduction_hook(ddp_comm_hook, ddp_comm_hook_state)
 
     # ------------------------------------------------------------------ public
     def clip(self) -> ClipReport:
