@@ -669,11 +669,26 @@ def ds_fault_case(stage: int, mode: str, where: str) -> dict[str, Any]:
     return result
 
 
-def ds_fault_suite() -> dict[tuple[int, str, str], dict[str, Any]]:
+def ds_invalid_on_one_rank() -> dict[str, Any]:
+    """``distclip.deepspeed.attach`` with a config only rank 1 finds invalid: both ranks raise, none waits."""
+    import deepspeed
+
+    config = {"train_micro_batch_size_per_gpu": 4, "zero_optimization": {"stage": 2},
+              "zero_allow_untested_optimizer": True, "steps_per_print": 10**9}
+    model = make_model()
+    engine, *_ = deepspeed.initialize(model=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1), config=config)
+    result = outcome(lambda: distclip.deepspeed.attach(engine, {"max_norm": -1.0} if dist.get_rank() == 1 else {}))
+    engine.destroy()
+    return result
+
+
+def ds_fault_suite() -> dict[Any, dict[str, Any]]:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        return {(stage, mode, where): ds_fault_case(stage, mode, where)
-                for stage in STAGES for mode in MODES for where in WHERE}
+        out: dict[Any, dict[str, Any]] = {(stage, mode, where): ds_fault_case(stage, mode, where)
+                                          for stage in STAGES for mode in MODES for where in WHERE}
+        out["invalid_on_one_rank"] = ds_invalid_on_one_rank()
+        return out
 
 
 @launch_once
@@ -815,3 +830,11 @@ def test_resume_in_a_new_process_gives_bitwise_the_same_coefficients(tmp_path):
     assert any(r["skipped"] for r in steps)  # the spike step was skipped ...
     assert any(r["coef/default"] < 1 for r in steps)  # ... and ZClip's adaptive threshold clipped
     assert any(torch.isfinite(r["threshold/default"]) and r["threshold/default"] < 1.0 for r in steps[RESUME_AT:])
+
+
+@multiprocess
+def test_deepspeed_attach_with_a_config_invalid_on_one_rank_raises_on_every_rank(deepspeed_ops):
+    first, second = (r["invalid_on_one_rank"] for r in ds_fault_results())
+    assert second["error"] == "ConfigError" and "max_norm" in second["message"], second
+    assert first["error"] == "ConfigMismatchError" and "rank 1: ConfigError" in first["message"], first
+    assert first["seconds"] < 30 and second["seconds"] < 30
