@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import functools
+from typing import Any, Callable
+
 import torch
 import torch.distributed as dist
 
@@ -30,3 +33,22 @@ def check_against_reference(records: list[dict], refs: list[dict], rtol: float, 
             assert rel_err(rec["groups"][name], value) <= rtol or abs(value) < 1e-12, (step, name, rec["groups"][name], value)
         for name, grad in ref["clipped"].items():
             assert_grad_close(rec["grads"][name], grad, grad_rtol)
+
+
+def launch_once(fn: Callable[[], Any]) -> Callable[[], Any]:
+    """Cache a launch's results, and its failure: the tests sharing one launch fail fast, without relaunching."""
+    outcome: list[Any] = []
+
+    @functools.wraps(fn)
+    def cached() -> Any:
+        if not outcome:
+            try:
+                outcome.append((True, fn()))
+            except Exception as err:  # noqa: BLE001  (re-raised to every test that needs it)
+                outcome.append((False, err))
+        ok, value = outcome[0]
+        if not ok:
+            raise value
+        return value
+
+    return cached

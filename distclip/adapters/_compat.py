@@ -113,8 +113,22 @@ def version(tensor: torch.Tensor) -> int:
 # original op, the versions are bumped (so a norm measured during backward is known to be stale)
 # and each unscaled gradient is remembered with its new version (so a non-finite norm of these
 # gradients is known to be a loss-scale overflow that GradScaler will skip).
-_UNSCALED: "weakref.WeakKeyDictionary[torch.Tensor, int]" = weakref.WeakKeyDictionary()
+# Keyed by id(tensor), not a WeakKeyDictionary: looking a live tensor up there compares it with
+# itself through weakref equality, i.e. Tensor.__eq__ (elementwise), which raises for tensors of
+# more than one element. The weak reference only tells a live tensor from a dead one's reused id.
+_UNSCALED: dict[int, tuple["weakref.ref[torch.Tensor]", int]] = {}
 _AMP_OP = "_amp_foreach_non_finite_check_and_unscale_"
+
+
+def _remember_unscaled(t: torch.Tensor) -> None:
+    key = id(t)
+
+    def forget(ref: "weakref.ref[torch.Tensor]", key: int = key) -> None:
+        entry = _UNSCALED.get(key)
+        if entry is not None and entry[0] is ref:  # not a newer tensor that reuses the id
+            del _UNSCALED[key]
+
+    _UNSCALED[key] = (weakref.ref(t, forget), t._version)
 
 
 def track_amp_unscaling() -> None:
@@ -132,7 +146,7 @@ def track_amp_unscaling() -> None:
         locals_ = [t._local_tensor for t in tensors if _is_dtensor(t)]
         torch.autograd.graph.increment_version(tensors + locals_)
         for t in tensors + locals_:
-            _UNSCALED[t] = t._version
+            _remember_unscaled(t)
 
     unscale_and_bump_versions._distclip_tracked = True  # type: ignore[attr-defined]
     setattr(torch, _AMP_OP, unscale_and_bump_versions)
@@ -140,7 +154,11 @@ def track_amp_unscaling() -> None:
 
 def unscaled_by_grad_scaler(tensors: Iterable[torch.Tensor]) -> bool:
     """Whether any of these gradients was unscaled in place by a GradScaler and not written since."""
-    return any(_UNSCALED.get(t) == t._version for t in tensors)
+    for t in tensors:
+        entry = _UNSCALED.get(id(t))
+        if entry is not None and entry[0]() is t and entry[1] == t._version:
+            return True
+    return False
 
 
 # ------------------------------------------------------------------ DTensor / DeviceMesh

@@ -26,7 +26,7 @@ from .groups import GroupTable, resolve_groups
 from .names import canonical_name
 from .norms import SlotLayout, local_partials
 from .policies import PolicySet, SpikeDetector, build_policies, build_spike_detector
-from .reduce import check_consistency, exchange_bytes, reduce_slots
+from .reduce import check_consistency, exchange_bytes, reduce_slots, share_setup_failure
 from .report import ClipReport, clipped_mask
 from .sinks import MetricsLog
 from .unitwise import SlotsWithUnits, UnitPlan, unitwise_specs
@@ -77,21 +77,38 @@ class GradClipper:
         tied: Iterable[Iterable[str]] | None = None,
         **overrides: Any,
     ):
+        self.adapter: GradAdapter = adapter_for(model, pipeline_group=pipeline_group, tied=tied)  # needs no config
+        self._pipeline = isinstance(self.adapter, PipelineAdapter)
+        names = self._names_of_every_stage()  # a collective under pipeline parallelism: before anything can fail
+        try:
+            self._set_up(config, overrides, params, names)
+        except Exception as err:
+            # A failure on some ranks only (one rank read another YAML): take part in the set-up exchange
+            # with it, so that the other ranks raise too instead of waiting in that collective.
+            share_setup_failure(self.adapter.reduce_group, err)
+            raise
+        _compat.track_amp_unscaling()  # GradScaler's unscaling becomes visible (hooks, overflow detection)
+        check_consistency(self.adapter.reduce_group, self.fingerprint(), self._summary(), *self._stage_fingerprint())
+        self.adapter.verify_layout()
+        if self.config.comm_hook and self._excluded is None:
+            self.adapter.enable_reduction_hook(ddp_comm_hook, ddp_comm_hook_state)
+
+    def _set_up(self, config: Any, overrides: dict[str, Any], params: Iterable[torch.Tensor | str] | str | None,
+                names: list[str]) -> None:
+        """Everything rank-local: config, groups, slot layout, policies, logging (raises before any collective)."""
         self.config = load_config(config, **overrides)
         if not self.config.check_consistency:
             warnings.warn(
                 "distclip: check_consistency: false no longer skips the set-up check (ranks with different values "
                 "of it hung); the check costs one all-gather of one number at construction. Drop the key.",
-                FutureWarning, stacklevel=2)
-        self.adapter: GradAdapter = adapter_for(model, pipeline_group=pipeline_group, tied=tied)
+                FutureWarning, stacklevel=3)
         _refuse_meta_parameters(self.adapter)
         if not self.adapter.has_names and (self.config.groups or self.config.per_layer or self.config.per_parameter):
             raise ConfigError(
                 "per-group clipping needs parameter names, but bare parameters were given: pass the "
                 "model itself or model.named_parameters()"
             )
-        self._pipeline = isinstance(self.adapter, PipelineAdapter)
-        self.table: GroupTable = resolve_groups(self.config, self._names_of_every_stage())
+        self.table: GroupTable = resolve_groups(self.config, names)
         if self._pipeline:
             self.table = self.table.tied(self.adapter.copies())
         self._excluded: int | None = None  # index of the hidden group of parameters outside ``params``
@@ -116,11 +133,6 @@ class GradClipper:
         if self.config.audit is not None:
             self.audit = ClipAudit(self.config.audit, self.group_names, self.layout, self.adapter.reduce_group,
                                    measurable=self.adapter.applies_in_place)
-        _compat.track_amp_unscaling()  # GradScaler's unscaling becomes visible (hooks, overflow detection)
-        check_consistency(self.adapter.reduce_group, self.fingerprint(), self._summary(), *self._stage_fingerprint())
-        self.adapter.verify_layout()
-        if self.config.comm_hook and self._excluded is None:
-            self.adapter.enable_reduction_hook(ddp_comm_hook, ddp_comm_hook_state)
 
     # ------------------------------------------------------------------ public
     def clip(self) -> ClipReport:
@@ -200,12 +212,17 @@ class GradClipper:
             raise StateDictError(
                 "distclip state and this clipper disagree on skip_spikes (one has it, the other not): load it into "
                 "a clipper built with the same config")
-        if self.spikes is not None:
-            self.spikes._checked(state["skip_spikes"])  # all checks pass before anything is loaded
-        counters = ClipCounters(len(self.group_names), streaks=self.counters.track_streaks)
-        if "counts" in state:  # states saved before the counts existed start them afresh
-            counters.load_state_dict(state["counts"])
-        self.policy.load_state_dict(dict(policy))
+        try:  # all checks pass before anything is loaded
+            if self.spikes is not None:
+                self.spikes._checked(state["skip_spikes"])
+            counters = ClipCounters(len(self.group_names), streaks=self.counters.track_streaks)
+            if "counts" in state:  # states saved before the counts existed start them afresh
+                counters.load_state_dict(state["counts"])
+            self.policy.load_state_dict(dict(policy))
+        except StateDictError:
+            raise
+        except ConfigError as err:  # a policy's own check (another kind, shape, group layout): the same error type
+            raise StateDictError(str(err)) from err
         if self.spikes is not None:
             self.spikes.load_state_dict(state["skip_spikes"])
         self.steps, self.counters = steps, counters

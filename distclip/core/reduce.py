@@ -134,6 +134,13 @@ def check_consistency(group: ProcessGroup | None, fingerprint: str, summary: dic
         return
     texts = exchange_bytes(group, json.dumps(summary, sort_keys=True, default=str).encode())
     summaries = [json.loads(t) for t in texts]
+    failed = {r: s[SETUP_ERROR] for r, s in enumerate(summaries) if SETUP_ERROR in s}
+    if failed:
+        raise ConfigMismatchError(
+            f"distclip: ranks {sorted(failed)} could not set up their GradClipper, so no rank can clip "
+            "consistently:\n  " + "\n  ".join(f"rank {r}: {text}" for r, text in failed.items())
+            + "\nFix that rank's config (the same on every rank, e.g. through DISTCLIP_CONFIG) or model."
+        )
     lines = []
     for r in bad[:4]:
         base = 0 if table[r][0] != table[0][0] else first_of_stage[table[r][1]]
@@ -146,3 +153,20 @@ def check_consistency(group: ProcessGroup | None, fingerprint: str, summary: dic
         + "\n  ".join(lines)
         + "\nGive every rank the same distclip config (e.g. through DISTCLIP_CONFIG) and the same model."
     )
+
+
+SETUP_ERROR = "setup_error"  # summary key of a rank whose clipper could not be set up
+
+
+def share_setup_failure(group: ProcessGroup | None, err: BaseException) -> None:
+    """Join the set-up exchange with this rank's failure instead of its fingerprint.
+
+    The other ranks then raise :class:`ConfigMismatchError` naming this rank and its error, instead
+    of waiting in the exchange until the process group times out; this rank raises its own error
+    (the caller re-raises it). Ranks that all fail alike just raise their own errors.
+    """
+    text = f"{type(err).__name__}: {err}"
+    try:
+        check_consistency(group, f"{SETUP_ERROR}: {text}", {SETUP_ERROR: text})
+    except ConfigMismatchError:
+        pass  # raised on the ranks that did set up; here the original error is the better message

@@ -20,9 +20,10 @@ import os
 import warnings
 from typing import Any, Mapping
 
-from ..adapters.deepspeed import DeepSpeedAdapter, UnsupportedDeepSpeedSetup, is_deepspeed_engine
+from ..adapters.deepspeed import DeepSpeedAdapter, UnsupportedDeepSpeedSetup, deepspeed_adapter, is_deepspeed_engine
 from ..core.clipper import GradClipper
 from ..core.config import ClipConfig, load_config
+from ..core.reduce import share_setup_failure
 
 __all__ = ["attach", "config_section", "build_ops", "is_deepspeed_engine", "UnsupportedDeepSpeedSetup"]
 
@@ -59,7 +60,11 @@ def attach(
         raise TypeError(f"distclip.deepspeed.attach expects a DeepSpeedEngine, got {type(engine).__qualname__}")
     if getattr(engine, "_distclip_clipper", None) is not None:
         raise RuntimeError("distclip is already attached to this DeepSpeed engine (attach once, after initialize)")
-    clip_config = resolve_config(engine, config, **overrides)
+    try:
+        clip_config = resolve_config(engine, config, **overrides)
+    except Exception as err:  # invalid on some ranks only: the others raise too instead of waiting in the set-up
+        share_setup_failure(deepspeed_adapter(engine).reduce_group, err)
+        raise
     _turn_off_deepspeed_clipping(engine, clip_config)
     clipper = GradClipper(engine, clip_config)
     adapter = clipper.adapter
