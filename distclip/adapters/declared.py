@@ -20,18 +20,19 @@ element (the world, when the groups tile it). Undeclared plain parameters keep t
 
 from __future__ import annotations
 
-import weakref
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.distributed as dist
+from torch.utils.weak import WeakIdKeyDictionary
 
 from ..core.errors import UsageError
 from . import _compat
 from .counting import Replicas
 
-_DECLARED: "weakref.WeakKeyDictionary[torch.Tensor, Declaration]" = weakref.WeakKeyDictionary()
+# Keyed by identity: a WeakKeyDictionary compares tensors with ``==`` on lookup (elementwise: an error)
+_DECLARED: "WeakIdKeyDictionary" = WeakIdKeyDictionary()
 
 
 @dataclass(frozen=True)
