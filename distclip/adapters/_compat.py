@@ -124,6 +124,81 @@ def unscaled_by_grad_scaler(tensors: Iterable[torch.Tensor]) -> bool:
     return any(_UNSCALED.get(t) == t._version for t in tensors)
 
 
+# ------------------------------------------------------------------ in-place collectives
+# c10d's in-place collectives (``dist.all_reduce(p.grad)``, ``broadcast``, ...) write through the
+# dispatcher without bumping version counters (torch 2.13), so a gradient synchronised by hand
+# after backward (tied weights across pipeline stages, copies of hand-written tensor parallelism,
+# expert gradients) looks untouched to a reduction hook. distclip wraps these functions once: a
+# call whose output is a watched tensor (a gradient a hook measured), or a view of one, marks the
+# watch as written. Nothing else changes (no version is bumped, the call itself is the original).
+_INPLACE_COLLECTIVES = {  # function -> the argument it writes into
+    "all_reduce": "tensor", "all_reduce_coalesced": "tensors", "broadcast": "tensor", "reduce": "tensor",
+    "recv": "tensor", "irecv": "tensor", "scatter": "tensor", "reduce_scatter_tensor": "output",
+    "all_gather_into_tensor": "output_tensor", "all_to_all_single": "output",
+}
+
+
+class WriteWatch:
+    """Whether an in-place collective wrote into any of these tensors (by identity) since it was made."""
+
+    def __init__(self, ids: frozenset[int]):
+        self.ids = ids
+        self.written = False
+
+
+_WATCHES: "weakref.WeakSet[WriteWatch]" = weakref.WeakSet()
+
+
+def watch_collective_writes(ids: Iterable[int]) -> WriteWatch:
+    """A watch over the tensors with these ids (alive as long as the caller keeps it)."""
+    track_collective_writes()
+    watch = WriteWatch(frozenset(ids))
+    _WATCHES.add(watch)
+    return watch
+
+
+def _written_by(name: str, signature: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> list[Any]:
+    try:
+        target = signature.bind_partial(*args, **kwargs).arguments.get(_INPLACE_COLLECTIVES[name])
+    except TypeError:
+        return []
+    return list(target) if isinstance(target, (list, tuple)) else [target]
+
+
+def _mark_written(tensors: list[Any]) -> None:
+    for watch in list(_WATCHES):
+        for t in tensors:
+            base = getattr(t, "_base", None)
+            if id(t) in watch.ids or (base is not None and id(base) in watch.ids):
+                watch.written = True
+
+
+def track_collective_writes() -> None:
+    """Make in-place c10d collectives visible to write watches (idempotent, process-wide)."""
+    import inspect
+
+    from torch.distributed import distributed_c10d
+
+    for name in _INPLACE_COLLECTIVES:
+        original = getattr(distributed_c10d, name, None)
+        if original is None or getattr(original, "_distclip_tracked", False):
+            continue
+        signature = inspect.signature(original)
+
+        def tracked(*args: Any, _original: Any = original, _name: str = name, _signature: Any = signature,
+                    **kwargs: Any) -> Any:
+            out = _original(*args, **kwargs)
+            if _WATCHES:
+                _mark_written(_written_by(_name, _signature, args, kwargs))
+            return out
+
+        functools.update_wrapper(tracked, original)
+        tracked._distclip_tracked = True  # type: ignore[attr-defined]
+        setattr(distributed_c10d, name, tracked)
+        if getattr(dist, name, None) is original:
+            setattr(dist, name, tracked)
+
+
 # ------------------------------------------------------------------ DTensor / DeviceMesh
 def _is_dtensor(t: Any) -> bool:
     from torch.distributed.tensor import DTensor
