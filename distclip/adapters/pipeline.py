@@ -6,7 +6,8 @@ the sum over the stages: each stage adapter counts its elements once among the s
 the partials of every stage travel in the SAME single collective, over the world (every stage's
 ranks together). So a pipeline adds no collective, and per-group clipping works across stages:
 the group table is built from the names of every stage (exchanged once at set-up over the
-pipeline group), so every rank has the same slot layout even where a group has no parameter.
+pipeline group, put in stage order), so every rank has the same slot layout even where a group
+has no parameter.
 
 Tied weights on two stages (torchtitan / Megatron: the first stage's embedding and the last
 stage's output head are copies the user keeps in sync by an all-reduce between the two stages)
@@ -41,13 +42,24 @@ def pipeline_process_group(group: Any) -> Any:
     return group
 
 
-def stage_modules(stages: Any) -> list[Any]:
-    """The objects to adapt: a stage, a PipelineStage (its ``submod``), or a list of them (virtual stages)."""
+def stage_modules(stages: Any, pipeline_rank: int, pipeline_size: int) -> list[tuple[int, Any]]:
+    """(stage index, object to adapt) of each stage this rank holds: a stage, a PipelineStage (its
+    ``submod`` and ``stage_index``), or a list of them (virtual stages).
+
+    A module does not know its stage index: the k-th module of a list is taken to be stage
+    ``k * pipeline_size + pipeline_rank`` (the "loop" assignment of torch's and torchtitan's
+    interleaved schedules); pass PipelineStage objects for any other assignment (e.g. V-shaped).
+    """
     items = list(stages) if isinstance(stages, (list, tuple)) else [stages]
     if not items:
         raise ConfigError("distclip: no pipeline stage given")
-    return [s.submod if isinstance(getattr(s, "submod", None), torch.nn.Module) and hasattr(s, "stage_index") else s
-            for s in items]
+    out = []
+    for k, s in enumerate(items):
+        if isinstance(getattr(s, "submod", None), torch.nn.Module) and hasattr(s, "stage_index"):
+            out.append((int(s.stage_index), s.submod))
+        else:
+            out.append((k * pipeline_size + pipeline_rank, s))
+    return out
 
 
 class PipelineAdapter(GradAdapter):
@@ -62,7 +74,9 @@ class PipelineAdapter(GradAdapter):
         self.pipeline_group = pipeline_process_group(pipeline_group)
         self.pipeline_ranks = frozenset(_compat.group_ranks(self.pipeline_group))
         self.pipeline_rank = dist.get_rank(self.pipeline_group)
-        self.stages = [single_adapter(m, pipeline_ranks=self.pipeline_ranks) for m in stage_modules(stages)]
+        held = stage_modules(stages, self.pipeline_rank, len(self.pipeline_ranks))
+        self.stage_indices = [index for index, _ in held]
+        self.stages = [single_adapter(m, pipeline_ranks=self.pipeline_ranks) for _, m in held]
         self.names = [n for s in self.stages for n in s.names]
         self.params = [p for s in self.stages for p in s.params]
         self.has_names = all(s.has_names for s in self.stages)
@@ -104,6 +118,10 @@ class PipelineAdapter(GradAdapter):
     def tensor_names(self) -> dict[int, str]:
         return {k: v for s in self.stages for k, v in s.tensor_names().items()}
 
+    def names_by_stage(self) -> list[tuple[int, list[str]]]:
+        """(stage index, parameter names) of each stage this rank holds."""
+        return [(index, stage.names) for index, stage in zip(self.stage_indices, self.stages)]
+
     def stage_key(self) -> int:
         """Which stage(s) this rank holds: ranks with the same key must have the same stage layout."""
         return self.pipeline_rank
@@ -112,7 +130,7 @@ class PipelineAdapter(GradAdapter):
         return {"adapter": self.kind, "pipeline_size": len(self.pipeline_ranks), "virtual_stages": len(self.stages)}
 
     def describe_stage(self) -> dict[str, object]:
-        return {"stages": [s.describe() for s in self.stages]}
+        return {"stages": [s.describe() for s in self.stages], "stage_indices": self.stage_indices}
 
     def verify_layout(self) -> None:
         for stage in self.stages:

@@ -193,11 +193,14 @@ class GradClipper:
 
     def _names_of_every_stage(self) -> list[str]:
         """The parameter names the group table is built from: every stage's under pipeline parallelism
-        (exchanged once over the pipeline group, in stage order), else this model's."""
+        (exchanged once over the pipeline group, in stage order: per-layer groups follow the model), else
+        this model's."""
         if not self._pipeline:
             return self.adapter.names
-        payloads = exchange_bytes(self.adapter.pipeline_group, json.dumps(self.adapter.names).encode())
-        return list(dict.fromkeys(n for payload in payloads for n in json.loads(payload)))
+        payloads = exchange_bytes(self.adapter.pipeline_group, json.dumps(self.adapter.names_by_stage()).encode())
+        stages = sorted((index, rank, names) for rank, payload in enumerate(payloads)
+                        for index, names in json.loads(payload))
+        return list(dict.fromkeys(n for _, _, names in stages for n in names))
 
     def _summary(self) -> dict[str, Any]:
         stage = {"stage_layout": self._stage_fingerprint()[1]} if self._pipeline else {}
