@@ -20,7 +20,7 @@ from .groups import GroupTable, resolve_groups
 from .names import canonical_name
 from .norms import SlotLayout
 from .policies import PolicySet, SpikeDetector, build_policies, build_spike_detector
-from .reduce import check_consistency, exchange_bytes, reduce_slots
+from .reduce import ConfigMismatchError, check_consistency, exchange_bytes, reduce_slots
 from .report import ClipReport
 
 STATE_VERSION = 2
@@ -95,7 +95,7 @@ class GradClipper:
         self.steps = 0
         self.last_report: ClipReport | None = None
         _compat.track_amp_unscaling()  # GradScaler's unscaling becomes visible (hooks, overflow detection)
-        check_consistency(self.adapter.reduce_group, self.fingerprint(), self._summary(), *self._stage_fingerprint())
+        self._check_consistency()
         self.adapter.verify_layout()
         if self.config.comm_hook and self._excluded is None:
             self.adapter.enable_reduction_hook(ddp_comm_hook, ddp_comm_hook_state)
@@ -185,6 +185,18 @@ class GradClipper:
         return f"{self.config.fingerprint()}-{layout}-{sorted(self.adapter.describe().items())}"
 
     # ---------------------------------------------------------------- internals
+    def _check_consistency(self) -> None:
+        """The set-up check; ranks whose parameters differ without ``pipeline_group`` are told about it."""
+        try:
+            check_consistency(self.adapter.reduce_group, self.fingerprint(), self._summary(), *self._stage_fingerprint())
+        except ConfigMismatchError as err:
+            if self._pipeline or "group_layout:" not in str(err):  # the same text on every rank
+                raise
+            raise ConfigMismatchError(
+                f"{err}\nIf these ranks hold different pipeline stages of one model, pass the pipeline process group: "
+                "GradClipper(stage, config, pipeline_group=pp_group) (a ProcessGroup or a 1-D DeviceMesh such as "
+                "mesh['pp']), so that the norm is summed over the stages.") from None
+
     def _stage_fingerprint(self) -> tuple[int, str]:
         """(stage key, what must be equal among the ranks holding the same pipeline stage(s))."""
         if not self._pipeline:
@@ -203,9 +215,12 @@ class GradClipper:
         return list(dict.fromkeys(n for _, _, names in stages for n in names))
 
     def _summary(self) -> dict[str, Any]:
+        """What the set-up error compares, key by key (under pipeline parallelism the group layout that all
+        ranks share, and each stage's own layout apart)."""
         stage = {"stage_layout": self._stage_fingerprint()[1]} if self._pipeline else {}
+        layout = self.table.groups_fingerprint() if self._pipeline else self.table.fingerprint()
         return {**self.config.to_dict(), "group_order": self.group_names,
-                "group_layout": self.table.fingerprint(), **self.adapter.describe(), **stage}
+                "group_layout": layout, **self.adapter.describe(), **stage}
 
     def _names_of(self, params: Iterable[torch.Tensor | str] | str) -> list[str]:
         """Canonical names of the parameters to clip (identity lookup among the adapter's parameters)."""
