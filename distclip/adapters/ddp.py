@@ -73,8 +73,12 @@ class DDPAdapter(GradAdapter):
             )
             self.hook_status = "existing comm hook"
             return False
+        # DDP's own group reduces the gradients: the clip may reduce its slots over more ranks (the
+        # world, with declared tensor-parallel parameters), the gradients never
         if inner is None:
-            inner, inner_state = default_hooks.allreduce_hook, self.reduce_group
+            inner, inner_state = default_hooks.allreduce_hook, self.ddp.process_group
+        elif inner_state is None:
+            inner_state = self.ddp.process_group
         _compat.track_amp_unscaling()
         self.hook = DDPNormHook(self, inner, inner_state)
         self.ddp.register_comm_hook(state=None, hook=self.hook.reduce_and_measure)
