@@ -129,8 +129,8 @@ def unscaled_by_grad_scaler(tensors: Iterable[torch.Tensor]) -> bool:
 # dispatcher without bumping version counters (torch 2.13), so a gradient synchronised by hand
 # after backward (tied weights across pipeline stages, copies of hand-written tensor parallelism,
 # expert gradients) looks untouched to a reduction hook. distclip wraps these functions once: a
-# call whose output is a watched tensor (a gradient a hook measured), or a view of one, marks the
-# watch as written. Nothing else changes (no version is bumped, the call itself is the original).
+# call whose output is a watched tensor (a gradient a hook measured) or shares its view base
+# marks the watch as written. Nothing else changes (no version is bumped, the call is the original).
 _INPLACE_COLLECTIVES = {  # function -> the argument it writes into
     "all_reduce": "tensor", "all_reduce_coalesced": "tensors", "broadcast": "tensor", "reduce": "tensor",
     "recv": "tensor", "irecv": "tensor", "scatter": "tensor", "reduce_scatter_tensor": "output",
@@ -139,20 +139,34 @@ _INPLACE_COLLECTIVES = {  # function -> the argument it writes into
 
 
 class WriteWatch:
-    """Whether an in-place collective wrote into any of these tensors (by identity) since it was made."""
+    """Whether an in-place collective wrote into any of some tensors since the watch was made.
 
-    def __init__(self, ids: frozenset[int]):
-        self.ids = ids
+    Tensors are known by identity: a write into one of them, into their view base (the tensor
+    they are views of, e.g. FSDP2's flat reduce output or a DDP bucket), or into another view of
+    that base counts (conservative: a write beside a gradient in the same bucket counts too).
+    """
+
+    def __init__(self, tensors: Iterable[torch.Tensor]):
+        ids: set[int] = set()
+        for t in tensors:
+            ids.add(id(t))
+            if t._base is not None:
+                ids.add(id(t._base))
+        self.ids = frozenset(ids)
         self.written = False
+
+    def sees(self, t: Any) -> bool:
+        base = getattr(t, "_base", None)
+        return id(t) in self.ids or (base is not None and id(base) in self.ids)
 
 
 _WATCHES: "weakref.WeakSet[WriteWatch]" = weakref.WeakSet()
 
 
-def watch_collective_writes(ids: Iterable[int]) -> WriteWatch:
-    """A watch over the tensors with these ids (alive as long as the caller keeps it)."""
+def watch_collective_writes(tensors: Iterable[torch.Tensor]) -> WriteWatch:
+    """A watch over these tensors (alive as long as the caller keeps it)."""
     track_collective_writes()
-    watch = WriteWatch(frozenset(ids))
+    watch = WriteWatch(tensors)
     _WATCHES.add(watch)
     return watch
 
@@ -167,10 +181,8 @@ def _written_by(name: str, signature: Any, args: tuple[Any, ...], kwargs: dict[s
 
 def _mark_written(tensors: list[Any]) -> None:
     for watch in list(_WATCHES):
-        for t in tensors:
-            base = getattr(t, "_base", None)
-            if id(t) in watch.ids or (base is not None and id(base) in watch.ids):
-                watch.written = True
+        if any(watch.sees(t) for t in tensors):
+            watch.written = True
 
 
 def track_collective_writes() -> None:

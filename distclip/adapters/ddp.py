@@ -31,7 +31,7 @@ from ..core.norms import local_partials
 from . import _compat
 from .base import GradAdapter
 from .counting import LocalPiece, Replicas, counted_segments
-from .hooks import ReductionHook, grad_versions
+from .hooks import ReductionHook
 
 CommHook = Callable[[Any, dist.GradBucket], torch.futures.Future]
 
@@ -139,8 +139,8 @@ class DDPNormHook(ReductionHook):
                                            [self.adapter.group_of[i] for *_, i in segments])
         return cached[1], cached[2]
 
-    def versions(self) -> list[Any]:
-        return grad_versions([p.grad for p in self.adapter.params])
+    def gradients(self) -> list[torch.Tensor | None]:
+        return [p.grad for p in self.adapter.params]
 
     def complete(self) -> bool:
         n = self._num_buckets

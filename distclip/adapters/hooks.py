@@ -37,8 +37,8 @@ class ReductionHook:
     """Partials measured inside one backward's gradient reduction, handed out once if still valid.
 
     Subclasses call :meth:`begin` at each reduction, then :meth:`record` (or :meth:`invalidate`),
-    and define :meth:`versions` (identity and version of every gradient the backend writes) and
-    :meth:`complete` (every piece holding a gradient was measured).
+    and define :meth:`gradients` (every gradient tensor the backend writes) and :meth:`complete`
+    (every piece holding a gradient was measured).
     """
 
     def __init__(self, layout: SlotLayout):
@@ -79,9 +79,9 @@ class ReductionHook:
             self._take_snapshot()
 
     def _take_snapshot(self) -> None:
-        self._snapshot = self.versions()
-        self._writes = _compat.watch_collective_writes(
-            i for entry in self._snapshot if entry is not None for i in entry[0::2])
+        gradients = self.gradients()
+        self._snapshot = grad_versions(gradients)
+        self._writes = _compat.watch_collective_writes(t for t in gradients if t is not None)
 
     # -- at clip time
     def take(self) -> torch.Tensor | None:
@@ -90,7 +90,7 @@ class ReductionHook:
         writes, self._writes = self._writes, None
         if snapshot is None or not self._valid or not self._parts or (writes is not None and writes.written):
             return None
-        if snapshot != self.versions() or not self.complete():
+        if snapshot != grad_versions(self.gradients()) or not self.complete():
             return None
         parts = [self._parts[key] for key in sorted(self._parts)]
         return combine_partials(parts, self.layout, parts[0].device)
@@ -99,9 +99,9 @@ class ReductionHook:
     def on_new_backward(self) -> None:
         """Reset per-backward state of the subclass."""
 
-    def versions(self) -> list[Any]:
-        """Identity and version counter of every gradient the backend writes (None where absent), as
-        ``(id, version, ...)`` pairs per entry (the ids are watched for in-place collectives)."""
+    def gradients(self) -> list[torch.Tensor | None]:
+        """Every gradient tensor the backend writes (None where absent); their identities and version
+        counters must be unchanged at clip time."""
         raise NotImplementedError
 
     def complete(self) -> bool:
