@@ -187,6 +187,22 @@ def run_expert_parallel(mesh) -> dict[str, Any]:
     return result
 
 
+def run_tp_ep_3d() -> dict[str, Any]:
+    """(dp=1, tp=2, ep=2): one fully_shard group holding dense parameters copied over tp x ep and
+    experts copied over tp only (two replica sets in one FSDP2 reduction), with the all-reduce hook."""
+    mesh = init_device_mesh("cpu", (1, TP, EP), mesh_dim_names=("dp", "tp", "ep"))
+    model = ExpertParallelMoE(mesh)
+    fully_shard(model, mesh=mesh["dp"])  # experts too: (dp, ep) DTensors in the root's group
+    hooked = distclip.GradClipper(model, CONFIGS_EP[3])  # p = 2, per group, comm_hook on
+    tokens, targets = data(0, 0)
+    cross_entropy(model(tokens), targets).backward()
+    report, collectives = count_collectives(hooked.measure)
+    result = sweep(lambda c: distclip.GradClipper(model, c), CONFIGS_EP, lambda: dtensor_grads(model),
+                   lambda: full_grads_dtensor(model))
+    result["hooked"] = {**report_record(report), "collectives": collectives, "status": hooked.adapter.hook_status}
+    return result
+
+
 # ------------------------------------------------------- hand-written (Megatron-style) tensor parallel
 class MegatronBlock(nn.Module):
     """A block whose up (column-parallel) and down (row-parallel) weights are this rank's plain shards."""
@@ -303,6 +319,7 @@ def all_layouts() -> dict[str, Any]:
     out = {"partial_tp": run_partial_tp(mesh), "sequence_parallel": run_sequence_parallel(mesh),
            "declared": run_declared(mesh)}
     out["expert_parallel"] = run_expert_parallel(ep_mesh())
+    out["tp_ep_3d"] = run_tp_ep_3d()
     return out
 
 
@@ -365,6 +382,19 @@ def test_expert_parallel_dtensor_experts_on_ep_submesh():
     for result in layout("expert_parallel"):
         check_sweep("expert_parallel", [result], CONFIGS_EP, ref)
     check_naive("expert_parallel", layout("expert_parallel")[0], CONFIGS_EP, ref, "experts", twice_counted)
+
+
+def test_tp_ep_3d_two_replica_sets_in_one_fsdp_group():
+    """(dp=1, tp=2, ep=2): the all-reduce hook slices each replica set of a group on its own."""
+    ref = reference_grads(make_moe(torch.float64), *data(0, 0))
+    expected = reference_clip(ref, CONFIGS_EP[3])
+    for result in layout("tp_ep_3d"):
+        check_sweep("tp_ep_3d", [result], CONFIGS_EP, ref)
+        hooked = result["hooked"]
+        assert hooked["source"] == "comm_hook" and hooked["collectives"] == 1, hooked
+        assert rel_err(hooked["total"], expected["total"]) <= 1e-5, (hooked, expected["total"])
+        for group, value in expected["groups"].items():
+            assert rel_err(hooked["groups"][group], value) <= 1e-5, (group, hooked["groups"][group], value)
 
 
 def test_declared_megatron_tensor_parallel_under_ddp():

@@ -246,7 +246,9 @@ class FSDP2NormHook(ReductionHook):
         pieces, offset = [], 0
         for (_, numel, padded), i in zip(fsdp_params, params):  # FSDP2 lays each shard out padded, in this order
             copy = self._replicas.get(i)
-            key = None if copy is None else Replicas(("group", index), copy.index, copy.count)
+            # one replica set per (group, the parameter's own replica set): a group may hold parameters
+            # copied over different root dimensions (e.g. a norm over tp x ep, experts over tp only)
+            key = None if copy is None else Replicas(("group", index, copy.key), copy.index, copy.count)
             if i not in self.adapter.uncounted:
                 pieces.append(LocalPiece(0, offset, numel, i, key))
             offset += padded
