@@ -15,12 +15,12 @@ def _fmt(value: Any, spec: str = ".2f") -> str:
 def print_backend_table(backend: str, params: int, rows: list[dict[str, Any]], machine: dict[str, Any]) -> None:
     print(f"\n== {backend}: {rows[0]['num_params'] / 1e6:.1f}M params, {machine['world_size']} ranks "
           f"({machine['backend']}), median of measured steps ==")
-    header = f"{'variant':22s} {'clip ms':>9s} {'step ms':>9s} {'vs native':>9s} {'groups/unif':>11s} " \
+    header = f"{'variant':22s} {'clip ms':>9s} {'ms/M':>7s} {'step ms':>9s} {'vs native':>9s} {'groups/unif':>11s} " \
              f"{'clip % step':>11s} {'step +%':>8s} {'colls':>6s} {'+mem MB':>8s}"
     print(header)
     print("-" * len(header))
     for r in rows:
-        print(f"{r['variant']:22s} {_fmt(r['clip_ms']):>9s} {_fmt(r['step_ms']):>9s} {_fmt(r.get('clip_vs_native')):>9s} "
+        print(f"{r['variant']:22s} {_fmt(r['clip_ms']):>9s} {_fmt(r.get('clip_ms_per_M'), '.3f'):>7s} {_fmt(r['step_ms']):>9s} {_fmt(r.get('clip_vs_native')):>9s} "
               f"{_fmt(r.get('groups_vs_uniform')):>11s} {_fmt(r.get('clip_pct_of_step'), '.1f'):>11s} "
               f"{_fmt(r.get('step_overhead_pct'), '+.1f'):>8s} "
               f"{_fmt(r['collectives'], 'd'):>6s} {_fmt(r['peak_mem_added_bytes'] / 1e6, '.1f'):>8s}")
