@@ -15,6 +15,7 @@ from typing import Any, Callable, Iterable, Sequence
 
 import torch
 import torch.distributed as dist
+from torch.utils.weak import WeakIdKeyDictionary
 
 TESTED_TORCH = "2.13"
 
@@ -94,7 +95,8 @@ def version(tensor: torch.Tensor) -> int:
 # original op, the versions are bumped (so a norm measured during backward is known to be stale)
 # and each unscaled gradient is remembered with its new version (so a non-finite norm of these
 # gradients is known to be a loss-scale overflow that GradScaler will skip).
-_UNSCALED: "weakref.WeakKeyDictionary[torch.Tensor, int]" = weakref.WeakKeyDictionary()
+# Keyed by identity: a WeakKeyDictionary compares tensors with ``==`` on lookup (elementwise: an error)
+_UNSCALED: "WeakIdKeyDictionary" = WeakIdKeyDictionary()
 _AMP_OP = "_amp_foreach_non_finite_check_and_unscale_"
 
 
