@@ -143,32 +143,37 @@ _INPLACE_COLLECTIVES = {  # function -> the argument it writes into
 class WriteWatch:
     """Whether an in-place collective wrote into any of some tensors since the watch was made.
 
-    Tensors are known by identity: a write into one of them, into their view base (the tensor
-    they are views of, e.g. FSDP2's flat reduce output or a DDP bucket), or into another view of
-    that base counts (conservative: a write beside a gradient in the same bucket counts too).
+    Tensors are known by identity: a write into one of them, or into a view of the same base (e.g.
+    ``grad.to_local()``, a view of FSDP2's flat reduce output, or a gradient of a DDP bucket view)
+    counts; conservative within one base, never wrong. The bases are looked up only when a view
+    is written (a write of a fresh tensor, e.g. a loss for logging, costs one set lookup).
     """
 
-    def __init__(self, tensors: Iterable[torch.Tensor]):
-        ids: set[int] = set()
-        for t in tensors:
-            ids.add(id(t))
-            if t._base is not None:
-                ids.add(id(t._base))
-        self.ids = frozenset(ids)
+    def __init__(self, ids: frozenset[int], tensors: Callable[[], Iterable[torch.Tensor | None]]):
+        self.ids = ids
+        self._tensors = tensors
+        self._bases: frozenset[int] | None = None
         self.written = False
 
     def sees(self, t: Any) -> bool:
+        if id(t) in self.ids:
+            return True
         base = getattr(t, "_base", None)
-        return id(t) in self.ids or (base is not None and id(base) in self.ids)
+        if base is None:
+            return False
+        if self._bases is None:
+            self._bases = frozenset(id(w._base if w._base is not None else w) for w in self._tensors() if w is not None)
+        return id(base) in self._bases
 
 
 _WATCHES: "weakref.WeakSet[WriteWatch]" = weakref.WeakSet()
 
 
-def watch_collective_writes(tensors: Iterable[torch.Tensor]) -> WriteWatch:
-    """A watch over these tensors (alive as long as the caller keeps it)."""
+def watch_collective_writes(ids: Iterable[int], tensors: Callable[[], Iterable[torch.Tensor | None]]) -> WriteWatch:
+    """A watch over the tensors with these ids; ``tensors()`` gives them (for their view bases) on demand.
+    It lives as long as the caller keeps it."""
     track_collective_writes()
-    watch = WriteWatch(tensors)
+    watch = WriteWatch(frozenset(ids), tensors)
     _WATCHES.add(watch)
     return watch
 

@@ -79,9 +79,9 @@ class ReductionHook:
             self._take_snapshot()
 
     def _take_snapshot(self) -> None:
-        gradients = self.gradients()
-        self._snapshot = grad_versions(gradients)
-        self._writes = _compat.watch_collective_writes(t for t in gradients if t is not None)
+        self._snapshot = grad_versions(self.gradients())
+        self._writes = _compat.watch_collective_writes((entry[0] for entry in self._snapshot if entry is not None),
+                                                       self.gradients)
 
     # -- at clip time
     def take(self) -> torch.Tensor | None:
