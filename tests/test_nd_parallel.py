@@ -200,6 +200,12 @@ def run_tp_ep_3d() -> dict[str, Any]:
     result = sweep(lambda c: distclip.GradClipper(model, c), CONFIGS_EP, lambda: dtensor_grads(model),
                    lambda: full_grads_dtensor(model))
     result["hooked"] = {**report_record(report), "collectives": collectives, "status": hooked.adapter.hook_status}
+    # the same backward again, then an in-place collective into a view of a hook-measured gradient
+    # (to_local() in grad mode is a view of FSDP2's flat buffer); MAX over tp changes no value
+    model.zero_grad()
+    cross_entropy(model(tokens), targets).backward()
+    dist.all_reduce(model.router.weight.grad.to_local(), op=dist.ReduceOp.MAX, group=mesh["tp"].get_group())
+    result["written_after_hook"] = report_record(hooked.measure())
     return result
 
 
@@ -395,6 +401,9 @@ def test_tp_ep_3d_two_replica_sets_in_one_fsdp_group():
         assert rel_err(hooked["total"], expected["total"]) <= 1e-5, (hooked, expected["total"])
         for group, value in expected["groups"].items():
             assert rel_err(hooked["groups"][group], value) <= 1e-5, (group, hooked["groups"][group], value)
+        written = result["written_after_hook"]  # c10d bumps no version: the write is seen by distclip's watch
+        assert written["source"] == "post_backward", written
+        assert rel_err(written["total"], expected["total"]) <= 1e-5, (written, expected["total"])
 
 
 def test_declared_megatron_tensor_parallel_under_ddp():

@@ -316,6 +316,12 @@ def run_tied(mesh) -> dict[str, Any]:
     result = {"hooked": {**report_record(report), "collectives": collectives}}
     result.update(sweep(lambda c: distclip.GradClipper(ddp, c, pipeline_group=mesh["pp"], tied=TIE), CONFIGS_TIED,
                         lambda: [p.grad for p in module.parameters()], grads))
+    # DDP stages without a hand-made sync: the norm is measured inside DDP's reduction, as post-backward
+    plain_module, plain_ddp = tied_stage(mesh)
+    in_hook = distclip.GradClipper(plain_ddp, CONFIGS_TIED[3], pipeline_group=mesh["pp"])
+    run_chunks([(mesh["pp"].get_local_rank(), plain_ddp)], PP, pp_peer, *data(0, mesh["dp"].get_local_rank()))
+    after = distclip.GradClipper(plain_ddp, {**CONFIGS_TIED[3], "comm_hook": False}, pipeline_group=mesh["pp"])
+    result["ddp_stage_hook"] = (report_record(in_hook.measure()), report_record(after.measure()))
     # negative control: the same clips without tied= (the copy counted as a parameter of its own)
     untied = distclip.GradClipper(ddp, {**CONFIGS_TIED[2], "comm_hook": False}, pipeline_group=mesh["pp"])
     result["untied"] = untied.measure().total_norm.item()
@@ -465,6 +471,11 @@ def test_tied_embedding_and_head_across_stages():
     for r in ranks:
         assert r["hooked"]["source"] == "post_backward" and r["hooked"]["collectives"] == 1
         assert rel_err(r["hooked"]["total"], norm64(list(ref.values()), 2.0)) <= 1e-5
+    for r in ranks:
+        hooked, after = r["ddp_stage_hook"]
+        assert (hooked["source"], after["source"]) == ("comm_hook", "post_backward"), (hooked, after)
+        assert rel_err(hooked["total"], after["total"]) <= 1e-6
+        assert all(rel_err(hooked["groups"][g], v) <= 1e-6 for g, v in after["groups"].items())
     # negative control: without tied= the copy is counted too: total^2 = exact^2 + |tie|^2, and a
     # group of only the tied weight is 2^(1/p) too large (sqrt(2) for p = 2: Megatron-LM PR #7227)
     exact, tie = norm64(list(ref.values()), 2.0), norm64([ref["embed.weight"]], 2.0)
