@@ -17,6 +17,7 @@ the others are copies, excluded from the norm and scaled with the first one's gr
 
 from __future__ import annotations
 
+from collections import Counter
 from typing import Any, Sequence
 
 import torch
@@ -80,7 +81,7 @@ class PipelineAdapter(GradAdapter):
         self.names = [n for s in self.stages for n in s.names]
         self.params = [p for s in self.stages for p in s.params]
         self.has_names = all(s.has_names for s in self.stages)
-        duplicates = sorted({n for n in self.names if self.names.count(n) > 1}) if len(self.stages) > 1 else []
+        duplicates = sorted(n for n, k in Counter(self.names).items() if k > 1)
         if duplicates:
             raise ConfigError(
                 f"distclip: the stages on this rank share parameter names {duplicates[:3]}: give virtual stages the "
