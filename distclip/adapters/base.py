@@ -45,6 +45,7 @@ class GradAdapter:
     foldable = False  # gradients live in param.grad of the very tensors an optimizer steps
     hook: ReductionHook | None = None
     hook_status = "not enabled"  # after enable_reduction_hook: the hook's name, or why there is none
+    setup_problems: tuple[str, ...] = ()  # what is wrong with this layout: raised on every rank after the set-up exchange
 
     def __init__(self, named_params: Sequence[tuple[str, torch.nn.Parameter]]):
         seen: set[int] = set()

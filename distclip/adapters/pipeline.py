@@ -28,6 +28,7 @@ from ..core.groups import GroupTable
 from ..core.norms import SlotLayout, combine_partials
 from . import _compat
 from .base import GradAdapter
+from .declared import census_payload, check_census
 
 
 def pipeline_process_group(group: Any) -> Any:
@@ -91,16 +92,19 @@ class PipelineAdapter(GradAdapter):
             if len(tie) < 2 or not all(isinstance(n, str) for n in tie):
                 raise ConfigError(f"tied: each entry lists two or more parameter names (the counted one first), got {tie!r}")
         self.reduce_group = dist.group.WORLD
-        self._check_tiles_world()
+        self.setup_problems = self._tiling_problems()
 
-    def _check_tiles_world(self) -> None:
-        sizes = {s.stage_size() for s in self.stages}
+    def _tiling_problems(self) -> tuple[str, ...]:
+        """Whether the stages tile the world. Not raised here: a problem some ranks alone see would leave the
+        others waiting in the set-up exchange, so the clipper raises it on every rank after that exchange."""
+        sizes = sorted({s.stage_size() for s in self.stages})
         world, stages = dist.get_world_size(), len(self.pipeline_ranks)
-        if len(sizes) != 1 or stages * sizes.pop() != world:
-            raise ConfigError(
-                f"distclip: {stages} pipeline ranks x the ranks of each stage ({sorted({s.stage_size() for s in self.stages})}) "
-                f"do not make up the {world} ranks of the world; the norm is reduced over the world, so every rank "
-                "must hold a stage of this model (pass the pipeline group of this model's ranks)")
+        if len(sizes) == 1 and stages * sizes[0] == world:
+            return ()
+        return (f"distclip: {stages} pipeline ranks x the ranks of each stage ({sizes}: the stage's wrapper's ranks "
+                f"times the groups its tensors are declared over) do not make up the {world} ranks of the world; "
+                "the norm is reduced over the world, so every rank must hold a stage of this model (pass the "
+                "pipeline group of this model's ranks, and declare tensors only over groups inside their stage)",)
 
     # ----------------------------------------------------------------- layout
     def copies(self) -> dict[str, str]:
@@ -134,8 +138,10 @@ class PipelineAdapter(GradAdapter):
         return {"stages": [s.describe() for s in self.stages], "stage_indices": self.stage_indices}
 
     def verify_layout(self) -> None:
-        for stage in self.stages:
-            stage.verify_layout()
+        """The census of declared copies, on EVERY rank (one exchange over the world): stages that declare
+        nothing join it too, so that a model declaring tensors on some stages only does not hang."""
+        declarations = [d for s in self.stages for d in (s.declarations or [None] * len(s.names))]
+        check_census(self.reduce_group, census_payload(self.names, self.params, declarations))
 
     # ------------------------------------------------------------------ COUNT
     def local_grads(self) -> list[torch.Tensor | None]:

@@ -79,9 +79,13 @@ class GradClipper:
                 "model itself or model.named_parameters()"
             )
         self._pipeline = isinstance(self.adapter, PipelineAdapter)
+        self._setup_problems: list[str] = list(self.adapter.setup_problems)
         self.table: GroupTable = resolve_groups(self.config, self._names_of_every_stage())
         if self._pipeline:
-            self.table = self.table.tied(self.adapter.copies())
+            try:
+                self.table = self.table.tied(self.adapter.copies())
+            except ConfigError as err:  # raised after the set-up exchange, on every rank (see _check_consistency)
+                self._setup_problems.append(str(err))
         self._excluded: int | None = None  # index of the hidden group of parameters outside ``params``
         if params is not None:
             self.table = self.table.restricted_to(self._names_of(params), self.config.norm_type)
@@ -182,11 +186,15 @@ class GradClipper:
     def fingerprint(self) -> str:
         """Equal on every rank iff all clip the same way (under pipeline parallelism: the same slot layout)."""
         layout = self.table.groups_fingerprint() if self._pipeline else self.table.fingerprint()
-        return f"{self.config.fingerprint()}-{layout}-{sorted(self.adapter.describe().items())}"
+        return f"{self.config.fingerprint()}-{layout}-{sorted(self.adapter.describe().items())}-{self._setup_problems}"
 
     # ---------------------------------------------------------------- internals
     def _check_consistency(self) -> None:
-        """The set-up check; ranks whose parameters differ without ``pipeline_group`` are told about it."""
+        """The set-up check; ranks whose parameters differ without ``pipeline_group`` are told about it.
+
+        Problems found before it (``_setup_problems``: a tied name no stage has, stages that do not tile
+        the world) are part of the fingerprint, so ranks that see different ones get a mismatch error and
+        ranks that all see the same get it raised here: every rank raises, none waits in a collective."""
         try:
             check_consistency(self.adapter.reduce_group, self.fingerprint(), self._summary(), *self._stage_fingerprint())
         except ConfigMismatchError as err:
@@ -196,6 +204,8 @@ class GradClipper:
                 f"{err}\nIf these ranks hold different pipeline stages of one model, pass the pipeline process group: "
                 "GradClipper(stage, config, pipeline_group=pp_group) (a ProcessGroup or a 1-D DeviceMesh such as "
                 "mesh['pp']), so that the norm is summed over the stages.") from None
+        if self._setup_problems:
+            raise ConfigError(self._setup_problems[0])
 
     def _stage_fingerprint(self) -> tuple[int, str]:
         """(stage key, what must be equal among the ranks holding the same pipeline stage(s))."""
@@ -219,8 +229,9 @@ class GradClipper:
         ranks share, and each stage's own layout apart)."""
         stage = {"stage_layout": self._stage_fingerprint()[1]} if self._pipeline else {}
         layout = self.table.groups_fingerprint() if self._pipeline else self.table.fingerprint()
+        problems = {"setup_problems": self._setup_problems} if self._setup_problems else {}
         return {**self.config.to_dict(), "group_order": self.group_names,
-                "group_layout": layout, **self.adapter.describe(), **stage}
+                "group_layout": layout, **self.adapter.describe(), **stage, **problems}
 
     def _names_of(self, params: Iterable[torch.Tensor | str] | str) -> list[str]:
         """Canonical names of the parameters to clip (identity lookup among the adapter's parameters)."""
