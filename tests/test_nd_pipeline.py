@@ -370,9 +370,23 @@ def run_setup_checks(mesh) -> dict[str, Any]:
     extra = [{"name": "mid", "match": ["mid.*"]}] if pp_rank == 1 else []  # stage 1's ranks: one group more
     out["stage_groups_differ"] = error_of(lambda: distclip.GradClipper(
         ddp, {**CONFIGS_TIED[3], "groups": TIED_GROUPS + extra}, pipeline_group=mesh["pp"], tied=TIE))
+    # declarations on one stage only: the census runs on every rank (it hung the other stage's ranks)
+    declared, declared_ddp = tied_stage(mesh)
+    if pp_rank == 0:
+        distclip.declare(declared.mid.bias, replicated_over=mesh["dp"])  # redundant under DDP, valid
+    out["declared_on_one_stage"] = error_of(lambda: distclip.GradClipper(
+        declared_ddp, CONFIGS_TIED[3], pipeline_group=mesh["pp"], tied=TIE))
+    wrong, wrong_ddp = tied_stage(mesh)
+    if pp_rank == 0:  # wrong: the other stage holds no copy of mid.weight
+        distclip.declare(wrong.mid.weight, replicated_over=mesh["pp"])
+    out["declared_across_stages"] = error_of(lambda: distclip.GradClipper(
+        wrong_ddp, CONFIGS_TIED[3], pipeline_group=mesh["pp"], tied=TIE))
     renamed, renamed_ddp = tied_stage(mesh, rename_embed=dist.get_rank() == 1)  # rank 1: a replica of stage 0
     out["replica_layouts_differ"] = error_of(lambda: distclip.GradClipper(
         renamed_ddp, CONFIGS_TIED[3], pipeline_group=mesh["pp"]))
+    # ... with tied=: the pipeline of ranks 1 and 3 has no embed.weight (it hung ranks 0 and 2)
+    out["tie_unknown_on_one_pipeline"] = error_of(lambda: distclip.GradClipper(
+        renamed_ddp, CONFIGS_TIED[3], pipeline_group=mesh["pp"], tied=TIE))
     return out
 
 
@@ -503,5 +517,10 @@ def test_setup_check_refuses_differing_stages_and_replicas():
         assert kind == "ConfigMismatchError" and "max_norm" in message, message
         kind, message = r["stage_groups_differ"]
         assert kind == "ConfigMismatchError" and "groups" in message and "group_order" in message, message
+        assert r["declared_on_one_stage"] is None, r["declared_on_one_stage"]
+        kind, message = r["declared_across_stages"]  # stage 0 would span 4 ranks: every rank is told
+        assert kind == "ConfigMismatchError" and "do not make up the 4 ranks" in message, message
         kind, message = r["replica_layouts_differ"]
         assert kind == "ConfigMismatchError" and "stage_layout" in message, message
+        kind, message = r["tie_unknown_on_one_pipeline"]
+        assert kind == "ConfigMismatchError" and "'embed.weight'] is not a trainable parameter" in message, message
