@@ -34,3 +34,19 @@ def test_bench_runs_and_writes_json(tmp_path):
     assert zero2["distclip"]["clip_ms"] > 0 and zero2["native"]["clip_ms"] > 0
     assert set(results["scaling"]["series"]) >= {"torch clip_grad_norm_ (plain)", "distclip (plain)"}
     assert results["bandwidth"]["norm"]["GBps"] > 0
+
+
+def test_bench_nd_rows(tmp_path):
+    """The FSDP2 + TP (dp x tp=2) and pipeline (pp=2) rows run, and distclip clips in one collective."""
+    out = tmp_path / "bench.json"
+    cmd = [sys.executable, "-m", "distclip.bench", "--backends", "fsdp2-tp,pipeline", "--params", "200K",
+           "--layers", "4", "--steps", "2", "--warmup", "1", "--scaling", "", "--bandwidth-mb", "0", "--json", str(out)]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "== fsdp2-tp:" in proc.stdout and "== pipeline:" in proc.stdout and "ms/M" in proc.stdout
+    results = json.loads(out.read_text())
+    for backend in ("fsdp2-tp", "pipeline"):
+        rows = {r["variant"]: r for r in next(b for b in results["backends"] if b["backend"] == backend)["rows"]}
+        assert {"none", "native", "distclip", "distclip-groups"} <= set(rows)
+        assert rows["distclip"]["collectives"] == 1 and rows["distclip-groups"]["collectives"] == 1, backend
+        assert rows["native"]["clip_ms"] > 0 and rows["distclip"]["clip_ms_per_M"] > 0, backend

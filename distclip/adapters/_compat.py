@@ -16,6 +16,7 @@ from typing import Any, Callable, Iterable, Sequence
 
 import torch
 import torch.distributed as dist
+from torch.utils.weak import WeakIdKeyDictionary
 
 TESTED_TORCH = "2.13"
 
@@ -159,6 +160,98 @@ def unscaled_by_grad_scaler(tensors: Iterable[torch.Tensor]) -> bool:
         if entry is not None and entry[0]() is t and entry[1] == t._version:
             return True
     return False
+
+
+# ------------------------------------------------------------------ in-place collectives
+# c10d's in-place collectives (``dist.all_reduce(p.grad)``, ``broadcast``, ...) write through the
+# dispatcher without bumping version counters (torch 2.13), so a gradient synchronised by hand
+# after backward (tied weights across pipeline stages, copies of hand-written tensor parallelism,
+# expert gradients) looks untouched to a reduction hook. distclip wraps these functions once: a
+# call whose output is a watched tensor (a gradient a hook measured) or shares its view base
+# marks the watch as written. Nothing else changes (no version is bumped, the call is the original).
+_INPLACE_COLLECTIVES = {  # function -> the argument it writes into
+    "all_reduce": "tensor", "all_reduce_coalesced": "tensors", "broadcast": "tensor", "reduce": "tensor",
+    "recv": "tensor", "irecv": "tensor", "scatter": "tensor", "reduce_scatter_tensor": "output",
+    "all_gather_into_tensor": "output_tensor", "all_to_all_single": "output",
+}
+
+
+class WriteWatch:
+    """Whether an in-place collective wrote into any of some tensors since the watch was made.
+
+    Tensors are known by identity: a write into one of them, or into a view of the same base (e.g.
+    ``grad.to_local()``, a view of FSDP2's flat reduce output, or a gradient of a DDP bucket view)
+    counts; conservative within one base, never wrong. The bases are looked up only when a view
+    is written (a write of a fresh tensor, e.g. a loss for logging, costs one set lookup).
+    """
+
+    def __init__(self, ids: frozenset[int], tensors: Callable[[], Iterable[torch.Tensor | None]]):
+        self.ids = ids
+        self._tensors = tensors
+        self._bases: frozenset[int] | None = None
+        self.written = False
+
+    def sees(self, t: Any) -> bool:
+        if id(t) in self.ids:
+            return True
+        base = getattr(t, "_base", None)
+        if base is None:
+            return False
+        if self._bases is None:
+            self._bases = frozenset(id(w._base if w._base is not None else w) for w in self._tensors() if w is not None)
+        return id(base) in self._bases
+
+
+_WATCHES: "weakref.WeakSet[WriteWatch]" = weakref.WeakSet()
+
+
+def watch_collective_writes(ids: Iterable[int], tensors: Callable[[], Iterable[torch.Tensor | None]]) -> WriteWatch:
+    """A watch over the tensors with these ids; ``tensors()`` gives them (for their view bases) on demand.
+    It lives as long as the caller keeps it."""
+    track_collective_writes()
+    watch = WriteWatch(frozenset(ids), tensors)
+    _WATCHES.add(watch)
+    return watch
+
+
+def _written_by(name: str, signature: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> list[Any]:
+    try:
+        target = signature.bind_partial(*args, **kwargs).arguments.get(_INPLACE_COLLECTIVES[name])
+    except TypeError:
+        return []
+    return list(target) if isinstance(target, (list, tuple)) else [target]
+
+
+def _mark_written(tensors: list[Any]) -> None:
+    for watch in list(_WATCHES):
+        if any(watch.sees(t) for t in tensors):
+            watch.written = True
+
+
+def track_collective_writes() -> None:
+    """Make in-place c10d collectives visible to write watches (idempotent, process-wide)."""
+    import inspect
+
+    from torch.distributed import distributed_c10d
+
+    for name in _INPLACE_COLLECTIVES:
+        original = getattr(distributed_c10d, name, None)
+        if original is None or getattr(original, "_distclip_tracked", False):
+            continue
+        signature = inspect.signature(original)
+
+        def tracked(*args: Any, _original: Any = original, _name: str = name, _signature: Any = signature,
+                    **kwargs: Any) -> Any:
+            out = _original(*args, **kwargs)
+            if _WATCHES:
+                _mark_written(_written_by(_name, _signature, args, kwargs))
+            return out
+
+        functools.update_wrapper(tracked, original)
+        tracked._distclip_tracked = True  # type: ignore[attr-defined]
+        setattr(distributed_c10d, name, tracked)
+        if getattr(dist, name, None) is original:
+            setattr(dist, name, tracked)
 
 
 # ------------------------------------------------------------------ DTensor / DeviceMesh

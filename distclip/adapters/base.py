@@ -53,6 +53,7 @@ class GradAdapter:
     hook: ReductionHook | None = None
     hook_status = "not enabled"  # after enable_reduction_hook: the hook's name, or why there is none
     unit_plan: UnitPlan | None = None  # after bind_units: the unit layout of unit-wise (agc) clipping
+    setup_problems: tuple[str, ...] = ()  # what is wrong with this layout: raised on every rank after the set-up exchange
 
     def __init__(self, named_params: Sequence[tuple[str, torch.nn.Parameter]]):
         seen: set[int] = set()

@@ -31,7 +31,7 @@ from ..core.norms import local_partials
 from . import _compat
 from .base import GradAdapter
 from .counting import LocalPiece, Replicas, counted_segments
-from .hooks import ReductionHook, grad_versions
+from .hooks import ReductionHook
 
 CommHook = Callable[[Any, dist.GradBucket], torch.futures.Future]
 
@@ -73,8 +73,12 @@ class DDPAdapter(GradAdapter):
             )
             self.hook_status = "existing comm hook"
             return False
+        # DDP's own group reduces the gradients: the clip may reduce its slots over more ranks (the
+        # world, with declared tensor-parallel parameters), the gradients never
         if inner is None:
-            inner, inner_state = default_hooks.allreduce_hook, self.reduce_group
+            inner, inner_state = default_hooks.allreduce_hook, self.ddp.process_group
+        elif inner_state is None:
+            inner_state = self.ddp.process_group
         _compat.track_amp_unscaling()
         self.hook = DDPNormHook(self, inner, inner_state)
         self.ddp.register_comm_hook(state=None, hook=self.hook.reduce_and_measure)
@@ -135,8 +139,8 @@ class DDPNormHook(ReductionHook):
                                            [self.adapter.group_of[i] for *_, i in segments])
         return cached[1], cached[2]
 
-    def versions(self) -> list[Any]:
-        return grad_versions([p.grad for p in self.adapter.params])
+    def gradients(self) -> list[torch.Tensor | None]:
+        return [p.grad for p in self.adapter.params]
 
     def complete(self) -> bool:
         n = self._num_buckets

@@ -20,18 +20,19 @@ element (the world, when the groups tile it). Undeclared plain parameters keep t
 
 from __future__ import annotations
 
-import weakref
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.distributed as dist
+from torch.utils.weak import WeakIdKeyDictionary
 
 from ..core.errors import UsageError
 from . import _compat
 from .counting import Replicas
 
-_DECLARED: "weakref.WeakKeyDictionary[torch.Tensor, Declaration]" = weakref.WeakKeyDictionary()
+# Keyed by identity: a WeakKeyDictionary compares tensors with ``==`` on lookup (elementwise: an error)
+_DECLARED: "WeakIdKeyDictionary" = WeakIdKeyDictionary()
 
 
 @dataclass(frozen=True)
@@ -134,43 +135,46 @@ def declared_replicas(declaration: Declaration | None, base: Replicas | None, ba
 
 
 def census_payload(names: list[str], params: list[torch.Tensor], declarations: list[Declaration | None]) -> list[list[Any]]:
-    """Per group a parameter is declared replicated over: [group ranks, hash of those parameters' names,
-    shapes and values]. The members of a group must publish the same hash (checked at set-up)."""
+    """Per group a parameter is declared replicated over: [group ranks, [[name, hash of its shape, dtype and
+    values], ...]]. The members of a group must publish the same list (checked at set-up)."""
+    import hashlib
+
     members: dict[tuple[int, ...], list[int]] = {}
     for i, d in enumerate(declarations):
         for ranks in (d.replicated if d is not None else ()):
             members.setdefault(tuple(sorted(ranks)), []).append(i)
+    declared = sorted({i for indices in members.values() for i in indices})
+    checksums = torch.stack([torch.stack([t.sum(), t.abs().sum()]) for t in (params[i].detach().double() for i in declared)]
+                            ).cpu().tolist() if declared else []  # one host sync, at set-up
+    value_of = dict(zip(declared, checksums))
     out = []
     for ranks, indices in members.items():
-        tensors = [params[i].detach() for i in indices]
-        checksums = [t.double().abs().sum() for t in tensors] if tensors else []
-        values = torch.stack(checksums).tolist() if checksums else []
-        text = repr([(names[i], tuple(params[i].shape), str(params[i].dtype), v) for i, v in zip(indices, values)])
-        import hashlib
-
-        out.append([list(ranks), hashlib.sha256(text.encode()).hexdigest()[:16], [names[i] for i in indices[:3]]])
+        digests = [[names[i], hashlib.sha256(repr((tuple(params[i].shape), str(params[i].dtype), value_of[i])).encode()
+                                             ).hexdigest()[:16]] for i in indices]
+        out.append([list(ranks), digests])
     return out
 
 
 def check_census(group: Any, payload: list[list[Any]]) -> None:
-    """Raise on every rank when parameters declared replicated over a group differ between its ranks."""
+    """Raise on every rank when parameters declared replicated over a group differ between its ranks,
+    naming the parameters that differ."""
     import json
 
-    from ..core.reduce import exchange_bytes
+    from ..core.reduce import exchange_bytes, exchange_ints
 
     published = [json.loads(b) for b in exchange_bytes(group, json.dumps(payload).encode())]
     problems = []
-    for ranks, digest, examples in payload:
+    for ranks, digests in payload:
         for r in ranks:
-            theirs = {tuple(g): h for g, h, _ in published[r]}
-            if theirs.get(tuple(ranks)) != digest:
-                problems.append(f"ranks {ranks}: rank {r} holds other shapes or values (e.g. {examples})")
+            theirs = {tuple(g): dict(d) for g, d in published[dist.get_group_rank(group, r)]}.get(tuple(ranks), {})
+            differ = [name for name, digest in digests if theirs.get(name) != digest]
+            differ += [name for name in theirs if name not in dict(digests)]
+            if differ:
+                problems.append(f"{differ[:3]} differ between ranks {dist.get_rank()} and {r} of the group {ranks}")
                 break
-    flags = torch.tensor([len(problems)], dtype=torch.int64)
-    from ..core.reduce import exchange_ints
-
-    if any(exchange_ints(group, flags.tolist())[:, 0].tolist()):  # every rank raises, not only those that saw it
+    if any(exchange_ints(group, [len(problems)])[:, 0].tolist()):  # every rank raises, not only those that saw it
         raise UsageError(
             "distclip: parameters declared replicated_over a group are not copies on its ranks"
             + (": " + "; ".join(problems[:3]) if problems else " (see the other ranks' errors)")
-            + ". A tensor that differs across the group is a shard: declare it sharded_over that group instead")
+            + ". A tensor that differs across the group is a shard: declare it sharded_over that group instead "
+            "(shape, dtype or values differ; the census compares them once, when the clipper is built)")

@@ -269,7 +269,9 @@ class FSDP2NormHook(ReductionHook):
         pieces, offset = [], 0
         for (_, numel, padded), i in zip(fsdp_params, params):  # FSDP2 lays each shard out padded, in this order
             copy = self._replicas.get(i)
-            key = None if copy is None else Replicas(("group", index), copy.index, copy.count)
+            # one replica set per (group, the parameter's own replica set): a group may hold parameters
+            # copied over different root dimensions (e.g. a norm over tp x ep, experts over tp only)
+            key = None if copy is None else Replicas(("group", index, copy.key), copy.index, copy.count)
             if i not in self.adapter.uncounted:
                 pieces.append(LocalPiece(0, offset, numel, i, key))
             offset += padded
@@ -311,20 +313,14 @@ class FSDP2NormHook(ReductionHook):
         self.record(index, local_partials([flat[a:b] for a, b in plan.slices], plan.groups, self.adapter.layout, device))
         self._measured.update(plan.params)
 
-    def versions(self) -> list[Any]:
-        """Identity and versions of the gradients FSDP writes (the others are measured at clip time).
-
-        Both the DTensor's and its local tensor's: an in-place op on the DTensor bumps only the
-        former, one on the local tensor (or a ``to_local()`` view of it) only the latter.
-        """
-        out: list[Any] = []
+    def gradients(self) -> list[torch.Tensor | None]:
+        """The gradients FSDP writes (the others are measured at clip time), each as the DTensor and its
+        local tensor: an in-place op on the DTensor bumps only the former's version, one on the local
+        tensor (or a ``to_local()`` view of it) only the latter's."""
+        out: list[torch.Tensor | None] = []
         for i in self.managed_order:
             grad = self.adapter.params[i].grad
-            if grad is None:
-                out.append(None)
-                continue
-            local = _compat.local_tensor(grad)
-            out.append((id(grad), _compat.version(grad), id(local), _compat.version(local)))
+            out += [grad, None if grad is None else _compat.local_tensor(grad)]
         return out
 
     def complete(self) -> bool:

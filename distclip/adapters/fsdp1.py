@@ -52,7 +52,7 @@ from ..core.unitwise import UnitPlan
 from . import _compat
 from .base import GradAdapter
 from .counting import LocalPiece, Replicas, cast_is_exact, counted_segments, covering_group, group_ranks, slice_segments
-from .hooks import ReductionHook, grad_versions
+from .hooks import ReductionHook
 
 HYBRID = frozenset({"HYBRID_SHARD", "_HYBRID_SHARD_ZERO2"})
 
@@ -346,9 +346,9 @@ class FSDP1NormHook(ReductionHook):
         device = self.adapter.collective_device([reduced])
         self.record(unit.index, local_partials([reduced[a:b] for a, b in slices], groups, self.adapter.layout, device))
 
-    def versions(self) -> list[Any]:
-        """Identity and version of every gradient FSDP writes (unmanaged ones are measured at clip time)."""
-        return grad_versions([s.grad for s in self.adapter._sources[: self.adapter._managed_sources]])
+    def gradients(self) -> list[torch.Tensor | None]:
+        """Every gradient FSDP writes (unmanaged ones are measured at clip time)."""
+        return [s.grad for s in self.adapter._sources[: self.adapter._managed_sources]]
 
     def complete(self) -> bool:
         sources = self.adapter._sources

@@ -11,9 +11,12 @@ partials of the gradients the optimizer will see:
    into an older one, a division after the hook, an inexact dtype cast): :meth:`invalidate`;
 3. after that backward, the gradients are the very tensors the backend wrote, with the same
    version counters: any in-place write since (an edit, ``no_sync`` accumulation, GradScaler's
-   ``unscale_``, made visible by :func:`~distclip.adapters._compat.track_amp_unscaling`) or a
-   replaced gradient invalidates it. A snapshot of identities and versions is taken at the end
-   of backward, after the backend's own final callback.
+   ``unscale_``, made visible by :func:`~distclip.adapters._compat.track_amp_unscaling`), an
+   in-place collective into one of them (``dist.all_reduce(p.grad)`` of tied weights or copies
+   synchronised by hand: c10d bumps no version; seen by
+   :func:`~distclip.adapters._compat.track_collective_writes`) or a replaced gradient
+   invalidates it. A snapshot of identities and versions is taken at the end of backward, after
+   the backend's own final callback.
 
 Otherwise :meth:`take` returns None and the clip measures the gradients after backward, which is
 always exact. Writes through ``tensor.data`` bypass version counters by torch's design, so they
@@ -34,8 +37,8 @@ class ReductionHook:
     """Partials measured inside one backward's gradient reduction, handed out once if still valid.
 
     Subclasses call :meth:`begin` at each reduction, then :meth:`record` (or :meth:`invalidate`),
-    and define :meth:`versions` (identity and version of every gradient the backend writes) and
-    :meth:`complete` (every piece holding a gradient was measured).
+    and define :meth:`gradients` (every gradient tensor the backend writes) and :meth:`complete`
+    (every piece holding a gradient was measured).
     """
 
     def __init__(self, layout: SlotLayout):
@@ -44,6 +47,7 @@ class ReductionHook:
         self._parts: dict[Hashable, torch.Tensor] = {}
         self._valid = True
         self._snapshot: list[Any] | None = None
+        self._writes: _compat.WriteWatch | None = None  # in-place collectives into the snapshot's gradients
 
     # -- during backward
     def begin(self) -> bool:
@@ -75,15 +79,18 @@ class ReductionHook:
             self._take_snapshot()
 
     def _take_snapshot(self) -> None:
-        self._snapshot = self.versions()
+        self._snapshot = grad_versions(self.gradients())
+        self._writes = _compat.watch_collective_writes((entry[0] for entry in self._snapshot if entry is not None),
+                                                       self.gradients)
 
     # -- at clip time
     def take(self) -> torch.Tensor | None:
         """The combined partials of the last backward, once, if provably still valid (else None)."""
         snapshot, self._snapshot = self._snapshot, None
-        if snapshot is None or not self._valid or not self._parts:
+        writes, self._writes = self._writes, None
+        if snapshot is None or not self._valid or not self._parts or (writes is not None and writes.written):
             return None
-        if snapshot != self.versions() or not self.complete():
+        if snapshot != grad_versions(self.gradients()) or not self.complete():
             return None
         parts = [self._parts[key] for key in sorted(self._parts)]
         return combine_partials(parts, self.layout, parts[0].device)
@@ -92,8 +99,9 @@ class ReductionHook:
     def on_new_backward(self) -> None:
         """Reset per-backward state of the subclass."""
 
-    def versions(self) -> list[Any]:
-        """Identity and version counter of every gradient the backend writes (None where absent)."""
+    def gradients(self) -> list[torch.Tensor | None]:
+        """Every gradient tensor the backend writes (None where absent); their identities and version
+        counters must be unchanged at clip time."""
         raise NotImplementedError
 
     def complete(self) -> bool:

@@ -6,7 +6,8 @@ the sum over the stages: each stage adapter counts its elements once among the s
 the partials of every stage travel in the SAME single collective, over the world (every stage's
 ranks together). So a pipeline adds no collective, and per-group clipping works across stages:
 the group table is built from the names of every stage (exchanged once at set-up over the
-pipeline group), so every rank has the same slot layout even where a group has no parameter.
+pipeline group, put in stage order), so every rank has the same slot layout even where a group
+has no parameter.
 
 Tied weights on two stages (torchtitan / Megatron: the first stage's embedding and the last
 stage's output head are copies the user keeps in sync by an all-reduce between the two stages)
@@ -16,6 +17,7 @@ the others are copies, excluded from the norm and scaled with the first one's gr
 
 from __future__ import annotations
 
+from collections import Counter
 from typing import Any, Sequence
 
 import torch
@@ -26,6 +28,7 @@ from ..core.groups import GroupTable
 from ..core.norms import SlotLayout, combine_partials
 from . import _compat
 from .base import GradAdapter
+from .declared import census_payload, check_census
 
 
 def pipeline_process_group(group: Any) -> Any:
@@ -41,13 +44,24 @@ def pipeline_process_group(group: Any) -> Any:
     return group
 
 
-def stage_modules(stages: Any) -> list[Any]:
-    """The objects to adapt: a stage, a PipelineStage (its ``submod``), or a list of them (virtual stages)."""
+def stage_modules(stages: Any, pipeline_rank: int, pipeline_size: int) -> list[tuple[int, Any]]:
+    """(stage index, object to adapt) of each stage this rank holds: a stage, a PipelineStage (its
+    ``submod`` and ``stage_index``), or a list of them (virtual stages).
+
+    A module does not know its stage index: the k-th module of a list is taken to be stage
+    ``k * pipeline_size + pipeline_rank`` (the "loop" assignment of torch's and torchtitan's
+    interleaved schedules); pass PipelineStage objects for any other assignment (e.g. V-shaped).
+    """
     items = list(stages) if isinstance(stages, (list, tuple)) else [stages]
     if not items:
         raise ConfigError("distclip: no pipeline stage given")
-    return [s.submod if isinstance(getattr(s, "submod", None), torch.nn.Module) and hasattr(s, "stage_index") else s
-            for s in items]
+    out = []
+    for k, s in enumerate(items):
+        if isinstance(getattr(s, "submod", None), torch.nn.Module) and hasattr(s, "stage_index"):
+            out.append((int(s.stage_index), s.submod))
+        else:
+            out.append((k * pipeline_size + pipeline_rank, s))
+    return out
 
 
 class PipelineAdapter(GradAdapter):
@@ -62,11 +76,13 @@ class PipelineAdapter(GradAdapter):
         self.pipeline_group = pipeline_process_group(pipeline_group)
         self.pipeline_ranks = frozenset(_compat.group_ranks(self.pipeline_group))
         self.pipeline_rank = dist.get_rank(self.pipeline_group)
-        self.stages = [single_adapter(m, pipeline_ranks=self.pipeline_ranks) for m in stage_modules(stages)]
+        held = stage_modules(stages, self.pipeline_rank, len(self.pipeline_ranks))
+        self.stage_indices = [index for index, _ in held]
+        self.stages = [single_adapter(m, pipeline_ranks=self.pipeline_ranks) for _, m in held]
         self.names = [n for s in self.stages for n in s.names]
         self.params = [p for s in self.stages for p in s.params]
         self.has_names = all(s.has_names for s in self.stages)
-        duplicates = sorted({n for n in self.names if self.names.count(n) > 1}) if len(self.stages) > 1 else []
+        duplicates = sorted(n for n, k in Counter(self.names).items() if k > 1)
         if duplicates:
             raise ConfigError(
                 f"distclip: the stages on this rank share parameter names {duplicates[:3]}: give virtual stages the "
@@ -76,16 +92,19 @@ class PipelineAdapter(GradAdapter):
             if len(tie) < 2 or not all(isinstance(n, str) for n in tie):
                 raise ConfigError(f"tied: each entry lists two or more parameter names (the counted one first), got {tie!r}")
         self.reduce_group = dist.group.WORLD
-        self._check_tiles_world()
+        self.setup_problems = self._tiling_problems()
 
-    def _check_tiles_world(self) -> None:
-        sizes = {s.stage_size() for s in self.stages}
+    def _tiling_problems(self) -> tuple[str, ...]:
+        """Whether the stages tile the world. Not raised here: a problem some ranks alone see would leave the
+        others waiting in the set-up exchange, so the clipper raises it on every rank after that exchange."""
+        sizes = sorted({s.stage_size() for s in self.stages})
         world, stages = dist.get_world_size(), len(self.pipeline_ranks)
-        if len(sizes) != 1 or stages * sizes.pop() != world:
-            raise ConfigError(
-                f"distclip: {stages} pipeline ranks x the ranks of each stage ({sorted({s.stage_size() for s in self.stages})}) "
-                f"do not make up the {world} ranks of the world; the norm is reduced over the world, so every rank "
-                "must hold a stage of this model (pass the pipeline group of this model's ranks)")
+        if len(sizes) == 1 and stages * sizes[0] == world:
+            return ()
+        return (f"distclip: {stages} pipeline ranks x the ranks of each stage ({sizes}: the stage's wrapper's ranks "
+                f"times the groups its tensors are declared over) do not make up the {world} ranks of the world; "
+                "the norm is reduced over the world, so every rank must hold a stage of this model (pass the "
+                "pipeline group of this model's ranks, and declare tensors only over groups inside their stage)",)
 
     # ----------------------------------------------------------------- layout
     def copies(self) -> dict[str, str]:
@@ -104,6 +123,10 @@ class PipelineAdapter(GradAdapter):
     def tensor_names(self) -> dict[int, str]:
         return {k: v for s in self.stages for k, v in s.tensor_names().items()}
 
+    def names_by_stage(self) -> list[tuple[int, list[str]]]:
+        """(stage index, parameter names) of each stage this rank holds."""
+        return [(index, stage.names) for index, stage in zip(self.stage_indices, self.stages)]
+
     def stage_key(self) -> int:
         """Which stage(s) this rank holds: ranks with the same key must have the same stage layout."""
         return self.pipeline_rank
@@ -112,11 +135,13 @@ class PipelineAdapter(GradAdapter):
         return {"adapter": self.kind, "pipeline_size": len(self.pipeline_ranks), "virtual_stages": len(self.stages)}
 
     def describe_stage(self) -> dict[str, object]:
-        return {"stages": [s.describe() for s in self.stages]}
+        return {"stages": [s.describe() for s in self.stages], "stage_indices": self.stage_indices}
 
     def verify_layout(self) -> None:
-        for stage in self.stages:
-            stage.verify_layout()
+        """The census of declared copies, on EVERY rank (one exchange over the world): stages that declare
+        nothing join it too, so that a model declaring tensors on some stages only does not hang."""
+        declarations = [d for s in self.stages for d in (s.declarations or [None] * len(s.names))]
+        check_census(self.reduce_group, census_payload(self.names, self.params, declarations))
 
     # ------------------------------------------------------------------ COUNT
     def local_grads(self) -> list[torch.Tensor | None]:

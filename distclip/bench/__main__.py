@@ -63,8 +63,22 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def relaunch_under_torchrun(args: argparse.Namespace, argv: list[str]) -> int:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(args.nproc),
-           "-m", "distclip.bench", *argv]
+           "-m", "distclip.bench", *without_nproc(argv)]
     return subprocess.call(cmd)
+
+
+def without_nproc(argv: list[str]) -> list[str]:
+    """The arguments for the ranks: ``--nproc`` is the launcher's (and torchrun would take it for its own
+    ``--nproc-per-node``: 'ambiguous option')."""
+    out, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg == "--nproc":
+            skip = True
+        elif not arg.startswith("--nproc="):
+            out.append(arg)
+    return out
 
 
 def init_distributed() -> torch.device:

@@ -1,4 +1,5 @@
-"""Benchmark cases: a backend (DDP, FSDP1, FSDP2, DeepSpeed) wrapping the same model, with one clipping variant.
+"""Benchmark cases: a backend (DDP, FSDP1, FSDP2, FSDP2 + TP, pipeline, DeepSpeed) wrapping the same model,
+with one clipping variant.
 
 A case exposes ``forward_backward(batch)``, ``clip()`` (None when the clip runs inside the
 optimizer step, as with DeepSpeed or ``attach``) and ``optimizer_step()``; clips inside the step
@@ -205,6 +206,115 @@ def build_fsdp2(variant: str, make_model: Callable[[], nn.Module], device: torch
 
 SHARDED_VARIANTS = ["none", "native", "distclip", "distclip-groups", "distclip-hook", "distclip-hook-groups",
                     "distclip-agc"]
+TP = PP = 2  # the tensor- and pipeline-parallel sizes of the N-D rows (the rest of the world is dp)
+
+
+def nd_mesh(device: torch.device, names: tuple[str, str]) -> Any:
+    """The (dp, tp) mesh with tp = TP, or the (pp, dp) mesh with pp = PP, over the world."""
+    from torch.distributed.device_mesh import init_device_mesh
+
+    if world() % 2:
+        raise SystemExit(f"the {names} benchmark needs an even number of ranks, got {world()}")
+    shape = (world() // TP, TP) if names == ("dp", "tp") else (PP, world() // PP)
+    return init_device_mesh(device.type, shape, mesh_dim_names=names)
+
+
+def build_fsdp2_tp(variant: str, make_model: Callable[[], nn.Module], device: torch.device) -> Case:
+    """torchtitan-style 2-D: each block's LayerNorm SequenceParallel (over the batch dimension) and its
+    Linear ColwiseParallel over tp=2, then fully_shard over dp (world / 2). Every parameter is a
+    DTensor on the (dp, tp) mesh, so torch's own clip works on it (the native row)."""
+    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.tensor import Shard
+    from torch.distributed.tensor.parallel import ColwiseParallel, SequenceParallel, parallelize_module
+
+    mesh = nd_mesh(device, ("dp", "tp"))
+    model = make_model().to(device)
+    for block in model.blocks:
+        parallelize_module(block, mesh["tp"], {
+            "norm": SequenceParallel(sequence_dim=0),
+            "linear": ColwiseParallel(input_layouts=Shard(0), output_layouts=Shard(0)),
+        })
+        fully_shard(block, mesh=mesh["dp"])
+    fully_shard(model, mesh=mesh["dp"])
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    case = Case("fsdp2-tp", variant, model, optimizer, None)
+    if variant == "native":
+        params = list(model.parameters())
+        case.clip = lambda: torch.nn.utils.clip_grad_norm_(params, MAX_NORM).full_tensor()
+    elif variant.startswith("distclip"):
+        case.clip = distclip.GradClipper(model, clip_config(variant, hook="hook" in variant)).clip
+    return case
+
+
+class PipelineStageNet(nn.Module):
+    """Consecutive blocks of a BenchNet under their full names (``blocks.N``)."""
+
+    def __init__(self, model: nn.Module, first: int, last: int):
+        super().__init__()
+        self.blocks = nn.ModuleDict({str(i): model.blocks[i] for i in range(first, last)})
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for block in self.blocks.values():
+            x = block(x)
+        return x
+
+
+class PipelineCase(Case):
+    """pp=2: stage 0's output goes to stage 1 (same dp coordinate) by send/recv, its gradient back."""
+
+    stage: int = 0
+    peer: int = 0
+
+    def forward_backward(self, x: torch.Tensor) -> None:
+        if self.stage == 0:
+            out = self.model(x)
+            dist.send(out.detach().contiguous(), self.peer)
+            grad = torch.empty_like(out)
+            dist.recv(grad, self.peer)
+            out.backward(grad)
+        else:
+            activation = torch.empty_like(x)
+            dist.recv(activation, self.peer)
+            activation.requires_grad_()
+            self.model(activation).pow(2).mean().backward()
+            dist.send(activation.grad.contiguous(), self.peer)
+
+
+def build_pipeline(variant: str, make_model: Callable[[], nn.Module], device: torch.device) -> Case:
+    """pp=2 x dp (world / 2): half the blocks per stage, DDP over dp when dp > 1. The native row is
+    torchtitan's recipe: torch's get_total_norm of the stage's gradients, all_reduce of norm^p over pp,
+    clip_grads_with_norm_."""
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    mesh = nd_mesh(device, ("pp", "dp"))
+    pp_rank, dp_rank = mesh["pp"].get_local_rank(), mesh["dp"].get_local_rank()
+    full = make_model()
+    half = len(full.blocks) // PP
+    stage: nn.Module = PipelineStageNet(full, pp_rank * half, len(full.blocks) if pp_rank else half).to(device)
+    if mesh["dp"].size() > 1:
+        stage = DDP(stage, device_ids=[device.index] if device.type == "cuda" else None,
+                    process_group=mesh["dp"].get_group())
+    optimizer = torch.optim.AdamW(stage.parameters(), lr=1e-4, fused=True)
+    case = PipelineCase("pipeline", variant, stage, optimizer, None)
+    case.stage = pp_rank
+    case.peer = int(mesh.mesh[1 - pp_rank, dp_rank])
+    pp_group = mesh["pp"].get_group()
+    if variant == "native":
+        params = list(stage.parameters())
+
+        def native() -> torch.Tensor:
+            total = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None], 2.0)
+            total = total ** 2
+            dist.all_reduce(total, group=pp_group)
+            total = total ** 0.5
+            torch.nn.utils.clip_grads_with_norm_(params, MAX_NORM, total)
+            return total
+
+        case.clip = native
+    elif variant.startswith("distclip"):
+        case.clip = distclip.GradClipper(stage, clip_config(variant, hook="hook" in variant),
+                                         pipeline_group=mesh["pp"]).clip
+    return case
 
 
 class DeepSpeedCase(Case):
@@ -254,6 +364,8 @@ BACKENDS: dict[str, tuple[Callable[..., Case], list[str]]] = {
                                  "distclip-hook-pertensor", "distclip-hook-pertensor-adagc"]),
     "fsdp1": (build_fsdp1, SHARDED_VARIANTS),
     "fsdp2": (build_fsdp2, SHARDED_VARIANTS),
+    "fsdp2-tp": (build_fsdp2_tp, SHARDED_VARIANTS),
+    "pipeline": (build_pipeline, SHARDED_VARIANTS),
     "deepspeed-zero1": (build_deepspeed(1), DEEPSPEED_VARIANTS),
     "deepspeed-zero2": (build_deepspeed(2), DEEPSPEED_VARIANTS),
     "deepspeed-zero3": (build_deepspeed(3), DEEPSPEED_VARIANTS),

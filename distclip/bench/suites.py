@@ -102,6 +102,7 @@ def _add_ratios(rows: list[dict[str, Any]]) -> None:
     by = {r["variant"]: r for r in rows}
     native, none = by.get("native"), by.get("none")
     for row in rows:
+        row["clip_ms_per_M"] = row["clip_ms"] / (row["num_params"] / 1e6)  # the per-element cost, any layout
         # memory the clip adds: its own peak, or (inside the step) the step's peak above no clipping's
         in_step = row["step_peak_bytes"] - (none["step_peak_bytes"] if none else 0)
         row["peak_mem_added_bytes"] = max(0, in_step) if row["clip_in_step"] else row["clip_peak_bytes"]

@@ -16,12 +16,13 @@ def print_backend_table(backend: str, params: int, rows: list[dict[str, Any]], m
     print(f"\n== {backend}: {rows[0]['num_params'] / 1e6:.1f}M params, {machine['world_size']} ranks "
           f"({machine['backend']}), median of measured steps ==")
     width = max(22, *(len(r["variant"]) for r in rows))
-    header = f"{'variant':{width}s} {'clip ms':>9s} {'step ms':>9s} {'vs native':>9s} {'vs uniform':>11s} " \
+    header = f"{'variant':{width}s} {'clip ms':>9s} {'ms/M':>7s} {'step ms':>9s} {'vs native':>9s} {'vs uniform':>11s} " \
              f"{'policy/fix':>10s} {'clip % step':>11s} {'step +%':>8s} {'colls':>6s} {'+mem MB':>8s}"
     print(header)
     print("-" * len(header))
     for r in rows:
-        print(f"{r['variant']:{width}s} {_fmt(r['clip_ms']):>9s} {_fmt(r['step_ms']):>9s} {_fmt(r.get('clip_vs_native')):>9s} "
+        print(f"{r['variant']:{width}s} {_fmt(r['clip_ms']):>9s} {_fmt(r.get('clip_ms_per_M'), '.3f'):>7s} "
+              f"{_fmt(r['step_ms']):>9s} {_fmt(r.get('clip_vs_native')):>9s} "
               f"{_fmt(r.get('groups_vs_uniform')):>11s} {_fmt(r.get('policy_vs_fixed')):>10s} "
               f"{_fmt(r.get('clip_pct_of_step'), '.1f'):>11s} "
               f"{_fmt(r.get('step_overhead_pct'), '+.1f'):>8s} "

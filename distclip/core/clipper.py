@@ -26,7 +26,7 @@ from .groups import GroupTable, resolve_groups
 from .names import canonical_name
 from .norms import SlotLayout, local_partials
 from .policies import PolicySet, SpikeDetector, build_policies, build_spike_detector
-from .reduce import check_consistency, exchange_bytes, reduce_slots, share_setup_failure
+from .reduce import ConfigMismatchError, check_consistency, exchange_bytes, reduce_slots, share_setup_failure
 from .report import ClipReport, clipped_mask
 from .sinks import MetricsLog
 from .unitwise import SlotsWithUnits, UnitPlan, unitwise_specs
@@ -79,6 +79,7 @@ class GradClipper:
     ):
         self.adapter: GradAdapter = adapter_for(model, pipeline_group=pipeline_group, tied=tied)  # needs no config
         self._pipeline = isinstance(self.adapter, PipelineAdapter)
+        self._setup_problems: list[str] = list(self.adapter.setup_problems)  # raised on every rank after the check
         names = self._names_of_every_stage()  # a collective under pipeline parallelism: before anything can fail
         try:
             self._set_up(config, overrides, params, names)
@@ -88,7 +89,7 @@ class GradClipper:
             share_setup_failure(self.adapter.reduce_group, err)
             raise
         _compat.track_amp_unscaling()  # GradScaler's unscaling becomes visible (hooks, overflow detection)
-        check_consistency(self.adapter.reduce_group, self.fingerprint(), self._summary(), *self._stage_fingerprint())
+        self._check_consistency()
         self.adapter.verify_layout()
         if self.config.comm_hook and self._excluded is None:
             self.adapter.enable_reduction_hook(ddp_comm_hook, ddp_comm_hook_state)
@@ -110,7 +111,10 @@ class GradClipper:
             )
         self.table: GroupTable = resolve_groups(self.config, names)
         if self._pipeline:
-            self.table = self.table.tied(self.adapter.copies())
+            try:
+                self.table = self.table.tied(self.adapter.copies())
+            except ConfigError as err:  # raised after the set-up exchange, on every rank (see _check_consistency)
+                self._setup_problems.append(str(err))
         self._excluded: int | None = None  # index of the hidden group of parameters outside ``params``
         if params is not None:
             self.table = self.table.restricted_to(self._names_of(params), self.config.norm_type)
@@ -236,9 +240,28 @@ class GradClipper:
         """Equal on every rank iff all clip the same way (under pipeline parallelism: the same slot layout)."""
         layout = self.table.groups_fingerprint() if self._pipeline else self.table.fingerprint()
         units = self.units.fingerprint() if self.units is not None else ""
-        return f"{self.config.fingerprint()}-{layout}-{units}-{sorted(self.adapter.describe().items())}"
+        return (f"{self.config.fingerprint()}-{layout}-{units}-{sorted(self.adapter.describe().items())}"
+                f"-{self._setup_problems}")
 
     # ---------------------------------------------------------------- internals
+    def _check_consistency(self) -> None:
+        """The set-up check; ranks whose parameters differ without ``pipeline_group`` are told about it.
+
+        Problems found before it (``_setup_problems``: a tied name no stage has, stages that do not tile
+        the world) are part of the fingerprint, so ranks that see different ones get a mismatch error and
+        ranks that all see the same get it raised here: every rank raises, none waits in a collective."""
+        try:
+            check_consistency(self.adapter.reduce_group, self.fingerprint(), self._summary(), *self._stage_fingerprint())
+        except ConfigMismatchError as err:
+            if self._pipeline or "group_layout:" not in str(err):  # the same text on every rank
+                raise
+            raise ConfigMismatchError(
+                f"{err}\nIf these ranks hold different pipeline stages of one model, pass the pipeline process group: "
+                "GradClipper(stage, config, pipeline_group=pp_group) (a ProcessGroup or a 1-D DeviceMesh such as "
+                "mesh['pp']), so that the norm is summed over the stages.") from None
+        if self._setup_problems:
+            raise ConfigError(self._setup_problems[0])
+
     def _bind_units(self) -> UnitPlan | None:
         """The unit layout of the groups clipped unit-wise (``kind: agc``), mapped onto this rank's pieces."""
         specs = unitwise_specs(self.config, self.table.groups)
@@ -264,17 +287,24 @@ class GradClipper:
 
     def _names_of_every_stage(self) -> list[str]:
         """The parameter names the group table is built from: every stage's under pipeline parallelism
-        (exchanged once over the pipeline group, in stage order), else this model's."""
+        (exchanged once over the pipeline group, in stage order: per-layer groups follow the model), else
+        this model's."""
         if not self._pipeline:
             return self.adapter.names
-        payloads = exchange_bytes(self.adapter.pipeline_group, json.dumps(self.adapter.names).encode())
-        return list(dict.fromkeys(n for payload in payloads for n in json.loads(payload)))
+        payloads = exchange_bytes(self.adapter.pipeline_group, json.dumps(self.adapter.names_by_stage()).encode())
+        stages = sorted((index, rank, names) for rank, payload in enumerate(payloads)
+                        for index, names in json.loads(payload))
+        return list(dict.fromkeys(n for _, _, names in stages for n in names))
 
     def _summary(self) -> dict[str, Any]:
+        """What the set-up error compares, key by key (under pipeline parallelism the group layout that all
+        ranks share, and each stage's own layout apart)."""
         stage = {"stage_layout": self._stage_fingerprint()[1]} if self._pipeline else {}
+        layout = self.table.groups_fingerprint() if self._pipeline else self.table.fingerprint()
         units = {"unit_layout": self.units.fingerprint()} if self.units is not None else {}
+        problems = {"setup_problems": self._setup_problems} if self._setup_problems else {}
         return {**self.config.to_dict(), "group_order": self.group_names,
-                "group_layout": self.table.fingerprint(), **self.adapter.describe(), **stage, **units}
+                "group_layout": layout, **self.adapter.describe(), **stage, **units, **problems}
 
     def _names_of(self, params: Iterable[torch.Tensor | str] | str) -> list[str]:
         """Canonical names of the parameters to clip (identity lookup among the adapter's parameters)."""
