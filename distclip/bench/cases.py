@@ -206,6 +206,7 @@ def build_fsdp2(variant: str, make_model: Callable[[], nn.Module], device: torch
 
 SHARDED_VARIANTS = ["none", "native", "distclip", "distclip-groups", "distclip-hook", "distclip-hook-groups",
                     "distclip-agc"]
+ND_VARIANTS = [v for v in SHARDED_VARIANTS if v != "distclip-agc"]
 TP = PP = 2  # the tensor- and pipeline-parallel sizes of the N-D rows (the rest of the world is dp)
 
 
@@ -364,8 +365,8 @@ BACKENDS: dict[str, tuple[Callable[..., Case], list[str]]] = {
                                  "distclip-hook-pertensor", "distclip-hook-pertensor-adagc"]),
     "fsdp1": (build_fsdp1, SHARDED_VARIANTS),
     "fsdp2": (build_fsdp2, SHARDED_VARIANTS),
-    "fsdp2-tp": (build_fsdp2_tp, SHARDED_VARIANTS),
-    "pipeline": (build_pipeline, SHARDED_VARIANTS),
+    "fsdp2-tp": (build_fsdp2_tp, ND_VARIANTS),  # agc refuses tensor-parallel shards and pipelines
+    "pipeline": (build_pipeline, ND_VARIANTS),
     "deepspeed-zero1": (build_deepspeed(1), DEEPSPEED_VARIANTS),
     "deepspeed-zero2": (build_deepspeed(2), DEEPSPEED_VARIANTS),
     "deepspeed-zero3": (build_deepspeed(3), DEEPSPEED_VARIANTS),
