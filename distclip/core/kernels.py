@@ -115,7 +115,7 @@ def _max_abs(tensors: list[torch.Tensor]) -> torch.Tensor:
 
 
 # ------------------------------------------------------------------ CPU plan
-Piece = tuple[int, "slice | None"]  # a tensor, and the flat slice of it taken (None: all of it)
+Piece = tuple[int, int, int]  # a tensor, its first element taken, and how many
 
 
 @dataclass(frozen=True)
@@ -157,11 +157,10 @@ class _Batch:
 
     def gather(self, tensors: list[torch.Tensor], into: torch.Tensor | None = None) -> torch.Tensor:
         """The pieces in order, in ``into`` (a buffer of their dtype) or in a fresh flat tensor."""
-        if into is None:  # flatten_dense_tensors makes the views in C++: cheaper for many small pieces
-            return _flatten_dense_tensors([tensors[i] if cut is None else tensors[i].view(-1)[cut]
-                                           for i, cut in self.pieces])
-        views = [tensors[i].view(-1) if cut is None else tensors[i].view(-1)[cut] for i, cut in self.pieces]
-        return torch.cat(views, out=into)
+        if into is None:  # flatten_dense_tensors flattens whole tensors in C++: cheaper for many small ones
+            return _flatten_dense_tensors([tensors[i] if not start and n == tensors[i].numel()
+                                           else _flat(tensors[i], start, n) for i, start, n in self.pieces])
+        return torch.cat([_flat(tensors[i], start, n) for i, start, n in self.pieces], out=into)
 
 
 @dataclass(frozen=True)
@@ -180,6 +179,7 @@ class _Plan:
     chunked: tuple[int, ...]  # large tensors, one partial per chunk
     small_batches: tuple[_Batch, ...]  # small tensors and row tails
     partial_of: torch.Tensor  # the tensor of each partial
+    one_partial_each: bool  # partial_of is 0, 1, 2, ...: the partials are the result
     sources: tuple[Piece, ...]  # the values of each partial
     bounds: tuple[torch.Tensor, torch.Tensor] | None  # per partial, the range it is trusted in: from the
     # least sum at which fp32 subnormal terms are negligible (0 for float64 terms) to float64's max;
@@ -199,9 +199,11 @@ class _Plan:
             parts.append(batch.segments.sums(_terms(batch.gather(tensors), p, in_fp32)))
         if not parts:
             return torch.zeros(self.num_tensors, dtype=ACC_DTYPE)
-        partials = torch.cat(parts)
+        partials = torch.cat(parts) if len(parts) > 1 else parts[0]
         if self.bounds is not None:
             self._recheck(partials, tensors, p)
+        if self.one_partial_each:
+            return partials
         return torch.zeros(self.num_tensors, dtype=ACC_DTYPE).index_add_(0, self.partial_of, partials)
 
     def _direct_row_sums(self, tensors: list[torch.Tensor]) -> torch.Tensor:
@@ -222,14 +224,18 @@ class _Plan:
         ok = partials.clamp(floor, ceiling) == partials
         if not ok.all():  # rare; on CPU, reading the flag synchronises with nothing
             for k in ok.logical_not_().nonzero().flatten().tolist():
-                i, cut = self.sources[k]
-                values = tensors[i].view(-1) if cut is None else tensors[i].view(-1)[cut]
-                partials[k] = sum(_terms(c, p, in_fp32=False).sum() for c in values.split(CHUNK))
+                i, start, n = self.sources[k]
+                partials[k] = sum(_terms(c, p, in_fp32=False).sum() for c in _flat(tensors[i], start, n).split(CHUNK))
 
 
 def _rows(t: torch.Tensor, m: int) -> torch.Tensor:
     """The first m * ROW values of a contiguous tensor as an (m, ROW) matrix (one view, no copy)."""
     return t.as_strided((m, ROW), (ROW, 1))
+
+
+def _flat(t: torch.Tensor, start: int, n: int) -> torch.Tensor:
+    """Values [start, start + n) of a contiguous tensor, flat (one view, no copy)."""
+    return t.as_strided((n,), (1,), t.storage_offset() + start)
 
 
 def _batches(pieces: list[tuple[Piece, int]], segment_unit: int = 1) -> list[_Batch]:
@@ -256,27 +262,27 @@ def _plan(method: str, numels: tuple[int, ...]) -> _Plan:
             if n >= ROWS_ALONE:
                 direct.append((i, m))
             else:
-                medium.append(((i, None if n == m * ROW else slice(0, m * ROW)), m * ROW))
+                medium.append(((i, 0, m * ROW), m * ROW))
             if n % ROW:
-                small.append(((i, slice(m * ROW, n)), n % ROW))
+                small.append(((i, m * ROW, n % ROW), n % ROW))
         elif n >= LARGE:
             chunked.append(i)
         elif n:
-            small.append(((i, None), n))
+            small.append(((i, 0, n), n))
     row_batches, small_batches = _batches(medium, ROW), _batches(small)
-    sources: list[Piece] = [(i, slice(0, m * ROW)) for i, m in direct]
+    sources: list[Piece] = [(i, 0, m * ROW) for i, m in direct]
     sources += [piece for b in row_batches for piece in b.pieces]
     checked = [True] * len(sources)  # row partials come from fp32 squares
     for i in chunked:
-        sources += [(i, slice(j, j + CHUNK)) for j in range(0, numels[i], CHUNK)]
+        sources += [(i, j, min(CHUNK, numels[i] - j)) for j in range(0, numels[i], CHUNK)]
     sources += [piece for b in small_batches for piece in b.pieces]
     checked += [method == "fp32"] * (len(sources) - len(checked))
-    sizes = [numels[i] if cut is None else len(range(*cut.indices(numels[i]))) for i, cut in sources]
-    floor = [n * _SUBNORMAL_FLOOR if fp32 else 0.0 for n, fp32 in zip(sizes, checked)]
+    floor = [n * _SUBNORMAL_FLOOR if fp32 else 0.0 for (_, _, n), fp32 in zip(sources, checked)]
+    partial_of = [i for i, _, _ in sources]
     return _Plan(
         method, len(numels), tuple(direct), _Segments.of([m for _, m in direct]), tuple(row_batches),
-        tuple(chunked), tuple(small_batches), torch.tensor([i for i, _ in sources], dtype=torch.long),
-        tuple(sources), _bounds(floor) if any(checked) else None,
+        tuple(chunked), tuple(small_batches), torch.tensor(partial_of, dtype=torch.long),
+        partial_of == list(range(len(numels))), tuple(sources), _bounds(floor) if any(checked) else None,
     )
 
 
