@@ -48,13 +48,16 @@ CHUNK = 1 << 20  # elements per cache-resident chunk of a large tensor, and per 
 _MAX_GROUPS = 16  # packed pieces of at most this many distinct lengths are summed as matrices
 _SUBNORMAL_FLOOR = 2.0**-99  # per element: below this mean term, fp32 subnormal terms may matter
 _AMINMAX_FROM = 1 << 15  # p = inf on CPU: from this size aminmax, below it torch's foreach norm
+_CPU_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)  # others: torch's foreach norm
 
 
+@torch.no_grad()
 def power_sums(tensors: Sequence[torch.Tensor], p: float) -> torch.Tensor:
     """Per tensor: sum |t|^p (max |t| for p = inf), as a float64 1-D tensor on the tensors' device.
 
-    All tensors share one device and one floating dtype; an empty tensor gives 0. No host
-    synchronisation on the device, and linear cost in the number of tensors and of elements.
+    All tensors share one device and one floating dtype; an empty tensor gives 0. Linear cost
+    in the number of tensors and of elements; no host synchronisation (on CPU one flag is read,
+    see the module docstring: there is no device to wait for).
     """
     if not p > 0:
         raise ValueError(f"power_sums needs p > 0 (or inf), got {p!r}")
@@ -67,7 +70,7 @@ def power_sums(tensors: Sequence[torch.Tensor], p: float) -> torch.Tensor:
                          f"(got {sorted({str(t.dtype) for t in tensors})})")
     if math.isinf(p):
         return _max_abs(tensors)  # exact in any precision
-    if tensors[0].device.type != "cpu" or (dtype == torch.float64 and p >= 1):
+    if tensors[0].device.type != "cpu" or (dtype == torch.float64 and p >= 1) or dtype not in _CPU_DTYPES:
         return _foreach_power_sums(tensors, p)
     tensors = [t if t.is_contiguous() else t.contiguous() for t in tensors]
     return _plan(_method(dtype, p), tuple(t.numel() for t in tensors)).run(tensors, p)
@@ -252,7 +255,7 @@ def _batches(pieces: list[tuple[Piece, int]], segment_unit: int = 1) -> list[_Ba
             for g in groups]
 
 
-@lru_cache(maxsize=64)
+@lru_cache(maxsize=1024)  # one plan per list of sizes: per bucket for the comm hooks
 def _plan(method: str, numels: tuple[int, ...]) -> _Plan:
     """Route every tensor, once per list of sizes (cached: the per-step path builds no tensors)."""
     direct, medium, chunked, small = [], [], [], []
