@@ -109,17 +109,25 @@ def test_empty_tensors_give_zero():
         assert power_sums([empty, torch.ones(3), empty], p).tolist() == [0.0, 3.0 if p != math.inf else 1.0, 0.0]
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("n", [300, 2**16 + 3])
 @pytest.mark.parametrize("p", [0.5, 2.0, 3.5, 4.0])
-def test_terms_outside_fp32_range(n, p):
-    """|x|^p beyond fp32's range: fp32 partials are detected and redone with float64 terms."""
+def test_terms_outside_fp32_range(n, p, dtype):
+    """|x|^p beyond fp32's range. Partials of fp32 terms (fp32 at p = 2, any dtype at p != 1, 2)
+    that came out non-finite or below 2^-99 per element are redone with float64 terms; the
+    other paths take float64 terms from the start."""
     huge = torch.full((n,), 3e38)  # x^2 and x^3.5 overflow fp32
     big = data("normal", n, torch.float32) * 1e20
     tiny = data("normal", n, torch.float32) * 1e-25  # x^2 below fp32's subnormals
-    subnormal = torch.full((n,), 1e-40)  # fp32 subnormal values
+    subnormal = torch.full((n,), 1e-40)  # fp32 subnormal values (bf16 keeps some of them)
     lone = torch.zeros(n)
     lone[n // 2] = 1e-30
-    assert_exact([huge, big, tiny, subnormal, lone, torch.zeros(n)], p)
+    assert_exact([t.to(dtype) for t in (huge, big, tiny, subnormal, lone, torch.zeros(n))], p)
+
+
+def test_fp16_terms_outside_fp32_range():
+    assert_exact([torch.full((5000,), 65504.0, dtype=torch.float16)], 8.0)  # 65504^8 > fp32 max
+    assert_exact([torch.full((5000,), 6e-8, dtype=torch.float16)], 6.0)  # (6e-8)^6 below fp32's subnormals
 
 
 @pytest.mark.parametrize("p", [1.0, 2.0, 3.5, math.inf])
