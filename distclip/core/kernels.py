@@ -10,7 +10,7 @@ No fp32 sum in it runs over more than a few terms:
   terms, then 15 additions folding the lanes); the row results are squared and summed in
   float64. Worst case over every input of equal values (all 2^23 mantissas tried): 6.2e-7;
   random rows err by about 1e-7 each and cancel across rows. (The a-priori bound, for rows
-  built to round the same way at every step, is 31 fp32 roundings of 2^-24 each: 1.8e-6.)
+  built to round the same way at every step, is about 32 fp32 roundings of 2^-24: 1.9e-6.)
 - p = 1, and p = 2 in bf16/fp16: the terms in float64 (|x| and x^2 are exact there).
 - any other p: the terms |x|^p in fp32 (``pow`` within 1 ulp each), summed in float64.
 
