@@ -91,8 +91,8 @@ def test_16m_bf16():
 
 
 def test_worst_equal_row():
-    """fp32, p = 2: the row kernel's worst case over every fp32 mantissa, all values equal (6.2e-7)."""
-    for c in (1.1547012329101562, 1.4142166376113892, 0.1, 1.0):
+    """fp32, p = 2: the row kernel's worst case over every fp32 mantissa, all values equal (6.6e-7)."""
+    for c in (1.154783010482788, 1.1547012329101562, 1.4142166376113892, 0.1, 1.0):
         assert_exact([torch.full((256 * 300,), c), torch.full((256 * 3,), c)], 2.0)
 
 
