@@ -123,7 +123,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.kernels > 0:
         results["kernels"] = bench_kernels(args.kernels, device)
         if rank == 0:
-            print_kernels(results["kernels"], results["machine"])  # type: ignore[arg-type]
+            print_kernels(results["kernels"], results["machine"])
     if rank == 0:
         save(results, args.json)
         print(f"\nresults written to {args.json}  (variants: {VARIANTS})")
