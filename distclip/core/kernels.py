@@ -17,7 +17,7 @@ No fp32 sum in it runs over more than a few terms:
 Large tensors are taken in chunks of ``CHUNK`` values held in cache; small tensors (and what
 is left after the last row) are packed into one buffer; fp64 tensors use torch's kernels, which
 accumulate in float64 (p >= 1; for p < 1 their final root could overflow, so they are packed or
-chunked too).
+chunked too). The cache-sized scratch buffers (12 MB) are kept per thread between calls.
 
 Over- and underflow: a partial built from fp32 terms is checked, and recomputed with its terms
 in float64 if it came out non-finite (a term above fp32's range: |x| > 2^64 at p = 2) or below
