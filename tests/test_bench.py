@@ -17,7 +17,7 @@ def test_bench_runs_and_writes_json(tmp_path):
     out = tmp_path / "bench.json"
     cmd = [sys.executable, "-m", "distclip.bench", "--backends", "ddp,deepspeed-zero2", "--params", "200K",
            "--layers", "4", "--steps", "2",
-           "--warmup", "1", "--scaling", "50,200", "--bandwidth-mb", "4", "--json", str(out)]
+           "--warmup", "1", "--scaling", "50,200", "--bandwidth-mb", "4", "--kernels", "0.001", "--json", str(out)]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "== ddp:" in proc.stdout and "vs native" in proc.stdout
@@ -34,6 +34,10 @@ def test_bench_runs_and_writes_json(tmp_path):
     assert zero2["distclip"]["clip_ms"] > 0 and zero2["native"]["clip_ms"] > 0
     assert set(results["scaling"]["series"]) >= {"torch clip_grad_norm_ (plain)", "distclip (plain)"}
     assert results["bandwidth"]["norm"]["GBps"] > 0
+    kernels = results["kernels"]
+    assert {(r["case"], r["p"]) for r in kernels} >= {("1 x 50K fp32", 1.0), ("24 x 2K fp32", 3.5)}
+    assert all(r["ratio"] > 0 and r["distclip_err"] <= 1e-6 for r in kernels)
+    assert "local norm kernels" in proc.stdout
 
 
 def test_bench_nd_rows(tmp_path):

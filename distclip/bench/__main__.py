@@ -25,8 +25,8 @@ except ImportError:
     raise SystemExit("distclip bench needs numpy (torch's CommDebugMode imports it): pip install 'distclip[bench]'") from None
 
 from .cases import BACKENDS, VARIANTS
-from .suites import bench_backend, bench_bandwidth, bench_scaling
-from .table import print_backend_table, print_bandwidth, print_scaling
+from .suites import bench_backend, bench_bandwidth, bench_kernels, bench_scaling
+from .table import print_backend_table, print_bandwidth, print_kernels, print_scaling
 
 
 def parse_size(text: str) -> int:
@@ -56,6 +56,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--scaling-budget", type=float, default=60.0,
                         help="seconds: skip a baseline whose projected time exceeds this")
     parser.add_argument("--bandwidth-mb", type=float, default=256, help="gradient megabytes for the bandwidth suite (0 to skip)")
+    parser.add_argument("--kernels", type=float, default=1.0,
+                        help="size of the norm-kernel suite (1: 50M fp32, 16M bf16, 24 x 2M fp32; 0 to skip)")
     parser.add_argument("--json", default="bench-results/bench.json", help="where to write the results")
     parser.add_argument("--nproc", type=int, default=2, help="ranks to start when not launched by torchrun")
     return parser.parse_args(argv)
@@ -127,7 +129,8 @@ def main(argv: list[str] | None = None) -> int:
     quiet()
     device = init_distributed()
     rank = dist.get_rank()
-    results: dict[str, object] = {"machine": machine(), "args": vars(args), "backends": [], "scaling": None, "bandwidth": None}
+    results: dict[str, object] = {"machine": machine(), "args": vars(args), "backends": [], "scaling": None, "bandwidth": None,
+                                 "kernels": None}
     for backend in [b for b in args.backends.split(",") if b]:
         if backend not in BACKENDS:
             raise SystemExit(f"unknown backend {backend!r}; choose from {list(BACKENDS)}")
@@ -145,6 +148,10 @@ def main(argv: list[str] | None = None) -> int:
         results["bandwidth"] = bench_bandwidth(args.bandwidth_mb, device)
         if rank == 0:
             print_bandwidth(results["bandwidth"])
+    if args.kernels > 0:
+        results["kernels"] = bench_kernels(args.kernels, device)
+        if rank == 0:
+            print_kernels(results["kernels"], results["machine"])
     if rank == 0:
         save(results, args.json)
         print(f"\nresults written to {args.json}  (variants: {VARIANTS})")

@@ -1,9 +1,10 @@
-"""The three benchmark suites: per-backend step/clip cost, scaling in the number of tensors, bandwidth."""
+"""The benchmark suites: per-backend step/clip cost, scaling in the number of tensors, bandwidth, norm kernels."""
 
 from __future__ import annotations
 
 import argparse
 import math
+import statistics
 import time
 from typing import Any, Callable
 
@@ -12,6 +13,7 @@ import torch.distributed as dist
 from torch import nn
 
 import distclip
+from distclip.core.kernels import power_sums
 
 from .cases import BACKENDS, MAX_NORM, BenchNet, dim_for
 from .measure import Stopwatch, count_collectives, growth_exponent, median_ms, peak_memory_added
@@ -239,3 +241,57 @@ def bench_bandwidth(megabytes: float, device: torch.device) -> dict[str, Any]:
         "norm": {"seconds": norm_s, "traffic_bytes": nbytes, "GBps": nbytes / norm_s / 1e9},
         "norm_and_scale": {"seconds": clip_s, "traffic_bytes": 3 * nbytes, "GBps": 3 * nbytes / clip_s / 1e9},
     }
+
+
+# ----------------------------------------------------------------- kernels
+KERNEL_CASES = [(1, 50_000_000, "fp32"), (1, 16_000_000, "bf16"), (24, 2_000_000, "fp32")]  # tensors, elements, dtype
+KERNEL_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+KERNEL_PS = (1.0, 2.0, 3.5)
+
+
+def bench_kernels(scale: float, device: torch.device, repeats: int = 7) -> list[dict[str, Any]]:
+    """torch's fp32 foreach norm against distclip's power_sums on the same tensors, timed in turns.
+
+    Both give per tensor sum |t|^p (torch's norms raised to p in float64); each is compared with
+    float64 on the same values (the worst tensor's relative error). ``scale`` shrinks the cases.
+    """
+    gen = torch.Generator().manual_seed(0)
+    rows = []
+    for count, numel, dtype in KERNEL_CASES:
+        n = max(1, int(numel * scale))
+        name = f"{count} x {_count(n)} {dtype}"
+        tensors = [torch.randn(n, generator=gen).to(device=device, dtype=KERNEL_DTYPES[dtype]) for _ in range(count)]
+        for p in KERNEL_PS:
+            exact = [t.double().abs_().pow_(p).sum() for t in tensors]  # the float64 reference
+            kernels = {"torch": lambda: torch.stack(torch._foreach_norm(tensors, p, dtype=torch.float32)).double().pow(p),
+                       "distclip": lambda: power_sums(tensors, p)}
+            times: dict[str, list[float]] = {k: [] for k in kernels}
+            errors = {k: _worst_rel_err(fn(), exact) for k, fn in kernels.items()}  # also a warm-up
+            for r in range(repeats):
+                for k in (list(kernels) if r % 2 == 0 else list(kernels)[::-1]):  # alternate who goes first
+                    watch = Stopwatch(device)
+                    watch.mark()
+                    kernels[k]()
+                    watch.mark()
+                    times[k].append(watch.lap(0))
+            torch_s, ours_s = _max_over_ranks(min(times["torch"])), _max_over_ranks(min(times["distclip"]))
+            rows.append({"case": name, "p": p, "torch_ms": 1e3 * torch_s, "distclip_ms": 1e3 * ours_s,
+                         "ratio": ours_s / torch_s,
+                         "median_pair_ratio": _max_over_ranks(statistics.median(
+                             o / t for o, t in zip(times["distclip"], times["torch"]))),
+                         "torch_err": errors["torch"], "distclip_err": errors["distclip"]})
+        del tensors
+    return rows
+
+
+def _worst_rel_err(got: torch.Tensor, exact: list[torch.Tensor]) -> float:
+    want = torch.stack(exact).to(got.device)
+    return ((got - want).abs() / want.abs()).max().item()
+
+
+def _count(n: int) -> str:
+    """50000000 -> '50M', 20000 -> '20K'."""
+    for unit, size in (("G", 10**9), ("M", 10**6), ("K", 10**3)):
+        if n >= size:
+            return f"{n / size:g}{unit}"
+    return str(n)

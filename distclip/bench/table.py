@@ -46,3 +46,17 @@ def print_bandwidth(bw: dict[str, Any]) -> None:
         row = bw[name]
         print(f"{name:16s} {row['seconds'] * 1e3:9.2f} ms  {row['GBps']:7.2f} GB/s "
               f"(traffic {row['traffic_bytes'] / 1e9:.2f} GB, {row['GBps'] / bw['copy']['GBps']:.2f}x copy)")
+
+
+def print_kernels(rows: list[dict[str, Any]], machine: dict[str, Any]) -> None:
+    print(f"\n== local norm kernels: torch's fp32 foreach norm vs distclip power_sums, same tensors, in turns "
+          f"({machine['threads_per_rank']} thread(s) per rank, best of the runs) ==")
+    header = f"{'case':14s} {'p':>4s} {'torch ms':>10s} {'distclip ms':>12s} {'ratio':>7s} {'pair ratio':>11s} " \
+             f"{'torch err':>10s} {'distclip err':>13s}"
+    print(header)
+    print("-" * len(header))
+    for r in rows:
+        print(f"{r['case']:14s} {r['p']:4.1f} {r['torch_ms']:10.2f} {r['distclip_ms']:12.2f} {r['ratio']:7.2f} "
+              f"{r['median_pair_ratio']:11.2f} {r['torch_err']:10.1e} {r['distclip_err']:13.1e}")
+    print("(err: worst relative error of a tensor's sum |t|^p against float64 on the same values; "
+          "pair ratio: median of distclip/torch over the runs)")

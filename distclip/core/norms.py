@@ -16,6 +16,7 @@ import torch
 from torch.utils._foreach_utils import _group_tensors_by_device_and_dtype
 
 from .groups import ClipGroup
+from .kernels import power_sums
 
 ACC_DTYPE = torch.float64  # dtype of the slot vector and of the cross-rank reduction
 
@@ -122,39 +123,6 @@ def _root(values: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
     return torch.where(torch.isinf(p), values, values.pow(1.0 / p))
 
 
-def _norm_dtype(dtype: torch.dtype) -> torch.dtype:
-    """Accumulate bf16/fp16 in fp32 (never in the gradient's own low precision)."""
-    return dtype if dtype in (torch.float32, torch.float64) else torch.float32
-
-
-_LARGE = 1 << 15  # elements: above this, a per-tensor kernel call costs less than its reduction
-
-
-def _per_tensor_norms(tensors: list[torch.Tensor], p: float, dtype: torch.dtype) -> list[torch.Tensor]:
-    """Norm of each tensor (same device and dtype), in ``dtype`` or wider; 0 for an empty tensor.
-
-    The infinity norm is special: foreach raises on empty tensors (no identity for max), and on
-    CPU torch's kernel is an unvectorised reduction several times slower than ``aminmax``, so
-    large tensors use max|g| = max(max g, -min g) (NaN propagates).
-    """
-    if not math.isinf(p):
-        return list(torch._foreach_norm(tensors, p, dtype=dtype))
-    on_cpu = tensors[0].device.type == "cpu"
-    norms = [tensors[0].new_zeros((), dtype=dtype)] * len(tensors)
-    small = []
-    for i, t in enumerate(tensors):
-        n = t.numel()
-        if on_cpu and n >= _LARGE:
-            low, high = torch.aminmax(t)
-            norms[i] = torch.maximum(high, -low).to(dtype)
-        elif n:
-            small.append(i)
-    if small:
-        for i, n in zip(small, torch._foreach_norm([tensors[i] for i in small], p, dtype=dtype)):
-            norms[i] = n
-    return norms
-
-
 def local_partials(
     tensors: Sequence[torch.Tensor],
     group_ids: Sequence[int],
@@ -163,7 +131,7 @@ def local_partials(
 ) -> torch.Tensor:
     """The slot vector of this rank's pieces: sum |t|^p per slot (max |t| for p = inf).
 
-    One foreach norm per (p, device, dtype) and one scatter into the slots: linear in the number
+    One ``power_sums`` per (p, device, dtype) and one scatter into the slots: linear in the number
     of tensors, independent of the number of groups, no host synchronisation. Empty tensors
     contribute nothing.
     """
@@ -180,7 +148,7 @@ def local_partials(
             continue
         grouped = _group_tensors_by_device_and_dtype([chosen], with_indices=True)
         for (dev, dtype), ([same_kind], indices) in grouped.items():
-            values = torch.stack(_per_tensor_norms(same_kind, p, _norm_dtype(dtype))).to(ACC_DTYPE)
+            values = power_sums(same_kind, p)  # float64: sum |t|^p, or max |t| for p = inf
             ids = slot_ids if len(grouped) == 1 else [slot_ids[i] for i in indices]
             index = layout.slot_index(ids, values.device)
             contrib = torch.zeros(layout.num_slots, dtype=ACC_DTYPE, device=values.device)
@@ -188,7 +156,7 @@ def local_partials(
                 contrib.scatter_reduce_(0, index, values, reduce="amax")
                 out = torch.maximum(out, contrib.to(device))
             else:
-                contrib.index_add_(0, index, values if p == 1 else values.pow(p))
+                contrib.index_add_(0, index, values)
                 out = out + contrib.to(device)
     return out
 
