@@ -41,7 +41,13 @@ import torch
 
 from .config import ClipConfig, ConfigError
 from .groups import ClipGroup
-from .norms import ACC_DTYPE, SlotLayout, _norm_dtype, _per_tensor_norms
+from .kernels import power_sums
+from .norms import ACC_DTYPE, SlotLayout
+
+
+def _row_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Row norms accumulate bf16/fp16 in fp32 (never in their own low precision), as timm's reference in fp32."""
+    return dtype if dtype in (torch.float32, torch.float64) else torch.float32
 
 GRAD_NORM_FLOOR = 1e-6  # timm's grad_norm.clamp(min=1e-6)
 
@@ -333,13 +339,14 @@ class PieceMap:
             if batch.kind == "rows":
                 for s, start, stop, rows, _ in batch.members:
                     block = tensors[s].reshape(-1)[start:stop].view(rows, -1)
-                    chunks.append(torch.linalg.vector_norm(block, p, dim=1, dtype=_norm_dtype(block.dtype)))
+                    chunks.append(torch.linalg.vector_norm(block, p, dim=1, dtype=_row_dtype(block.dtype)))
             elif batch.kind == "stacked":
                 block = torch.cat([tensors[s].reshape(-1)[start:stop] for s, start, stop, _, _ in batch.members])
-                chunks.append(torch.linalg.vector_norm(block.view(-1, batch.row), p, dim=1, dtype=_norm_dtype(batch.dtype)))
-            else:
+                chunks.append(torch.linalg.vector_norm(block.view(-1, batch.row), p, dim=1, dtype=_row_dtype(batch.dtype)))
+            else:  # whole small parameters: distclip's exact partial sums, then the root
                 parts = [tensors[s].reshape(-1)[start:stop] for s, start, stop, _, _ in batch.members]
-                chunks.append(torch.stack(_per_tensor_norms(parts, p, _norm_dtype(batch.dtype))))
+                sums = power_sums(parts, p)
+                chunks.append(sums if math.isinf(p) else sums.pow(1.0 / p))
         return torch.cat([c.to(device, ACC_DTYPE) for c in chunks]) if len(chunks) > 1 else chunks[0].to(device, ACC_DTYPE)
 
     # ------------------------------------------------------------------ applying
