@@ -23,14 +23,12 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 import distclip
 from distclip.testing import run_ranks
+from tests.checks import cpu_kernel_flag_read
 from tests.models import batch, loss_fn, make_model
 
 pytestmark = pytest.mark.multiprocess
 
 PACKAGE = os.path.dirname(distclip.__file__)
-# distclip/core/kernels.py runs on CPU tensors only (on CUDA the partials are torch's foreach norms):
-# its one flag read per call (over/underflow recheck) waits on no device, so it is not a host sync.
-CPU_KERNELS = os.path.join(PACKAGE, "core", "kernels.py")
 BUILDERS = {"torch.tensor": (torch, "tensor"), "torch.as_tensor": (torch, "as_tensor")}
 SYNCS = {f"Tensor.{m}": (torch.Tensor, m) for m in ("item", "tolist", "__bool__", "__float__")}
 
@@ -44,8 +42,7 @@ def count_distclip_calls() -> Iterator[Counter]:
     def wrap(label: str, fn):
         def counted(*args, **kwargs):
             caller = sys._getframe(1).f_code.co_filename
-            on_cpu = bool(args) and isinstance(args[0], torch.Tensor) and args[0].device.type == "cpu"
-            if caller.startswith(PACKAGE) and not (caller == CPU_KERNELS and on_cpu):
+            if caller.startswith(PACKAGE) and not cpu_kernel_flag_read(caller, args):
                 counts[label] += 1
             return fn(*args, **kwargs)
         return counted

@@ -18,6 +18,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import distclip
+from tests.checks import cpu_kernel_flag_read
 from distclip import ClipAuditError, ClipConfig, ConfigError, GradClipper, JSONLSink, MissingExtraError
 from distclip.core.audit import StaleClippingWarning
 from distclip.testing import run_ranks
@@ -147,10 +148,15 @@ def test_clip_counts_and_logging_add_no_host_sync(monkeypatch, tmp_path):
     calls: list[str] = []
 
     def counting(name):
+
         def call(*args, **kwargs):
+            if cpu_kernel_flag_read(sys._getframe(1).f_code.co_filename, args):
+                return originals[name](*args, **kwargs)
             calls.append(name)
             raise AssertionError(f"host sync: {name}")
         return call
+
+    originals = {f"Tensor.{n}": getattr(torch.Tensor, n) for n in SYNCING}
 
     for step in range(2, 6):
         model.zero_grad()
