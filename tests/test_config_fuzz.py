@@ -10,7 +10,6 @@ import math
 import os
 import re
 import tempfile
-from fractions import Fraction
 from pathlib import Path
 
 import numpy as np

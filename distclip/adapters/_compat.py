@@ -16,7 +16,6 @@ from typing import Any, Callable, Iterable, Sequence
 
 import torch
 import torch.distributed as dist
-from torch.utils.weak import WeakIdKeyDictionary
 
 TESTED_TORCH = "2.13"
 

@@ -26,7 +26,7 @@ import torch.distributed as dist
 
 from ..core.config import ConfigError
 from ..core.groups import GroupTable
-from ..core.norms import SlotLayout, local_partials
+from ..core.norms import SlotLayout, combine_partials, local_partials
 from ..core.reduce import ProcessGroup, collective_device
 from ..core.unitwise import Span, UnitPlan
 from . import _compat
@@ -165,6 +165,17 @@ class GradAdapter:
     def reduced_partials(self) -> torch.Tensor | None:
         """Local slot partials already computed inside the gradient reduction, if provably valid."""
         return self.hook.take() if self.hook is not None else None
+
+    def with_pieces_outside_the_hook(self, partials: torch.Tensor | None, segments: list[Segment]) -> torch.Tensor | None:
+        """The hook's partials plus those of ``segments`` (gradients no reduction hook sees, e.g.
+        parameters FSDP does not manage), measured now; None when the hook's result is not valid."""
+        if partials is None:
+            return None
+        pieces, groups = slice_segments(self.local_grads(), segments, self.group_of)
+        if not pieces:
+            return partials
+        return combine_partials([partials, local_partials(pieces, groups, self.layout, partials.device)],
+                                self.layout, partials.device)
 
     # ------------------------------------------------------------------ APPLY
     def scaled_grads(self) -> list[list[torch.Tensor]]:

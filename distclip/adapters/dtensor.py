@@ -37,8 +37,7 @@ import torch.distributed as dist
 from torch.distributed.tensor import DTensor
 
 from ..core.config import ConfigError
-from ..core.groups import GroupTable
-from ..core.norms import SlotLayout, combine_partials, local_partials
+from ..core.norms import local_partials
 from ..core.unitwise import UnitPlan
 from . import _compat
 from .base import GradAdapter
@@ -214,13 +213,9 @@ class DTensorAdapter(GradAdapter):
         if self.hook is None:
             return None
         partials = self.hook.take()
-        if partials is None or self._unlike():  # unlike: not laid out as FSDP's reduction writes them
+        if self._unlike():  # not laid out as FSDP's reduction writes them
             return None
-        pieces, groups = slice_segments(self.local_grads(), self._outside_hook, self.group_of)
-        if not pieces:
-            return partials
-        return combine_partials([partials, local_partials(pieces, groups, self.layout, partials.device)],
-                                self.layout, partials.device)
+        return self.with_pieces_outside_the_hook(partials, self._outside_hook)
 
 
 @dataclass(frozen=True)

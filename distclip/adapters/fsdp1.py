@@ -47,11 +47,11 @@ from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
 from ..core.groups import GroupTable
 from ..core.config import ConfigError
 from ..core.names import canonical_name
-from ..core.norms import SlotLayout, combine_partials, local_partials
+from ..core.norms import SlotLayout, local_partials
 from ..core.unitwise import UnitPlan
 from . import _compat
 from .base import GradAdapter
-from .counting import LocalPiece, Replicas, cast_is_exact, counted_segments, covering_group, group_ranks, slice_segments
+from .counting import LocalPiece, Replicas, cast_is_exact, counted_segments, covering_group, group_ranks
 from .hooks import ReductionHook
 
 HYBRID = frozenset({"HYBRID_SHARD", "_HYBRID_SHARD_ZERO2"})
@@ -294,14 +294,7 @@ class FSDP1Adapter(GradAdapter):
     def reduced_partials(self) -> torch.Tensor | None:
         if self.hook is None:
             return None
-        partials = self.hook.take()
-        if partials is None:
-            return None
-        pieces, groups = slice_segments(self.local_grads(), self._counted_unmanaged, self.group_of)
-        if not pieces:
-            return partials
-        return combine_partials([partials, local_partials(pieces, groups, self.layout, partials.device)],
-                                self.layout, partials.device)
+        return self.with_pieces_outside_the_hook(self.hook.take(), self._counted_unmanaged)
 
 
 def _rows_outermost(shape: tuple[int, ...], strides: tuple[int, ...]) -> bool:
