@@ -46,6 +46,8 @@ ACC_DTYPE = torch.float64
 ROW = 256  # fp32, p = 2: values per row of the last-dim kernel (16 lanes x 16 terms)
 LARGE = 1 << 16  # elements: from here a tensor is reduced on its own, smaller ones are packed
 ROWS_ALONE = 1 << 14  # fp32, p = 2: from here the row kernel runs on the tensor itself (no packing copy)
+ROWS_FROM = 1 << 12  # fp32, p = 2: below this a tensor is packed whole with the small ones (float64 terms:
+# exact, and one C++ flatten for all of them instead of a rows part and a tail per tensor)
 CHUNK = 1 << 20  # elements per cache-resident chunk of a large tensor, and per packed batch
 _MAX_GROUPS = 16  # packed pieces of at most this many distinct lengths are summed as matrices
 _SUBNORMAL_FLOOR = 2.0**-99  # per element: below this mean term, fp32 subnormal terms may matter
@@ -263,7 +265,7 @@ def _plan(method: str, numels: tuple[int, ...]) -> _Plan:
     """Route every tensor, once per list of sizes (cached: the per-step path builds no tensors)."""
     direct, medium, chunked, small = [], [], [], []
     for i, n in enumerate(numels):
-        m = n // ROW if method == "rows" else 0
+        m = n // ROW if method == "rows" and n >= ROWS_FROM else 0
         if m:
             if n >= ROWS_ALONE:
                 direct.append((i, m))
