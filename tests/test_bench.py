@@ -54,3 +54,16 @@ def test_bench_nd_rows(tmp_path):
         assert {"none", "native", "distclip", "distclip-groups"} <= set(rows)
         assert rows["distclip"]["collectives"] == 1 and rows["distclip-groups"]["collectives"] == 1, backend
         assert rows["native"]["clip_ms"] > 0 and rows["distclip"]["clip_ms_per_M"] > 0, backend
+
+
+@pytest.mark.parametrize("variant, kind", [
+    ("distclip-hook-pertensor-adagc", "adagc"), ("distclip-hook-groups-zclip", "zclip"),
+    ("distclip-hook-groups-autoclip", "autoclip"), ("distclip-agc", "agc"), ("distclip-hook-groups", "fixed"),
+])
+def test_bench_variant_runs_the_policy_its_name_says(variant, kind):
+    """A row's name is what it measures: '-adagc' is AdaGC, not AGC (a suffix test mixed them up)."""
+    from distclip.bench.cases import clip_config
+    from distclip.core.config import ClipConfig
+
+    config = ClipConfig.model_validate(clip_config(variant, hook=True))
+    assert config.policy.kind == kind

@@ -85,7 +85,7 @@ def clip_config(variant: str, hook: bool) -> dict[str, Any]:
         config["policy"] = policy
     if "spikes" in parts:
         config["skip_spikes"] = {"window": 128, "sigma_factor": 6.0, "min_observations": 16}
-    if variant.endswith("agc"):
+    if parts[-1] == "agc":  # not "...-adagc"
         config["policy"] = {"kind": "agc", "clip_factor": AGC_CLIP_FACTOR}
     return config
 
