@@ -250,3 +250,63 @@ def test_policies_inside_deepspeed_follow_the_reference_packages(stage):
     layouts = [f"zero{stage}"]
     results = run_ranks(train_all, WORLD, layouts, kinds, timeout=400)
     check(results, layouts, kinds)
+
+
+# ------------------------------------------- resume in new processes, bitwise equal to a straight run
+RESUME_AT = 5  # after the warm-ups, before the spike: the saved state decides what the spike does
+RESUME_CONFIGS = {**CONFIGS, "agc": {"max_norm": math.inf, "policy": {"kind": "agc", "clip_factor": 0.05}}}
+
+
+def run_steps(kinds: list[str], first: int, last: int, load_dir: str | None, save_dir: str | None,
+              load_clipper: bool = True) -> dict[str, Any]:
+    """Steps ``first..last-1`` of DDP + attach per kind; optionally resumed from / saved to a directory."""
+    rank, out = dist.get_rank(), {}
+    for kind in kinds:
+        model, _, optimizer = build("ddp")
+        clipper = distclip.GradClipper(model, {**RESUME_CONFIGS[kind], "nonfinite": "skip"})
+        clipper.attach(optimizer)
+        if load_dir is not None:
+            saved = torch.load(os.path.join(load_dir, f"{kind}-{rank}.pt"), weights_only=True)
+            model.load_state_dict(saved["model"])
+            optimizer.load_state_dict(saved["optimizer"])
+            if load_clipper:
+                clipper.load_state_dict(saved["clipper"])
+        steps = []
+        for step in range(first, last):
+            loss_fn(model, *batch(step, rank), scale=loss_scale(step)).backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            report = clipper.last_report
+            steps.append({"total": report.total_norm.item(), "skipped": report.skipped,
+                          "coefs": torch.stack(list(report.coefs.values())).tolist(),
+                          "thresholds": torch.stack(list(report.thresholds.values())).tolist()})
+            if save_dir is not None and step == RESUME_AT - 1:
+                torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                            "clipper": clipper.state_dict()}, os.path.join(save_dir, f"{kind}-{rank}.pt"))
+        out[kind] = {"steps": steps, "params": full_params("ddp", model), "state": state_tensors(clipper.state_dict())}
+    return out
+
+
+def test_resume_in_new_processes_continues_bitwise():
+    """Save model, optimizer and clipper at step 5; new ranks load them and run steps 5-7: every norm,
+    coefficient, threshold, skip decision, the parameters and the clipper state equal a straight
+    8-step run bitwise. Without the clipper's state the same resume takes other decisions."""
+    import tempfile
+
+    kinds = list(RESUME_CONFIGS)
+    with tempfile.TemporaryDirectory() as tmp:
+        straight = run_ranks(run_steps, WORLD, kinds, 0, STEPS, None, tmp, timeout=300)
+        resumed = run_ranks(run_steps, WORLD, kinds, RESUME_AT, STEPS, tmp, None, timeout=300)
+        forgot = run_ranks(run_steps, WORLD, kinds, RESUME_AT, STEPS, tmp, None, False, timeout=300)
+    for rank in range(WORLD):
+        for kind in kinds:
+            a, b = straight[rank][kind], resumed[rank][kind]
+            assert b["steps"] == a["steps"][RESUME_AT:], (kind, rank, b["steps"], a["steps"][RESUME_AT:])
+            for name, value in a["params"].items():
+                assert torch.equal(b["params"][name], value), (kind, rank, name)
+            assert a["state"].keys() == b["state"].keys()
+            for key, value in a["state"].items():
+                same = torch.equal(value, b["state"][key]) if isinstance(value, torch.Tensor) else value == b["state"][key]
+                assert same, (kind, rank, key)
+    for kind in ("zclip", "autoclip", "adagc", "skip_spikes"):  # agc keeps no state: nothing to forget
+        assert forgot[0][kind]["steps"] != straight[0][kind]["steps"][RESUME_AT:], kind
