@@ -254,16 +254,24 @@ def test_policies_inside_deepspeed_follow_the_reference_packages(stage):
 
 # ------------------------------------------- resume in new processes, bitwise equal to a straight run
 RESUME_AT = 5  # after the warm-ups, before the spike: the saved state decides what the spike does
-RESUME_CONFIGS = {**CONFIGS, "agc": {"max_norm": math.inf, "policy": {"kind": "agc", "clip_factor": 0.05}}}
+RESUME_CONFIGS = {
+    **CONFIGS,
+    "agc": {"max_norm": math.inf, "policy": {"kind": "agc", "clip_factor": 0.05}},
+    "mixed": {"max_norm": 1.0, "policy": {"kind": "zclip", "warmup_steps": 3, "z_thresh": 1.5},  # per-group policies
+              "groups": [{"name": "embed", "match": ["embed.*"], "policy": {"kind": "autoclip", "history_length": 8}}],
+              "skip_spikes": {"window": 8, "min_observations": 3, "sigma_factor": 2.0}},
+}
 
 
 def run_steps(kinds: list[str], first: int, last: int, load_dir: str | None, save_dir: str | None,
-              load_clipper: bool = True) -> dict[str, Any]:
+              hook: bool, adamw: bool, load_clipper: bool = True) -> dict[str, Any]:
     """Steps ``first..last-1`` of DDP + attach per kind; optionally resumed from / saved to a directory."""
     rank, out = dist.get_rank(), {}
     for kind in kinds:
         model, _, optimizer = build("ddp")
-        clipper = distclip.GradClipper(model, {**RESUME_CONFIGS[kind], "nonfinite": "skip"})
+        if adamw:  # optimizer state must round-trip too
+            optimizer = torch.optim.AdamW(model.parameters(), lr=0.05)
+        clipper = distclip.GradClipper(model, {**RESUME_CONFIGS[kind], "nonfinite": "skip", "comm_hook": hook})
         clipper.attach(optimizer)
         if load_dir is not None:
             saved = torch.load(os.path.join(load_dir, f"{kind}-{rank}.pt"), weights_only=True)
@@ -278,8 +286,8 @@ def run_steps(kinds: list[str], first: int, last: int, load_dir: str | None, sav
             optimizer.zero_grad(set_to_none=True)
             report = clipper.last_report
             steps.append({"total": report.total_norm.item(), "skipped": report.skipped,
-                          "coefs": torch.stack(list(report.coefs.values())).tolist(),
-                          "thresholds": torch.stack(list(report.thresholds.values())).tolist()})
+                          "coefs": {k: v.item() for k, v in report.coefs.items()},
+                          "thresholds": {k: v.item() for k, v in report.thresholds.items()}})
             if save_dir is not None and step == RESUME_AT - 1:
                 torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
                             "clipper": clipper.state_dict()}, os.path.join(save_dir, f"{kind}-{rank}.pt"))
@@ -287,17 +295,30 @@ def run_steps(kinds: list[str], first: int, last: int, load_dir: str | None, sav
     return out
 
 
-def test_resume_in_new_processes_continues_bitwise():
+HOOK_RESUME_XFAIL = pytest.mark.xfail(strict=True, reason=(
+    "known limitation: the first backward in a new process runs on DDP's initial buckets, the straight run's "
+    "on the rebuilt ones; the comm hook slices and sums per bucket, so that step's float64 group norm (and the "
+    "policy state fed by it) can differ in the last bit. Decisions and reported fp32 values matched in the "
+    "tests; comm_hook: false resumes bitwise"))
+
+
+@pytest.mark.parametrize("hook, adamw", [
+    pytest.param(False, True, id="post-adamw"),
+    pytest.param(True, False, id="hook-sgd"),
+    pytest.param(True, True, id="hook-adamw", marks=HOOK_RESUME_XFAIL),
+])
+def test_resume_in_new_processes_continues_bitwise(hook, adamw):
     """Save model, optimizer and clipper at step 5; new ranks load them and run steps 5-7: every norm,
     coefficient, threshold, skip decision, the parameters and the clipper state equal a straight
-    8-step run bitwise. Without the clipper's state the same resume takes other decisions."""
+    8-step run bitwise, for every policy kind and per-group policies with spike skipping. Without the
+    clipper's state the same resume takes other decisions."""
     import tempfile
 
     kinds = list(RESUME_CONFIGS)
     with tempfile.TemporaryDirectory() as tmp:
-        straight = run_ranks(run_steps, WORLD, kinds, 0, STEPS, None, tmp, timeout=300)
-        resumed = run_ranks(run_steps, WORLD, kinds, RESUME_AT, STEPS, tmp, None, timeout=300)
-        forgot = run_ranks(run_steps, WORLD, kinds, RESUME_AT, STEPS, tmp, None, False, timeout=300)
+        straight = run_ranks(run_steps, WORLD, kinds, 0, STEPS, None, tmp, hook, adamw, timeout=300)
+        resumed = run_ranks(run_steps, WORLD, kinds, RESUME_AT, STEPS, tmp, None, hook, adamw, timeout=300)  # new processes
+        forgot = run_ranks(run_steps, WORLD, kinds, RESUME_AT, STEPS, tmp, None, hook, adamw, False, timeout=300)
     for rank in range(WORLD):
         for kind in kinds:
             a, b = straight[rank][kind], resumed[rank][kind]
@@ -308,5 +329,9 @@ def test_resume_in_new_processes_continues_bitwise():
             for key, value in a["state"].items():
                 same = torch.equal(value, b["state"][key]) if isinstance(value, torch.Tensor) else value == b["state"][key]
                 assert same, (kind, rank, key)
-    for kind in ("zclip", "autoclip", "adagc", "skip_spikes"):  # agc keeps no state: nothing to forget
+    for kind in ("zclip", "autoclip", "adagc", "skip_spikes", "mixed"):  # agc keeps no state: nothing to forget
         assert forgot[0][kind]["steps"] != straight[0][kind]["steps"][RESUME_AT:], kind
+    mixed = straight[0]["mixed"]["steps"]
+    assert any(s["skipped"] for s in mixed[RESUME_AT:])  # the spike step was skipped ...
+    assert any(s["coefs"]["default"] < 1 for s in mixed)  # ... and ZClip's adaptive threshold clipped
+    assert any(math.isfinite(s["thresholds"]["default"]) and s["thresholds"]["default"] < 1.0 for s in mixed[RESUME_AT:])
