@@ -1,0 +1,1 @@
+"""Tests inside the real training frameworks (torchtitan, OLMo-core, torchft) on CPU gloo."""
