@@ -7,6 +7,7 @@ from typing import Any, Iterable
 import torch
 from torch.nn.parallel import DistributedDataParallel
 
+from ..errors import UnsupportedModelError
 from ..core.names import canonical_name, named_trainable_parameters
 from . import _compat
 from .base import GradAdapter
@@ -18,8 +19,6 @@ from .plain import PlainAdapter
 __all__ = ["GradAdapter", "PlainAdapter", "DDPAdapter", "adapter_for", "UnsupportedModelError"]
 
 
-class UnsupportedModelError(TypeError):
-    """distclip does not know how this object's gradients are laid out."""
 
 
 def adapter_for(obj: Any, pipeline_group: Any = None, tied: Any = None) -> GradAdapter:

@@ -17,12 +17,12 @@ from typing import Any, Callable, Iterable, Sequence
 import torch
 import torch.distributed as dist
 
+from ..errors import UnsupportedVersionError
+
 TESTED_TORCH = "2.13"
 TESTED_DEEPSPEED = "0.19.8"
 
 
-class UnsupportedVersionError(RuntimeError):
-    """A private torch (or DeepSpeed) internal distclip relies on is missing or changed."""
 
 
 def unsupported(what: str, err: BaseException | None = None, package: str = "torch", version: str | None = None) -> UnsupportedVersionError:

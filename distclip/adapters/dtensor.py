@@ -37,7 +37,7 @@ import torch
 import torch.distributed as dist
 from torch.distributed.tensor import DTensor
 
-from ..core.config import ConfigError
+from ..errors import ConfigError, PartialGradientError, UnsupportedLayoutError
 from ..core.norms import local_partials
 from ..core.unitwise import UnitPlan
 from . import _compat
@@ -47,8 +47,6 @@ from .hooks import ReductionHook
 from .mesh_geometry import MeshGeometry, PipelineStages
 
 
-class PartialGradientError(ValueError):
-    """A gradient still has a ``Partial`` placement: it must be reduced before it is clipped."""
 
 
 local_tensor = _compat.local_tensor  # kept importable from here
@@ -148,7 +146,7 @@ class DTensorAdapter(GradAdapter):
             grad = p.grad
             if isinstance(grad, DTensor):
                 if not self.geometry(grad.device_mesh).span <= self._span:
-                    raise NotImplementedError(
+                    raise UnsupportedLayoutError(
                         f"distclip: the gradient of {self.names[i]!r} lives on a mesh ({grad.device_mesh}) that "
                         "reaches ranks outside the parameters' meshes"
                     )
