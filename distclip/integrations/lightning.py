@@ -42,7 +42,7 @@ from typing import Any, Mapping
 import torch
 
 from ..adapters import _compat
-from ..adapters.deepspeed import is_deepspeed_engine
+from ..compat.deepspeed import is_engine as is_deepspeed_engine
 from ..core.clipper import ClipReport, GradClipper
 from ..core.config import ClipConfig, ConfigError, load_config
 from ..core.errors import UsageError, require_extra

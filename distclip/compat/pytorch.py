@@ -3,8 +3,7 @@
 distclip is tested with torch 2.13 (see ``TESTED_TORCH``). The adapters never touch a private
 attribute themselves: they call these functions, so a torch release that moves an internal fails
 here, once, with :class:`UnsupportedVersionError` naming what is missing, instead of deep inside a
-backward hook. (DeepSpeed's internals are read only by :mod:`distclip.adapters.deepspeed`, behind
-the same error.)
+backward hook. (DeepSpeed's internals: :mod:`distclip.compat.deepspeed`.)
 """
 
 from __future__ import annotations
@@ -53,24 +52,6 @@ def _internal(what: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
                 return fn(*args, **kwargs)
             except (AttributeError, ImportError, TypeError) as err:
                 raise unsupported(what, err) from err
-
-        return run
-
-    return wrap
-
-
-def deepspeed_internal(what: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
-    """Like :func:`_internal`, for DeepSpeed's ZeRO optimizer internals (its attributes and dicts)."""
-
-    def wrap(fn: Callable[..., Any]) -> Callable[..., Any]:
-        @functools.wraps(fn)
-        def run(*args: Any, **kwargs: Any) -> Any:
-            try:
-                return fn(*args, **kwargs)
-            except (AttributeError, KeyError) as err:
-                import deepspeed
-
-                raise unsupported(what, err, "deepspeed", deepspeed.__version__) from err
 
         return run
 
