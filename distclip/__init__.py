@@ -5,8 +5,8 @@
 
 from . import deepspeed  # distclip.deepspeed.attach(engine, config); imports no DeepSpeed
 from .adapters.declared import declare
-from .core.api import clip_grad_norm_, global_grad_norm
-from .core.clipper import GradClipper
+from .clipper import GradClipper
+from .functional import clip_grad_norm_, global_grad_norm
 from .errors import StaleClippingWarning
 from .errors import (ClipAuditError, ClipLogError, ConfigError, ConfigMismatchError, DistclipError, LaunchError,
                      MissingExtraError, NonFiniteGradientError, PartialGradientError, RankFailed, RanksTimedOut,

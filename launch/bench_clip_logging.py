@@ -57,7 +57,7 @@ def main() -> int:
     clipper.attach(optimizer)
     folder = tempfile.mkdtemp(prefix="distclip-bench-")
     quiet = clipper.log  # no sinks
-    logging = MetricsLog(clipper.adapter.reduce_group, info=clipper._log_info)
+    logging = MetricsLog(clipper.adapter.reduce_group, info=clipper.log_info)
     logging.add(distclip.JSONLSink(os.path.join(folder, "bench.jsonl")))  # every clip, rank 0
     text = demo.stdlib_text(200_000)
     generator = torch.Generator().manual_seed(1 + rank)
@@ -84,7 +84,7 @@ def main() -> int:
     logging.close()
     per_write = None
     if rank == 0:  # one write on its own: to_metrics (one host read) + a JSON line, flushed
-        sink = MetricsLog(None, info=clipper._log_info)
+        sink = MetricsLog(None, info=clipper.log_info)
         sink.add(distclip.JSONLSink(os.path.join(folder, "writes.jsonl")))
         report = clipper.last_report
         start = time.perf_counter()

@@ -95,15 +95,15 @@ def micro_step(engine, step: int, scale: float = 1.0) -> None:
 def count_clip_collectives(clipper) -> list[int]:
     """c10d collectives issued inside each clip (norm, reduction, coefficients), one entry per clip."""
     counts: list[int] = []
-    run = clipper._run
+    run = clipper.clip
 
-    def counted(apply: bool):
+    def counted(*args, **kwargs):
         with CommDebugMode() as comm:
-            report = run(apply)
+            report = run(*args, **kwargs)
         counts.append(comm.get_total_counts())
         return report
 
-    clipper._run = counted
+    clipper.clip = counted
     return counts
 
 

@@ -47,6 +47,7 @@ class GradAdapter:
 
     kind = "abstract"
     reduce_group: ProcessGroup | None = None  # None: rank-local, no collective
+    pipeline_group: ProcessGroup | None = None  # set by the pipeline adapter only
     has_names = True  # False when given bare parameters (per-group clipping then impossible)
     foldable = False  # gradients live in param.grad of the very tensors an optimizer steps
     applies_in_place = True  # APPLY changes the counted gradients at once (the audit measures it)
@@ -100,6 +101,20 @@ class GradAdapter:
         copies must be copies."""
         if any(d is not None for d in self.declarations):
             check_census(self.reduce_group, census_payload(self.names, self.params, self.declarations))
+
+    # -------------------------------------------------------------- pipeline
+    def copies(self) -> dict[str, str]:
+        """Tied copies on this rank -> the name of the parameter counted for them (pipelines only)."""
+        return {}
+
+    def names_by_stage(self) -> list[tuple[int, list[str]]]:
+        return [(0, self.names)]
+
+    def stage_key(self) -> int:
+        return 0
+
+    def describe_stage(self) -> dict[str, object]:
+        return {}
 
     def stage_size(self) -> int:
         """How many ranks hold a part or a copy of these (one pipeline stage's) gradients."""

@@ -163,7 +163,7 @@ def build_ddp(variant: str, make_model: Callable[[], nn.Module], device: torch.d
         case.clip = lambda: torch.nn.utils.clip_grad_norm_(params, MAX_NORM)  # exact: DDP grads are replicated
     elif variant == "distclip-hook-fold":
         clipper = distclip.GradClipper(model, clip_config(variant, hook=True))
-        clipper._run = in_step(case, clipper._run)  # the clip runs inside optimizer.step()
+        clipper.clip = in_step(case, clipper.clip)  # the clip runs inside optimizer.step()
         case.keep.append(clipper.attach(optimizer, fold=True))
         case.clip_in_step = True
     elif variant.startswith("distclip"):

@@ -19,7 +19,7 @@ from ..compat.pytorch import supports_amp_scaling
 from .config import ConfigError
 
 if TYPE_CHECKING:
-    from .clipper import GradClipper
+    from .clipper import Clipper as GradClipper
 
 
 def fold_blocker(clipper: "GradClipper", optimizer: torch.optim.Optimizer) -> str | None:
@@ -60,7 +60,7 @@ class Attachment:
             self._owns_grad_scale = pending is None
             optimizer.grad_scale = (pending if pending is not None else 1.0) / coefs[0]
 
-        self.clipper._run(apply=True, pending_scale=pending, fold=fold_into_optimizer if self.fold else None)
+        self.clipper.clip(pending_scale=pending, fold=fold_into_optimizer if self.fold else None)
 
     def _after_step(self, optimizer: torch.optim.Optimizer, _args: Any, _kwargs: Any) -> None:
         if self._owns_grad_scale and hasattr(optimizer, "grad_scale"):

@@ -1,61 +1,70 @@
-"""GradClipper: adapter -> local partials -> ONE collective -> policy -> coefficients -> adapter applies -> report.
+"""The clip, as four stages over any adapter: MEASURE, DECIDE, APPLY, RECORD.
 
-Groups with ``policy: {kind: agc}`` are clipped unit-wise (:mod:`distclip.core.unitwise`): their
-per-unit sums of gradients and parameters ride in the same collective, after the group slots.
+    measure  (adapter partials, the one collective)             -> Measurement   (core/measure.py)
+    decide   (norms, policy, skip, which groups are multiplied)  -> Decision      (core/decide.py)
+    apply    (scale, fold, zero, drop, through the adapter)      -> Applied       (core/apply.py)
+    record   (report, counters, sinks, audit)                    -> ClipReport    (core/record.py)
+
+:class:`Clipper` sets these up once (config, group table, slot layout, policies, the set-up check
+every rank takes part in) and runs them per clip. It works with any object that follows the
+adapter contract (:mod:`distclip.core.contract`); the public :class:`distclip.GradClipper` is a
+Clipper whose adapter is picked from the model the user passes.
+
+Groups with ``policy: {kind: agc}`` are clipped row-wise (:mod:`distclip.core.unitwise`): their
+per-row sums of gradients and parameters ride in the same collective, after the group slots.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
-import math
 import os
 import warnings
 from typing import Any, Callable, Iterable, Mapping
 
 import torch
 
-from ..adapters import adapter_for
 from ..compat import pytorch as _compat
-from ..adapters.base import GradAdapter
-from ..adapters.pipeline import PipelineAdapter
+from ..errors import ConfigError, ConfigMismatchError, StateDictError, UsageError
+from .apply import Fold, apply
 from .attach import Attachment
-from .audit import Applied, ClipAudit
-from .config import ClipConfig, ConfigError, load_config
+from .audit import ClipAudit
+from .config import ClipConfig, load_config
+from .contract import GradAdapter
 from .counters import ClipCounters
-from .errors import NonFiniteGradientError, StateDictError, UsageError
+from .decide import Rules, decide
 from .groups import GroupTable, resolve_groups
+from .measure import SlotPlan, measure
 from .names import canonical_name
-from .norms import SlotLayout, local_partials
+from .norms import SlotLayout
 from .policies import PolicySet, SpikeDetector, build_policies, build_spike_detector
-from .reduce import ConfigMismatchError, check_consistency, exchange_bytes, reduce_slots, share_setup_failure
-from .report import ClipReport, clipped_mask
+from .record import Recorder
+from .reduce import check_consistency, exchange_bytes, share_setup_failure
+from .report import ClipReport
 from .sinks import MetricsLog
 from .unitwise import SlotsWithUnits, UnitPlan, unitwise_specs
 
 STATE_VERSION = 2
 
-__all__ = ["GradClipper", "ClipReport", "NonFiniteGradientError"]
+__all__ = ["Clipper", "ClipReport"]
 
 
-class GradClipper:
-    """Exact global-norm gradient clipping, uniform or per layer group, for any supported layout.
+class Clipper:
+    """Exact global-norm gradient clipping, uniform or per layer group, over one adapter.
+
+    Users build a :class:`distclip.GradClipper` (which picks the adapter); a framework integration
+    with an adapter of its own may build a Clipper directly.
 
     Args:
-        model: a module (plain or DDP-wrapped), or parameters / named parameters.
+        adapter: the gradient layout (:class:`~distclip.core.contract.GradAdapter`).
         config: a :class:`ClipConfig`, a dict, a YAML path, or None for ``$DISTCLIP_CONFIG`` (else defaults).
         ddp_comm_hook: for DDP, a comm hook (e.g. ``default_hooks.fp16_compress_hook``) that distclip
             wraps instead of the plain all-reduce; ``ddp_comm_hook_state`` is its state (default:
             DDP's process group).
-        params: clip only these parameters of ``model`` (tensors, or canonical names): only they are
+        params: clip only these parameters of the model (tensors, or canonical names): only they are
             counted in the norms and scaled; the model's other gradients are left alone. The norm is
             still exact under sharding (the model's layout decides what each rank counts), e.g. for
             ``accelerator.clip_grad_norm_`` on a subset of an FSDP model. Frozen tensors are ignored.
-        pipeline_group: for pipeline parallelism, the pipeline process group (or 1-D DeviceMesh, e.g.
-            torchtitan's ``pp_mesh``); ``model`` is then this rank's stage: a module (plain, DDP,
-            FSDP1, FSDP2), a ``torch.distributed.pipelining`` PipelineStage, or a list of them (virtual
-            stages). The norm is summed over every stage in the same single collective.
-        tied: with ``pipeline_group``, weights tied across stages, e.g. ``[("embed.weight", "head.weight")]``
-            (kept in sync by you): the first name is counted once, the others are scaled alike.
         **overrides: config settings that take precedence, e.g. ``max_norm=0.5``.
 
     At construction every rank checks (one all-gather of one number) that all ranks have the same
@@ -68,18 +77,16 @@ class GradClipper:
 
     def __init__(
         self,
-        model: Any,
+        adapter: GradAdapter,
         config: ClipConfig | Mapping[str, Any] | str | os.PathLike | None = None,
         *,
         ddp_comm_hook: Callable | None = None,
         ddp_comm_hook_state: Any = None,
         params: Iterable[torch.Tensor | str] | str | None = None,
-        pipeline_group: Any = None,
-        tied: Iterable[Iterable[str]] | None = None,
         **overrides: Any,
     ):
-        self.adapter: GradAdapter = adapter_for(model, pipeline_group=pipeline_group, tied=tied)  # needs no config
-        self._pipeline = isinstance(self.adapter, PipelineAdapter)
+        self.adapter = adapter
+        self._pipeline = adapter.pipeline_group is not None
         self._setup_problems: list[str] = list(self.adapter.setup_problems)  # raised on every rank after the check
         names = self._names_of_every_stage()  # a collective under pipeline parallelism: before anything can fail
         try:
@@ -133,20 +140,51 @@ class GradClipper:
         self.steps = 0
         self.last_report: ClipReport | None = None
         self.counters = ClipCounters(len(self.group_names), streaks=self.config.audit is not None)
-        self.log = MetricsLog.from_config(self.config.log, self.adapter.reduce_group, info=self._log_info)
+        self.log = MetricsLog.from_config(self.config.log, self.adapter.reduce_group, info=self.log_info)
         self.audit: ClipAudit | None = None
         if self.config.audit is not None:
             self.audit = ClipAudit(self.config.audit, self.group_names, self.layout, self.adapter.reduce_group,
                                    measurable=self.adapter.applies_in_place)
+        self._plan = SlotPlan(self.layout, self.config.norm_type, self._excluded, self.units,
+                              self._slots if self.units is not None else None, self._derived)
+        self._rules = Rules(self.config.nonfinite, self.config.norm_type, tuple(self.group_names),
+                            tuple(self._group_scaled))
+        self._recorder = Recorder(self.adapter, self.layout, self.group_names, self.units, self.counters, self.log,
+                                  self.audit)
 
     # ------------------------------------------------------------------ public
-    def clip(self) -> ClipReport:
-        """Measure the exact global (and per-group) norms and clip the gradients in place."""
-        return self._run(apply=True)
+    @torch.no_grad()
+    def clip(self, *, pending_scale: torch.Tensor | None = None, fold: Fold | None = None) -> ClipReport:
+        """Measure the exact global (and per-group) norms and clip the gradients in place: the four stages.
 
+        Args:
+            pending_scale: a loss scale the gradients still carry (GradScaler leaves it in place for fused
+                optimizers, which divide it out in their step): divided out of the norms, so the thresholds
+                apply to the true gradients.
+            fold: applies the uniform coefficients instead of multiplying the gradients, e.g. through a
+                fused optimizer's ``grad_scale`` (what :meth:`attach` does); used when this clip scales
+                all groups alike.
+        """
+        step = self.steps + 1
+        audit, before = self._recorder.audit_before(step)
+        measured = measure(self.adapter, self._plan, pending_scale)
+        rules = self._rules if fold is None else dataclasses.replace(self._rules, can_fold=True)
+        decision = decide(measured, self._plan, rules, self.policy, self.spikes, apply=True,
+                          scaler_overflow=lambda: self._scaler_overflow(pending_scale))
+        applied = apply(decision, self.adapter, fold)
+        self.steps = step
+        report = self.last_report = self._recorder.report(measured, decision, applied)
+        self._recorder.publish(report, decision, applied, step, audit, before)
+        return report
+
+    @torch.no_grad()
     def measure(self) -> ClipReport:
         """The exact norms without touching the gradients (also one collective)."""
-        return self._run(apply=False)
+        measured = measure(self.adapter, self._plan)
+        decision = decide(measured, self._plan, self._rules, self.policy, self.spikes, apply=False,
+                          scaler_overflow=lambda: False)
+        report = self.last_report = self._recorder.report(measured, decision, None)
+        return report
 
     def attach(self, optimizer: torch.optim.Optimizer, fold: bool | None = None) -> Attachment:
         """Clip right before every ``optimizer.step()`` (also under GradScaler and LR schedulers).
@@ -330,53 +368,7 @@ class GradClipper:
             )
         return names
 
-    def _local_partials(self, pending_scale: torch.Tensor | None) -> tuple[torch.Tensor, str]:
-        partials, source = self.adapter.local_partials(self._derived)
-        if self._excluded is not None:  # the hidden group is excluded from every norm
-            keep = [float(g != self._excluded) for g, _ in self.layout.slots]
-            partials = partials * self.layout.constant("visible", partials.device, keep, partials.dtype)
-        scale = self.adapter.grad_scale()  # a loss scale the counted pieces still carry
-        if pending_scale is not None:
-            scale = pending_scale * scale
-        if not (isinstance(scale, float) and scale == 1.0):
-            partials = self.layout.unscale(partials, scale)
-        return partials, source
-
-    def _reduce(self, pending_scale: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None, str]:
-        """(reduced group slots, reduced unit slots or None, source): ONE collective for both."""
-        partials, source = self._local_partials(pending_scale)
-        group = self.adapter.reduce_group
-        if self.units is None:
-            return reduce_slots(partials, self.layout, group), None, source
-        units = self.adapter.unit_partials().to(partials.device)
-        scale = self.adapter.grad_scale()  # the gradient half carries the loss scale, the parameter half none
-        if pending_scale is not None:
-            scale = pending_scale * scale
-        if not (isinstance(scale, float) and scale == 1.0):
-            units = self.units.unscale(units, scale)
-        if source == "post_backward" and self._derived:  # these groups were left out of the partials
-            partials = self.units.add_group_sums(partials, units, self._derived, self.config.norm_type)
-        reduced = reduce_slots(torch.cat([partials, units]), self._slots, group)
-        slots, unit_slots = reduced.split([self.layout.num_slots, 2 * self.units.num_units])
-        return slots, unit_slots, source
-
-    def _scale(self, coefs: torch.Tensor, unit_coefs: torch.Tensor | None, groups: list[int],
-               host_coefs: list[float] | None = None) -> None:
-        """Multiply the group-scaled ``groups`` by their coefficients, and the unit-wise ones by their units'."""
-        if groups:
-            self.adapter.scale(coefs, groups, host_coefs)
-        if unit_coefs is not None:
-            self.adapter.scale_units(unit_coefs)
-
-    def _applied_partials(self) -> torch.Tensor:
-        """For the audit: this rank's slot partials over EVERY local gradient piece APPLY scales (replicas too,
-        not only the counted ones), before or after APPLY. Only their ratio is used: no unscaling needed."""
-        per_group = self.adapter.scaled_grads()
-        tensors = [t for g in per_group for t in g]
-        groups = [i for i, g in enumerate(per_group) for _ in g]
-        return local_partials(tensors, groups, self.layout, self.adapter.collective_device(tensors))
-
-    def _log_info(self) -> dict[str, Any]:
+    def log_info(self) -> dict[str, Any]:
         """What a sink's ``start`` gets: the config and the groups (``distclip suggest`` rebuilds the config from it)."""
         members: dict[str, list[str]] = {}
         for name, g in self.table.index_of.items():
@@ -386,126 +378,12 @@ class GradClipper:
                   for g in self.table.groups[: len(self.group_names)]]
         return {"config": self.config.to_dict(), "groups": groups}
 
-    @torch.no_grad()
-    def _run(
-        self,
-        apply: bool,
-        pending_scale: torch.Tensor | None = None,
-        fold: Callable[[torch.Tensor], None] | None = None,
-    ) -> ClipReport:
-        """One clip. ``pending_scale``: a loss scale the gradients still carry (divided out of the norms;
-        set by GradScaler for fused optimizers). ``fold``: applies the (uniform) coefficients instead of
-        multiplying the gradients."""
-        audit = self.audit if apply and self.audit is not None and self.audit.due(self.steps + 1) else None
-        before = self._applied_partials() if audit is not None and audit.measurable else None
-        reduced, reduced_units, source = self._reduce(pending_scale)
-        group_norms = self.layout.group_norms(reduced)
-        total_norm = self.layout.total_norm(reduced)
-        thresholds, coefs = self.policy.coefficients(group_norms, total_norm)
-        unit_coefs = None
-        finite = torch.isfinite(reduced).all()  # the unit gradient sums hold the same elements as the group slots
-        if self.units is not None:  # unit-wise groups report their smallest unit coefficient
-            unit_coefs = self.units.coefficients(reduced_units)
-            coefs = torch.where(self.units.group_mask(coefs.device), self.units.group_minima(unit_coefs), coefs)
-            unit_coefs = unit_coefs.float()
-        coefs = coefs.float()  # fp32 values (exact): what multiplies the gradients, as in torch
-        spike = self.spikes.skip(group_norms, total_norm) if self.spikes is not None else None
-        skipped, reason = False, None
-        applied = Applied("none")
-        if apply:
-            accepted = finite if spike is None else finite & ~spike  # what the policies may learn from
-            if self.config.nonfinite == "ignore" and spike is None:  # no host sync at all: always multiply, as torch
-                if fold is not None:
-                    fold(coefs)
-                    applied = Applied("fold", tuple(self._visible))
-                else:
-                    self._scale(coefs, unit_coefs, self._group_scaled)
-                    applied = Applied("scale", tuple(self._group_scaled))
-            else:
-                # The one host sync: the non-finite and spike decisions, and which groups are clipped at
-                # all (multiplying by exactly 1.0 changes nothing, so unclipped groups are not touched).
-                flags = [finite.float().reshape(1), (spike if spike is not None else ~finite).float().reshape(1)]
-                finite_flag, spike_flag, *host_coefs = torch.cat([*flags, coefs]).tolist()
-                if finite_flag and spike_flag:  # a spike: skip the step, like a non-finite one
-                    self.adapter.drop_grads()
-                    skipped, reason = True, "spike"
-                    applied = Applied("drop")
-                elif finite_flag:
-                    clipped = [g for g in self._group_scaled if host_coefs[g] < 1.0]
-                    units_clipped = self.units is not None and any(host_coefs[g] < 1.0 for g in self.units.groups)
-                    if clipped and fold is not None:
-                        fold(coefs)
-                        applied = Applied("fold", tuple(self._visible))
-                    elif clipped or units_clipped:
-                        self._scale(coefs, unit_coefs if units_clipped else None, clipped, host_coefs)
-                        applied = Applied("scale", tuple(clipped))
-                elif self.config.nonfinite == "ignore":  # torch semantics, also with skip_spikes on
-                    self._scale(coefs, unit_coefs, self._group_scaled)
-                    applied = Applied("scale", tuple(self._group_scaled))
-                else:
-                    skipped, reason = self._handle_nonfinite(reduced, scaler_managed=pending_scale is not None)
-                    applied = Applied({"overflow": "leave", "nonfinite": "drop"}.get(reason, "zero"),
-                                      () if skipped else tuple(self._visible))
-                if skipped or (not finite_flag and self.config.nonfinite == "zero"):
-                    coefs = torch.zeros_like(coefs)
-                    unit_coefs = None if unit_coefs is None else torch.zeros_like(unit_coefs)
-            self.policy.update(group_norms, total_norm, coefs, accepted)
-            if self.spikes is not None:
-                self.spikes.update(group_norms, total_norm, coefs, accepted)
-            self.steps += 1
-        visible = len(self.group_names)
-        report = ClipReport(
-            total_norm=total_norm.float(),
-            group_norms=dict(zip(self.group_names, group_norms.float())),
-            coefs=dict(zip(self.group_names, coefs)),
-            thresholds=dict(zip(self.group_names, thresholds.float())),
-            skipped=skipped,
-            finite=finite,
-            source=source,
-            skip_reason=reason,
-            unit_coefs=unit_coefs,
-        )
-        if apply:  # running counts on the device: no host sync
-            self.counters.update(clipped_mask(coefs[:visible], finite, skipped))
-        report.clip_counts, report.clip_steps = self.counters.current(coefs.device), self.counters.steps
-        self.last_report = report
-        if apply:
-            self.log.observe(report, self.steps)  # reads the device only when a sink is due, on the rank that writes
-        if audit is not None:
-            after = self._applied_partials() if audit.measures(applied) else None
-            audited = coefs[:visible]
-            if self.units is not None:  # unit-wise groups: no single factor to measure (their units agree by construction)
-                audited = torch.where(self.units.group_mask(coefs.device)[:visible], math.nan, audited)
-            audit.check(self.steps, applied, audited, thresholds[:visible], before if after is not None else None,
-                        after, self.counters.streaks)
-        return report
-
-    def _handle_nonfinite(self, reduced: torch.Tensor, scaler_managed: bool) -> tuple[bool, str | None]:
-        """Same decision on every rank (it is taken on the reduced vector). Returns (skipped, reason).
-
-        A non-finite norm of gradients a GradScaler still carries (or has just unscaled) is a
-        loss-scale overflow: GradScaler skips that step and backs off by itself, so distclip leaves
-        the gradients alone and raises nothing, whatever ``nonfinite`` says.
-        """
-        if scaler_managed or self.adapter.loss_scaled() or _compat.unscaled_by_grad_scaler(
-                g for g in self.adapter.local_grads() if g is not None):
-            return True, "overflow"
-        mode = self.config.nonfinite
-        if mode == "error":
-            norms = self.layout.group_norms(reduced).tolist()
-            bad = {n: v for n, v in zip(self.group_names, norms) if not math.isfinite(v)}
-            p = self.config.norm_type
-            raise NonFiniteGradientError(
-                f"The total norm of order {p} for gradients from `parameters` is non-finite, so it cannot be "
-                f"clipped. distclip: non-finite group norm(s) {bad} with nonfinite='error' (the same on every "
-                "rank). To drop such steps use nonfinite='skip'; to scale the gradients by the non-finite norm "
-                "anyway, as torch does with `error_if_nonfinite=False`, use nonfinite='ignore'."
-            )
-        if mode == "zero":
-            self.adapter.zero(self._visible)
-            return False, None
-        self.adapter.drop_grads()
-        return True, "nonfinite"
+    def _scaler_overflow(self, pending_scale: torch.Tensor | None) -> bool:
+        """Whether a non-finite norm is a loss-scale overflow: of gradients a GradScaler still carries (or has
+        just unscaled), or a DeepSpeed fp16 loss scale. The loss scaler skips that step and backs off by itself,
+        so distclip leaves the gradients alone and raises nothing, whatever ``nonfinite`` says."""
+        return pending_scale is not None or self.adapter.loss_scaled() or _compat.unscaled_by_grad_scaler(
+            g for g in self.adapter.local_grads() if g is not None)
 
 
 def _refuse_meta_parameters(adapter: GradAdapter) -> None:

@@ -44,7 +44,8 @@ from ..compat import accelerate as accelerate_compat
 from ..compat import pytorch as torch_compat
 from ..compat.deepspeed import is_engine as is_deepspeed_engine
 from ..errors import UnsupportedModelError
-from ..core.clipper import ClipReport, GradClipper
+from ..clipper import GradClipper
+from ..core.report import ClipReport
 from ..core.config import ClipConfig, load_config
 from ..core.names import canonical_name
 from ..core.sinks import CallbackSink, MetricsLog
@@ -132,7 +133,7 @@ class AccelerateClipping:
 
     def _log_info(self) -> dict[str, Any]:
         clippers = [*self._clippers.values(), *self._deepspeed.values()]
-        return clippers[-1]._log_info() if clippers else {"config": self.config.to_dict()}
+        return clippers[-1].log_info() if clippers else {"config": self.config.to_dict()}
 
     def disable(self) -> None:
         self.log.close()

@@ -43,7 +43,8 @@ import torch
 
 from ..compat import pytorch as _compat
 from ..compat.deepspeed import is_engine as is_deepspeed_engine
-from ..core.clipper import ClipReport, GradClipper
+from ..clipper import GradClipper
+from ..core.report import ClipReport
 from ..core.config import ClipConfig, ConfigError, load_config
 from ..core.errors import UsageError, require_extra
 

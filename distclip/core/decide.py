@@ -1,0 +1,142 @@
+"""DECIDE: from the reduced norms, the config and the policy state to what the clip does.
+
+Everything here is a function of the reduced vector (identical on every rank), so every rank
+takes the same decision without another collective: norms, thresholds and coefficients (policy),
+whether the step is skipped (non-finite norm, spike) or left to a loss scaler (overflow), which
+groups are multiplied at all, and then the policies learn from the step (their state is device
+tensors, advanced with ``torch.where`` only where the step counts).
+
+The one host read per clip happens here (the non-finite and spike flags with the coefficients,
+one ``.tolist()``), except with ``nonfinite: ignore`` and no spike skipping, where nothing is read:
+every coefficient multiplies, as in torch.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from ..errors import NonFiniteGradientError
+from .measure import Measurement, SlotPlan
+from .policies import PolicySet, SpikeDetector
+
+__all__ = ["Decision", "Rules", "decide"]
+
+
+@dataclass(frozen=True)
+class Rules:
+    """What a decision depends on besides the norms (fixed at set-up)."""
+
+    nonfinite: str  # skip | error | zero | ignore
+    norm_type: float
+    group_names: tuple[str, ...]  # the visible groups, in slot order
+    group_scaled: tuple[int, ...]  # visible groups multiplied by a group coefficient (not row-wise)
+    can_fold: bool = False  # a fused optimizer can take the coefficient (uniform clipping, attach)
+
+
+@dataclass(frozen=True)
+class Decision:
+    """One clip's decision. ``action``: ``none`` (nothing to do, or measure only), ``scale``, ``fold`` (into
+    a fused optimizer's ``grad_scale``), ``zero``, ``drop`` (skip: the gradients are dropped) or ``leave``
+    (a loss-scale overflow the loss scaler skips by itself)."""
+
+    group_norms: torch.Tensor  # float64 [G]
+    total_norm: torch.Tensor  # float64, 0-dim
+    thresholds: torch.Tensor  # float64 [G]
+    coefs: torch.Tensor  # fp32 [G]: applied (zeros when the step is skipped or zeroed)
+    unit_coefs: torch.Tensor | None  # fp32 [U] for row-wise groups
+    finite: torch.Tensor  # bool, 0-dim
+    action: str = "none"
+    groups: tuple[int, ...] = ()  # the groups the action touches
+    host_coefs: list[float] | None = None  # the coefficients, read on the host (one foreach call for all groups)
+    scale_units: bool = False  # the row-wise coefficients multiply their rows
+    skipped: bool = False
+    skip_reason: str | None = None  # nonfinite | overflow | spike
+
+
+def decide(measured: Measurement, plan: SlotPlan, rules: Rules, policy: PolicySet, spikes: SpikeDetector | None,
+           apply: bool, scaler_overflow: Callable[[], bool]) -> Decision:
+    """The decision for ``measured`` (see the module docstring); with ``apply``, the policies learn from it.
+
+    ``scaler_overflow()``: whether a non-finite norm is a loss-scale overflow that GradScaler or DeepSpeed
+    skips by itself (asked only on a non-finite step). Raises :class:`NonFiniteGradientError` on every rank
+    for a non-finite norm under ``nonfinite: error``.
+    """
+    reduced = measured.slots
+    group_norms = plan.layout.group_norms(reduced)
+    total_norm = plan.layout.total_norm(reduced)
+    thresholds, coefs = policy.coefficients(group_norms, total_norm)
+    finite = torch.isfinite(reduced).all()  # the unit gradient sums hold the same elements as the group slots
+    unit_coefs = None
+    if plan.units is not None:  # row-wise groups report their smallest unit coefficient
+        unit_coefs = plan.units.coefficients(measured.unit_slots)
+        coefs = torch.where(plan.units.group_mask(coefs.device), plan.units.group_minima(unit_coefs), coefs)
+        unit_coefs = unit_coefs.float()
+    coefs = coefs.float()  # fp32 values (exact): what multiplies the gradients, as in torch
+    spike = spikes.skip(group_norms, total_norm) if spikes is not None else None
+    base = dict(group_norms=group_norms, total_norm=total_norm, thresholds=thresholds, coefs=coefs,
+                unit_coefs=unit_coefs, finite=finite)
+    if not apply:
+        return Decision(**base)
+    decision = _action(base, rules, plan, finite, spike, coefs, scaler_overflow, group_norms)
+    accepted = finite if spike is None else finite & ~spike  # what the policies may learn from
+    policy.update(group_norms, total_norm, decision.coefs, accepted)
+    if spikes is not None:
+        spikes.update(group_norms, total_norm, decision.coefs, accepted)
+    return decision
+
+
+def _action(base: dict, rules: Rules, plan: SlotPlan, finite: torch.Tensor, spike: torch.Tensor | None,
+            coefs: torch.Tensor, scaler_overflow: Callable[[], bool], group_norms: torch.Tensor) -> Decision:
+    visible = tuple(range(len(rules.group_names)))
+    with_units = plan.units is not None
+    if rules.nonfinite == "ignore" and spike is None:  # no host sync at all: always multiply, as torch
+        if rules.can_fold:
+            return Decision(**base, action="fold", groups=visible)
+        return Decision(**base, action="scale", groups=rules.group_scaled, scale_units=with_units)
+    # The one host sync: the non-finite and spike decisions, and which groups are clipped at all
+    # (multiplying by exactly 1.0 changes nothing, so unclipped groups are not touched).
+    flags = [finite.float().reshape(1), (spike if spike is not None else ~finite).float().reshape(1)]
+    finite_flag, spike_flag, *host_coefs = torch.cat([*flags, coefs]).tolist()
+    if finite_flag and spike_flag:  # a spike: skip the step, like a non-finite one
+        return _skipped(base, "drop", "spike")
+    if finite_flag:
+        clipped = tuple(g for g in rules.group_scaled if host_coefs[g] < 1.0)
+        units_clipped = with_units and any(host_coefs[g] < 1.0 for g in plan.units.groups)
+        if clipped and rules.can_fold:
+            return Decision(**base, action="fold", groups=visible)
+        if clipped or units_clipped:
+            return Decision(**base, action="scale", groups=clipped, host_coefs=host_coefs, scale_units=units_clipped)
+        return Decision(**base)
+    if rules.nonfinite == "ignore":  # torch semantics, also with skip_spikes on
+        return Decision(**base, action="scale", groups=rules.group_scaled, scale_units=with_units)
+    if scaler_overflow():
+        return _skipped(base, "leave", "overflow")
+    if rules.nonfinite == "error":
+        _raise_nonfinite(group_norms, rules)
+    if rules.nonfinite == "zero":
+        return Decision(**_zeroed(base), action="zero", groups=visible)
+    return _skipped(base, "drop", "nonfinite")
+
+
+def _zeroed(base: dict) -> dict:
+    unit_coefs = base["unit_coefs"]
+    return {**base, "coefs": torch.zeros_like(base["coefs"]),
+            "unit_coefs": None if unit_coefs is None else torch.zeros_like(unit_coefs)}
+
+
+def _skipped(base: dict, action: str, reason: str) -> Decision:
+    return Decision(**_zeroed(base), action=action, skipped=True, skip_reason=reason)
+
+
+def _raise_nonfinite(group_norms: torch.Tensor, rules: Rules) -> None:
+    bad = {n: v for n, v in zip(rules.group_names, group_norms.tolist()) if not math.isfinite(v)}
+    raise NonFiniteGradientError(
+        f"The total norm of order {rules.norm_type} for gradients from `parameters` is non-finite, so it cannot be "
+        f"clipped. distclip: non-finite group norm(s) {bad} with nonfinite='error' (the same on every "
+        "rank). To drop such steps use nonfinite='skip'; to scale the gradients by the non-finite norm "
+        "anyway, as torch does with `error_if_nonfinite=False`, use nonfinite='ignore'."
+    )
