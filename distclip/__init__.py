@@ -3,7 +3,9 @@
 ``import distclip`` needs torch only; DeepSpeed and Accelerate integrations import lazily.
 """
 
-from . import deepspeed  # distclip.deepspeed.attach(engine, config); imports no DeepSpeed
+import importlib
+from typing import Any
+
 from .adapters.declared import declare
 from .clipper import GradClipper
 from .functional import clip_grad_norm_, global_grad_norm
@@ -18,6 +20,16 @@ from .core.config import ClipConfig, GroupSpec, PerLayerSpec, load_config
 from .core.names import canonical_name
 
 __version__ = "0.1.0"
+
+# The integrations' import paths, loaded on first use (distclip.deepspeed.attach(engine, config) works
+# after a plain `import distclip`); none imports its framework until it is used.
+_SUBMODULES = ("accelerate", "deepspeed", "hf_trainer", "lightning", "mpi", "testing")
+
+
+def __getattr__(name: str) -> Any:
+    if name in _SUBMODULES:
+        return importlib.import_module(f"{__name__}.{name}")
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 __all__ = [
     "BaseSink",

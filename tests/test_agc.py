@@ -1,4 +1,4 @@
-"""``policy: {kind: agc}``: unit-wise adaptive gradient clipping, exact under every sharding.
+"""``policy: {kind: agc}``: row-wise adaptive gradient clipping, exact under every sharding.
 
 The reference is timm's ``adaptive_clip_grad`` (ported verbatim in :mod:`tests.timm_agc`), applied
 in float64 to the full gradients and parameters: single process on every norm type, and on 2
@@ -31,7 +31,7 @@ from tests.timm_agc import adaptive_clip_grad, unitwise_norm
 
 ROOT = Path(__file__).resolve().parents[1]
 NORM_TYPES = [1.0, 2.0, 3.5, math.inf]  # timm passes any p to torch.norm; distclip takes p > 0 and inf
-CLIP_FACTOR, EPS, LOSS_SCALE = 0.015, 1e-3, 0.01  # some units clipped, some not (asserted)
+CLIP_FACTOR, EPS, LOSS_SCALE = 0.015, 1e-3, 0.01  # some rows clipped, some not (asserted)
 GRAD_RTOL = 2e-6  # distclip in fp32 vs timm in float64 on the same gradients, relative to each tensor's scale
 
 
@@ -85,15 +85,15 @@ def timm_clip(grads: dict[str, torch.Tensor], params: dict[str, torch.Tensor], p
 
 
 def timm_ratios(grads: dict[str, torch.Tensor], params: dict[str, torch.Tensor], p: float) -> torch.Tensor:
-    """||G_i|| / max(||W_i||, eps) of every unit (to check that some clip and some do not)."""
+    """||G_i|| / max(||W_i||, eps) of every row (to check that some clip and some do not)."""
     return torch.cat([(unitwise_norm(grads[n].double(), p) / unitwise_norm(params[n].double(), p).clamp(min=EPS)).flatten()
                       for n in grads])
 
 
 def timm_coefs(grads: dict[str, torch.Tensor], params: dict[str, torch.Tensor], p: float,
                clip_factor: float = CLIP_FACTOR) -> torch.Tensor:
-    """Every unit's coefficient by timm's rule (float64), parameters in name order, rows in order: the order
-    distclip documents for ``ClipReport.unit_coefs``."""
+    """Every row's coefficient by timm's rule (float64), parameters in name order, rows in order: the order
+    distclip documents for ``ClipReport.row_coefs``."""
     out = []
     for name in sorted(grads):
         max_norm = unitwise_norm(params[name].double(), p).clamp(min=EPS) * clip_factor
@@ -128,8 +128,8 @@ def test_hand_checkable_value():
     report = distclip.GradClipper(layer, {"policy": {"kind": "agc", "clip_factor": 0.01, "eps": 1e-3}}).clip()
     torch.testing.assert_close(layer.weight.grad, torch.tensor([[0.03, 0.04], [1e-5, 0.0]]), rtol=1e-6, atol=0)
     # row 0: ||G|| 50 > 0.01 * 5 -> 0.05 / 50; row 1: ||W|| 0 -> eps, 0.01 * 1e-3 / 1
-    torch.testing.assert_close(report.unit_coefs, torch.tensor([1e-3, 1e-5]), rtol=1e-6, atol=0)
-    assert report.coefs["default"].item() == pytest.approx(1e-5, rel=1e-6)  # the smallest unit coefficient
+    torch.testing.assert_close(report.row_coefs, torch.tensor([1e-3, 1e-5]), rtol=1e-6, atol=0)
+    assert report.coefs["default"].item() == pytest.approx(1e-5, rel=1e-6)  # the smallest row coefficient
     assert report.thresholds["default"].item() == pytest.approx(0.01)  # the clip factor
     assert report.group_norms["default"].item() == pytest.approx(math.sqrt(2501), rel=1e-6)  # still measured
 
@@ -151,10 +151,10 @@ def test_matches_timm_single_process(p):
     # and an independent float64 run of the whole step
     ref_grads = {n: q.grad for n, q in ref.named_parameters()}
     assert max_rel_err(clipped, timm_clip(ref_grads, {n: q.detach() for n, q in ref.named_parameters()}, p)) <= 1e-5
-    assert report.unit_coefs.numel() == 5 + 1 + 7 + 1 + 1 + 1 + 3 + 1 + 1  # rows of conv, fc1, fc2; 1-D and 0-d whole
+    assert report.row_coefs.numel() == 5 + 1 + 7 + 1 + 1 + 1 + 3 + 1 + 1  # rows of conv, fc1, fc2; 1-D and 0-d whole
 
 
-def test_negative_control_one_unit_per_tensor_is_not_agc():
+def test_negative_control_one_row_per_tensor_is_not_agc():
     """The test can fail: clipping each whole tensor against its whole norm (no rows) differs from timm."""
     model = make_net()
     loss_of(model, *data(0, 0, size=8)).backward()
@@ -189,8 +189,8 @@ def test_per_group_agc_beside_fixed():
     weights_norm = torch.cat([grads[n].flatten() for n in agc_names]).norm().item()
     assert report.group_norms["weights"].item() == pytest.approx(weights_norm, rel=1e-6)
     assert report.thresholds["weights"].item() == pytest.approx(CLIP_FACTOR)
-    assert report.coefs["weights"].item() == pytest.approx(report.unit_coefs.min().item())
-    assert report.unit_coefs.numel() == 5 + 7 + 3
+    assert report.coefs["weights"].item() == pytest.approx(report.row_coefs.min().item())
+    assert report.row_coefs.numel() == 5 + 7 + 3
 
 
 def test_attach_clips_before_every_step():
@@ -213,7 +213,7 @@ def test_attach_clips_before_every_step():
     got = {n: q.detach() for n, q in model.named_parameters()}
     assert max_rel_err(got, {n: q.detach() for n, q in ref.named_parameters()}) <= 1e-5
     fused = torch.optim.AdamW(make_net().parameters(), fused=True)
-    with pytest.raises(ConfigError, match="unit-wise"):
+    with pytest.raises(ConfigError, match="row-wise"):
         distclip.GradClipper(make_net(), agc()).attach(fused, fold=True)
 
 
@@ -234,7 +234,7 @@ def test_missing_gradients_and_non_contiguous_gradients():
 
 @pytest.mark.parametrize("p", [2.0, math.inf])
 def test_nonfinite_gradient_skips_the_step(p):
-    """A NaN in one gradient element of an agc group: the (unit-derived) group norm is NaN, the step is skipped."""
+    """A NaN in one gradient element of an agc group: the (row-derived) group norm is NaN, the step is skipped."""
     model = make_net()
     loss_of(model, *data(0, 0, size=8)).backward()
     model.fc1.weight.grad[3, 5] = math.nan
@@ -245,7 +245,7 @@ def test_nonfinite_gradient_skips_the_step(p):
 
 
 def test_group_norm_of_an_agc_group_is_its_norm():
-    """The group norm of a unit-wise group (taken from its units' sums) is the group's norm; in another p
+    """The group norm of a row-wise group (taken from its rows' sums) is the group's norm; in another p
     than the config's (its own slots), too."""
     for config, group, p in ((agc(2.0), "default", 2.0), (agc(math.inf), "default", math.inf),
                              ({"groups": [{"name": "w", "match": "*.weight", "norm_type": 3.0, "policy": {"kind": "agc"}}]},
@@ -350,20 +350,20 @@ def clip_layout(name: str, config: dict[str, Any]) -> dict[str, Any]:
     with CommDebugMode() as comm:
         report = clipper.clip()
     return {"pre": pre, "params": params, "post": full_grads(), "collectives": comm.get_total_counts(),
-            "unit_coefs": report.unit_coefs.clone(), "coefs_equal": gathered_equal(report.unit_coefs),
+            "row_coefs": report.row_coefs.clone(), "coefs_equal": gathered_equal(report.row_coefs),
             "coefs": {k: v.item() for k, v in report.coefs.items()}, "source": report.source,
             "groups": {k: v.item() for k, v in report.group_norms.items()}, "total": report.total_norm.item(),
             "post_backward": (measured.source, {k: v.item() for k, v in measured.group_norms.items()},
-                              measured.unit_coefs.clone()),
+                              measured.row_coefs.clone()),
             **row_layout(clipper.adapter)}
 
 
 def row_layout(adapter) -> dict[str, Any]:
     """How this rank's counted pieces meet the rows: do some start or end inside a row of a multi-row
     parameter, and how many elements of each parameter this rank counts (what the test asserts it exercised)."""
-    plan, spans = adapter.unit_plan, adapter._unit_count_map.spans
+    plan, spans = adapter.row_plan, adapter._row_count_map.spans
     blocks = {s.param: plan.by_param[s.param] for s in spans}
-    split = any(b.units > 1 and (s.offset % b.row or s.numel % b.row) for s, b in ((s, blocks[s.param]) for s in spans))
+    split = any(b.rows > 1 and (s.offset % b.row_size or s.numel % b.row_size) for s, b in ((s, blocks[s.param]) for s in spans))
     counted: dict[str, int] = {}
     for s in spans:
         counted[blocks[s.param].name] = counted.get(blocks[s.param].name, 0) + s.numel
@@ -419,7 +419,7 @@ def host_sync_counts() -> dict[str, Any]:
 
 
 def refusals() -> dict[str, str]:
-    """What unit-wise clipping refuses, with the message it gives."""
+    """What row-wise clipping refuses, with the message it gives."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
     from torch.distributed.tensor import Shard
@@ -469,10 +469,10 @@ def test_two_ranks_match_timm(layout, p):
     assert err <= GRAD_RTOL, (layout, p, err)
     for r in ranks:  # every rank ends with the same full gradients, and the same coefficients bitwise
         assert r[(layout, p)]["coefs_equal"]
-        assert torch.equal(r[(layout, p)]["unit_coefs"], rec["unit_coefs"])
+        assert torch.equal(r[(layout, p)]["row_coefs"], rec["row_coefs"])
         assert r[(layout, p)]["collectives"] == 1, (layout, p, r[(layout, p)]["collectives"])
-    coefs = rec["unit_coefs"]
-    assert (coefs < 1).any() and (coefs == 1).any(), coefs  # some units clipped, some not
+    coefs = rec["row_coefs"]
+    assert (coefs < 1).any() and (coefs == 1).any(), coefs  # some rows clipped, some not
     if p != "per_group":  # the norms are still measured, exactly
         flat = torch.cat([g.flatten() for g in rec["pre"].values()])
         assert rec["groups"]["default"] == pytest.approx(flat.norm(norm_type).item(), rel=1e-6)
@@ -481,7 +481,7 @@ def test_two_ranks_match_timm(layout, p):
         flat = torch.cat([rec["pre"][n].flatten() for n in sorted(agc_names)])
         assert rec["groups"]["rows"] == pytest.approx(flat.norm(math.inf).item(), rel=1e-6)
     source, groups, post_coefs = rec["post_backward"]  # the same from the post-backward path (group norms
-    assert source == "post_backward" and torch.equal(post_coefs, coefs)  # of agc groups from their units)
+    assert source == "post_backward" and torch.equal(post_coefs, coefs)  # of agc groups from their rows)
     assert all(groups[k] == pytest.approx(v, rel=1e-6) for k, v in rec["groups"].items()), (groups, rec["groups"])
     factor = PER_GROUP_FACTOR if p == "per_group" else CLIP_FACTOR
     pre = {n: g for n, g in rec["pre"].items() if agc_names is None or n in agc_names}
@@ -525,7 +525,7 @@ def test_no_host_tensors_on_the_agc_path():
 def test_refused_layouts_say_what_is_supported():
     out = torch_results()[0]["refusals"]
     assert "'conv.weight'" in out["shard1"] and "Shard(1)" in out["shard1"] and "Shard(0)" in out["shard1"]
-    assert out["shard1_other_policy"] == "accepted"  # the sharded weights are not clipped unit-wise there
+    assert out["shard1_other_policy"] == "accepted"  # the sharded weights are not clipped row-wise there
     assert "pipeline" in out["pipeline"]
 
 
@@ -562,8 +562,8 @@ def deepspeed_checks() -> dict[Any, Any]:
             after = full_params(engine)
             report = clipper.last_report
             out[(stage, p)] = {"update": {n: (before[n] - after[n]) / DS_LR for n in before}, "params": before,
-                               "collectives": counts, "unit_coefs": report.unit_coefs.clone(),
-                               "coefs_equal": gathered_equal(report.unit_coefs), "skipped": report.skipped,
+                               "collectives": counts, "row_coefs": report.row_coefs.clone(),
+                               "coefs_equal": gathered_equal(report.row_coefs), "skipped": report.skipped,
                                "norm": report.group_norms["default"].item(), **row_layout(clipper.adapter)}
             engine.destroy()
     out["fp16"] = fp16_zero2()
@@ -588,7 +588,7 @@ def fp16_zero2() -> dict[str, Any]:
     engine.step()
     after = full_params(engine)
     report = clipper.last_report
-    out = {"loss_scale": scale, "unit_coefs": report.unit_coefs.clone(), "params": before, "skipped": report.skipped,
+    out = {"loss_scale": scale, "row_coefs": report.row_coefs.clone(), "params": before, "skipped": report.skipped,
            "update": {n: (before[n] - after[n]) / DS_LR for n in before}}
     engine.destroy()
     return out
@@ -612,22 +612,22 @@ def test_deepspeed_matches_timm(stage, p, deepspeed_shm_op):
     print(f"agc ZeRO-{stage} p={p}: max error of the update vs timm + SGD in float64 {err:.2e}")
     assert err <= 2e-5, (stage, p, err)
     assert not rec["skipped"]
-    coefs = rec["unit_coefs"]
+    coefs = rec["row_coefs"]
     assert (coefs < 1).any() and (coefs == 1).any(), coefs
     for r in ranks:
-        assert r[(stage, p)]["coefs_equal"] and torch.equal(r[(stage, p)]["unit_coefs"], coefs)
+        assert r[(stage, p)]["coefs_equal"] and torch.equal(r[(stage, p)]["row_coefs"], coefs)
         assert r[(stage, p)]["collectives"] == [1], (stage, p, r[(stage, p)]["collectives"])
     torch.testing.assert_close(coefs.double(), timm_coefs(ref_grads, ref_params, p), rtol=1e-5, atol=0)
     expected_norm = torch.cat([g.flatten() for g in ref_grads.values()]).norm(p).item()
-    assert rec["norm"] == pytest.approx(expected_norm, rel=1e-5)  # the group norm, from the units' sums
+    assert rec["norm"] == pytest.approx(expected_norm, rel=1e-5)  # the group norm, from the rows' sums
     # ZeRO-0's 1/world slices, ZeRO-1/2's partition boundary and ZeRO-3's per-parameter partitions split rows
     assert any(r[(stage, p)]["splits_rows"] for r in ranks)
 
 
 @pytest.mark.multiprocess
-def test_deepspeed_fp16_unit_norms_divide_out_the_loss_scale(deepspeed_shm_op):
+def test_deepspeed_fp16_row_norms_divide_out_the_loss_scale(deepspeed_shm_op):
     """fp16 ZeRO-2: coefficients and update as timm's on float64 data from the same fp16 weights, to fp16's
-    precision; counting the loss scale (256) in the gradient norms would clip every unit ~256x harder."""
+    precision; counting the loss scale (256) in the gradient norms would clip every row ~256x harder."""
     rec = deepspeed_results()[0]["fp16"]
     assert rec["loss_scale"] == 256.0 and not rec["skipped"]
     model = make_net(torch.float16, scalar=False).double()
@@ -636,8 +636,8 @@ def test_deepspeed_fp16_unit_norms_divide_out_the_loss_scale(deepspeed_shm_op):
     grads = {n: q.grad for n, q in model.named_parameters()}
     params = {n: q.detach() for n, q in model.named_parameters()}
     expected = timm_coefs(grads, params, 2.0)
-    err = ((rec["unit_coefs"].double() - expected).abs() / expected).max().item()
-    print(f"agc ZeRO-2 fp16: max relative error of the unit coefficients vs float64 {err:.2e}")
+    err = ((rec["row_coefs"].double() - expected).abs() / expected).max().item()
+    print(f"agc ZeRO-2 fp16: max relative error of the row coefficients vs float64 {err:.2e}")
     assert err <= 2e-2
     assert max_rel_err(rec["update"], timm_clip(grads, params, 2.0)) <= 5e-2
 
@@ -668,22 +668,22 @@ def spans_of_a_parameter(draw):
 @settings(max_examples=150, deadline=None)
 @given(spans_of_a_parameter(), st.sampled_from([1.0, 2.0, 3.0, math.inf]))
 def test_piece_map_sends_every_element_to_its_row(case, p):
-    """Any split of a parameter's flat order into runs (as shards cut it): the sums per unit and the scaling
+    """Any split of a parameter's flat order into runs (as shards cut it): the sums per row and the scaling
     are those of the rows, element by element (brute force: element k belongs to row k // row length)."""
-    from distclip.core.unitwise import Span, UnitPlan, UnitwiseSpec
+    from distclip.core.rowwise import Span, RowPlan, RowwiseSpec
 
     shape, runs = case
-    plan = UnitPlan.build(["w"], [shape], [0], {0: UnitwiseSpec(p, 0.5, 1e-3)}, 1)
+    plan = RowPlan.build(["w"], [shape], [0], {0: RowwiseSpec(p, 0.5, 1e-3)}, 1)
     block = plan.blocks[0]
     values = torch.randn(max(1, math.prod(shape)), dtype=torch.float64).reshape(shape)
     flat = values.reshape(-1)
     pieces = plan.piece_map([Span(0, a, n) for a, n in runs])
     sums = pieces.sums([flat[a : a + n].clone() for a, n in runs], torch.device("cpu"))
-    rows = flat.reshape(block.units, block.row).abs()
+    rows = flat.reshape(block.rows, block.row_size).abs()
     expected = rows.amax(dim=1) if math.isinf(p) else rows.pow(p).sum(dim=1)
     torch.testing.assert_close(sums, expected, rtol=1e-12, atol=0)
-    coefs = torch.arange(1, block.units + 1, dtype=torch.float32) / 8
+    coefs = torch.arange(1, block.rows + 1, dtype=torch.float32) / 8
     scaled = [flat[a : a + n].clone() for a, n in runs]
     pieces.scale_(scaled, coefs)
-    expected_scaled = (flat.reshape(block.units, block.row) * coefs.double()[:, None]).reshape(-1)
+    expected_scaled = (flat.reshape(block.rows, block.row_size) * coefs.double()[:, None]).reshape(-1)
     torch.testing.assert_close(torch.cat(scaled) if scaled else flat[:0], expected_scaled, rtol=1e-7, atol=0)

@@ -1,7 +1,8 @@
 """The package's shape, checked: data flows one way, private framework names stay in the compat layer.
 
 * Layers, bottom-up: ``errors`` -> ``compat`` -> ``core`` -> ``adapters`` -> the public assembly
-  (``distclip/__init__.py``, ``clipper.py``, ``functional.py``, ...) -> ``integrations`` -> ``cli``.
+  (``distclip/__init__.py``, ``clipper.py``, ``functional.py``, ...) -> ``integrations`` -> ``cli``
+  (``distclip/__init__.py`` reaches the integrations' import paths lazily, on attribute access).
   A module imports only from its own layer or below (``TYPE_CHECKING`` imports included).
 * No import cycle between distclip's modules.
 * A private name of torch or of a framework (``obj._name``, ``getattr(obj, "_name")``, an import
@@ -20,8 +21,10 @@ ROOT = Path(__file__).resolve().parents[1] / "distclip"
 FILES = sorted(ROOT.rglob("*.py"))
 TREES = {path: ast.parse(path.read_text(), str(path)) for path in FILES}
 
-# the layer of each top-level part of the package (a module not listed is the public assembly)
-LAYERS = {"errors": 0, "compat": 1, "core": 2, "adapters": 3, "integrations": 5, "cli": 6, "bench": 6}
+# the layer of each top-level part of the package (a module not listed is the public assembly); the
+# integrations' public import paths (distclip.deepspeed, ...) are aliases of integrations modules
+LAYERS = {"errors": 0, "compat": 1, "core": 2, "adapters": 3, "integrations": 5, "accelerate": 5, "deepspeed": 5,
+          "hf_trainer": 5, "lightning": 5, "cli": 6, "bench": 6, "mpi": 6, "__main__": 6}
 ASSEMBLY = 4
 
 

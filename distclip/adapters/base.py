@@ -1,20 +1,27 @@
-"""The contract every layout adapter implements: COUNT, HOOK, APPLY.
+"""The shared implementation of the adapter contract (:mod:`distclip.core.contract`): COUNT, HOOK, APPLY, ROWS.
 
-* **COUNT** (:meth:`GradAdapter.counted_pieces`): the gradient pieces this rank counts, each tagged
-  with its clip group, disjoint across the whole job, so that one collective over
-  :attr:`GradAdapter.reduce_group` yields every element exactly once.
-* **HOOK** (:meth:`GradAdapter.enable_reduction_hook`, :meth:`GradAdapter.reduced_partials`): the
-  same partials computed inside the backend's gradient reduction, when it allows it, and used only
-  when provably valid (:mod:`distclip.adapters.hooks`).
-* **APPLY** (:meth:`GradAdapter.scale`, :meth:`GradAdapter.zero`, :meth:`GradAdapter.drop_grads`):
-  what the clip does to this rank's local gradients: multiply each group by its coefficient,
-  zero them, or drop them so the optimizer step leaves parameters and state untouched.
-* **UNITS** (unit-wise clipping, ``kind: agc``; :meth:`GradAdapter.bind_units`,
-  :meth:`GradAdapter.unit_partials`, :meth:`GradAdapter.scale_units`): where each counted piece
-  of gradient and parameter values sits in its parameter's global flat order, so that its
-  elements add to their rows' sums, and the per-row coefficients multiply every local piece.
+Most layouts describe their local gradients as *pieces* and get COUNT and APPLY from
+:class:`GradAdapter`; layouts whose gradients do not live in ``param.grad`` override
+:meth:`~GradAdapter.local_grads` or the APPLY methods (DeepSpeed ZeRO).
 
-The core (:class:`~distclip.GradClipper`) only ever talks to an adapter through these methods.
+Glossary (one word per idea, used across the adapters):
+
+* **parameter**: one trainable tensor, known by its canonical name (the same on every rank).
+* **piece** (:class:`~distclip.adapters.counting.LocalPiece`): a contiguous range of one local gradient
+  tensor that belongs to one parameter: this rank's shard, or its copy of a replicated range.
+* **holders**: the ranks that hold the same piece (from placements, mesh layouts, process groups).
+* **replica set** (:class:`~distclip.adapters.counting.Replicas`): holders of identical copies; each
+  counts a disjoint ``1/count`` slice of their pieces, so every element is counted once.
+* **segment** (:data:`~distclip.adapters.counting.Segment`): ``(source, start, end, parameter)``, a range
+  of a local tensor this rank counts (or scales).
+* **span** (:class:`~distclip.core.rowwise.Span`): a run of a parameter's elements in its GLOBAL flat
+  order (where a piece sits in its parameter).
+* **row**: a dim-0 slice of a parameter, what row-wise clipping (``kind: agc``) clips by its own norm.
+* **slot**: one number of the reduced vector (a group's ``sum |g|^p``, or its max for p = inf).
+* **stage**: a pipeline stage; ranks of other stages hold other parameters, never copies.
+* **reduction hook**: partials measured inside a backend's own gradient reduction (DDP buckets,
+  FSDP1 units, FSDP2 parameter groups), used only when provably valid (:mod:`~distclip.adapters.hooks`).
+* **unit**: only FSDP1's own word, one ``FullyShardedDataParallel`` instance.
 """
 
 from __future__ import annotations
@@ -28,15 +35,16 @@ from ..core.config import ConfigError
 from ..core.groups import GroupTable
 from ..core.norms import SlotLayout, combine_partials, local_partials
 from ..core.reduce import ProcessGroup, collective_device
-from ..core.unitwise import Span, UnitPlan
+from ..core.rowwise import Span, RowPlan
 from ..compat import pytorch as _compat
-from .counting import LocalPiece, Replicas, Segment, counted_segments, flat_range, segment_offsets, slice_segments
+from .counting import (LocalPiece, Replicas, Segment, counted_segments, flat_range, group_ranks, segment_offsets,
+                       slice_segments)
 from .declared import Declaration, census_payload, check_census, declaration_of, declared_replicas
 from .hooks import ReductionHook
 
 
 class GradAdapter:
-    """One gradient layout (plain, DDP, FSDP1, DTensor, DeepSpeed, pipeline) behind one contract.
+    """One gradient layout (plain, DDP, FSDP1, DTensor, DeepSpeed, pipeline) behind the core's contract.
 
     Subclasses set ``kind`` and ``reduce_group``; most describe their local gradients as
     :class:`~distclip.adapters.counting.LocalPiece` s (``self.pieces``: which range of which local
@@ -53,7 +61,7 @@ class GradAdapter:
     applies_in_place = True  # APPLY changes the counted gradients at once (the audit measures it)
     hook: ReductionHook | None = None
     hook_status = "not enabled"  # after enable_reduction_hook: the hook's name, or why there is none
-    unit_plan: UnitPlan | None = None  # after bind_units: the unit layout of unit-wise (agc) clipping
+    row_plan: RowPlan | None = None  # after bind_rows: the row layout of row-wise (agc) clipping
     setup_problems: tuple[str, ...] = ()  # what is wrong with this layout: raised on every rank after the set-up exchange
 
     def __init__(self, named_params: Sequence[tuple[str, torch.nn.Parameter]]):
@@ -120,7 +128,7 @@ class GradAdapter:
         """How many ranks hold a part or a copy of these (one pipeline stage's) gradients."""
         if self.reduce_group is None:
             return 1
-        return len(_compat.group_ranks(self.reduce_group))
+        return len(group_ranks(self.reduce_group))
 
     # ------------------------------------------------------------------ COUNT
     def local_grads(self) -> list[torch.Tensor | None]:
@@ -134,8 +142,8 @@ class GradAdapter:
     def local_partials(self, skip_groups: frozenset[int] = frozenset()) -> tuple[torch.Tensor, str]:
         """This rank's slot vector and where it came from (``comm_hook`` or ``post_backward``).
 
-        ``skip_groups``: on the post-backward path, groups whose slots the caller fills itself (unit-wise
-        groups: from their units' sums); a hook's vector holds every group.
+        ``skip_groups``: on the post-backward path, groups whose slots the caller fills itself (row-wise
+        groups: from their rows' sums); a hook's vector holds every group.
         """
         hooked = self.reduced_partials()
         if hooked is not None:
@@ -234,7 +242,7 @@ class GradAdapter:
 
     # ------------------------------------------------------------------ UNITS
     def global_shapes(self) -> list[tuple[int, ...]]:
-        """Each parameter's GLOBAL shape (what unit-wise clipping splits into rows; known on every rank)."""
+        """Each parameter's GLOBAL shape (what row-wise clipping splits into rows; known on every rank)."""
         return [tuple(p.shape) for p in self.params]
 
     def local_params(self) -> list[torch.Tensor | None]:
@@ -242,48 +250,48 @@ class GradAdapter:
         parameter, local part)."""
         return [_compat.local_tensor(p).detach() for p in self.params]
 
-    def bind_units(self, plan: UnitPlan) -> None:
-        """Map this rank's pieces of the unit-wise clipped parameters onto ``plan``'s units (once, after bind).
+    def bind_rows(self, plan: RowPlan) -> None:
+        """Map this rank's pieces of the row-wise clipped parameters onto ``plan``'s rows (once, after bind).
 
-        Counted pieces (disjoint across the job) add to the unit sums; every held piece is scaled.
+        Counted pieces (disjoint across the job) add to the row sums; every held piece is scaled.
         """
-        self.unit_plan = plan
-        self.refuse_unit_layouts(plan)
+        self.row_plan = plan
+        self.refuse_row_layouts(plan)
         counted = [s for s in self._counted if s[3] in plan.by_param]
-        self._unit_counted = counted
-        self._unit_count_map = plan.piece_map(
+        self._row_counted = counted
+        self._row_count_map = plan.piece_map(
             [Span(s[3], offset, s[2] - s[1]) for s, offset in zip(counted, segment_offsets(counted, self.pieces))])
         held = [p for p in self.pieces if p.numel and p.param in plan.by_param]
-        self._unit_held = [(p.source, p.start, p.start + p.numel) for p in held]
-        self._unit_apply_map = plan.piece_map([Span(p.param, p.offset, p.numel) for p in held])
+        self._row_held = [(p.source, p.start, p.start + p.numel) for p in held]
+        self._row_apply_map = plan.piece_map([Span(p.param, p.offset, p.numel) for p in held])
 
-    def refuse_unit_layouts(self, plan: UnitPlan) -> None:
-        """A clear ConfigError for unit-wise clipped parameters whose local pieces cannot be mapped to rows."""
+    def refuse_row_layouts(self, plan: RowPlan) -> None:
+        """A clear ConfigError for row-wise clipped parameters whose local pieces cannot be mapped to rows."""
         for i, declaration in enumerate(self.declarations):
             if i in plan.by_param and declaration is not None and declaration.sharded:
                 raise ConfigError(
                     f"distclip agc: {self.names[i]!r} is declared sharded_over a group, so its global shape and the "
-                    "position of this rank's part are unknown; unit-wise clipping supports whole, replicated and "
+                    "position of this rank's part are unknown; row-wise clipping supports whole, replicated and "
                     "DTensor Shard(0) parameters. Clip it with another policy (a group with its own policy)")
         for piece in self.pieces:
             if piece.param in plan.by_param and piece.numel and piece.offset is None:
                 raise ConfigError(
                     f"distclip agc: this rank's part of {self.names[piece.param]!r} is not one run of its rows, so its "
-                    "elements cannot be mapped to units; supported: whole parameters, DTensor Shard(0) / Replicate, "
+                    "elements cannot be mapped to rows; supported: whole parameters, DTensor Shard(0) / Replicate, "
                     "FSDP1 and ZeRO flat shards. Clip it with another policy (a group with its own policy)")
 
-    def unit_partials(self) -> torch.Tensor:
-        """This rank's unit part of the slot vector: ``[sum |g|^p per unit, sum |w|^p per unit]`` of its counted pieces."""
+    def row_partials(self) -> torch.Tensor:
+        """This rank's row part of the slot vector: ``[sum |g|^p per row, sum |w|^p per row]`` of its counted pieces."""
         grads, params = self.local_grads(), self.local_params()
-        g = [flat_range(grads[s], lo, hi) for s, lo, hi, _ in self._unit_counted]
-        w = [flat_range(params[s], lo, hi) for s, lo, hi, _ in self._unit_counted]
+        g = [flat_range(grads[s], lo, hi) for s, lo, hi, _ in self._row_counted]
+        w = [flat_range(params[s], lo, hi) for s, lo, hi, _ in self._row_counted]
         device = self.collective_device([t for t in g if t is not None][:1])
-        return torch.cat([self._unit_count_map.sums(g, device), self._unit_count_map.sums(w, device)])
+        return torch.cat([self._row_count_map.sums(g, device), self._row_count_map.sums(w, device)])
 
-    def scale_units(self, coefs: torch.Tensor) -> None:
-        """Multiply every local piece of the unit-wise clipped parameters by its units' coefficients (fp32 [U])."""
+    def scale_rows(self, coefs: torch.Tensor) -> None:
+        """Multiply every local piece of the row-wise clipped parameters by its rows' coefficients (fp32 [U])."""
         grads = self.local_grads()
-        self._unit_apply_map.scale_([_in_place_range(grads[s], lo, hi) for s, lo, hi in self._unit_held], coefs)
+        self._row_apply_map.scale_([_in_place_range(grads[s], lo, hi) for s, lo, hi in self._row_held], coefs)
 
     def describe(self) -> dict[str, object]:
         """What the set-up consistency check compares across ranks (beyond config and groups)."""

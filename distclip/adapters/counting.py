@@ -5,22 +5,47 @@ piece is either held by this rank alone (a shard), or held identically by ``coun
 (DDP, NO_SHARD, an HSDP replica, a ``Replicate`` mesh dimension, a DTensor on a sub-mesh of a
 larger mesh, a parameter FSDP does not manage, a declared replicated plain tensor).
 Replicated pieces of one replica set are laid end to end, in the same order on every replica,
-and split into disjoint ``1/count`` slices (:func:`distclip.core.partition.replica_segments`): every
+and split into disjoint ``1/count`` slices (:func:`replica_segments`): every
 element is counted exactly once over the whole job, and the norm work is split across replicas.
 """
 
 from __future__ import annotations
 
+from bisect import bisect_right
 from dataclasses import dataclass
+from itertools import accumulate
 from typing import Hashable, Iterable, Sequence
 
 import torch
 import torch.distributed as dist
 
-from ..core.partition import replica_segments
 from ..errors import UnsupportedLayoutError
 
 Segment = tuple[int, int, int, int]  # (source tensor index, start, end, parameter index)
+
+
+# ------------------------------------------------------------ splitting replicated elements
+def even_range(total: int, rank: int, world: int) -> tuple[int, int]:
+    """Rank ``rank``'s contiguous share of ``total`` elements (shares differ by at most one)."""
+    return total * rank // world, total * (rank + 1) // world
+
+
+def segments_in_range(numels: Sequence[int], start: int, end: int) -> list[tuple[int, int, int]]:
+    """The pieces of the tensors laid end to end (in order) that fall in ``[start, end)``."""
+    offsets = [0, *accumulate(numels)]
+    out: list[tuple[int, int, int]] = []
+    i = max(0, bisect_right(offsets, start) - 1)
+    while i < len(numels) and offsets[i] < end:
+        lo, hi = max(start, offsets[i]), min(end, offsets[i + 1])
+        if hi > lo:
+            out.append((i, lo - offsets[i], hi - offsets[i]))
+        i += 1
+    return out
+
+
+def replica_segments(numels: Sequence[int], rank: int, world: int) -> list[tuple[int, int, int]]:
+    """This replica's 1/world of the tensors laid end to end: disjoint across ranks, covering all."""
+    return segments_in_range(numels, *even_range(sum(numels), rank, world))
 
 
 @dataclass(frozen=True)
@@ -37,7 +62,7 @@ class LocalPiece:
     """Elements ``[start, start + numel)`` of local tensor ``source`` (flattened) belong to parameter ``param``.
 
     ``offset``: where the piece's first element sits in the parameter's GLOBAL flat (row-major)
-    order, so that unit-wise clipping can map each element to its row; None when the piece is not
+    order, so that row-wise clipping can map each element to its row; None when the piece is not
     one run of that order (a DTensor sharded on a dimension >= 1, a declared shard).
     """
 
@@ -109,6 +134,7 @@ def slice_segments(
 
 
 def group_ranks(group: dist.ProcessGroup) -> frozenset[int]:
+    """The global ranks of a process group."""
     return frozenset(dist.get_process_group_ranks(group))
 
 

@@ -30,7 +30,7 @@ from ..core.names import named_trainable_parameters
 from ..core.norms import local_partials
 from ..compat import pytorch as _compat
 from .base import GradAdapter
-from .counting import LocalPiece, Replicas, counted_segments
+from .counting import LocalPiece, Replicas, counted_segments, group_ranks
 from .hooks import ReductionHook
 
 CommHook = Callable[[Any, dist.GradBucket], torch.futures.Future]
@@ -46,7 +46,7 @@ class DDPAdapter(GradAdapter):
         super().__init__(list(named_trainable_parameters(ddp.module)))
         self.ddp = ddp
         self.reduce_group = ddp.process_group
-        ranks = frozenset(_compat.group_ranks(self.reduce_group))
+        ranks = group_ranks(self.reduce_group)
         self.replicas = Replicas(("ddp", ranks), dist.get_rank(self.reduce_group), len(ranks))
         self._dp_ranks = ranks
         if self.whole_params_with_declarations(self.replicas, ranks):  # hand-written TP/EP beside DDP

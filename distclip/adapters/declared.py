@@ -54,7 +54,7 @@ def _ranks_of(group: Any, what: str) -> tuple[int, ...]:
             raise UsageError(f"distclip.declare({what}=...): a DeviceMesh must be 1-D (slice it, e.g. mesh['tp'])")
         group = group.get_group()
     try:
-        return tuple(_compat.group_ranks(group))
+        return tuple(dist.get_process_group_ranks(group))
     except Exception as err:  # noqa: BLE001 - anything else is not a process group
         raise UsageError(
             f"distclip.declare({what}=...) expects a torch.distributed ProcessGroup or a 1-D DeviceMesh, got "

@@ -39,10 +39,11 @@ from torch.distributed.tensor import DTensor
 
 from ..errors import ConfigError, PartialGradientError, UnsupportedLayoutError
 from ..core.norms import local_partials
-from ..core.unitwise import UnitPlan
+from ..core.rowwise import RowPlan
 from ..compat import pytorch as _compat
 from .base import GradAdapter
-from .counting import LocalPiece, Replicas, Segment, cast_is_exact, counted_segments, covering_group, slice_segments
+from .counting import (LocalPiece, Replicas, Segment, cast_is_exact, counted_segments, covering_group, group_ranks,
+                       slice_segments)
 from .hooks import ReductionHook
 from .mesh_geometry import MeshGeometry, PipelineStages
 
@@ -101,7 +102,7 @@ class DTensorAdapter(GradAdapter):
     def _stage_ranks(self) -> frozenset[int]:
         """The ranks holding this layout: the world, or under pipeline parallelism this stage's ranks."""
         if self._stages is None:
-            return frozenset(_compat.group_ranks(self.reduce_group))
+            return group_ranks(self.reduce_group)
         return frozenset(self._stages.same_stage(sorted(self._span)))
 
     def stage_size(self) -> int:
@@ -155,26 +156,26 @@ class DTensorAdapter(GradAdapter):
                     pieces.append(piece)
         return counted_segments(pieces + self._plain)
 
-    def refuse_unit_layouts(self, plan: UnitPlan) -> None:
+    def refuse_row_layouts(self, plan: RowPlan) -> None:
         for i in plan.by_param:
             p = self.params[i]
             if isinstance(p, DTensor) and _compat.dtensor_flat_offset(p) is None:
                 raise ConfigError(
                     f"distclip agc: {self.names[i]!r} is a DTensor with placements {tuple(p.placements)}: its local "
-                    "tensor is not a run of whole rows, so its elements cannot be mapped to units (rows). Unit-wise "
+                    "tensor is not a run of whole rows, so its elements cannot be mapped to rows. Row-wise "
                     "clipping supports DTensors whose placements are all Replicate or Shard(0) (FSDP2, HSDP, "
                     "ColwiseParallel weights); a Shard(1) (RowwiseParallel) or strided (FSDP2 over tensor parallel) "
                     "parameter is not supported: clip it with another policy (a group with its own policy)")
-        super().refuse_unit_layouts(plan)
+        super().refuse_row_layouts(plan)
 
-    def unit_partials(self) -> torch.Tensor:
+    def row_partials(self) -> torch.Tensor:
         unlike = self._unlike()
         if unlike:
             raise ConfigError(
                 f"distclip agc: the gradient of {self.names[unlike[0]]!r} is laid out unlike its parameter "
                 f"({tuple(self.params[unlike[0]].grad.placements)} vs {tuple(self.params[unlike[0]].placements)}); "
-                "unit-wise clipping needs gradients placed like their parameters")
-        return super().unit_partials()
+                "row-wise clipping needs gradients placed like their parameters")
+        return super().row_partials()
 
     def scaled_grads(self) -> list[list[torch.Tensor]]:
         grads = self.local_grads()  # whole local tensors (a gradient may be laid out unlike its parameter)

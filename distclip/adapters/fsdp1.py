@@ -48,7 +48,7 @@ from ..core.groups import GroupTable
 from ..errors import ConfigError, UnsupportedLayoutError
 from ..core.names import canonical_name
 from ..core.norms import SlotLayout, local_partials
-from ..core.unitwise import UnitPlan
+from ..core.rowwise import RowPlan
 from ..compat import pytorch as _compat
 from .base import GradAdapter
 from .counting import LocalPiece, Replicas, cast_is_exact, counted_segments, covering_group, group_ranks
@@ -232,8 +232,8 @@ class FSDP1Adapter(GradAdapter):
             out.append(shard if numel < 0 else shard.narrow(0, start, numel))
         return out
 
-    def refuse_unit_layouts(self, plan: UnitPlan) -> None:
-        super().refuse_unit_layouts(plan)
+    def refuse_row_layouts(self, plan: RowPlan) -> None:
+        super().refuse_row_layouts(plan)
         for i in plan.by_param:
             if not self._row_major[i]:
                 raise ConfigError(

@@ -27,8 +27,8 @@ from ..core.config import ConfigError
 from ..core.groups import GroupTable
 from ..core.norms import SlotLayout, combine_partials
 from ..core.reduce import exchange_ints
-from ..compat import pytorch as _compat
 from .base import GradAdapter
+from .counting import group_ranks
 from .declared import census_payload, check_census
 from .mesh_geometry import PipelineStages
 
@@ -40,7 +40,7 @@ def pipeline_process_group(group: Any) -> Any:
             raise ConfigError(f"pipeline_group: a DeviceMesh must be 1-D (the pipeline dimension, e.g. mesh['pp']), got {group}")
         return group.get_group()
     try:
-        _compat.group_ranks(group)
+        group_ranks(group)
     except Exception as err:  # noqa: BLE001
         raise ConfigError(f"pipeline_group must be a ProcessGroup or a 1-D DeviceMesh, got {type(group).__name__}") from err
     return group
@@ -76,7 +76,7 @@ class PipelineAdapter(GradAdapter):
 
         super().__init__([])
         self.pipeline_group = pipeline_process_group(pipeline_group)
-        self.pipeline_ranks = frozenset(_compat.group_ranks(self.pipeline_group))
+        self.pipeline_ranks = group_ranks(self.pipeline_group)
         self.pipeline_rank = dist.get_rank(self.pipeline_group)
         # which stage every rank holds: one all-gather of one int (every rank of the world builds this adapter)
         layout = PipelineStages(exchange_ints(dist.group.WORLD, [self.pipeline_rank])[:, 0].tolist(), dist.get_rank())

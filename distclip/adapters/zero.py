@@ -31,10 +31,10 @@ DeepSpeed partitions each MoE parameter group over that group (``real_dp_process
 partition pieces are already disjoint. Either way every element counts once over the job, and the
 one reduction runs over the data-parallel group, which spans every expert-data-parallel group.
 
-Unit-wise clipping (``kind: agc``, ZeRO 0-3 without MoE): the unit sums count the same pieces as
+Row-wise clipping (``kind: agc``, ZeRO 0-3 without MoE): the row sums count the same pieces as
 the norm, with the parameter values read from the fp32 master partitions at the same fragments
 (:func:`distclip.compat.deepspeed.fragment`: where each fragment sits in the partition and in the
-parameter's flat order; ZeRO-3: rank x partition size); the unit coefficients are multiplied into
+parameter's flat order; ZeRO-3: rank x partition size); the row coefficients are multiplied into
 the fp32 partition in the same unscale seam, fragment by fragment (head, rows, tail).
 
 ZeRO 1-3: ``scaled_global_norm`` / ``_get_norm_groups`` (called once per step, after reduction,
@@ -60,7 +60,7 @@ from ..errors import ConfigError, UnsupportedDeepSpeedSetup
 from ..core.groups import GroupTable
 from ..core.names import named_trainable_parameters
 from ..core.norms import SlotLayout
-from ..core.unitwise import PieceMap, Span, UnitPlan
+from ..core.rowwise import PieceMap, Span, RowPlan
 from ..compat import deepspeed as ds_compat
 from ..compat import pytorch as _compat
 from .base import GradAdapter
@@ -206,12 +206,12 @@ def check_partition_groups(engine: Any, optimizer: Any) -> None:
 
 
 @dataclass
-class _Plan:
+class _PartitionFactors:
     """What to multiply into the fp32 partitions this step: per-group factors, or zeros."""
 
-    factors: torch.Tensor | None  # coefficient / loss scale, per clip group (fp32); 1 / loss scale for unit-wise groups
+    factors: torch.Tensor | None  # coefficient / loss scale, per clip group (fp32); 1 / loss scale for row-wise groups
     zero: bool = False
-    unit_coefs: torch.Tensor | None = None  # per unit (unit-wise groups), fp32
+    row_coefs: torch.Tensor | None = None  # per row (row-wise groups), fp32
 
 
 class DeepSpeedAdapter(GradAdapter):
@@ -226,7 +226,7 @@ class DeepSpeedAdapter(GradAdapter):
         self.optimizer = engine.optimizer
         self.stage = int(engine.zero_optimization_stage())
         self.attached = False  # set by distclip.deepspeed.attach: the clip then runs inside engine.step()
-        self._plan: _Plan | None = None
+        self._plan: _PartitionFactors | None = None
         self._spans: list[Spans] = []  # per fp32 partition (ZeRO-3: sub-group): each clip group's ranges
 
     def _require_installed(self) -> None:
@@ -244,17 +244,17 @@ class DeepSpeedAdapter(GradAdapter):
         if report is None:
             self._plan = None
         elif zero:
-            self._plan = _Plan(factors=None, zero=True)
+            self._plan = _PartitionFactors(factors=None, zero=True)
         else:
             coefs = torch.stack(list(report.coefs.values()))
-            if self.unit_plan is not None:  # unit-wise groups: their units' coefficients, not their smallest one
-                coefs = torch.where(self.unit_plan.group_mask(coefs.device)[: coefs.numel()], 1.0, coefs)
-            self._plan = _Plan(factors=coefs / scale, unit_coefs=report.unit_coefs)
+            if self.row_plan is not None:  # row-wise groups: their rows' coefficients, not their smallest one
+                coefs = torch.where(self.row_plan.group_mask(coefs.device)[: coefs.numel()], 1.0, coefs)
+            self._plan = _PartitionFactors(factors=coefs / scale, row_coefs=report.row_coefs)
 
     def apply_to_partition(self, flat: torch.Tensor, partition: int) -> None:
         """Unscale and clip fp32 flat partition (ZeRO-3: sub-group) ``partition`` in place, as planned."""
         self._apply(flat, self._spans[partition])
-        self._apply_units(flat, partition)
+        self._apply_rows(flat, partition)
 
     def _apply(self, flat: torch.Tensor, spans: Spans) -> None:
         plan = self._plan
@@ -267,52 +267,52 @@ class DeepSpeedAdapter(GradAdapter):
         for g, ranges in spans.items():
             _compat.foreach_mul_([flat[a:b] for a, b in ranges], factors[g])
 
-    def _apply_units(self, flat: torch.Tensor, partition: int) -> None:
-        """Multiply the unit-wise clipped fragments of an fp32 partition by their units' coefficients."""
+    def _apply_rows(self, flat: torch.Tensor, partition: int) -> None:
+        """Multiply the row-wise clipped fragments of an fp32 partition by their rows' coefficients."""
         plan = self._plan
-        if self.unit_plan is None or plan is None or plan.zero or plan.unit_coefs is None:
+        if self.row_plan is None or plan is None or plan.zero or plan.row_coefs is None:
             return
-        unit_map, ranges = self._unit_apply[partition]
+        row_map, ranges = self._row_apply[partition]
         if ranges:
-            unit_map.scale_([flat[a:b] for a, b in ranges], plan.unit_coefs)
+            row_map.scale_([flat[a:b] for a, b in ranges], plan.row_coefs)
 
     # ------------------------------------------------------------ UNITS
     def global_shapes(self) -> list[tuple[int, ...]]:
         return [tuple(getattr(p, "ds_shape", p.shape)) for p in self.params]  # ZeRO-3: the partitioned tensor is empty
 
-    def refuse_unit_layouts(self, plan: UnitPlan) -> None:
+    def refuse_row_layouts(self, plan: RowPlan) -> None:
         if getattr(self.engine, "has_moe_layers", False) and plan.blocks:
             raise ConfigError(
-                "distclip agc: unit-wise clipping of a DeepSpeed model with MoE layers is not supported (experts of "
-                "different expert-parallel ranks share names, so the unit layout would not be the same on every "
+                "distclip agc: row-wise clipping of a DeepSpeed model with MoE layers is not supported (experts of "
+                "different expert-parallel ranks share names, so the row layout would not be the same on every "
                 "rank); clip it with another policy")
-        super().refuse_unit_layouts(plan)
+        super().refuse_row_layouts(plan)
 
-    def _bind_partition_units(self, plan: UnitPlan, fragments: list[list[tuple[int, int, int, int]]]) -> None:
+    def _bind_partition_rows(self, plan: RowPlan, fragments: list[list[tuple[int, int, int, int]]]) -> None:
         """From ``(param, offset in the parameter, start in the fp32 partition, numel)`` per partition (one per
         parameter it holds, in DeepSpeed's order): the counted spans (all of them: a partition is held by this
         rank alone) and each partition's apply map. Kept as ``(position, param, offset, start, numel)``."""
-        self.unit_plan = plan
-        self.refuse_unit_layouts(plan)
+        self.row_plan = plan
+        self.refuse_row_layouts(plan)
         kept = [[(k, *f) for k, f in enumerate(frags) if f[0] in plan.by_param and f[3] > 0] for frags in fragments]
-        self._unit_fragments = kept
-        self._unit_count_map = plan.piece_map([Span(j, off, n) for frags in kept for _, j, off, _, n in frags])
-        self._unit_apply: list[tuple[PieceMap, list[tuple[int, int]]]] = [
+        self._row_fragments = kept
+        self._row_count_map = plan.piece_map([Span(j, off, n) for frags in kept for _, j, off, _, n in frags])
+        self._row_apply: list[tuple[PieceMap, list[tuple[int, int]]]] = [
             (plan.piece_map([Span(j, off, n) for _, j, off, _, n in frags]), [(a, a + n) for *_, a, n in frags])
             for frags in kept]
 
     def _fragment_grads(self, flats: Sequence[torch.Tensor]) -> list[torch.Tensor]:
-        """Offload: the unit-wise fragments' gradients, ranges of the fp32 flat gradients."""
-        return [flat.grad[a : a + n] for flat, frags in zip(flats, self._unit_fragments) for *_, a, n in frags]
+        """Offload: the row-wise fragments' gradients, ranges of the fp32 flat gradients."""
+        return [flat.grad[a : a + n] for flat, frags in zip(flats, self._row_fragments) for *_, a, n in frags]
 
-    def _partition_unit_partials(self, grads: list[torch.Tensor | None], values: Sequence[torch.Tensor]) -> torch.Tensor:
-        """The unit part of the slot vector from the counted gradient pieces (in fragment order) and the fp32
+    def _partition_row_partials(self, grads: list[torch.Tensor | None], values: Sequence[torch.Tensor]) -> torch.Tensor:
+        """The row part of the slot vector from the counted gradient pieces (in fragment order) and the fp32
         partitions (parameter values at the same fragments)."""
-        params = [flat.detach()[a : a + n] for flat, frags in zip(values, self._unit_fragments) for *_, a, n in frags]
+        params = [flat.detach()[a : a + n] for flat, frags in zip(values, self._row_fragments) for *_, a, n in frags]
         device = self.collective_device([t for t in grads if t is not None][:1])
-        return torch.cat([self._unit_count_map.sums(grads, device), self._unit_count_map.sums(params, device)])
+        return torch.cat([self._row_count_map.sums(grads, device), self._row_count_map.sums(params, device)])
 
-    def scale_units(self, coefs: torch.Tensor) -> None:
+    def scale_rows(self, coefs: torch.Tensor) -> None:
         """Planned from the report and applied to the fp32 partitions inside the step."""
         self._require_installed()
 
@@ -389,9 +389,9 @@ class Zero0Adapter(DeepSpeedAdapter):
         self._require_installed()
         GradAdapter.zero(self, groups)
 
-    def scale_units(self, coefs: torch.Tensor) -> None:
+    def scale_rows(self, coefs: torch.Tensor) -> None:
         self._require_installed()
-        GradAdapter.scale_units(self, coefs)  # param.grad, in the step pre-hook (counting: the base's pieces)
+        GradAdapter.scale_rows(self, coefs)  # param.grad, in the step pre-hook (counting: the base's pieces)
 
     def drop_grads(self) -> None:
         self._require_installed()
@@ -431,8 +431,8 @@ class ZeroPartitionAdapter(DeepSpeedAdapter):
             self._fragments.append(fragments)
             self._spans.append(group_spans(fragments))
 
-    @ds_compat.internal("DeepSpeed ZeRO optimizer internals (bind_units)")
-    def bind_units(self, plan: UnitPlan) -> None:
+    @ds_compat.internal("DeepSpeed ZeRO optimizer internals (bind_rows)")
+    def bind_rows(self, plan: RowPlan) -> None:
         """Per partition, the fragments of the parameters it holds (``params_in_partition`` order, as the
         reduced gradient pieces): where each sits in its parameter and in the fp32 partition."""
         index = {id(p): j for j, p in enumerate(self.params)}
@@ -443,17 +443,17 @@ class ZeroPartitionAdapter(DeepSpeedAdapter):
                 in_param, in_partition, numel = ds_compat.fragment(p)
                 frags.append((index.get(id(p), -1), in_param, in_partition, numel))
             fragments.append(frags)
-        self._bind_partition_units(plan, fragments)
+        self._bind_partition_rows(plan, fragments)
 
-    @ds_compat.internal("DeepSpeed ZeRO optimizer internals (unit_partials)")
-    def unit_partials(self) -> torch.Tensor:
+    @ds_compat.internal("DeepSpeed ZeRO optimizer internals (row_partials)")
+    def row_partials(self) -> torch.Tensor:
         partitions = self.optimizer.single_partition_of_fp32_groups
         if self.optimizer.cpu_offload:  # reduced gradients already sit in the fp32 partitions
             grads: list[torch.Tensor | None] = self._fragment_grads(partitions)
         else:
             held = self._held_grads()
-            grads = [held[i][k] for i, frags in enumerate(self._unit_fragments) for k, *_ in frags]
-        return self._partition_unit_partials(grads, partitions)
+            grads = [held[i][k] for i, frags in enumerate(self._row_fragments) for k, *_ in frags]
+        return self._partition_row_partials(grads, partitions)
 
     def _held_grads(self) -> list[list[torch.Tensor]]:
         """Per partition, the reduced gradient piece of each parameter it holds (``params_in_partition`` order)."""
@@ -527,8 +527,8 @@ class Zero3Adapter(DeepSpeedAdapter):
             self._fragments.append(fragments)
             self._spans.append(group_spans(fragments))
 
-    @ds_compat.internal("DeepSpeed ZeRO-3 optimizer internals (bind_units)")
-    def bind_units(self, plan: UnitPlan) -> None:
+    @ds_compat.internal("DeepSpeed ZeRO-3 optimizer internals (bind_rows)")
+    def bind_rows(self, plan: RowPlan) -> None:
         """Per sub-group, each parameter's partition: rank x partition size in its flat order, at its offset in
         the fp32 sub-group, without padding."""
         index = {id(p): j for j, p in enumerate(self.params)}
@@ -536,17 +536,17 @@ class Zero3Adapter(DeepSpeedAdapter):
         for params, frags in zip(self.optimizer.fp16_groups, self._fragments):
             fragments.append([(index.get(id(p), -1), dist.get_rank(p.ds_process_group) * p.partition_numel(), start, real)
                               for p, (start, real, _) in zip(params, frags)])
-        self._bind_partition_units(plan, fragments)
+        self._bind_partition_rows(plan, fragments)
 
-    @ds_compat.internal("DeepSpeed ZeRO-3 optimizer internals (unit_partials)")
-    def unit_partials(self) -> torch.Tensor:
+    @ds_compat.internal("DeepSpeed ZeRO-3 optimizer internals (row_partials)")
+    def row_partials(self) -> torch.Tensor:
         flats = self.optimizer.fp32_partitioned_groups_flat
         if self.optimizer.offload_optimizer:  # reduced gradients already sit in the fp32 sub-groups
             grads: list[torch.Tensor | None] = self._fragment_grads(flats)
         else:
             averaged = self.optimizer.averaged_gradients
-            grads = [averaged[i][k].reshape(-1)[:n] for i, frags in enumerate(self._unit_fragments) for k, *_, n in frags]
-        return self._partition_unit_partials(grads, flats)
+            grads = [averaged[i][k].reshape(-1)[:n] for i, frags in enumerate(self._row_fragments) for k, *_, n in frags]
+        return self._partition_row_partials(grads, flats)
 
     @ds_compat.internal("DeepSpeed ZeRO optimizer internals (counted_pieces)")
     def counted_pieces(self) -> tuple[list[torch.Tensor], list[int]]:

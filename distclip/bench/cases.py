@@ -60,9 +60,9 @@ VARIANTS = {
     "distclip-hook": "distclip uniform, norm inside the reduction",
     "distclip-hook-groups": "distclip per layer, norm inside the reduction",
     "distclip-hook-fold": "distclip uniform, norm inside the reduction, scale folded into the fused optimizer",
-    "distclip-agc": "distclip unit-wise AGC (policy kind agc): every row against its weights' row norm",
+    "distclip-agc": "distclip row-wise AGC (policy kind agc): every row against its weights' row norm",
 }
-AGC_CLIP_FACTOR = 1e-3  # small enough that most units clip
+AGC_CLIP_FACTOR = 1e-3  # small enough that most rows clip
 
 
 POLICY_SPECS = {  # the adaptive policies, for the ddp-policies rows

@@ -11,14 +11,13 @@ exists only when DeepSpeed is imported.
 
 from __future__ import annotations
 
-import functools
 import sys
 from typing import Any, Callable
 
 import torch
 
 from ..errors import UnsupportedVersionError
-from .pytorch import unsupported
+from .pytorch import internal_reader
 
 CHECKED_ON = "0.19.8"
 ENGINE_MODULE = "deepspeed.runtime.engine"
@@ -29,18 +28,7 @@ __all__ = ["CHECKED_ON", "internal", "is_engine", "config_params", "turn_off_eng
 
 def internal(what: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
     """Turn an AttributeError/KeyError raised while reading DeepSpeed's internals into UnsupportedVersionError."""
-
-    def wrap(fn: Callable[..., Any]) -> Callable[..., Any]:
-        @functools.wraps(fn)
-        def run(*args: Any, **kwargs: Any) -> Any:
-            try:
-                return fn(*args, **kwargs)
-            except (AttributeError, KeyError) as err:
-                raise unsupported(what, err, "deepspeed", _installed()) from err
-
-        return run
-
-    return wrap
+    return internal_reader(what, (AttributeError, KeyError), "deepspeed", _installed)
 
 
 def _installed() -> str:

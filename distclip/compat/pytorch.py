@@ -42,20 +42,27 @@ def unsupported(what: str, err: BaseException | None = None, package: str = "tor
     return UnsupportedVersionError(f"distclip: {what} is not available in {package} {version}{detail}. {advice}.")
 
 
-def _internal(what: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
-    """Turn AttributeError/ImportError/TypeError raised while reading an internal into UnsupportedVersionError."""
+def internal_reader(what: str, errors: tuple[type[BaseException], ...], package: str = "torch",
+                    version: Callable[[], str] = lambda: torch.__version__) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """A decorator for a function that reads ``package``'s internals: ``errors`` raised inside it (the internal
+    moved or changed) become :class:`UnsupportedVersionError` naming ``what``, the installed version and advice."""
 
     def wrap(fn: Callable[..., Any]) -> Callable[..., Any]:
         @functools.wraps(fn)
         def run(*args: Any, **kwargs: Any) -> Any:
             try:
                 return fn(*args, **kwargs)
-            except (AttributeError, ImportError, TypeError) as err:
-                raise unsupported(what, err) from err
+            except errors as err:
+                raise unsupported(what, err, package, version()) from err
 
         return run
 
     return wrap
+
+
+def _internal(what: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """Turn AttributeError/ImportError/TypeError raised while reading a torch internal into UnsupportedVersionError."""
+    return internal_reader(what, (AttributeError, ImportError, TypeError))
 
 
 # ------------------------------------------------------------------ kernels
@@ -432,9 +439,3 @@ def fsdp2_post_divides(group: Any, reduce_dtype: torch.dtype) -> bool:
         rs_group, ar_group, reduce_dtype, group.device.type, group.gradient_divide_factor,
         group.force_sum_reduction_for_comms)
     return post is not None and post != 1
-
-
-# ------------------------------------------------------------------ process groups
-def group_ranks(group: Any) -> list[int]:
-    """Global ranks of a process group, in group-rank order."""
-    return list(dist.get_process_group_ranks(group))

@@ -21,8 +21,8 @@ def apply(decision: Decision, adapter: GradAdapter, fold: Fold | None = None) ->
     if action == "scale":
         if decision.groups:
             adapter.scale(decision.coefs, decision.groups, decision.host_coefs)
-        if decision.scale_units and decision.unit_coefs is not None:
-            adapter.scale_units(decision.unit_coefs)
+        if decision.scale_rows and decision.row_coefs is not None:
+            adapter.scale_rows(decision.row_coefs)
     elif action == "fold":
         assert fold is not None, "a fold decision needs the optimizer to fold into"
         fold(decision.coefs)

@@ -11,43 +11,32 @@ scale is then divided out of the norms, so the threshold applies to the true gra
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import Any, Callable
 
 import torch
 
 from ..compat.pytorch import supports_amp_scaling
 from .config import ConfigError
+from .report import ClipReport
 
-if TYPE_CHECKING:
-    from .clipper import Clipper as GradClipper
+__all__ = ["Attachment", "fused_optimizer_blocker"]
 
 
-def fold_blocker(clipper: "GradClipper", optimizer: torch.optim.Optimizer) -> str | None:
-    """Why the coefficient cannot be folded into this optimizer (None when it can)."""
+def fused_optimizer_blocker(optimizer: torch.optim.Optimizer) -> str | None:
+    """Why the clip coefficient cannot go into this optimizer's ``grad_scale`` (None when it can)."""
     if not (supports_amp_scaling(optimizer) and optimizer.defaults.get("fused")):
         return "the optimizer is not a fused torch optimizer (e.g. AdamW(fused=True))"
-    if clipper.clips_subset:
-        return "only a subset of the parameters is clipped, a fused optimizer's grad_scale would scale them all"
-    if clipper.units is not None:
-        return "unit-wise clipping (policy kind 'agc') has one coefficient per row, a fused optimizer takes one grad_scale"
-    if len(clipper.group_names) != 1:
-        return "per-group clipping needs one coefficient per group, a fused optimizer takes one grad_scale"
-    if not clipper.adapter.foldable:
-        return f"the {clipper.adapter.kind} layout does not keep gradients in the optimizer's parameters"
-    clipped = {id(p) for p in clipper.adapter.params}
-    if any(id(p) not in clipped for group in optimizer.param_groups for p in group["params"]):
-        return "the optimizer holds parameters this clipper does not clip"
     return None
 
 
 class Attachment:
     """Pre-step hook that clips (or folds), post-step hook that tidies; ``remove()`` detaches both."""
 
-    def __init__(self, clipper: "GradClipper", optimizer: torch.optim.Optimizer, fold: bool | None = None):
-        blocker = fold_blocker(clipper, optimizer)
+    def __init__(self, clip: Callable[..., ClipReport], optimizer: torch.optim.Optimizer, blocker: str | None,
+                 fold: bool | None = None):
         if fold and blocker:
             raise ConfigError(f"cannot fold the clip coefficient into this optimizer: {blocker}")
-        self.clipper = clipper
+        self.clip = clip
         self.fold = blocker is None if fold is None else fold
         self._owns_grad_scale = False
         self._handles = [optimizer.register_step_pre_hook(self._before_step),
@@ -60,7 +49,7 @@ class Attachment:
             self._owns_grad_scale = pending is None
             optimizer.grad_scale = (pending if pending is not None else 1.0) / coefs[0]
 
-        self.clipper.clip(pending_scale=pending, fold=fold_into_optimizer if self.fold else None)
+        self.clip(pending_scale=pending, fold=fold_into_optimizer if self.fold else None)
 
     def _after_step(self, optimizer: torch.optim.Optimizer, _args: Any, _kwargs: Any) -> None:
         if self._owns_grad_scale and hasattr(optimizer, "grad_scale"):

@@ -10,7 +10,7 @@ every rank takes part in) and runs them per clip. It works with any object that 
 adapter contract (:mod:`distclip.core.contract`); the public :class:`distclip.GradClipper` is a
 Clipper whose adapter is picked from the model the user passes.
 
-Groups with ``policy: {kind: agc}`` are clipped row-wise (:mod:`distclip.core.unitwise`): their
+Groups with ``policy: {kind: agc}`` are clipped row-wise (:mod:`distclip.core.rowwise`): their
 per-row sums of gradients and parameters ride in the same collective, after the group slots.
 """
 
@@ -27,7 +27,7 @@ import torch
 from ..compat import pytorch as _compat
 from ..errors import ConfigError, ConfigMismatchError, StateDictError, UsageError
 from .apply import Fold, apply
-from .attach import Attachment
+from .attach import Attachment, fused_optimizer_blocker
 from .audit import ClipAudit
 from .config import ClipConfig, load_config
 from .contract import GradAdapter
@@ -42,7 +42,7 @@ from .record import Recorder
 from .reduce import check_consistency, exchange_bytes, share_setup_failure
 from .report import ClipReport
 from .sinks import MetricsLog
-from .unitwise import SlotsWithUnits, UnitPlan, unitwise_specs
+from .rowwise import bind_rows
 
 STATE_VERSION = 2
 
@@ -57,22 +57,7 @@ class Clipper:
 
     Args:
         adapter: the gradient layout (:class:`~distclip.core.contract.GradAdapter`).
-        config: a :class:`ClipConfig`, a dict, a YAML path, or None for ``$DISTCLIP_CONFIG`` (else defaults).
-        ddp_comm_hook: for DDP, a comm hook (e.g. ``default_hooks.fp16_compress_hook``) that distclip
-            wraps instead of the plain all-reduce; ``ddp_comm_hook_state`` is its state (default:
-            DDP's process group).
-        params: clip only these parameters of the model (tensors, or canonical names): only they are
-            counted in the norms and scaled; the model's other gradients are left alone. The norm is
-            still exact under sharding (the model's layout decides what each rank counts), e.g. for
-            ``accelerator.clip_grad_norm_`` on a subset of an FSDP model. Frozen tensors are ignored.
-        **overrides: config settings that take precedence, e.g. ``max_norm=0.5``.
-
-    At construction every rank checks (one all-gather of one number) that all ranks have the same
-    config and group layout, and raises :class:`~distclip.ConfigMismatchError` otherwise.
-
-    Observability: every report carries the running per-group clip counts (kept on the device);
-    the config's ``log`` section and :meth:`add_sink` write :meth:`ClipReport.to_metrics` from one
-    rank every N clips; ``audit`` checks every N clips that all ranks applied the same coefficients.
+        config, ddp_comm_hook, ddp_comm_hook_state, params, overrides: as for :class:`distclip.GradClipper`.
     """
 
     def __init__(
@@ -133,10 +118,10 @@ class Clipper:
         self.spikes: SpikeDetector | None = build_spike_detector(self.config)
         self.group_names = self.table.names[: self._excluded]  # the hidden group is last: never reported
         self._visible = list(range(len(self.group_names)))
-        self._derived: frozenset[int] = frozenset()  # unit-wise groups whose slots come from their units' sums
-        self.units: UnitPlan | None = self._bind_units()
-        unitwise = set(self.units.groups) if self.units is not None else set()
-        self._group_scaled = [g for g in self._visible if g not in unitwise]  # scaled by a group coefficient
+        # row-wise (agc) groups: their rows, and the groups whose slot is the sum of their rows' sums
+        self.rows, with_rows, self._derived = bind_rows(self.config, self.table, self.layout, self.adapter)
+        rowwise = set(self.rows.groups) if self.rows is not None else set()
+        self._group_scaled = [g for g in self._visible if g not in rowwise]  # scaled by a group coefficient
         self.steps = 0
         self.last_report: ClipReport | None = None
         self.counters = ClipCounters(len(self.group_names), streaks=self.config.audit is not None)
@@ -145,11 +130,10 @@ class Clipper:
         if self.config.audit is not None:
             self.audit = ClipAudit(self.config.audit, self.group_names, self.layout, self.adapter.reduce_group,
                                    measurable=self.adapter.applies_in_place)
-        self._plan = SlotPlan(self.layout, self.config.norm_type, self._excluded, self.units,
-                              self._slots if self.units is not None else None, self._derived)
+        self._plan = SlotPlan(self.layout, self.config.norm_type, self._excluded, self.rows, with_rows, self._derived)
         self._rules = Rules(self.config.nonfinite, self.config.norm_type, tuple(self.group_names),
                             tuple(self._group_scaled))
-        self._recorder = Recorder(self.adapter, self.layout, self.group_names, self.units, self.counters, self.log,
+        self._recorder = Recorder(self.adapter, self.layout, self.group_names, self.rows, self.counters, self.log,
                                   self.audit)
 
     # ------------------------------------------------------------------ public
@@ -199,7 +183,25 @@ class Clipper:
                 f"GradClipper.attach expects a torch.optim.Optimizer (e.g. torch.optim.AdamW(model.parameters())), "
                 f"got {type(optimizer).__module__}.{type(optimizer).__qualname__}"
             )
-        return Attachment(self, optimizer, fold)
+        return Attachment(lambda **kw: self.clip(**kw), optimizer, self._fold_blocker(optimizer), fold)
+
+    def _fold_blocker(self, optimizer: torch.optim.Optimizer) -> str | None:
+        """Why the coefficient cannot be folded into this optimizer (None when it can)."""
+        blocker = fused_optimizer_blocker(optimizer)
+        if blocker is not None:
+            return blocker
+        if self.clips_subset:
+            return "only a subset of the parameters is clipped, a fused optimizer's grad_scale would scale them all"
+        if self.rows is not None:
+            return "row-wise clipping (policy kind 'agc') has one coefficient per row, a fused optimizer takes one grad_scale"
+        if len(self.group_names) != 1:
+            return "per-group clipping needs one coefficient per group, a fused optimizer takes one grad_scale"
+        if not self.adapter.foldable:
+            return f"the {self.adapter.kind} layout does not keep gradients in the optimizer's parameters"
+        clipped = {id(p) for p in self.adapter.params}
+        if any(id(p) not in clipped for group in optimizer.param_groups for p in group["params"]):
+            return "the optimizer holds parameters this clipper does not clip"
+        return None
 
     def add_sink(self, sink: Any, every: int | None = None, rank: int | None = 0) -> Any:
         """Write every ``every`` clips' :meth:`ClipReport.to_metrics` to ``sink`` (``write(metrics, step)`` /
@@ -269,6 +271,7 @@ class Clipper:
         if self.spikes is not None:
             self.spikes.load_state_dict(state["skip_spikes"])
         self.steps, self.counters = steps, counters
+        self._recorder.counters = counters
 
     @property
     def clips_subset(self) -> bool:
@@ -278,8 +281,8 @@ class Clipper:
     def fingerprint(self) -> str:
         """Equal on every rank iff all clip the same way (under pipeline parallelism: the same slot layout)."""
         layout = self.table.groups_fingerprint() if self._pipeline else self.table.fingerprint()
-        units = self.units.fingerprint() if self.units is not None else ""
-        return (f"{self.config.fingerprint()}-{layout}-{units}-{sorted(self.adapter.describe().items())}"
+        rows = self.rows.fingerprint() if self.rows is not None else ""
+        return (f"{self.config.fingerprint()}-{layout}-{rows}-{sorted(self.adapter.describe().items())}"
                 f"-{self._setup_problems}")
 
     # ---------------------------------------------------------------- internals
@@ -300,23 +303,6 @@ class Clipper:
                 "mesh['pp']), so that the norm is summed over the stages.") from None
         if self._setup_problems:
             raise ConfigError(self._setup_problems[0])
-
-    def _bind_units(self) -> UnitPlan | None:
-        """The unit layout of the groups clipped unit-wise (``kind: agc``), mapped onto this rank's pieces."""
-        specs = unitwise_specs(self.config, self.table.groups)
-        if not specs:
-            return None
-        if self._pipeline:
-            raise ConfigError(
-                "distclip: policy kind 'agc' (unit-wise clipping) is not supported with pipeline parallelism yet; "
-                "use another policy for the pipelined model")
-        plan = UnitPlan.build(self.adapter.names, self.adapter.global_shapes(), self.adapter.group_of, specs,
-                              len(self.table.groups))
-        self.adapter.bind_units(plan)
-        self._slots = SlotsWithUnits(self.layout, plan)
-        # A unit-wise group whose p is the config's has one slot, the sum of its units' gradient sums.
-        self._derived = frozenset(g for g in specs if self.table.groups[g].norm_type == self.config.norm_type)
-        return plan
 
     def _stage_fingerprint(self) -> tuple[int, str]:
         """(stage key, what must be equal among the ranks holding the same pipeline stage(s))."""
@@ -340,10 +326,10 @@ class Clipper:
         ranks share, and each stage's own layout apart)."""
         stage = {"stage_layout": self._stage_fingerprint()[1]} if self._pipeline else {}
         layout = self.table.groups_fingerprint() if self._pipeline else self.table.fingerprint()
-        units = {"unit_layout": self.units.fingerprint()} if self.units is not None else {}
+        rows = {"row_layout": self.rows.fingerprint()} if self.rows is not None else {}
         problems = {"setup_problems": self._setup_problems} if self._setup_problems else {}
         return {**self.config.to_dict(), "group_order": self.group_names,
-                "group_layout": layout, **self.adapter.describe(), **stage, **units, **problems}
+                "group_layout": layout, **self.adapter.describe(), **stage, **rows, **problems}
 
     def _names_of(self, params: Iterable[torch.Tensor | str] | str) -> list[str]:
         """Canonical names of the parameters to clip (identity lookup among the adapter's parameters)."""

@@ -252,14 +252,14 @@ class AdaGCPolicySpec(_Section):
 
 
 class AGCPolicySpec(_Section):
-    """Adaptive gradient clipping (NFNets, arXiv 2102.06171), unit-wise against the parameter's own norms.
+    """Adaptive gradient clipping (NFNets, arXiv 2102.06171), row-wise against the parameter's own norms.
 
-    A unit is one row (dim-0 slice) of a parameter with two or more dimensions (an output row of
+    A row is one dim-0 slice of a parameter with two or more dimensions (an output row of
     a Linear, an output filter of a conv), the whole tensor for a 0-/1-D parameter; in the group's
     ``norm_type``, with ``m_i = clip_factor * max(||W_i||, eps)``: ``G_i <- G_i * m_i / max(||G_i||, 1e-6)``
     unless ``||G_i|| < m_i`` (timm's ``adaptive_clip_grad``, exactly). The group's ``max_norm`` is
     not used; its norm is still measured. Reported per group: threshold ``clip_factor``,
-    coefficient the smallest of its units' coefficients. Stateless.
+    coefficient the smallest of its rows' coefficients. Stateless.
     """
 
     kind: Literal["agc"] = "agc"
@@ -371,7 +371,7 @@ class ClipConfig(_Section):
             (after the explicit groups; not with ``per_layer``).
         policy: threshold policy of every group without its own ``policy``; ``fixed`` uses each
             group's ``max_norm``; ``zclip``, ``autoclip``, ``adagc`` adapt it; ``agc`` clips each
-            unit (row) of each parameter against the parameter's own unit norm.
+            row of each parameter against the parameter's own row norm.
         skip_spikes: skip steps whose total norm is a spike (z-score over recent accepted steps).
         comm_hook: compute the norm inside DDP's gradient reduction (comm hook) when possible.
         check_consistency: at set-up, verify every rank has the same config and group layout.

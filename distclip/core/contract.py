@@ -10,8 +10,8 @@ imports an adapter: it talks to whichever one it is given through these members 
   reduction, when it allows it and only when provably valid).
 * **APPLY**: ``scale``, ``zero``, ``drop_grads`` (multiply each group by its coefficient, zero it,
   or drop the gradients so the optimizer step leaves parameters and state untouched).
-* **ROWS** (row-wise clipping, ``kind: agc``): ``global_shapes``, ``bind_units``,
-  ``unit_partials``, ``scale_units`` (where each counted piece sits among its parameter's rows).
+* **ROWS** (row-wise clipping, ``kind: agc``): ``global_shapes``, ``bind_rows``,
+  ``row_partials``, ``scale_rows`` (where each counted piece sits among its parameter's rows).
 * **PIPELINE**: ``pipeline_group`` is None except for a pipeline stage adapter, which also answers
   ``copies``, ``names_by_stage``, ``stage_key`` and ``describe_stage``.
 """
@@ -25,7 +25,7 @@ import torch
 if TYPE_CHECKING:
     from .groups import GroupTable
     from .norms import SlotLayout
-    from .unitwise import UnitPlan
+    from .rowwise import RowPlan
 
 __all__ = ["GradAdapter"]
 
@@ -73,6 +73,6 @@ class GradAdapter(Protocol):
 
     # ---------------------------------------------------------------- ROWS
     def global_shapes(self) -> list[tuple[int, ...]]: ...
-    def bind_units(self, plan: "UnitPlan") -> None: ...
-    def unit_partials(self) -> torch.Tensor: ...
-    def scale_units(self, coefs: torch.Tensor) -> None: ...
+    def bind_rows(self, plan: "RowPlan") -> None: ...
+    def row_partials(self) -> torch.Tensor: ...
+    def scale_rows(self, coefs: torch.Tensor) -> None: ...

@@ -47,12 +47,12 @@ class Decision:
     total_norm: torch.Tensor  # float64, 0-dim
     thresholds: torch.Tensor  # float64 [G]
     coefs: torch.Tensor  # fp32 [G]: applied (zeros when the step is skipped or zeroed)
-    unit_coefs: torch.Tensor | None  # fp32 [U] for row-wise groups
+    row_coefs: torch.Tensor | None  # fp32 [U] for row-wise groups
     finite: torch.Tensor  # bool, 0-dim
     action: str = "none"
     groups: tuple[int, ...] = ()  # the groups the action touches
     host_coefs: list[float] | None = None  # the coefficients, read on the host (one foreach call for all groups)
-    scale_units: bool = False  # the row-wise coefficients multiply their rows
+    scale_rows: bool = False  # the row-wise coefficients multiply their rows
     skipped: bool = False
     skip_reason: str | None = None  # nonfinite | overflow | spike
 
@@ -69,16 +69,16 @@ def decide(measured: Measurement, plan: SlotPlan, rules: Rules, policy: PolicySe
     group_norms = plan.layout.group_norms(reduced)
     total_norm = plan.layout.total_norm(reduced)
     thresholds, coefs = policy.coefficients(group_norms, total_norm)
-    finite = torch.isfinite(reduced).all()  # the unit gradient sums hold the same elements as the group slots
-    unit_coefs = None
-    if plan.units is not None:  # row-wise groups report their smallest unit coefficient
-        unit_coefs = plan.units.coefficients(measured.unit_slots)
-        coefs = torch.where(plan.units.group_mask(coefs.device), plan.units.group_minima(unit_coefs), coefs)
-        unit_coefs = unit_coefs.float()
+    finite = torch.isfinite(reduced).all()  # the row gradient sums hold the same elements as the group slots
+    row_coefs = None
+    if plan.rows is not None:  # row-wise groups report their smallest row coefficient
+        row_coefs = plan.rows.coefficients(measured.row_slots)
+        coefs = torch.where(plan.rows.group_mask(coefs.device), plan.rows.group_minima(row_coefs), coefs)
+        row_coefs = row_coefs.float()
     coefs = coefs.float()  # fp32 values (exact): what multiplies the gradients, as in torch
     spike = spikes.skip(group_norms, total_norm) if spikes is not None else None
     base = dict(group_norms=group_norms, total_norm=total_norm, thresholds=thresholds, coefs=coefs,
-                unit_coefs=unit_coefs, finite=finite)
+                row_coefs=row_coefs, finite=finite)
     if not apply:
         return Decision(**base)
     decision = _action(base, rules, plan, finite, spike, coefs, scaler_overflow, group_norms)
@@ -92,11 +92,11 @@ def decide(measured: Measurement, plan: SlotPlan, rules: Rules, policy: PolicySe
 def _action(base: dict, rules: Rules, plan: SlotPlan, finite: torch.Tensor, spike: torch.Tensor | None,
             coefs: torch.Tensor, scaler_overflow: Callable[[], bool], group_norms: torch.Tensor) -> Decision:
     visible = tuple(range(len(rules.group_names)))
-    with_units = plan.units is not None
+    with_rows = plan.rows is not None
     if rules.nonfinite == "ignore" and spike is None:  # no host sync at all: always multiply, as torch
         if rules.can_fold:
             return Decision(**base, action="fold", groups=visible)
-        return Decision(**base, action="scale", groups=rules.group_scaled, scale_units=with_units)
+        return Decision(**base, action="scale", groups=rules.group_scaled, scale_rows=with_rows)
     # The one host sync: the non-finite and spike decisions, and which groups are clipped at all
     # (multiplying by exactly 1.0 changes nothing, so unclipped groups are not touched).
     flags = [finite.float().reshape(1), (spike if spike is not None else ~finite).float().reshape(1)]
@@ -105,14 +105,14 @@ def _action(base: dict, rules: Rules, plan: SlotPlan, finite: torch.Tensor, spik
         return _skipped(base, "drop", "spike")
     if finite_flag:
         clipped = tuple(g for g in rules.group_scaled if host_coefs[g] < 1.0)
-        units_clipped = with_units and any(host_coefs[g] < 1.0 for g in plan.units.groups)
+        rows_clipped = with_rows and any(host_coefs[g] < 1.0 for g in plan.rows.groups)
         if clipped and rules.can_fold:
             return Decision(**base, action="fold", groups=visible)
-        if clipped or units_clipped:
-            return Decision(**base, action="scale", groups=clipped, host_coefs=host_coefs, scale_units=units_clipped)
+        if clipped or rows_clipped:
+            return Decision(**base, action="scale", groups=clipped, host_coefs=host_coefs, scale_rows=rows_clipped)
         return Decision(**base)
     if rules.nonfinite == "ignore":  # torch semantics, also with skip_spikes on
-        return Decision(**base, action="scale", groups=rules.group_scaled, scale_units=with_units)
+        return Decision(**base, action="scale", groups=rules.group_scaled, scale_rows=with_rows)
     if scaler_overflow():
         return _skipped(base, "leave", "overflow")
     if rules.nonfinite == "error":
@@ -123,9 +123,9 @@ def _action(base: dict, rules: Rules, plan: SlotPlan, finite: torch.Tensor, spik
 
 
 def _zeroed(base: dict) -> dict:
-    unit_coefs = base["unit_coefs"]
+    row_coefs = base["row_coefs"]
     return {**base, "coefs": torch.zeros_like(base["coefs"]),
-            "unit_coefs": None if unit_coefs is None else torch.zeros_like(unit_coefs)}
+            "row_coefs": None if row_coefs is None else torch.zeros_like(row_coefs)}
 
 
 def _skipped(base: dict, action: str, reason: str) -> Decision:

@@ -15,7 +15,7 @@ import torch
 from .contract import GradAdapter
 from .norms import SlotLayout
 from .reduce import reduce_slots
-from .unitwise import SlotsWithUnits, UnitPlan
+from .rowwise import SlotsWithRows, RowPlan
 
 __all__ = ["Measurement", "SlotPlan", "measure"]
 
@@ -27,9 +27,9 @@ class SlotPlan:
     layout: SlotLayout
     norm_type: float
     excluded: int | None = None  # the hidden group of parameters outside ``params=`` (never in a norm)
-    units: UnitPlan | None = None  # row-wise (agc) groups' units, reduced after the group slots
-    with_units: SlotsWithUnits | None = None
-    derived: frozenset[int] = frozenset()  # row-wise groups whose slot is the sum of their units' slots
+    rows: RowPlan | None = None  # row-wise (agc) groups' rows, reduced after the group slots
+    with_rows: SlotsWithRows | None = None
+    derived: frozenset[int] = frozenset()  # row-wise groups whose slot is the sum of their rows' slots
 
 
 @dataclass(frozen=True)
@@ -37,7 +37,7 @@ class Measurement:
     """The reduced vector: identical on every rank."""
 
     slots: torch.Tensor  # float64 group slots
-    unit_slots: torch.Tensor | None  # float64 [gradient sums per unit, parameter sums per unit]; None without agc
+    row_slots: torch.Tensor | None  # float64 [gradient sums per row, parameter sums per row]; None without agc
     source: str  # "comm_hook" (measured inside the reduction), "post_backward", or "mixed" (pipeline stages)
 
 
@@ -52,16 +52,16 @@ def measure(adapter: GradAdapter, plan: SlotPlan, pending_scale: torch.Tensor | 
     if scale is not None:
         partials = plan.layout.unscale(partials, scale)
     group = adapter.reduce_group
-    if plan.units is None:
+    if plan.rows is None:
         return Measurement(reduce_slots(partials, plan.layout, group), None, source)
-    units = adapter.unit_partials().to(partials.device)
+    row_sums = adapter.row_partials().to(partials.device)
     if scale is not None:  # the gradient half carries the loss scale, the parameter half none
-        units = plan.units.unscale(units, scale)
+        row_sums = plan.rows.unscale(row_sums, scale)
     if source == "post_backward" and plan.derived:  # these groups were left out of the partials
-        partials = plan.units.add_group_sums(partials, units, plan.derived, plan.norm_type)
-    reduced = reduce_slots(torch.cat([partials, units]), plan.with_units, group)
-    slots, unit_slots = reduced.split([plan.layout.num_slots, 2 * plan.units.num_units])
-    return Measurement(slots, unit_slots, source)
+        partials = plan.rows.add_group_sums(partials, row_sums, plan.derived, plan.norm_type)
+    reduced = reduce_slots(torch.cat([partials, row_sums]), plan.with_rows, group)
+    slots, row_slots = reduced.split([plan.layout.num_slots, 2 * plan.rows.num_rows])
+    return Measurement(slots, row_slots, source)
 
 
 def carried_scale(adapter: GradAdapter, pending_scale: torch.Tensor | None) -> float | torch.Tensor | None:

@@ -19,7 +19,7 @@ from .measure import Measurement
 from .norms import SlotLayout, local_partials
 from .report import ClipReport, clipped_mask
 from .sinks import MetricsLog
-from .unitwise import UnitPlan
+from .rowwise import RowPlan
 
 __all__ = ["Recorder"]
 
@@ -27,12 +27,12 @@ __all__ = ["Recorder"]
 class Recorder:
     """The report, counters, sinks and audit of one clipper."""
 
-    def __init__(self, adapter: GradAdapter, layout: SlotLayout, group_names: Sequence[str], units: UnitPlan | None,
+    def __init__(self, adapter: GradAdapter, layout: SlotLayout, group_names: Sequence[str], rows: RowPlan | None,
                  counters: ClipCounters, log: MetricsLog, audit: ClipAudit | None):
         self.adapter = adapter
         self.layout = layout
         self.group_names = list(group_names)
-        self.units = units
+        self.rows = rows
         self.counters = counters
         self.log = log
         self.audit = audit
@@ -55,7 +55,7 @@ class Recorder:
             finite=decision.finite,
             source=measured.source,
             skip_reason=decision.skip_reason,
-            unit_coefs=decision.unit_coefs,
+            row_coefs=decision.row_coefs,
         )
         coefs = decision.coefs
         if applied is not None:  # running counts on the device: no host sync
@@ -72,8 +72,8 @@ class Recorder:
         visible = len(self.group_names)
         after = self._applied_partials() if audit.measures(applied) else None
         audited = decision.coefs[:visible]
-        if self.units is not None:  # row-wise groups: no single factor to measure (their rows agree by construction)
-            audited = torch.where(self.units.group_mask(audited.device)[:visible], math.nan, audited)
+        if self.rows is not None:  # row-wise groups: no single factor to measure (their rows agree by construction)
+            audited = torch.where(self.rows.group_mask(audited.device)[:visible], math.nan, audited)
         audit.check(step, applied, audited, decision.thresholds[:visible], before if after is not None else None,
                     after, self.counters.streaks)
 

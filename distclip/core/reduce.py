@@ -17,7 +17,7 @@ from ..errors import ConfigMismatchError
 
 if TYPE_CHECKING:
     from .norms import SlotLayout
-    from .unitwise import SlotsWithUnits
+    from .rowwise import SlotsWithRows
 
 ProcessGroup = Any  # torch.distributed.ProcessGroup; None means "rank-local, no collective"
 
@@ -43,11 +43,11 @@ def collective_device(group: ProcessGroup | None, hint: torch.device | None) -> 
     return hint if hint is not None else torch.device("cpu")
 
 
-def reduce_slots(partials: torch.Tensor, layout: "SlotLayout | SlotsWithUnits", group: ProcessGroup | None) -> torch.Tensor:
+def reduce_slots(partials: torch.Tensor, layout: "SlotLayout | SlotsWithRows", group: ProcessGroup | None) -> torch.Tensor:
     """Reduce the float64 slot vector across ``group`` in exactly ONE collective.
 
     ``layout`` says which slots are maxima (``any_max``, ``all_max``, ``max_mask``): a
-    :class:`SlotLayout`, or one followed by unit-wise slots (``SlotsWithUnits``).
+    :class:`SlotLayout`, or one followed by row-wise slots (``SlotsWithRows``).
 
     SUM for p-norm slots, MAX for infinity-norm slots. The result is bitwise identical on every
     rank. Non-finite values always propagate: SUM carries NaN and inf by itself; a MAX all-reduce

@@ -25,9 +25,9 @@ class ClipReport:
         clip_counts: per group (in the order of ``group_norms``), on how many of the clipper's
             ``clip_steps`` clips so far it was clipped (int64, on the device; None outside a clipper).
         clip_steps: the number of clips ``clip_counts`` counts (this one included).
-        unit_coefs: with unit-wise (``agc``) groups, the coefficient of every unit (fp32, the
-            :class:`~distclip.core.unitwise.UnitPlan` order); their groups' ``coefs`` are the smallest of
-            their units' and their ``thresholds`` the ``clip_factor``. None without agc groups.
+        row_coefs: with row-wise (``agc``) groups, the coefficient of every row (fp32, the
+            :class:`~distclip.core.rowwise.RowPlan` order); their groups' ``coefs`` are the smallest of
+            their rows' and their ``thresholds`` the ``clip_factor``. None without agc groups.
     """
 
     total_norm: torch.Tensor
@@ -38,9 +38,14 @@ class ClipReport:
     finite: torch.Tensor | None = None
     source: str = "post_backward"
     skip_reason: str | None = None
-    unit_coefs: torch.Tensor | None = None
+    row_coefs: torch.Tensor | None = None
     clip_counts: torch.Tensor | None = None
     clip_steps: int = 0
+
+    @property
+    def unit_coefs(self) -> torch.Tensor | None:
+        """The earlier name of :attr:`row_coefs` (AGC's units are rows)."""
+        return self.row_coefs
 
     def to_metrics(self) -> dict[str, float]:
         """The clip as flat, plainly named metrics (floats), as sinks and trackers write them.

@@ -1,10 +1,10 @@
-"""``kind: agc``: adaptive gradient clipping (Brock et al. 2021, NFNets, arXiv 2102.06171), unit-wise.
+"""``kind: agc``: adaptive gradient clipping (Brock et al. 2021, NFNets, arXiv 2102.06171), row-wise.
 
-AGC has no group threshold: each unit (row) of each parameter is clipped against that
-parameter's own unit norm, by :mod:`distclip.core.unitwise`. This policy only answers the group
+AGC has no group threshold: each row of each parameter is clipped against that
+parameter's own row norm, by :mod:`distclip.core.rowwise`. This policy only answers the group
 contract: its groups' thresholds are ``clip_factor`` (what is reported) and their group
 coefficients 1 (the groups are never scaled as a whole); the clipper reports as each group's
-coefficient the smallest coefficient of its units. Stateless.
+coefficient the smallest coefficient of its rows. Stateless.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from .base import ClipPolicy
 
 class AGCPolicy(ClipPolicy):
     kind = "agc"
-    unitwise = True  # the clipper clips these groups unit-wise, never by a group coefficient
+    rowwise = True  # the clipper clips these groups row-wise, never by a group coefficient
 
     def __init__(self, spec: AGCPolicySpec, groups: Sequence[ClipGroup]):
         super().__init__(spec, groups, const={"clip_factor": torch.full((len(groups),), spec.clip_factor,

@@ -1,17 +1,17 @@
-"""Unit-wise clipping (AGC, NFNets arXiv 2102.06171): the units, their partial sums, their coefficients.
+"""Row-wise clipping (AGC, NFNets arXiv 2102.06171): the rows, their partial sums, their coefficients.
 
-A *unit* is one row (dim-0 slice) of a parameter with two or more dimensions (an output row of a
-Linear, an output filter of a conv), or the whole of a 0-/1-D parameter. For every unit ``i`` of a
+A *row* is one dim-0 slice of a parameter with two or more dimensions (an output row of a
+Linear, an output filter of a conv), or the whole of a 0-/1-D parameter. For every row ``i`` of a
 parameter clipped with ``kind: agc`` (timm's ``adaptive_clip_grad``, in the group's p)::
 
     max_norm_i = clip_factor * max(||W_i||, eps)
     G_i <- G_i                                          if ||G_i|| < max_norm_i
     G_i <- G_i * max_norm_i / max(||G_i||, 1e-6)        otherwise
 
-**Layout** (:class:`UnitPlan`): the units of every agc parameter, parameters in canonical-name
+**Layout** (:class:`RowPlan`): the rows of every agc parameter, parameters in canonical-name
 order, rows in order. It depends only on names and GLOBAL shapes, so it is the same on every
-rank. Its part of the slot vector, after the group slots, is ``[sum |g|^p per unit, sum |w|^p
-per unit]`` (``max`` for p = inf): the unit norms of gradients and parameters travel in the same
+rank. Its part of the slot vector, after the group slots, is ``[sum |g|^p per row, sum |w|^p
+per row]`` (``max`` for p = inf): the row norms of gradients and parameters travel in the same
 single collective as the group norms.
 
 **Mapping** (:class:`PieceMap`): a rank holds a parameter as *spans*, runs of consecutive
@@ -19,14 +19,14 @@ elements in the parameter's global flat (row-major) order: a whole tensor, the r
 ``Shard(0)`` shard, a slice of an FSDP1 flat shard or of a ZeRO partition that splits rows. A span
 of a parameter with rows of ``L`` elements covers a *head* (the end of a row it starts inside),
 ``k`` whole rows (a ``(k, L)`` view) and a *tail* (the start of a row it ends inside). The split
-and the unit of every value are computed once, at bind (device index tensors cached there).
+and the row of every value are computed once, at bind (device index tensors cached there).
 
 **Per-step cost**, on top of the group norms: counting reads each counted gradient and parameter
 element once more (per span at most one row-norm kernel, plus one foreach norm per dtype for all
-heads, tails and one-unit tensors, one ``index_add_`` per p); the collective grows by 2 float64
-per unit; the coefficients are a few elementwise kernels over the U units; applying multiplies
+heads, tails and one-row tensors, one ``index_add_`` per p); the collective grows by 2 float64
+per row; the coefficients are a few elementwise kernels over the U rows; applying multiplies
 every local gradient element once (per span one broadcast multiply or at most three, the scalar
-ones in one foreach call). Linear in the number of spans and units; no host synchronisation, no
+ones in one foreach call). Linear in the number of spans and rows; no host synchronisation, no
 tensor built from host data after the first step.
 """
 
@@ -35,13 +35,14 @@ from __future__ import annotations
 import hashlib
 import math
 from dataclasses import dataclass
-from typing import Hashable, Mapping, Sequence
+from typing import Any, Hashable, Mapping, Sequence
 
 import torch
 
-from .config import ClipConfig, ConfigError
-from .groups import ClipGroup
 from ..compat.pytorch import foreach_mul_
+from ..errors import ConfigError
+from .config import ClipConfig
+from .groups import ClipGroup, GroupTable
 from .kernels import power_sums
 from .norms import ACC_DTYPE, SlotLayout
 
@@ -54,8 +55,8 @@ GRAD_NORM_FLOOR = 1e-6  # timm's grad_norm.clamp(min=1e-6)
 
 
 @dataclass(frozen=True)
-class UnitwiseSpec:
-    """How one clip group is clipped unit-wise: the norm's p, AGC's ``clip_factor`` and ``eps``."""
+class RowwiseSpec:
+    """How one clip group is clipped row-wise: the norm's p, AGC's ``clip_factor`` and ``eps``."""
 
     p: float
     clip_factor: float
@@ -63,16 +64,16 @@ class UnitwiseSpec:
 
 
 @dataclass(frozen=True)
-class UnitBlock:
-    """The units of one agc parameter: ``units`` rows of ``row`` elements, from unit ``first`` on."""
+class RowBlock:
+    """The rows of one agc parameter: ``rows`` rows of ``row_size`` elements, numbered from ``first`` on."""
 
     name: str
     param: int  # the adapter's parameter index
     group: int
     first: int
-    units: int
-    row: int
-    spec: UnitwiseSpec
+    rows: int
+    row_size: int
+    spec: RowwiseSpec
 
 
 @dataclass(frozen=True)
@@ -84,27 +85,27 @@ class Span:
     numel: int
 
 
-Part = tuple[int, int, int, int]  # (start, stop) in the span's flat tensor, rows (0: part of one row), first unit
+Part = tuple[int, int, int, int]  # (start, stop) in the span's flat tensor, whole rows (0: part of one row), first row
 
 
-def units_of(shape: Sequence[int]) -> tuple[int, int]:
-    """(number of units, elements per unit) of a parameter of this global shape."""
+def rows_of(shape: Sequence[int]) -> tuple[int, int]:
+    """(number of rows, elements per row) of a parameter of this global shape."""
     numel = math.prod(shape)
     if len(shape) <= 1 or shape[0] == 0:
         return 1, numel
     return shape[0], numel // shape[0]
 
 
-class UnitPlan:
-    """Every agc parameter's units in one global order, and their coefficients from the reduced sums."""
+class RowPlan:
+    """Every agc parameter's rows in one global order, and their coefficients from the reduced sums."""
 
-    def __init__(self, blocks: Sequence[UnitBlock], groups: Sequence[int], num_groups: int):
+    def __init__(self, blocks: Sequence[RowBlock], groups: Sequence[int], num_groups: int):
         self.blocks = tuple(blocks)
-        self.groups = sorted(groups)  # the groups clipped unit-wise (with or without parameters)
+        self.groups = sorted(groups)  # the groups clipped row-wise (with or without parameters)
         self.num_groups = num_groups
-        self.by_param: dict[int, UnitBlock] = {b.param: b for b in self.blocks}
-        self.num_units = sum(b.units for b in self.blocks)
-        self.uses_max = tuple(math.isinf(b.spec.p) for b in self.blocks)  # per block: its unit sums are maxima
+        self.by_param: dict[int, RowBlock] = {b.param: b for b in self.blocks}
+        self.num_rows = sum(b.rows for b in self.blocks)
+        self.uses_max = tuple(math.isinf(b.spec.p) for b in self.blocks)  # per block: its row sums are maxima
         self._per_block: dict[str, tuple[tuple[float | int, ...], torch.dtype]] = {
             "p": (tuple(b.spec.p for b in self.blocks), ACC_DTYPE),
             "eps": (tuple(b.spec.eps for b in self.blocks), ACC_DTYPE),
@@ -116,32 +117,32 @@ class UnitPlan:
 
     @classmethod
     def build(cls, names: Sequence[str], shapes: Sequence[Sequence[int]], group_of: Sequence[int],
-              specs: Mapping[int, UnitwiseSpec], num_groups: int) -> "UnitPlan":
+              specs: Mapping[int, RowwiseSpec], num_groups: int) -> "RowPlan":
         """The plan of the parameters whose group is in ``specs`` (``names``, global ``shapes``: per parameter)."""
         blocks, first = [], 0
         for i in sorted((i for i, g in enumerate(group_of) if g in specs), key=lambda i: names[i]):
-            units, row = units_of(shapes[i])
-            blocks.append(UnitBlock(names[i], i, group_of[i], first, units, row, specs[group_of[i]]))
-            first += units
+            rows, row_size = rows_of(shapes[i])
+            blocks.append(RowBlock(names[i], i, group_of[i], first, rows, row_size, specs[group_of[i]]))
+            first += rows
         return cls(blocks, list(specs), num_groups)
 
     def fingerprint(self) -> str:
-        """Equal on two ranks iff their unit layouts are (names, shapes, groups and settings in order)."""
-        text = repr([(b.name, b.group, b.units, b.row, b.spec) for b in self.blocks])
+        """Equal on two ranks iff their row layouts are (names, shapes, groups and settings in order)."""
+        text = repr([(b.name, b.group, b.rows, b.row_size, b.spec) for b in self.blocks])
         return hashlib.sha256(text.encode()).hexdigest()[:16]
 
     def piece_map(self, spans: Sequence[Span]) -> "PieceMap":
         return PieceMap(self, spans)
 
-    # ------------------------------------------------------------ per unit, on device
+    # ------------------------------------------------------------ per row, on device
     def _constant(self, name: str, device: torch.device) -> torch.Tensor:
-        """A per-unit device constant (``p``, ``eps``, ``clip_factor``, ``group``, ``uses_max``) from its value
+        """A per-row device constant (``p``, ``eps``, ``clip_factor``, ``group``, ``uses_max``) from its value
         per block, built once per device."""
         key = (name, device)
         cached = self._constants.get(key)
         if cached is None:
             values, dtype = self._per_block[name]
-            counts = torch.tensor([b.units for b in self.blocks], dtype=torch.long)
+            counts = torch.tensor([b.rows for b in self.blocks], dtype=torch.long)
             cached = torch.repeat_interleave(torch.tensor(values, dtype=dtype), counts).to(device)
             self._constants[key] = cached
         return cached
@@ -150,32 +151,32 @@ class UnitPlan:
         return self._constant("p", device)
 
     def max_mask(self, device: torch.device) -> torch.Tensor:
-        """Per slot of the unit part ``[grads (U), params (U)]``: reduced with MAX."""
+        """Per slot of the row part ``[grads (U), params (U)]``: reduced with MAX."""
         key = ("max_mask", device)
         if key not in self._constants:
             one = self._constant("uses_max", device)
             self._constants[key] = torch.cat([one, one])
         return self._constants[key]
 
-    def unscale(self, unit_partials: torch.Tensor, scale: float | torch.Tensor) -> torch.Tensor:
-        """Unit partials whose gradient half still carries a factor ``scale`` (a loss scale), divided out.
+    def unscale(self, row_partials: torch.Tensor, scale: float | torch.Tensor) -> torch.Tensor:
+        """Row partials whose gradient half still carries a factor ``scale`` (a loss scale), divided out.
 
         ``sum |s g|^p = s^p sum |g|^p``; ``max |s g| = s max |g|``; the parameter half carries none.
         """
-        s = scale.to(unit_partials.device, ACC_DTYPE) if isinstance(scale, torch.Tensor) else scale
-        p = self.p(unit_partials.device)
-        grads, params = unit_partials.split(self.num_units)
+        s = scale.to(row_partials.device, ACC_DTYPE) if isinstance(scale, torch.Tensor) else scale
+        p = self.p(row_partials.device)
+        grads, params = row_partials.split(self.num_rows)
         return torch.cat([grads / torch.where(torch.isinf(p), s, torch.pow(s, p)), params])
 
     def coefficients(self, reduced_units: torch.Tensor) -> torch.Tensor:
-        """Each unit's coefficient (float64, identical on every rank) from the reduced ``[grads, params]`` sums.
+        """Each row's coefficient (float64, identical on every rank) from the reduced ``[grads, params]`` sums.
 
         timm's rule: ``max_norm = clip_factor * max(||W_i||, eps)``; 1 where ``||G_i|| < max_norm``,
         else ``max_norm / max(||G_i||, 1e-6)``. NaN propagates (a NaN norm never compares smaller).
         """
         device = reduced_units.device
         p = self.p(device)
-        sums_g, sums_w = reduced_units.split(self.num_units)
+        sums_g, sums_w = reduced_units.split(self.num_rows)
         grad_norm = torch.where(torch.isinf(p), sums_g, sums_g.pow(1.0 / p))
         param_norm = torch.where(torch.isinf(p), sums_w, sums_w.pow(1.0 / p))
         eps, factor = self._constant("eps", device), self._constant("clip_factor", device)
@@ -183,30 +184,30 @@ class UnitPlan:
         clipped = max_norm / grad_norm.clamp(min=GRAD_NORM_FLOOR)
         return torch.where(grad_norm < max_norm, torch.ones_like(clipped), clipped)
 
-    def add_group_sums(self, slots: torch.Tensor, unit_partials: torch.Tensor, groups: frozenset[int], p: float) -> torch.Tensor:
+    def add_group_sums(self, slots: torch.Tensor, row_partials: torch.Tensor, groups: frozenset[int], p: float) -> torch.Tensor:
         """``slots`` with slot ``g`` of each of ``groups`` (whose norm is in ``p``, the config's p: slot g) given
-        the sum (max for p = inf) of its units' gradient sums: the same elements, so these group norms need no
+        the sum (max for p = inf) of its rows' gradient sums: the same elements, so these group norms need no
         pass over the gradients of their own."""
         device = slots.device
         key = ("derived", groups, device)
         if key not in self._constants:
-            pairs = [(b.first + r, b.group) for b in self.blocks if b.group in groups for r in range(b.units)]
+            pairs = [(b.first + r, b.group) for b in self.blocks if b.group in groups for r in range(b.rows)]
             self._constants[key] = torch.tensor(pairs, dtype=torch.long, device=device).reshape(-1, 2)
         pairs = self._constants[key]
-        values = unit_partials.index_select(0, pairs[:, 0])  # the gradient half comes first
+        values = row_partials.index_select(0, pairs[:, 0])  # the gradient half comes first
         if math.isinf(p):
             return slots.scatter_reduce(0, pairs[:, 1], values, reduce="amax")
         return slots.index_add(0, pairs[:, 1], values)
 
-    def group_minima(self, unit_coefs: torch.Tensor) -> torch.Tensor:
-        """Per group, the smallest coefficient of its units (1 for a group without units), float64 [G]."""
-        device = unit_coefs.device
+    def group_minima(self, row_coefs: torch.Tensor) -> torch.Tensor:
+        """Per group, the smallest coefficient of its rows (1 for a group without rows), float64 [G]."""
+        device = row_coefs.device
         index = self._constant("group", device)
-        out = torch.ones(self.num_groups, dtype=unit_coefs.dtype, device=device)
-        return out.scatter_reduce_(0, index, unit_coefs, reduce="amin", include_self=True)
+        out = torch.ones(self.num_groups, dtype=row_coefs.dtype, device=device)
+        return out.scatter_reduce_(0, index, row_coefs, reduce="amin", include_self=True)
 
     def group_mask(self, device: torch.device) -> torch.Tensor:
-        """Per group: clipped unit-wise."""
+        """Per group: clipped row-wise."""
         key = ("group_mask", device)
         if key not in self._constants:
             mask = torch.zeros(self.num_groups, dtype=torch.bool)
@@ -215,15 +216,15 @@ class UnitPlan:
         return self._constants[key]
 
 
-class SlotsWithUnits:
-    """The group slots followed by a plan's unit slots: which of them reduce with MAX (for ``reduce_slots``)."""
+class SlotsWithRows:
+    """The group slots followed by a plan's row slots: which of them reduce with MAX (for ``reduce_slots``)."""
 
-    def __init__(self, layout: SlotLayout, plan: UnitPlan):
+    def __init__(self, layout: SlotLayout, plan: RowPlan):
         self.layout = layout
         self.plan = plan
-        unit_max = plan.uses_max if plan.num_units else ()
-        self.any_max = layout.any_max or any(unit_max)
-        self.all_max = layout.all_max and all(unit_max)
+        row_max = plan.uses_max if plan.num_rows else ()
+        self.any_max = layout.any_max or any(row_max)
+        self.all_max = layout.all_max and all(row_max)
         self._mask: dict[torch.device, torch.Tensor] = {}
 
     def max_mask(self, device: torch.device) -> torch.Tensor:
@@ -232,15 +233,15 @@ class SlotsWithUnits:
         return self._mask[device]
 
 
-Member = tuple[int, int, int, int, int]  # (span, start, stop, rows (0: part of one row), first unit)
+Member = tuple[int, int, int, int, int]  # (span, start, stop, whole rows (0: part of one row), first row)
 _SMALL = 1 << 15  # elements: blocks of whole rows below this are copied side by side for one row-norm kernel
 
 
 @dataclass(frozen=True)
-class _Batch:
+class _RowBatch:
     """Parts whose norms one kernel computes: ``rows`` (a block of whole rows, alone), ``stacked`` (small
     blocks with the same row length, dtype and device, copied side by side), ``scalars`` (one norm each:
-    heads, tails, single rows, whole one-unit tensors, by one foreach call)."""
+    heads, tails, single rows, whole one-row tensors, by one foreach call)."""
 
     kind: str
     members: tuple[Member, ...]
@@ -250,8 +251,8 @@ class _Batch:
 
 @dataclass(frozen=True)
 class _CountPlan:
-    batches: tuple[_Batch, ...]
-    index: torch.Tensor  # the unit of every value the batches give, in order
+    batches: tuple[_RowBatch, ...]
+    index: torch.Tensor  # the row of every value the batches give, in order
 
 
 @dataclass(frozen=True)
@@ -266,11 +267,11 @@ class _ScaleGroup:
     ndim: int
     rows: int
     members: tuple[tuple[int, int, int, int, bool], ...]  # (span, start, stop, rows, the whole tensor)
-    index: torch.Tensor  # the unit of every coefficient, in order
+    index: torch.Tensor  # the row of every coefficient, in order
 
 
 class PieceMap:
-    """A fixed list of spans mapped onto the units once: what each span's elements add to, what multiplies them.
+    """A fixed list of spans mapped onto the rows once: what each span's elements add to, what multiplies them.
 
     Built at bind from the spans' global positions; per step it takes the spans' tensors (in the
     same order, each holding exactly its span's elements; ``None``: absent this step). How the
@@ -278,7 +279,7 @@ class PieceMap:
     are present and their dtypes, devices and shapes).
     """
 
-    def __init__(self, plan: UnitPlan, spans: Sequence[Span]):
+    def __init__(self, plan: RowPlan, spans: Sequence[Span]):
         self.plan = plan
         self.spans = tuple(spans)
         self.parts: list[tuple[Part, ...]] = []
@@ -293,8 +294,8 @@ class PieceMap:
 
     # ------------------------------------------------------------------ counting
     def sums(self, tensors: Sequence[torch.Tensor | None], device: torch.device) -> torch.Tensor:
-        """Per unit, ``sum |x|^p`` (``max |x|`` for p = inf) of these spans' elements: float64 [U] on ``device``."""
-        out = torch.zeros(self.plan.num_units, dtype=ACC_DTYPE, device=device)
+        """Per row, ``sum |x|^p`` (``max |x|`` for p = inf) of these spans' elements: float64 [U] on ``device``."""
+        out = torch.zeros(self.plan.num_rows, dtype=ACC_DTYPE, device=device)
         for p, members in self.passes.items():
             present = tuple((s, tensors[s].dtype, tensors[s].device) for s in members
                             if tensors[s] is not None and self.parts[s])
@@ -318,19 +319,19 @@ class PieceMap:
         stacked: dict[tuple[int, torch.dtype, torch.device], list[Member]] = {}
         scalars: dict[tuple[torch.dtype, torch.device], list[Member]] = {}
         for s, dtype, dev in present:
-            for start, stop, rows, unit in self.parts[s]:
-                member = (s, start, stop, rows, unit)
+            for start, stop, rows, first_row in self.parts[s]:
+                member = (s, start, stop, rows, first_row)
                 if not rows:
                     scalars.setdefault((dtype, dev), []).append(member)
                 elif stop - start >= _SMALL:
                     alone.append(member)
                 else:
                     stacked.setdefault(((stop - start) // rows, dtype, dev), []).append(member)
-        batches = [_Batch("rows", tuple(alone))] if alone else []
-        batches += [_Batch("stacked", tuple(m), row, dtype) for (row, dtype, _), m in stacked.items()]
-        batches += [_Batch("scalars", tuple(m), 0, dtype) for (dtype, _), m in scalars.items()]
-        units = [u + r for b in batches for *_, rows, u in b.members for r in range(max(rows, 1))]
-        return _CountPlan(tuple(batches), torch.tensor(units, dtype=torch.long, device=device))
+        batches = [_RowBatch("rows", tuple(alone))] if alone else []
+        batches += [_RowBatch("stacked", tuple(m), row, dtype) for (row, dtype, _), m in stacked.items()]
+        batches += [_RowBatch("scalars", tuple(m), 0, dtype) for (dtype, _), m in scalars.items()]
+        row_index = [u + r for b in batches for *_, rows, u in b.members for r in range(max(rows, 1))]
+        return _CountPlan(tuple(batches), torch.tensor(row_index, dtype=torch.long, device=device))
 
     @staticmethod
     def _norms(plan: _CountPlan, tensors: Sequence[torch.Tensor | None], p: float, device: torch.device) -> torch.Tensor:
@@ -352,7 +353,7 @@ class PieceMap:
 
     # ------------------------------------------------------------------ applying
     def scale_(self, tensors: Sequence[torch.Tensor | None], coefs: torch.Tensor) -> None:
-        """Multiply each span's elements by their unit's coefficient, in place: one foreach call per device and
+        """Multiply each span's elements by their row's coefficient, in place: one foreach call per device and
         kind of part.
 
         A whole local tensor of whole rows (DDP, FSDP2 ``Shard(0)``) is multiplied by a per-row
@@ -393,10 +394,10 @@ class PieceMap:
         if len(self._scale_plans) > 64:
             self._scale_plans.clear()
         members: dict[tuple[torch.device, int, int], list[tuple[int, int, int, int, bool]]] = {}
-        units: dict[tuple[torch.device, int, int], list[int]] = {}
+        row_index: dict[tuple[torch.device, int, int], list[int]] = {}
         for s, device, shape in present:
             numel = math.prod(shape)
-            for start, stop, rows, unit in self.parts[s]:
+            for start, stop, rows, first_row in self.parts[s]:
                 whole = start == 0 and stop == numel
                 if rows and whole and len(shape) >= 2 and shape[0] == rows:
                     key, part = (device, len(shape), rows), (s, start, stop, rows, True)  # broadcast along dim 0
@@ -405,25 +406,25 @@ class PieceMap:
                 else:
                     key, part = (device, 0, 0), (s, start, stop, 0, whole)  # one coefficient
                 members.setdefault(key, []).append(part)
-                units.setdefault(key, []).extend(range(unit, unit + max(rows, 1)))
-        return tuple(_ScaleGroup(device, ndim, rows, tuple(m), torch.tensor(units[key], dtype=torch.long, device=device))
+                row_index.setdefault(key, []).extend(range(first_row, first_row + max(rows, 1)))
+        return tuple(_ScaleGroup(device, ndim, rows, tuple(m), torch.tensor(row_index[key], dtype=torch.long, device=device))
                      for key, m in members.items() for device, ndim, rows in [key])
 
 
-def _split(span: Span, block: UnitBlock) -> tuple[Part, ...]:
-    """A span's head / whole rows / tail, as (start, stop, rows, first unit) in the span's own flat order.
+def _split(span: Span, block: RowBlock) -> tuple[Part, ...]:
+    """A span's head / whole rows / tail, as (start, stop, rows, first row) in the span's own flat order.
 
     One whole row is a "part of one row" (rows = 0): its norm joins the batched foreach norm.
     """
     if span.numel <= 0:
         return ()
     end = span.offset + span.numel
-    if span.offset < 0 or end > block.units * block.row:
+    if span.offset < 0 or end > block.rows * block.row_size:
         raise ConfigError(
             f"distclip agc: a local piece of {block.name!r} claims elements [{span.offset}, {end}) of a parameter "
-            f"of {block.units * block.row} elements; the layout's metadata does not match the parameter's shape"
+            f"of {block.rows * block.row_size} elements; the layout's metadata does not match the parameter's shape"
         )
-    row = block.row
+    row = block.row_size
     parts: list[Part] = []
     position = span.offset
     first_full = -(-position // row) * row  # the first row boundary at or after the span's start
@@ -451,13 +452,36 @@ def _flat_view(tensor: torch.Tensor) -> torch.Tensor:
         ) from err
 
 
-def unitwise_specs(config: ClipConfig, groups: Sequence[ClipGroup]) -> dict[int, UnitwiseSpec]:
-    """The groups of a config clipped unit-wise (``policy: {kind: agc}``), each with its spec."""
+def rowwise_specs(config: ClipConfig, groups: Sequence[ClipGroup]) -> dict[int, RowwiseSpec]:
+    """The groups of a config clipped row-wise (``policy: {kind: agc}``), each with its spec."""
     from .policies import policy_scope  # policies import nothing from here; kept lazy all the same
 
     out = {}
     for g, group in enumerate(groups):
         _, spec = policy_scope(config, group)
         if spec.kind == "agc":
-            out[g] = UnitwiseSpec(group.norm_type, spec.clip_factor, spec.eps)
+            out[g] = RowwiseSpec(group.norm_type, spec.clip_factor, spec.eps)
     return out
+
+
+def bind_rows(config: ClipConfig, table: GroupTable, layout: SlotLayout, adapter: Any
+              ) -> tuple[RowPlan | None, SlotsWithRows | None, frozenset[int]]:
+    """Set-up of row-wise clipping for a clipper: (the row plan, the slots with the rows after the groups, the
+    row-wise groups whose slot is the sum of their rows' gradient sums); (None, None, {}) without agc groups.
+
+    The adapter maps its pieces onto the rows here (``adapter.bind_rows``, once): the layout side of
+    row-wise clipping is in each adapter's ROWS methods (:mod:`distclip.adapters.base`, and the FSDP1,
+    DTensor and ZeRO adapters for their own layouts).
+    """
+    specs = rowwise_specs(config, table.groups)
+    if not specs:
+        return None, None, frozenset()
+    if adapter.pipeline_group is not None:
+        raise ConfigError(
+            "distclip: policy kind 'agc' (row-wise clipping) is not supported with pipeline parallelism yet; "
+            "use another policy for the pipelined model")
+    plan = RowPlan.build(adapter.names, adapter.global_shapes(), adapter.group_of, specs, len(table.groups))
+    adapter.bind_rows(plan)
+    # A row-wise group whose p is the config's has one slot, the sum of its rows' gradient sums.
+    derived = frozenset(g for g in specs if table.groups[g].norm_type == config.norm_type)
+    return plan, SlotsWithRows(layout, plan), derived
