@@ -4,6 +4,7 @@
 """
 
 from . import deepspeed  # distclip.deepspeed.attach(engine, config); imports no DeepSpeed
+from . import presets  # distclip.presets.names() / path(name) / load(name): the configs shipped in the package
 from .adapters.declared import declare
 from .core.api import clip_grad_norm_, global_grad_norm
 from .core.clipper import GradClipper
@@ -17,7 +18,7 @@ from .core.sinks import BaseSink, CallbackSink, JSONLSink, MetricSink, TensorBoa
 from .core.config import ClipConfig, GroupSpec, PerLayerSpec, load_config
 from .core.names import canonical_name
 
-__version__ = "0.1.0"
+from ._version import __version__
 
 __all__ = [
     "BaseSink",
