@@ -20,13 +20,13 @@ ROOT = Path(__file__).resolve().parent.parent
 ACCELERATE_CONFIGS = sorted(p.relative_to(ROOT).as_posix() for p in (ROOT / "configs").glob("accelerate_*.yaml"))
 MULTI_CPU = {"compute_environment": "LOCAL_MACHINE", "distributed_type": "MULTI_CPU", "num_processes": 2,
              "num_machines": 1, "machine_rank": 0, "mixed_precision": "no", "use_cpu": True,
-             "mpirun_config": {"mpirun_hostfile": "configs/hostfile.localhost"},
+             "mpirun_config": {"mpirun_hostfile": str(ROOT / "configs/hostfile.localhost")},
              "distclip": {"max_norm": 0.5, "groups": [{"name": "embed", "match": ["*embed*"], "max_norm": 0.1}]}}
 
 
 @pytest.fixture(autouse=True)
 def in_repo_root(monkeypatch):
-    monkeypatch.chdir(ROOT)  # the shipped YAMLs name their hostfile relative to the repository root
+    monkeypatch.chdir(ROOT)  # the tests name the shipped YAMLs as the README does: configs/...
     monkeypatch.setenv("OMPI_ALLOW_RUN_AS_ROOT", "1")
     monkeypatch.setenv("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1")
 
