@@ -86,7 +86,9 @@ def tested_ranges() -> dict[str, tuple[str, str | None]]:
         match = _REQUIREMENT.match(text)
         if not match:
             continue
-        name, spec = _normal(match.group(1)), match.group(2).replace(" ", "")
+        name = _normal(match.group(1))
+        clauses = [c for c in match.group(2).replace(" ", "").split(",") if c]
+        spec = ",".join(sorted(clauses, key=lambda c: not c.startswith(">")))  # lower bound first, as pyproject
         if name not in ranges or (ranges[name][1] == "dev" and extra != "dev"):
             ranges[name] = (spec, extra)
     return ranges
