@@ -18,7 +18,7 @@ from .core.sinks import BaseSink, CallbackSink, JSONLSink, MetricSink, TensorBoa
 from .core.config import ClipConfig, GroupSpec, PerLayerSpec, load_config
 from .core.names import canonical_name
 
-from ._version import __version__
+from ._version import __version__ as __version__  # the one version source (pyproject reads it too)
 
 __all__ = [
     "BaseSink",
@@ -55,4 +55,5 @@ __all__ = [
     "declare",
     "global_grad_norm",
     "load_config",
+    "presets",
 ]
