@@ -171,3 +171,19 @@ def test_env_text_marks_untested_and_missing_packages(monkeypatch, capsys):
 ])
 def test_version_ranges(version, spec, expected):
     assert within(version, spec) is expected
+
+
+def test_env_text_on_a_cuda_machine():
+    """The GPU lines (this machine has none: the report of one, as collect() builds it, formatted)."""
+    from distclip.cli.env import format_report
+
+    report = {"distclip": {"version": "0.1.0", "location": "/x"}, "mpirun": None,
+              "python": {"version": "3.11.7", "implementation": "CPython", "executable": "/p", "requires": ">=3.10"},
+              "platform": {"system": "Linux", "machine": "x86_64", "cpus": 16}, "packages": [],
+              "torch": {"version": "2.13.0+cu128", "cuda_build": "12.8", "distributed": True, "cuda_available": True,
+                        "backends": {"gloo": True, "nccl": True, "mpi": False}, "gpus": ["NVIDIA H100", "NVIDIA H100"],
+                        "nccl_version": "2.27.5"}}
+    text = format_report(report)
+    assert "torch.distributed backends: gloo yes, nccl yes, mpi no" in text
+    assert "CUDA: 2 GPUs (NVIDIA H100), torch built with CUDA 12.8, NCCL 2.27.5" in text
+    assert "mpirun: not on PATH" in text
