@@ -19,11 +19,11 @@ from .core.sinks import BaseSink, CallbackSink, JSONLSink, MetricSink, TensorBoa
 from .core.config import ClipConfig, GroupSpec, PerLayerSpec, load_config
 from .core.names import canonical_name
 
-__version__ = "0.1.0"
+from ._version import __version__ as __version__  # the one version source (pyproject reads it too)
 
-# The integrations' import paths, loaded on first use (distclip.deepspeed.attach(engine, config) works
+# The integrations' import paths and distclip.presets (the configs shipped in the package), loaded on first use (distclip.deepspeed.attach(engine, config) works
 # after a plain `import distclip`); none imports its framework until it is used.
-_SUBMODULES = ("accelerate", "deepspeed", "hf_trainer", "lightning", "mpi", "testing")
+_SUBMODULES = ("accelerate", "deepspeed", "hf_trainer", "lightning", "mpi", "presets", "testing")
 
 
 def __getattr__(name: str) -> Any:
@@ -66,4 +66,5 @@ __all__ = [
     "declare",
     "global_grad_norm",
     "load_config",
+    "presets",
 ]

@@ -26,7 +26,9 @@ class GradClipper(Clipper):
         model: what holds the gradients: a module (plain, DDP, FSDP1, FSDP2 / DTensor, tensor or expert
             parallel), a DeepSpeed engine (use :func:`distclip.deepspeed.attach`), or parameters / named
             parameters.
-        config: a :class:`ClipConfig`, a dict, a YAML path, or None for ``$DISTCLIP_CONFIG`` (else defaults).
+        config: a :class:`ClipConfig`, a dict, a YAML path, a preset name (``"demo"``, :mod:`distclip.presets`),
+            inline YAML, or None for ``$DISTCLIP_CONFIG`` (else defaults); a string is tried in that order:
+            an existing file, then a preset, then inline YAML (:func:`~distclip.core.config.config_from_string`).
         ddp_comm_hook: for DDP, a comm hook (e.g. ``default_hooks.fp16_compress_hook``) that distclip
             wraps instead of the plain all-reduce; ``ddp_comm_hook_state`` is its state (default:
             DDP's process group).

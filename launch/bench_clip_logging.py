@@ -2,7 +2,7 @@
 
     torchrun --nproc_per_node 2 launch/bench_clip_logging.py [--blocks 20] [--block-steps 10]
 
-The demo's model, data and optimizer (launch/train_char_lstm.py), one clipper attached to the
+The demo's model, data and optimizer (distclip.demo), one clipper attached to the
 optimizer. The two variants take their blocks of steps in turn, in A B B A order (position
 effects cancel), so drift and other load on the machine hit both alike; the figure is the median,
 over adjacent pairs, of the ratio of their block times. Also timed on its own: one write
@@ -13,14 +13,12 @@ machine that is the steadier figure. Prints one JSON line with the figures.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import os
 import statistics
 import sys
 import tempfile
 import time
-from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -32,11 +30,9 @@ from distclip.core.sinks import MetricsLog
 
 
 def load_demo():
-    path = Path(__file__).with_name("train_char_lstm.py")
-    spec = importlib.util.spec_from_file_location("demo", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    import distclip.demo
+
+    return distclip.demo
 
 
 def main() -> int:

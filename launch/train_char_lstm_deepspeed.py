@@ -1,4 +1,4 @@
-"""distclip DeepSpeed demo: the char-LSTM of ``train_char_lstm.py``, trained by a DeepSpeed ZeRO engine.
+"""distclip DeepSpeed demo: the char-LSTM of the demo (``distclip.demo``), trained by a DeepSpeed ZeRO engine.
 
     torchrun --nproc_per_node 2 launch/train_char_lstm_deepspeed.py --ds-config configs/deepspeed_zero2.json
 
@@ -25,8 +25,7 @@ from torch import nn
 import distclip
 import distclip.deepspeed
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from train_char_lstm import CharLSTM, sample, stdlib_text  # noqa: E402
+from distclip.demo import CharLSTM, sample, stdlib_text
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -20,13 +20,13 @@ ROOT = Path(__file__).resolve().parent.parent
 ACCELERATE_CONFIGS = sorted(p.relative_to(ROOT).as_posix() for p in (ROOT / "configs").glob("accelerate_*.yaml"))
 MULTI_CPU = {"compute_environment": "LOCAL_MACHINE", "distributed_type": "MULTI_CPU", "num_processes": 2,
              "num_machines": 1, "machine_rank": 0, "mixed_precision": "no", "use_cpu": True,
-             "mpirun_config": {"mpirun_hostfile": "configs/hostfile.localhost"},
+             "mpirun_config": {"mpirun_hostfile": str(ROOT / "configs/hostfile.localhost")},
              "distclip": {"max_norm": 0.5, "groups": [{"name": "embed", "match": ["*embed*"], "max_norm": 0.1}]}}
 
 
 @pytest.fixture(autouse=True)
 def in_repo_root(monkeypatch):
-    monkeypatch.chdir(ROOT)  # the shipped YAMLs name their hostfile relative to the repository root
+    monkeypatch.chdir(ROOT)  # the tests name the shipped YAMLs as the README does: configs/...
     monkeypatch.setenv("OMPI_ALLOW_RUN_AS_ROOT", "1")
     monkeypatch.setenv("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1")
 
@@ -147,3 +147,34 @@ def test_cli_commands(capsys, tmp_path):
     assert main(["no-such-command"]) == 2
     assert "unknown command" in capsys.readouterr().err
     assert main(["--help"]) == 0 and "launch" in capsys.readouterr().out
+
+
+def test_files_named_in_a_config_are_relative_to_its_folder_so_it_works_from_anywhere(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)  # not the repository: configs/hostfile.localhost is not here
+    shipped = ROOT / "configs" / "accelerate_multi_cpu.yaml"
+    assert yaml.safe_load(shipped.read_text())["mpirun_config"]["mpirun_hostfile"] == "hostfile.localhost"
+    assert main(["check", str(shipped)]) == 0
+    assert f"(hostfile {ROOT / 'configs' / 'hostfile.localhost'})" in capsys.readouterr().out
+    folder = tmp_path / "job"
+    folder.mkdir()
+    (folder / "hosts").write_text("localhost slots=2\n")
+    (folder / "ds.json").write_text('{"train_micro_batch_size_per_gpu": 1}')
+    data = {**MULTI_CPU, "mpirun_config": {"mpirun_hostfile": "hosts"}}
+    result = plan_launch(["--config_file", write(folder, data), "train.py"])
+    try:
+        written = yaml.safe_load(Path(result.temp_files[0]).read_text())
+    finally:
+        for path in result.temp_files:
+            os.unlink(path)
+    assert written["mpirun_config"]["mpirun_hostfile"] == str(folder / "hosts")  # absolute: Accelerate reads the cwd
+    assert {k: v for k, v in written.items() if k != "mpirun_config"} == {
+        k: v for k, v in data.items() if k not in ("mpirun_config", "distclip")}  # the rest unchanged
+    deepspeed = {"distributed_type": "DEEPSPEED", "num_processes": 2, "deepspeed_config": {
+        "deepspeed_config_file": "ds.json", "offload_optimizer_device": "none"}, "distclip": {"max_norm": 1.0}}
+    split = split_config(write(folder, deepspeed, "ds.yaml"))
+    assert split.accelerate["deepspeed_config"] == {"deepspeed_config_file": str(folder / "ds.json"),
+                                                    "offload_optimizer_device": "none"}
+    with pytest.raises(LaunchError, match=re.escape(f"mpirun_config.mpirun_hostfile 'configs/hostfile.localhost' does "
+                                                    f"not exist (a relative path is relative to the config file's "
+                                                    f"folder, {folder}: it names {folder}/configs/hostfile.localhost)")):
+        split_config(write(folder, {**MULTI_CPU, "mpirun_config": {"mpirun_hostfile": "configs/hostfile.localhost"}}))

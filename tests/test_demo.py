@@ -1,4 +1,5 @@
-"""The README's demo: torchrun, 2 gloo ranks, the per-group config, real training output, its clip log and plot."""
+"""The README's demo: torchrun, 2 gloo ranks, the per-group config, real training output, its clip log and plot;
+and the same demo from the package (``distclip demo``: the preset, its own 2 ranks, any folder), line for line."""
 
 from __future__ import annotations
 
@@ -13,18 +14,42 @@ from distclip.cli.main import main as distclip_main
 from tests.launching import ROOT, launch_env
 
 pytestmark = pytest.mark.multiprocess
+STEPS = ["--steps", "6", "--text-bytes", "200000"]
 
 
 @pytest.fixture(scope="module")
 def demo_run(tmp_path_factory):
     jsonl = tmp_path_factory.mktemp("demo") / "demo.jsonl"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           "launch/train_char_lstm.py", "--config", "configs/demo.yaml", "--steps", "6", "--text-bytes", "200000",
-           "--jsonl", str(jsonl)]
+           "launch/train_char_lstm.py", "--config", "configs/demo.yaml", *STEPS, "--jsonl", str(jsonl)]
     # this checkout's distclip (not an installed one): the script's folder, not the repository, leads sys.path
     proc = subprocess.run(cmd, cwd=ROOT, env=launch_env(), capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     return proc.stdout, jsonl
+
+
+@pytest.fixture(scope="module")
+def packaged_demo_run(tmp_path_factory):
+    """``python -m distclip demo`` from a folder that is not the checkout: the preset 'demo', ranks started by itself."""
+    folder = tmp_path_factory.mktemp("elsewhere")
+    proc = subprocess.run([sys.executable, "-m", "distclip", "demo", *STEPS], cwd=folder, env=launch_env(),
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    return proc.stdout, folder / "runs" / "demo.jsonl"
+
+
+def comparable(out: str, jsonl) -> list[str]:
+    """The output without what differs between two runs of the same training: the clip log's path and the time."""
+    out = out.replace(str(jsonl), "<log>").replace(str(jsonl.with_suffix(".png")), "<png>")
+    return [re.sub(r"\(\d+\.\d s\)$", "(<time>)", line) for line in out.splitlines()]
+
+
+def test_distclip_demo_from_the_package_prints_what_the_readme_command_prints(demo_run, packaged_demo_run):
+    (script_out, script_log), (package_out, package_log) = demo_run, packaged_demo_run
+    assert comparable(package_out, package_log.relative_to(package_log.parent.parent)) == comparable(script_out,
+                                                                                                    script_log)
+    assert [json.loads(line)["grad_norm"] for line in package_log.read_text().splitlines()[1:]] == [
+        json.loads(line)["grad_norm"] for line in script_log.read_text().splitlines()[1:]]
 
 
 def test_demo_runs_under_torchrun_and_prints_group_norms(demo_run):

@@ -22,7 +22,8 @@ import torch.distributed as dist
 try:
     import numpy  # noqa: F401  (torch's CommDebugMode, which counts the collectives, imports it)
 except ImportError:
-    raise SystemExit("distclip bench needs numpy (torch's CommDebugMode imports it): pip install 'distclip[bench]'") from None
+    print("distclip bench: needs numpy (torch's CommDebugMode imports it): pip install 'distclip[bench]'", file=sys.stderr)
+    raise SystemExit(2) from None
 
 from .cases import BACKENDS, VARIANTS
 from .suites import bench_backend, bench_bandwidth, bench_kernels, bench_scaling
@@ -124,6 +125,10 @@ def save(results: dict[str, object], path: str) -> None:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     args = parse_args(argv)
+    unknown = [b for b in args.backends.split(",") if b and b not in BACKENDS]
+    if unknown:
+        print(f"distclip bench: unknown backend {unknown[0]!r}; choose from {list(BACKENDS)}", file=sys.stderr)
+        return 2
     if "RANK" not in os.environ:
         return relaunch_under_torchrun(args, argv)
     quiet()

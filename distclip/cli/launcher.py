@@ -4,7 +4,9 @@
 ``fsdp_config``/``deepspeed_config``), so ``distclip launch --config_file X.yaml script.py [args]``:
 
 1. reads X.yaml and validates its ``distclip:`` section FIRST (a bad key fails here, named);
-2. writes the rest, unchanged, to a temporary file and validates it as Accelerate would;
+2. writes the rest to a temporary file, unchanged except for the files it names (``mpirun_hostfile``,
+   ``deepspeed_config_file``, ``deepspeed_hostfile``): relative to X.yaml's folder, made absolute,
+   so that a config works from any folder; and validates it as Accelerate would;
 3. refuses configurations with which Accelerate would silently run fewer processes than asked
    (each alone, or only one) on this machine;
 4. runs ``accelerate launch`` with that file and every other argument as given, and the distclip
@@ -12,7 +14,7 @@
    rank, where ``GradClipper``, ``distclip.accelerate.enable`` and ``distclip.hf_trainer.enable`` read
    it; what it writes is first read back through ``ClipConfig.from_env`` and must give the same config.
 
-A plain ``accelerate launch`` user sets ``DISTCLIP_CONFIG`` (a path or inline YAML) instead.
+A plain ``accelerate launch`` user sets ``DISTCLIP_CONFIG`` (a path, a preset name or inline YAML) instead.
 """
 
 from __future__ import annotations
@@ -29,12 +31,16 @@ from typing import Any, Mapping
 import yaml
 
 from ..core.config import ENV_VAR, ClipConfig, read_yaml_file
+from ..core.errors import require_extra
 from ..errors import ConfigError, LaunchError
 
 SECTION = "distclip"
 NESTED_SECTIONS = ("fsdp_config", "deepspeed_config", "mpirun_config", "megatron_lm_config", "fp8_config",
                    "dynamo_config", "parallelism_config")
 GPU_TYPES = ("MULTI_GPU", "FSDP", "MEGATRON_LM")
+# Accelerate settings that name files (section, key): relative to the config file's folder (resolve_paths).
+PATH_SETTINGS = (("mpirun_config", "mpirun_hostfile"), ("deepspeed_config", "deepspeed_config_file"),
+                 ("deepspeed_config", "deepspeed_hostfile"))
 # Longer sections go to $DISTCLIP_CONFIG as a file path: Linux refuses an environment string over 128 KiB.
 INLINE_ENV_LIMIT = 32 * 1024
 
@@ -74,10 +80,33 @@ def split_config(path: str | os.PathLike) -> SplitConfig:
                 f"move it to the top level of the file"
             )
     if SECTION not in data:
-        return SplitConfig(path, accelerate_part)
+        return SplitConfig(path, resolve_paths(accelerate_part, path))
     section = data[SECTION]
     clip = ClipConfig.from_dict(section if section is not None else {}, source=f"{path}, section '{SECTION}:'")
-    return SplitConfig(path, accelerate_part, section if section is not None else {}, clip)
+    return SplitConfig(path, resolve_paths(accelerate_part, path), section if section is not None else {}, clip)
+
+
+def resolve_paths(accelerate_part: Mapping[str, Any], config_path: str) -> dict[str, Any]:
+    """The Accelerate settings with the files they name made absolute, relative ones against the config's folder.
+
+    Accelerate itself reads them from the working directory; relative to the YAML, a config works
+    from any folder (``distclip check /abs/path/configs/accelerate_multi_cpu.yaml``). Raises
+    :class:`LaunchError` for a named file that does not exist.
+    """
+    folder = os.path.dirname(os.path.abspath(config_path))
+    out = dict(accelerate_part)
+    for section, key in PATH_SETTINGS:
+        nested = out.get(section)
+        value = nested.get(key) if isinstance(nested, Mapping) else None
+        if not isinstance(value, str) or value.strip().lower() in ("", "none"):
+            continue
+        expanded = os.path.expanduser(value)
+        resolved = os.path.normpath(os.path.join(folder, expanded))  # an absolute value stays as it is
+        if not os.path.isfile(resolved):
+            raise LaunchError(f"{config_path}: {section}.{key} {value!r} does not exist (a relative path is relative "
+                              f"to the config file's folder, {folder}: it names {resolved})")
+        out[section] = {**nested, key: resolved}
+    return out
 
 
 def plan_launch(argv: list[str]) -> LaunchPlan:
@@ -85,6 +114,7 @@ def plan_launch(argv: list[str]) -> LaunchPlan:
     early = _config_file_argument(argv)
     if early is not None:
         split_config(early)  # fail fast on the distclip section, before even importing Accelerate
+    require_extra("accelerate.commands.launch", "accelerate", "distclip launch and check")
     from accelerate.commands.config.config_args import load_config_from_file
     from accelerate.commands.launch import launch_command_parser
 
@@ -191,9 +221,9 @@ def check_process_count(cluster: Any, args: argparse.Namespace, source: str = "c
             f"{source}: {asked} through mpirun needs 'use_cpu: true' (or --cpu): without it Accelerate runs "
             f"every process alone (DistributedType.NO, world size 1), silently"
         )
-    if not Path(hostfile).is_file():
-        raise LaunchError(f"{source}: mpirun_hostfile {hostfile!r} does not exist (relative paths are relative "
-                          f"to the current directory, {os.getcwd()})")
+    if not Path(hostfile).is_file():  # --mpirun_hostfile (the file's own was checked by resolve_paths)
+        raise LaunchError(f"{source}: mpirun_hostfile {hostfile!r} does not exist (on the command line, a relative "
+                          f"path is relative to the current directory, {os.getcwd()})")
     if not (shutil.which("mpirun") or shutil.which("mpiexec")):
         raise LaunchError(f"{source}: {asked} on CPU need mpirun (Open MPI, Intel MPI or MVAPICH) on PATH")
     if hasattr(os, "geteuid") and os.geteuid() == 0 and not os.environ.get("OMPI_ALLOW_RUN_AS_ROOT"):

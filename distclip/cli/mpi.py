@@ -25,6 +25,10 @@ import sys
 from dataclasses import dataclass
 from datetime import timedelta
 
+from ..core.errors import require_extra
+from ..errors import MissingExtraError
+from .output import fail
+
 __all__ = ["MPIEnvironment", "discover", "export", "init_process_group", "main"]
 
 ENV_KEYS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
@@ -46,10 +50,7 @@ class MPIEnvironment:
 
 def discover(comm=None) -> MPIEnvironment:
     """Rank, sizes and rendezvous address from MPI (collective over ``comm``: call on every rank)."""
-    try:
-        from mpi4py import MPI
-    except ImportError as err:
-        raise ImportError("distclip.mpi needs mpi4py (pip install mpi4py; it needs an MPI, e.g. Open MPI)") from err
+    MPI = require_extra("mpi4py.MPI", "mpi", "distclip.mpi (it also needs an MPI, e.g. Open MPI)")
     comm = MPI.COMM_WORLD if comm is None else comm
     rank, world = comm.Get_rank(), comm.Get_size()
     local = comm.Split_type(MPI.COMM_TYPE_SHARED, key=rank)
@@ -90,15 +91,21 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, prog: str = "python -m distclip.mpi") -> int:
     """``python -m distclip.mpi script.py [args]`` (or ``-m module [args]``): run it with the torchrun environment."""
     argv = sys.argv[1:] if argv is None else list(argv)
-    if not argv or argv[0] in ("-h", "--help"):
-        print("usage: mpirun -np N python -m distclip.mpi (script.py | -m module) [args]\n\n" + __doc__.split("\n\n")[0],
-              file=sys.stderr if not argv else sys.stdout)
-        return 2 if not argv else 0
-    export()
-    if argv[0] == "-m" and len(argv) > 1:
+    usage = f"usage: mpirun -np N {prog} (script.py | -m module) [args]"
+    if argv and argv[0] in ("-h", "--help"):
+        print(f"{usage}\n\n" + __doc__.split("\n\n")[0] + "\n\nNeeds mpi4py and an MPI: pip install 'distclip[mpi]'.")
+        return 0
+    if not argv or argv == ["-m"]:
+        print(usage, file=sys.stderr)
+        return fail("mpi", f"error: a script or -m module is required ({prog} --help)")
+    try:
+        export()
+    except MissingExtraError as err:
+        return fail("mpi", err)
+    if argv[0] == "-m":
         sys.argv = argv[1:]
         runpy.run_module(argv[1], run_name="__main__", alter_sys=True)
     else:

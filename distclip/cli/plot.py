@@ -10,12 +10,12 @@ from __future__ import annotations
 
 import argparse
 import math
-import sys
 from pathlib import Path
 from typing import Any, Sequence
 
 from ..core.errors import MissingExtraError, require_extra
 from .clip_log import ClipLog, ClipLogError, read_clip_log
+from .output import fail
 
 USAGE = "distclip plot LOG.jsonl [-o OUT.png] [--title TEXT]"
 DECADES_FOR_LOG = 2.0  # a row switches to a log scale when its norms span more than this many decades
@@ -35,8 +35,7 @@ def main(argv: Sequence[str]) -> int:
         log = read_clip_log(args.log)
         plt = require_extra("matplotlib.pyplot", "plot", "distclip plot")
     except (ClipLogError, MissingExtraError) as err:
-        print(f"distclip plot: {err}", file=sys.stderr)
-        return 2
+        return fail("plot", err)
     output = Path(args.output) if args.output else Path(args.log).with_suffix(".png")
     output.parent.mkdir(parents=True, exist_ok=True)
     figure = draw(log, plt, args.title or args.log)

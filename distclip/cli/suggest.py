@@ -33,9 +33,10 @@ from typing import Any, Sequence
 
 import yaml
 
-from ..core.config import ClipConfig, DEFAULT_GROUP
+from ..core.config import ClipConfig, DEFAULT_GROUP, load_config
 from ..errors import ClipLogError, ConfigError, SuggestError
 from .clip_log import ClipLog, read_clip_log
+from .output import fail
 
 
 WARMUP_FRACTION = 0.1
@@ -54,10 +55,10 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--quantile", "-q", type=float, default=0.9,
                    help="quantile of each group's norms (default 0.9: clips about 10%% of steps)")
     p.add_argument("--warmup", type=int, default=None,
-                   help=f"logged clips to skip at the start (default: the first {WARMUP_FRACTION:.0%})")
+                   help=f"logged clips to skip at the start (default: the first {WARMUP_FRACTION:.0%}%)")  # %% is argparse's percent sign
     p.add_argument("-o", "--output", help="write the config here (default: stdout, the table then goes to stderr)")
     p.add_argument("--format", choices=["yaml", "json", "optuna"], default="yaml")
-    p.add_argument("--config", help="the run's distclip config (YAML), if the log has no header")
+    p.add_argument("--config", help="the run's distclip config (a YAML file or a preset name), if the log has no header")
     p.add_argument("--range", type=float, default=4.0, dest="spread",
                    help="optuna: each range is [suggested / RANGE, suggested * RANGE] (default 4)")
     return p
@@ -71,11 +72,10 @@ def main(argv: Sequence[str]) -> int:
         if args.spread <= 1.0:
             raise SuggestError(f"--range must be > 1, got {args.spread}")
         log = read_clip_log(args.log)
-        base = ClipConfig.from_yaml(args.config).to_dict() if args.config else None
+        base = load_config(args.config).to_dict() if args.config else None
         result = suggest(log, args.quantile, args.warmup, base)
     except (ClipLogError, SuggestError, ConfigError) as err:
-        print(f"distclip suggest: {err}", file=sys.stderr)
-        return 2
+        return fail("suggest", err)
     if args.format == "optuna":
         text = json.dumps(search_space(result, args.spread), indent=2) + "\n"
     elif args.format == "json":

@@ -23,6 +23,7 @@ import yaml
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, model_validator
 
 from ..errors import ConfigError
+from .presets import NAME as _PRESET_NAME, preset_file, preset_hint, preset_names, unknown_preset
 
 ENV_VAR = "DISTCLIP_CONFIG"
 DEFAULT_GROUP = "default"
@@ -438,29 +439,16 @@ class ClipConfig(_Section):
 
     @classmethod
     def from_env(cls, var: str = ENV_VAR, environ: Mapping[str, str] | None = None) -> "ClipConfig | None":
-        """Read ``$DISTCLIP_CONFIG``: a path to a YAML file, or inline YAML. None when unset.
+        """Read ``$DISTCLIP_CONFIG``: a YAML file's path, a preset name or inline YAML (:func:`config_from_string`).
+
+        None when unset or blank.
 
         ``environ`` (default ``os.environ``) lets a launcher check the environment it gives its ranks.
         """
         raw = (os.environ if environ is None else environ).get(var)
         if raw is None or not raw.strip():
             return None
-        source = f"${var}"
-        if os.path.isfile(raw):  # False (never an error) for inline YAML, however long: no ENAMETOOLONG
-            return cls.from_yaml(raw)
-        data = _load_yaml(raw, source)
-        if not isinstance(data, Mapping):
-            if os.path.isdir(raw):
-                problem = "is a directory"
-            elif "\n" not in raw and (os.sep in raw or raw.strip().endswith((".yaml", ".yml", ".json"))):
-                problem = "is not an existing file"
-            else:
-                problem = f"is neither an existing file nor an inline YAML mapping (it reads as a {type(data).__name__})"
-            raise ConfigError(
-                f"{source}={_show(raw)} {problem}; set it to a YAML file's path or to inline YAML, "
-                f"e.g. '{{max_norm: 1.0, norm_type: 2}}'"
-            )
-        return cls.from_dict(_distclip_section(data, source), source=source)
+        return config_from_string(raw, source=f"${var}")
 
     # ---------------------------------------------------------------- utilities
     def replace(self, **changes: Any) -> "ClipConfig":
@@ -477,23 +465,79 @@ class ClipConfig(_Section):
 
 
 def load_config(spec: "ClipConfig | Mapping[str, Any] | str | os.PathLike | None" = None, **overrides: Any) -> ClipConfig:
-    """Resolve a config from an object, a mapping, a YAML path, or (when None) ``$DISTCLIP_CONFIG``.
+    """Resolve a config from an object, a mapping, a string, a path, or (when None) ``$DISTCLIP_CONFIG``.
 
-    Keyword overrides (e.g. ``max_norm=0.5``) are applied on top and validated the same way.
+    A string is resolved by :func:`config_from_string` (an existing file, then a preset name such as
+    ``"demo"``, then inline YAML); an ``os.PathLike`` is always a file. Keyword overrides (e.g.
+    ``max_norm=0.5``) are applied on top and validated the same way.
     """
     if isinstance(spec, ClipConfig):
         config = spec
     elif isinstance(spec, Mapping):
         config = ClipConfig.from_dict(spec)
-    elif isinstance(spec, (str, os.PathLike)):
+    elif isinstance(spec, str):
+        config = config_from_string(spec)
+    elif isinstance(spec, os.PathLike):
         config = ClipConfig.from_yaml(spec)
     elif spec is None:
         config = ClipConfig.from_env() or ClipConfig()
     else:
         raise ConfigError(
-            f"distclip config must be a ClipConfig, a dict, or a path to a YAML file; got {type(spec).__name__}"
+            f"distclip config must be a ClipConfig, a dict, or a path to a YAML file (or a preset name, or "
+            f"inline YAML); got {type(spec).__name__}"
         )
     return config.replace(**overrides) if overrides else config
+
+
+def config_from_string(text: str, source: str | None = None) -> ClipConfig:
+    """The config a string names, tried in this order (the first that applies wins):
+
+    1. the path of an existing file (YAML or JSON; relative paths from the working directory);
+    2. the name of a preset shipped with distclip, a bare word such as ``demo``
+       (:func:`distclip.presets.names`): a bare word that is no preset is an error listing them;
+    3. inline YAML: a mapping of settings, e.g. ``{max_norm: 1.0, norm_type: 2}``.
+
+    A file with a top-level ``distclip:`` section, or such inline YAML, uses that section.
+    ``source`` names where the string came from (``$DISTCLIP_CONFIG``) in error messages.
+    """
+    if os.path.isfile(text):  # False (never an error) for inline YAML, however long: no ENAMETOOLONG
+        return ClipConfig.from_yaml(text)
+    word = text.strip()
+    if _PRESET_NAME.fullmatch(word):
+        preset = preset_file(word)
+        if preset is None:
+            raise ConfigError(f"{source or 'distclip config'}={_show(word)} is neither an existing file nor a distclip "
+                              f"preset{unknown_preset(word)}; or give a YAML file's path, or inline YAML such as "
+                              "'{max_norm: 1.0}'")
+        return ClipConfig.from_yaml(preset)
+    where = source or "inline distclip config"
+    path_like = "\n" not in text and (os.sep in text or word.endswith((".yaml", ".yml", ".json")))
+    try:
+        data = _load_yaml(text, where)
+    except ConfigError:
+        if not path_like:
+            raise
+        data = None
+    if isinstance(data, Mapping):
+        return ClipConfig.from_dict(_distclip_section(data, where), source=where)
+    if source is None and path_like:  # meant as a file: say why it cannot be read (missing, a folder, ...)
+        try:
+            return ClipConfig.from_yaml(text)
+        except ConfigError as err:
+            raise ConfigError(f"{err}{preset_hint(text)}") from None
+    if not word:
+        problem = "is empty"
+    elif os.path.isdir(text):
+        problem = "is a directory"
+    elif path_like:
+        problem = "is not an existing file"
+    else:
+        problem = f"is neither an existing file nor an inline YAML mapping (it reads as a {type(data).__name__})"
+    raise ConfigError(
+        f"{source or 'distclip config'}={_show(text)} {problem}{preset_hint(text) if path_like else ''}; give a "
+        f"YAML file's path, a preset name ({', '.join(preset_names())}) or inline YAML, e.g. "
+        f"'{{max_norm: 1.0, norm_type: 2}}'"
+    )
 
 
 # --------------------------------------------------------------------- helpers

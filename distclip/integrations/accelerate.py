@@ -64,7 +64,7 @@ def enable(accelerator: Any, config: ClipConfig | Mapping[str, Any] | str | os.P
 
     Args:
         accelerator: an ``accelerate.Accelerator``.
-        config: a :class:`ClipConfig`, dict or YAML path; None reads ``$DISTCLIP_CONFIG`` (which
+        config: a :class:`ClipConfig`, dict, YAML path or preset name; None reads ``$DISTCLIP_CONFIG`` (which
             ``distclip launch`` sets from the YAML's ``distclip:`` section), else the defaults.
         **overrides: config settings that take precedence, e.g. ``nonfinite="error"``.
 

@@ -58,7 +58,7 @@ def attach(
     Args:
         engine: a ``DeepSpeedEngine`` (ZeRO 0 in fp32; ZeRO 1, 2, 3 in fp32, bf16 or fp16; models with
             ``deepspeed.moe.layer.MoE`` layers at ZeRO 0-2, each expert counted once over the job).
-        config: a :class:`ClipConfig`, dict, or YAML path. When None: the ``distclip`` section of the
+        config: a :class:`ClipConfig`, dict, YAML path or preset name. When None: the ``distclip`` section of the
             DeepSpeed config if it has one, else ``$DISTCLIP_CONFIG``, else the defaults.
         **overrides: settings that take precedence, e.g. ``max_norm=0.5``.
 

@@ -57,7 +57,7 @@ class DistclipCallback(pl.Callback):
     """Clip every optimizer step exactly with distclip (see the module docstring).
 
     Args:
-        config: a :class:`~distclip.ClipConfig`, dict or YAML path; None reads ``$DISTCLIP_CONFIG``
+        config: a :class:`~distclip.ClipConfig`, dict, YAML path or preset name; None reads ``$DISTCLIP_CONFIG``
             (which ``distclip launch`` sets), else the defaults.
         log_every_n_steps: log the metrics every this many clips (None: the Trainer's
             ``log_every_n_steps``; 0: never).
