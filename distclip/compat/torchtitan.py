@@ -10,7 +10,7 @@ that the trainer's ``train_step`` still reaches the clip through that name with 
 was checked on; :func:`pipeline_stages` reads the ``PipelineStage`` objects torchtitan's schedule runs
 (torch's private ``_stages`` / ``_stage``), whose ``stage_index`` says which stages this rank holds.
 
-Each raises :class:`~distclip.adapters._compat.UnsupportedVersionError` naming the installed and the
+Each raises :class:`~distclip.UnsupportedVersionError` naming the installed and the
 checked torchtitan versions when what it reads has moved.
 """
 
@@ -21,7 +21,7 @@ import importlib
 import inspect
 from typing import Any, Callable, Iterator
 
-from ..adapters._compat import UnsupportedVersionError
+from ..errors import UnsupportedVersionError
 
 CHECKED_VERSION = "0.3.0"
 CLIP_PARAMETERS = ("parameters", "max_norm", "norm_type", "error_if_nonfinite", "foreach", "pp_mesh", "ep_enabled")

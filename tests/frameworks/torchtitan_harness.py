@@ -84,6 +84,8 @@ class Layout:
     schedule: str = "1F1B"
     backend: str = "full_dtensor"
     n_layers: int = 2
+    attention: str = "sdpa"  # sdpa (runs a CPU backward) | flex (torchtitan's default; CPU forward only)
+    synthetic: bool = False  # gradients set without a backward (a layout whose attention has no CPU backward)
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -113,8 +115,9 @@ def trainer_config(layout: Layout, distclip: dict[str, Any] | None = None) -> An
     config.activation_checkpoint = None
     model = config.model_spec.model
     model.layers = model.layers[: layout.n_layers]
-    for layer in model.layers:
-        layer.attention.inner_attention = ScaledDotProductAttention.Config()
+    if layout.attention == "sdpa":
+        for layer in model.layers:
+            layer.attention.inner_attention = ScaledDotProductAttention.Config()
     if isinstance(config.loss, ChunkedLossWrapper.Config):
         config.loss.num_chunks = 2
     return with_distclip(config, distclip or {})
@@ -207,8 +210,8 @@ def build_trainer(config: Any, trainer_cls: type = DistclipTrainer, seed: int = 
     if model_spec.post_optimizer_build_fn is not None:
         model_spec.post_optimizer_build_fn(trainer.optimizers, trainer.model_parts, parallel_dims)
     trainer.lr_schedulers = config.lr_scheduler.build(optimizers=trainer.optimizers, training_steps=config.training.steps)
-    trainer.logger = RecordingLogger()
-    trainer.metrics_processor = metrics_processor(parallel_dims, trainer.logger)
+    trainer.metrics_logger = RecordingLogger()
+    trainer.metrics_processor = metrics_processor(parallel_dims, trainer.metrics_logger)
     trainer.checkpointer = SimpleNamespace(maybe_wait_for_staging=lambda: None)
     trainer.step = trainer.ntokens_seen = 0
     trainer.gradient_accumulation_steps = 1
