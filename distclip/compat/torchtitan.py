@@ -7,7 +7,8 @@ duration of one ``train_step`` and restores it after, so the rest of ``train_ste
 accumulation, the pipeline schedule, loss and metric reduction, the optimizer and LR steps, the
 metrics log of the returned norm) stays torchtitan's own code. :func:`check_clip_call` verifies, once,
 that the trainer's ``train_step`` still reaches the clip through that name with the signature this
-was checked on; :func:`pipeline_stages` reads the ``PipelineStage`` objects torchtitan's schedule runs
+was checked on; :func:`checkpoint_states` is the checkpoint manager's ``states`` dict, where the
+clipper's state is added next to ``train_state``; :func:`pipeline_stages` reads the ``PipelineStage`` objects torchtitan's schedule runs
 (torch's private ``_stages`` / ``_stage``), whose ``stage_index`` says which stages this rank holds.
 
 Each raises :class:`~distclip.UnsupportedVersionError` naming the installed and the
@@ -77,6 +78,19 @@ def clip_routed_to(clip: Callable[..., Any]) -> Iterator[None]:
         yield
     finally:
         module.clip_grad_norm_ = original
+
+
+def checkpoint_states(checkpointer: Any) -> dict[str, Any] | None:
+    """The dict of Stateful objects torchtitan's checkpoint manager saves and loads (``states``: the
+    ``{"train_state": trainer}`` it was built with, plus model, optimizer, lr_scheduler, dataloader), or None
+    when checkpointing is off (the manager then has no ``states``)."""
+    if checkpointer is None or not getattr(checkpointer, "enable", False):
+        return None
+    states = getattr(checkpointer, "states", None)
+    if not isinstance(states, dict) or "train_state" not in states:
+        raise unsupported(f"the checkpoint manager {type(checkpointer).__name__} has no 'states' dict holding "
+                          "'train_state' (torchtitan 0.3.0's CheckpointManager does)")
+    return states
 
 
 def pipeline_stages(schedule: Any) -> list[Any]:

@@ -34,8 +34,9 @@ ones its schedule runs); expert parallelism needs nothing (EP placements count a
 * Metrics: torchtitan logs the returned pre-clip norm as ``grad_norm`` (distclip's exact one); the
   clip's per-group metrics (:meth:`~distclip.ClipReport.to_metrics`) go through torchtitan's metrics
   logger (TensorBoard / W&B) as ``distclip/<metric>`` on its log steps, from the rank it logs on.
-* Checkpoints: the clipper's state (adaptive thresholds, clip counts) is part of the trainer's own
-  ``train_state`` in torchtitan's checkpoints.
+* Checkpoints: the clipper's state (adaptive thresholds, clip counts) is a ``distclip`` entry of
+  torchtitan's checkpoints; to resume a checkpoint saved without distclip, add
+  ``--checkpoint.exclude_from_loading distclip``.
 * A skipped step (``nonfinite: skip`` or ``skip_spikes``) drops the gradients, so torchtitan's
   optimizer step leaves the parameters alone.
 
@@ -62,6 +63,7 @@ from ..compat import torchtitan as compat
 
 try:
     import tyro
+    from torch.distributed.checkpoint.stateful import Stateful
     from torchtitan.components.metrics import BaseLogger
     from torchtitan.trainer import Trainer
 except ImportError as err:  # pragma: no cover - exercised only without the extra
@@ -69,10 +71,11 @@ except ImportError as err:  # pragma: no cover - exercised only without the extr
         f"distclip.integrations.torchtitan needs torchtitan ({err}). Install the extra: "
         "pip install 'distclip[torchtitan]' (torchtitan==0.3.0 and triton)") from None
 
-__all__ = ["DistclipSection", "DistclipTrainer", "DistclipTrainerMixin", "clip_grad_norm_", "resolve_config",
-           "with_distclip"]
+__all__ = ["ClipperCheckpointState", "DistclipSection", "DistclipTrainer", "DistclipTrainerMixin", "clip_grad_norm_",
+           "resolve_config", "with_distclip"]
 
 METRIC_PREFIX = "distclip/"
+CHECKPOINT_KEY = "distclip"
 
 
 @dataclass(kw_only=True, slots=True)
@@ -138,8 +141,13 @@ class DistclipTrainerMixin:
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
+        self.setup_distclip()
+
+    def setup_distclip(self) -> None:
+        """What ``__init__`` adds after torchtitan's: the clipper (a set-up collective) and its checkpoint entry."""
         if self._distclip_enabled():
             self.grad_clipper = self.build_grad_clipper()
+            self.register_checkpoint_state()
 
     # ---------------------------------------------------------------- set-up
     def _distclip_enabled(self) -> bool:
@@ -225,32 +233,43 @@ class DistclipTrainerMixin:
         logger.log({METRIC_PREFIX + k: v for k, v in report.to_metrics().items()}, self.step)
 
     # ----------------------------------------------------------- checkpoints
+    def register_checkpoint_state(self) -> None:
+        """Put the clipper's state in torchtitan's checkpoints under ``distclip`` (next to ``train_state``,
+        ``optimizer``, ...), so that ``--checkpoint.exclude_from_loading distclip`` resumes a checkpoint
+        saved without it. Nothing to do when checkpointing is off."""
+        states = compat.checkpoint_states(getattr(self, "checkpointer", None))
+        if states is not None:
+            states[CHECKPOINT_KEY] = ClipperCheckpointState(self)
+
+
+class ClipperCheckpointState(Stateful):
+    """The trainer's clipper state (adaptive thresholds, clip counts, steps) as a torchtitan checkpoint entry:
+    one opaque bytes value (its shape varies with the policy, which DCP's load template could not follow)."""
+
+    def __init__(self, trainer: DistclipTrainerMixin):
+        self.trainer = trainer
+
     def state_dict(self) -> dict[str, Any]:
-        """torchtitan's train state plus the clipper's (one opaque bytes value: its shape varies with the policy)."""
-        state = super().state_dict()  # type: ignore[misc]
-        clip_state = (self.grad_clipper.state_dict() if self.grad_clipper is not None
-                      else self._distclip_pending_state)
-        if clip_state is not None:
-            buffer = io.BytesIO()
-            torch.save(clip_state, buffer)
-            buffer.seek(0)
-            state["distclip"] = buffer
-        return state
+        trainer = self.trainer
+        state = trainer.grad_clipper.state_dict() if trainer.grad_clipper is not None else trainer._distclip_pending_state
+        buffer = io.BytesIO()
+        torch.save(state, buffer)
+        buffer.seek(0)
+        return {"clipper": buffer}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        state = dict(state_dict)
-        blob = state.pop("distclip", None)
-        super().load_state_dict(state)  # type: ignore[misc]
-        if blob is None:
-            return
+        blob = state_dict["clipper"]
         if isinstance(blob, (bytes, bytearray)):
             blob = io.BytesIO(blob)
         blob.seek(0)
-        clip_state = torch.load(blob, map_location="cpu", weights_only=False)
-        if self.grad_clipper is not None:
-            self.grad_clipper.load_state_dict(clip_state)
+        state = torch.load(blob, map_location="cpu", weights_only=False)
+        trainer = self.trainer
+        if state is None:
+            return
+        if trainer.grad_clipper is not None:
+            trainer.grad_clipper.load_state_dict(state)
         else:
-            self._distclip_pending_state = clip_state
+            trainer._distclip_pending_state = state
 
 
 class DistclipTrainer(DistclipTrainerMixin, Trainer):

@@ -143,7 +143,7 @@ def clip_record(trainer: Any, config: dict[str, Any], full: dict[str, torch.Tens
     assert_same_on_all_ranks(report.total_norm, *report.group_norms.values(), *report.coefs.values())
     ref = shared_reference(full, config)
     record = {
-        "config": config, "collectives": collectives, "total": report.total_norm.item(),
+        "config": config, "collectives": collectives, "total": report.total_norm.item(), "ref_total": ref["total"],
         "total_err": rel_err(report.total_norm.item(), ref["total"]),
         "group_err": {g: rel_err(report.group_norms[g].item(), v) for g, v in ref["groups"].items()
                       if g in report.group_norms},
@@ -163,7 +163,8 @@ def torchtitan_clip(trainer: Any, p: float, full: dict[str, torch.Tensor], held:
         params, SMALL, p, foreach=True, pp_mesh=pd.get_optional_mesh("pp"), ep_enabled=pd.ep_enabled))
     restore(trainer, held)
     ref = shared_reference(full, {"max_norm": SMALL, "norm_type": p})
-    return {"p": p, "collectives": collectives, "total": float(norm), "err": rel_err(float(norm), ref["total"])}
+    return {"p": p, "collectives": collectives, "total": float(norm), "ref_total": ref["total"],
+            "err": rel_err(float(norm), ref["total"])}
 
 
 def plain_function(trainer: Any, full: dict[str, torch.Tensor], held: dict[str, torch.Tensor]) -> dict[str, Any]:
@@ -239,19 +240,53 @@ def train_step_record(trainer: Any, config: dict[str, Any], step: int) -> dict[s
     }
 
 
-def checkpoint_record(trainer: Any, directory: str) -> dict[str, Any]:
-    """The clipper's state through torchtitan's checkpoint path: the trainer's own ``train_state`` saved and
-    loaded with DCP (as its CheckpointManager does) into a trainer whose clipper was rebuilt afresh."""
-    import torch.distributed.checkpoint as dcp
+def disabled_record(trainer: Any, step: int) -> dict[str, Any]:
+    """``--distclip.no-enable``: train_step runs torchtitan's own clip, once, and distclip's not at all."""
+    trainer.config.distclip = integration.DistclipSection(enable=False)
+    calls = {"torchtitan": 0, "distclip": 0}
+    original, routed = tt_dist_utils.clip_grad_norm_, trainer.distclip_clip_grad_norm_
 
+    def torchtitan_clip(*args: Any, **kwargs: Any) -> Any:
+        calls["torchtitan"] += 1
+        return original(*args, **kwargs)
+
+    def distclip_clip(*args: Any, **kwargs: Any) -> Any:
+        calls["distclip"] += 1
+        return routed(*args, **kwargs)
+
+    tt_dist_utils.clip_grad_norm_ = torchtitan_clip
+    trainer.distclip_clip_grad_norm_ = distclip_clip
+    try:
+        trainer.step = step
+        trainer.metrics_processor.data_loading_times = [0.0]
+        trainer.train_step(harness.data_iterator(trainer, step))
+    finally:
+        tt_dist_utils.clip_grad_norm_ = original
+        del trainer.distclip_clip_grad_norm_
+    return calls
+
+
+def checkpoint_record(trainer: Any) -> dict[str, Any]:
+    """The clipper's state through torchtitan's own CheckpointManager (its ``distclip`` entry): saved, then
+    loaded into a clipper rebuilt afresh; and a checkpoint saved without it (plain torchtitan) resumed with
+    ``exclude_from_loading=["distclip"]``."""
+    checkpointer = trainer.checkpointer
+    step = trainer.step
     before = trainer.grad_clipper.state_dict()
-    dcp.save({"train_state": trainer}, checkpoint_id=directory)
+    checkpointer.save(curr_step=step)
     trainer.grad_clipper = trainer.build_grad_clipper()
     fresh_steps = trainer.grad_clipper.steps
-    dcp.load({"train_state": trainer}, checkpoint_id=directory)
+    checkpointer.load(step=step)
     after = trainer.grad_clipper.state_dict()
+    entry = checkpointer.states.pop(integration.CHECKPOINT_KEY)  # a torchtitan checkpoint without distclip
+    checkpointer.save(curr_step=step + 1)
+    checkpointer.states[integration.CHECKPOINT_KEY] = entry
+    trainer.grad_clipper = trainer.build_grad_clipper()
+    checkpointer.exclude_from_loading = [integration.CHECKPOINT_KEY]
+    checkpointer.load(step=step + 1)
     return {"steps_before": before["steps"], "fresh_steps": fresh_steps, "steps_after": after["steps"],
-            "equal": repr(before) == repr(after)}
+            "equal": repr(before) == repr(after), "saved_keys": sorted(checkpointer.states),
+            "excluded_steps": trainer.grad_clipper.steps}
 
 
 def run_layout(layout: harness.Layout, checkpoint_dir: str | None = None) -> dict[str, Any]:
@@ -265,7 +300,7 @@ def run_layout(layout: harness.Layout, checkpoint_dir: str | None = None) -> dic
         seconds[what] = round(now - clock[0], 2)
         clock[0] = now
 
-    trainer = harness.build_trainer(harness.trainer_config(layout))
+    trainer = harness.build_trainer(harness.trainer_config(layout), checkpoint_dir=checkpoint_dir)
     lap("build")
     trainer.layout_model = layout.model
     if layout.synthetic:
@@ -290,7 +325,8 @@ def run_layout(layout: harness.Layout, checkpoint_dir: str | None = None) -> dic
         out["train_step"] = train_step_record(trainer, configs(layout.model)[1], step=2)
         lap("train_step")
         if checkpoint_dir is not None:
-            out["checkpoint"] = checkpoint_record(trainer, os.path.join(checkpoint_dir, layout.name))
-            lap("checkpoint")
+            out["checkpoint"] = checkpoint_record(trainer)
+            out["disabled"] = disabled_record(trainer, step=3)
+            lap("checkpoint, disabled")
     out["seconds"] = seconds
     return out

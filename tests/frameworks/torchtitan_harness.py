@@ -167,8 +167,23 @@ def microbatch_step_shim(schedule: Any) -> None:
     schedule.step = step
 
 
-def build_trainer(config: Any, trainer_cls: type = DistclipTrainer, seed: int = 0) -> Any:
-    """A trainer holding what ``Trainer.__init__`` builds (torchtitan's code for each piece), on CPU."""
+class NoDataloaderState:
+    """The dataloader entry of torchtitan's checkpoint (there is no dataloader here: batches are made by hand)."""
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        pass
+
+
+def build_trainer(config: Any, trainer_cls: type = DistclipTrainer, seed: int = 0,
+                  checkpoint_dir: str | None = None) -> Any:
+    """A trainer holding what ``Trainer.__init__`` builds (torchtitan's code for each piece), on CPU.
+
+    ``checkpoint_dir``: build torchtitan's own CheckpointManager there (as ``Trainer.__init__`` does);
+    else a stub. Then ``DistclipTrainer.setup_distclip`` (what its ``__init__`` adds: the clipper, and
+    its checkpoint entry)."""
     use_cpu()
     trainer = object.__new__(trainer_cls)
     trainer.config = config
@@ -212,7 +227,15 @@ def build_trainer(config: Any, trainer_cls: type = DistclipTrainer, seed: int = 
     trainer.lr_schedulers = config.lr_scheduler.build(optimizers=trainer.optimizers, training_steps=config.training.steps)
     trainer.metrics_logger = RecordingLogger()
     trainer.metrics_processor = metrics_processor(parallel_dims, trainer.metrics_logger)
-    trainer.checkpointer = SimpleNamespace(maybe_wait_for_staging=lambda: None)
+    if checkpoint_dir is None:
+        trainer.checkpointer = SimpleNamespace(maybe_wait_for_staging=lambda: None)
+    else:
+        config.checkpoint.enable = True
+        config.checkpoint.interval = 1  # every save() call saves
+        trainer.checkpointer = config.checkpoint.build(
+            dataloader=NoDataloaderState(), model_parts=trainer.model_parts, optimizers=trainer.optimizers,
+            lr_schedulers=trainer.lr_schedulers, states={"train_state": trainer}, sd_adapter=None,
+            base_folder=checkpoint_dir)
     trainer.step = trainer.ntokens_seen = 0
     trainer.gradient_accumulation_steps = 1
     trainer.num_pipeline_parallel_microbatches = (
@@ -220,6 +243,8 @@ def build_trainer(config: Any, trainer_cls: type = DistclipTrainer, seed: int = 
         if parallel_dims.pp_enabled else 1)
     trainer.train_context = tt_dist_utils.get_spmd_context(parallel_dims=parallel_dims)
     trainer.fwd_bwd_fn = trainer._forward_backward_body
+    if hasattr(trainer, "setup_distclip"):
+        trainer.setup_distclip()  # what DistclipTrainer.__init__ adds after Trainer.__init__
     return trainer
 
 
