@@ -52,7 +52,7 @@ import dataclasses
 import io
 import os
 from dataclasses import dataclass, field
-from typing import Annotated, Any, Iterable, Mapping
+from typing import Annotated, Any, Iterable, Literal, Mapping
 
 import torch
 
@@ -99,8 +99,8 @@ class DistclipSection:
     norm_type: float | None = None
     """p of the norm, e.g. 2.0, 1.0, inf (None: the distclip config's, default 2.0)."""
 
-    nonfinite: str | None = None
-    """skip | error | zero | ignore (None: the distclip config's, default skip)."""
+    nonfinite: Literal["skip", "error", "zero", "ignore"] | None = None
+    """What a non-finite norm does (None: the distclip config's, default skip: the step is dropped)."""
 
     log_metrics: bool = True
     """Log the clip's per-group metrics through torchtitan's metrics logger as distclip/<metric>."""
@@ -231,6 +231,12 @@ class DistclipTrainerMixin:
         if type(logger) is BaseLogger:  # this rank does not log (torchtitan's no-op logger)
             return
         logger.log({METRIC_PREFIX + k: v for k, v in report.to_metrics().items()}, self.step)
+
+    def close(self) -> None:
+        """torchtitan's ``close``, then the clipper's (flushes the sinks of the distclip config's ``log``)."""
+        super().close()  # type: ignore[misc]
+        if self.grad_clipper is not None:
+            self.grad_clipper.close()
 
     # ----------------------------------------------------------- checkpoints
     def register_checkpoint_state(self) -> None:

@@ -266,16 +266,33 @@ def disabled_record(trainer: Any, step: int) -> dict[str, Any]:
     return calls
 
 
-def checkpoint_record(trainer: Any) -> dict[str, Any]:
-    """The clipper's state through torchtitan's own CheckpointManager (its ``distclip`` entry): saved, then
-    loaded into a clipper rebuilt afresh; and a checkpoint saved without it (plain torchtitan) resumed with
-    ``exclude_from_loading=["distclip"]``."""
+def same_state(a: Any, b: Any) -> bool:
+    """Exact equality of two state dicts (tensors compared with torch.equal)."""
+    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
+        return isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and torch.equal(a, b)
+    if isinstance(a, dict) and isinstance(b, dict):
+        return a.keys() == b.keys() and all(same_state(a[k], b[k]) for k in a)
+    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
+        return len(a) == len(b) and all(same_state(x, y) for x, y in zip(a, b))
+    return a == b
+
+
+def checkpoint_record(trainer: Any, held: dict[str, torch.Tensor]) -> dict[str, Any]:
+    """An adaptive (ZClip) clipper's state through torchtitan's own CheckpointManager (its ``distclip``
+    entry): saved, then loaded into a clipper rebuilt afresh; and a checkpoint saved without it (plain
+    torchtitan) resumed with ``exclude_from_loading=["distclip"]``."""
+    use_section(trainer, {"max_norm": SMALL, "groups": groups(trainer.layout_model),
+                          "policy": {"kind": "zclip", "warmup_steps": 1}})
+    params = [q for part in trainer.model_parts for q in part.parameters()]
+    for _ in range(3):  # the EMA state moves
+        trainer.distclip_clip_grad_norm_(params, SMALL)
+        restore(trainer, held)
     checkpointer = trainer.checkpointer
     step = trainer.step
     before = trainer.grad_clipper.state_dict()
     checkpointer.save(curr_step=step)
     trainer.grad_clipper = trainer.build_grad_clipper()
-    fresh_steps = trainer.grad_clipper.steps
+    fresh = trainer.grad_clipper.state_dict()
     checkpointer.load(step=step)
     after = trainer.grad_clipper.state_dict()
     entry = checkpointer.states.pop(integration.CHECKPOINT_KEY)  # a torchtitan checkpoint without distclip
@@ -284,9 +301,9 @@ def checkpoint_record(trainer: Any) -> dict[str, Any]:
     trainer.grad_clipper = trainer.build_grad_clipper()
     checkpointer.exclude_from_loading = [integration.CHECKPOINT_KEY]
     checkpointer.load(step=step + 1)
-    return {"steps_before": before["steps"], "fresh_steps": fresh_steps, "steps_after": after["steps"],
-            "equal": repr(before) == repr(after), "saved_keys": sorted(checkpointer.states),
-            "excluded_steps": trainer.grad_clipper.steps}
+    return {"steps_before": before["steps"], "fresh_steps": fresh["steps"], "steps_after": after["steps"],
+            "fresh_differs": not same_state(before, fresh), "equal": same_state(before, after),
+            "saved_keys": sorted(checkpointer.states), "excluded_steps": trainer.grad_clipper.steps}
 
 
 def run_layout(layout: harness.Layout, checkpoint_dir: str | None = None) -> dict[str, Any]:
@@ -325,7 +342,7 @@ def run_layout(layout: harness.Layout, checkpoint_dir: str | None = None) -> dic
         out["train_step"] = train_step_record(trainer, configs(layout.model)[1], step=2)
         lap("train_step")
         if checkpoint_dir is not None:
-            out["checkpoint"] = checkpoint_record(trainer)
+            out["checkpoint"] = checkpoint_record(trainer, held)
             out["disabled"] = disabled_record(trainer, step=3)
             lap("checkpoint, disabled")
     out["seconds"] = seconds

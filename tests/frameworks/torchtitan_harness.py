@@ -1,9 +1,10 @@
 """Drive torchtitan 0.3.0's own pieces on CPU gloo ranks (its Trainer hard-codes CUDA).
 
 torchtitan's ``Trainer.__init__`` cannot run on CPU: ``torchtitan/tools/utils.py:55`` picks
-``"cuda"`` when no accelerator is present, ``utils.get_local_device()`` then refuses LOCAL_RANK > 0,
-its metrics processor reads ``device_module.get_device_name`` (``components/metrics.py:42``), and
-the tokenizer and ``c4_test`` dataset are repository test assets the wheel does not ship. So, as its
+``"cuda"`` when no accelerator is present, so ``trainer.py:301`` calls ``torch.cuda.set_device``;
+with that patched, its metrics processor reads ``device_module.get_device_name``
+(``components/metrics.py:42``), which ``torch.cpu`` lacks; and its tokenizer and ``c4_test``
+dataset are repository test assets the wheel does not ship. So, as its
 graph-trainer tests do (``experiments/graph_trainer/tests/_trainer_test_utils.py``), a trainer is
 built with ``object.__new__`` and given what ``Trainer.__init__`` would give it, built by
 torchtitan's own code: ``ParallelDims.build_mesh``, the model registry's debug model and
