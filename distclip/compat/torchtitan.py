@@ -24,7 +24,7 @@ from typing import Any, Callable, Iterator
 
 from ..errors import UnsupportedVersionError
 
-CHECKED_VERSION = "0.3.0"
+CHECKED_ON = "0.3.0"
 CLIP_PARAMETERS = ("parameters", "max_norm", "norm_type", "error_if_nonfinite", "foreach", "pp_mesh", "ep_enabled")
 
 
@@ -35,11 +35,19 @@ def installed_version() -> str:
 
 
 def unsupported(what: str) -> UnsupportedVersionError:
-    """The one message for a torchtitan internal that is not where distclip expects it."""
+    """The one message for a torchtitan internal that is not where distclip expects it (install advice only
+    when another torchtitan than the checked one is installed)."""
+    installed = installed_version()
+    if installed == CHECKED_ON:
+        advice = ("This is the version distclip was checked on, so the trainer is one distclip does not handle "
+                  "(e.g. a subclass with its own train_step): call distclip.integrations.torchtitan.clip_grad_norm_ "
+                  "from that train_step instead, or report it")
+    else:
+        advice = (f"Install torchtitan=={CHECKED_ON}, or upgrade distclip; meanwhile "
+                  "distclip.integrations.torchtitan.clip_grad_norm_ can be called from your own train_step")
     return UnsupportedVersionError(
-        f"distclip: {what} (installed torchtitan {installed_version()}; distclip's torchtitan integration was "
-        f"checked on torchtitan {CHECKED_VERSION}). Install torchtitan=={CHECKED_VERSION}, or upgrade distclip; "
-        "meanwhile distclip.integrations.torchtitan.clip_grad_norm_ can be called from your own train_step.")
+        f"distclip: {what} (installed torchtitan {installed}; distclip's torchtitan integration was checked on "
+        f"torchtitan {CHECKED_ON}). {advice}.")
 
 
 def dist_utils() -> Any:
