@@ -51,6 +51,8 @@ from __future__ import annotations
 import dataclasses
 import io
 import os
+import weakref
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Annotated, Any, Iterable, Literal, Mapping
 
@@ -313,13 +315,14 @@ def clip_grad_norm_(parameters: Any, max_norm: float, norm_type: float = 2.0, er
     """``torchtitan.distributed.utils.clip_grad_norm_``, exact, in one collective.
 
     Args:
-        parameters: what torchtitan passes (the parameters of ``model_parts``), or ``model_parts``
-            themselves (a module or a list of modules: needed for per-group ``settings``, whose
-            patterns match parameter names).
+        parameters: what torchtitan passes (the parameters of ``model_parts``: uniform clipping), or
+            ``model_parts`` themselves (a module or a list of modules: needed for per-group
+            ``settings``, whose patterns match parameter names).
         max_norm, norm_type, error_if_nonfinite, foreach: as torchtitan's (torch semantics).
-        pp_mesh: torchtitan's pipeline mesh (``parallel_dims.get_optional_mesh("pp")``); with it,
-            pass ``model_parts`` (or ``stages``, the schedule's ``PipelineStage`` objects, for V-shaped
-            schedules whose stage order is not the looped one).
+        pp_mesh: torchtitan's pipeline mesh (``parallel_dims.get_optional_mesh("pp")``). With
+            ``model_parts``, a V-shaped schedule (ZBV, DualPipeV) needs ``stages`` (the schedule's
+            ``PipelineStage`` objects), whose order is not the looped one; the parameters of all this
+            rank's stages are counted as one stage.
         ep_enabled: accepted for torchtitan's signature; expert parameters are counted from their
             placements whatever it says.
         **settings: distclip config settings, e.g. ``groups=[...]``, ``nonfinite="skip"``.
@@ -329,8 +332,30 @@ def clip_grad_norm_(parameters: Any, max_norm: float, norm_type: float = 2.0, er
     """
     del ep_enabled
     target = _clip_target(parameters, pp_mesh, stages)
+    if pp_mesh is not None and target and isinstance(target[0], list):  # bare parameters of this rank's stages
+        config = {"max_norm": max_norm, "norm_type": norm_type, "comm_hook": False,
+                  "nonfinite": "error" if error_if_nonfinite else "ignore", **settings}
+        return _stage_parameters_clipper(target[0], pp_mesh, config).clip().total_norm
     return distclip.clip_grad_norm_(target, max_norm, norm_type, error_if_nonfinite, foreach,
                                     pipeline_group=pp_mesh, **settings)
+
+
+_STAGE_CLIPPERS: "OrderedDict[tuple[Any, ...], tuple[list[weakref.ref], GradClipper]]" = OrderedDict()
+
+
+def _stage_parameters_clipper(params: list[torch.Tensor], pp_mesh: Any, config: dict[str, Any]) -> GradClipper:
+    """The clipper of this rank's stage parameters, kept while those very tensors live (building one runs
+    the set-up exchange, a collective: not once per step)."""
+    key = (tuple(id(p) for p in params), id(pp_mesh), repr(sorted(config.items())))
+    cached = _STAGE_CLIPPERS.get(key)
+    if cached is not None and all(ref() is p for ref, p in zip(cached[0], params)):
+        _STAGE_CLIPPERS.move_to_end(key)
+        return cached[1]
+    clipper = GradClipper([params], config, pipeline_group=pp_mesh)
+    _STAGE_CLIPPERS[key] = ([weakref.ref(p) for p in params], clipper)
+    while len(_STAGE_CLIPPERS) > 8:
+        _STAGE_CLIPPERS.popitem(last=False)
+    return clipper
 
 
 def _clip_target(parameters: Any, pp_mesh: Any, stages: Iterable[Any] | None) -> Any:
@@ -347,7 +372,5 @@ def _clip_target(parameters: Any, pp_mesh: Any, stages: Iterable[Any] | None) ->
                              "several model parts only under pipeline parallelism")
         return items if pp_mesh is not None else items[0]
     if pp_mesh is not None:
-        raise UsageError(
-            "distclip clip_grad_norm_ with pp_mesh needs this rank's stages: pass model_parts (the list of modules "
-            "torchtitan's pipelining_fn returned) instead of their parameters, so that each stage is counted once")
+        return [items]  # this rank's stage(s) as one stage of bare parameters (uniform clipping: no names)
     return items

@@ -98,8 +98,8 @@ def check_torchtitan_beside(results: list[dict[str, Any]]) -> None:
 
 def check_plain_function(results: list[dict[str, Any]]) -> None:
     for rank_result in results:
-        rec = rank_result["plain"]
-        assert rec["collectives"] == 1 and rec["total_err"] <= TOL and rec["grad_err"] <= TOL, rec
+        for rec in (rank_result["plain"], rank_result["plain"]["parameters"]):
+            assert rec["collectives"] == 1 and rec["total_err"] <= TOL and rec["grad_err"] <= TOL, rec
 
 
 def check_train_step(results: list[dict[str, Any]], pipelined: bool) -> None:
@@ -241,8 +241,10 @@ def test_compat_checks_the_clip_call() -> None:
     assert module.clip_grad_norm_ is original  # restored, also after an exception
 
 
-def test_plain_function_refuses_bare_parameters_under_pp() -> None:
+def test_plain_function_refusals() -> None:
     import torch
 
-    with pytest.raises(UsageError, match="model_parts"):
-        integration.clip_grad_norm_([torch.nn.Parameter(torch.ones(2))], 1.0, pp_mesh=object())
+    with pytest.raises(UsageError, match="pp_mesh"):
+        integration.clip_grad_norm_([torch.nn.Linear(2, 2), torch.nn.Linear(2, 2)], 1.0)  # model parts, no PP
+    with pytest.raises(UsageError, match="stages= is for pipeline parallelism"):
+        integration.clip_grad_norm_(torch.nn.Linear(2, 2), 1.0, stages=[])

@@ -168,8 +168,9 @@ def torchtitan_clip(trainer: Any, p: float, full: dict[str, torch.Tensor], held:
 
 
 def plain_function(trainer: Any, full: dict[str, torch.Tensor], held: dict[str, torch.Tensor]) -> dict[str, Any]:
-    """The plain clip_grad_norm_ (torchtitan's signature) on model_parts; counted on its second call
-    (the first builds and caches its clipper)."""
+    """The plain clip_grad_norm_ (torchtitan's signature), on model_parts with groups and on the parameters
+    as torchtitan's train_step passes them; each counted on its second call (the first builds and caches
+    its clipper)."""
     pd = trainer.parallel_dims
     config = {"max_norm": SMALL, "norm_type": 2.0, "groups": groups(trainer.layout_model)}
 
@@ -184,6 +185,19 @@ def plain_function(trainer: Any, full: dict[str, torch.Tensor], held: dict[str, 
     ref = shared_reference(full, config)
     out = {"collectives": collectives, "total_err": rel_err(norm.item(), ref["total"]),
            "grad_err": grad_error(trainer, held, ref)}
+    restore(trainer, held)
+
+    def as_torchtitan_calls() -> torch.Tensor:  # its train_step's exact call: the parameters, uniform
+        params = [q for part in trainer.model_parts for q in part.parameters()]
+        return integration.clip_grad_norm_(params, SMALL, foreach=True, pp_mesh=pd.get_optional_mesh("pp"),
+                                           ep_enabled=pd.ep_enabled)
+
+    as_torchtitan_calls()
+    restore(trainer, held)
+    norm, collectives = count_collectives(as_torchtitan_calls)
+    ref = shared_reference(full, {"max_norm": SMALL, "norm_type": 2.0})
+    out["parameters"] = {"collectives": collectives, "total_err": rel_err(norm.item(), ref["total"]),
+                         "grad_err": grad_error(trainer, held, ref)}
     restore(trainer, held)
     return out
 
