@@ -21,10 +21,10 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
-from distclip.testing import run_ranks  # noqa: E402
-from tests.frameworks import torchtitan_checks as checks  # noqa: E402
-from tests.frameworks import torchtitan_harness as harness  # noqa: E402
-from tests.frameworks.test_torchtitan import LAYOUTS  # noqa: E402
+from distclip.testing import run_ranks
+from tests.frameworks import torchtitan_checks as checks
+from tests.frameworks import torchtitan_harness as harness
+from tests.frameworks.test_torchtitan import LAYOUTS
 
 DESCRIBE = {
     "fsdp_tp": "FSDP2 dp_shard=2 x TP=2, llama3 debug",
@@ -35,8 +35,8 @@ DESCRIBE = {
 
 
 def table(result: dict) -> str:
-    lines = [f"{'p':>4}  {'float64 reference':>18}  {'distclip':>18} {'rel err':>8} {'coll':>4}  "
-             f"{'torchtitan':>18} {'rel err':>8} {'coll':>4}"]
+    lines = [(f"{'p':>4}  {'float64 reference':>18}  {'distclip':>18} {'rel err':>8} {'coll':>4}  "
+             f"{'torchtitan':>18} {'rel err':>8} {'coll':>4}")]
     uniform = {rec["config"]["norm_type"]: rec for rec in result["distclip"] if "groups" not in rec["config"]}
     for tt in result["torchtitan"]:
         dc = uniform[tt["p"]]

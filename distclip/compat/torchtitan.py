@@ -20,7 +20,8 @@ from __future__ import annotations
 import contextlib
 import importlib
 import inspect
-from typing import Any, Callable, Iterator
+from collections.abc import Callable, Iterator
+from typing import Any
 
 from ..errors import UnsupportedVersionError
 

@@ -53,13 +53,21 @@ import io
 import os
 import weakref
 from collections import OrderedDict
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Annotated, Any, Iterable, Literal, Mapping
+from typing import Annotated, Any, Literal
 
 import torch
 
 import distclip
-from distclip import ClipConfig, ClipReport, ConfigError, GradClipper, MissingExtraError, UsageError
+from distclip import (
+    ClipConfig,
+    ClipReport,
+    ConfigError,
+    GradClipper,
+    MissingExtraError,
+    UsageError,
+)
 
 from ..compat import torchtitan as compat
 
@@ -292,9 +300,7 @@ def with_distclip(config: Any, settings: Mapping[str, Any] | None = None, **sect
     """A :class:`DistclipTrainer.Config` holding everything of torchtitan's ``Trainer.Config`` ``config``
     (e.g. ``llama3_8b()`` from its registry), with distclip ``settings`` and section fields ``section``
     (``config=``, ``max_norm=``, ...)."""
-    if isinstance(config, DistclipTrainer.Config):
-        values = {f.name: getattr(config, f.name) for f in dataclasses.fields(config) if f.init}
-    elif type(config) is Trainer.Config:
+    if isinstance(config, DistclipTrainer.Config) or type(config) is Trainer.Config:
         values = {f.name: getattr(config, f.name) for f in dataclasses.fields(config) if f.init}
     else:
         raise UsageError(
@@ -340,7 +346,7 @@ def clip_grad_norm_(parameters: Any, max_norm: float, norm_type: float = 2.0, er
                                     pipeline_group=pp_mesh, **settings)
 
 
-_STAGE_CLIPPERS: "OrderedDict[tuple[Any, ...], tuple[list[weakref.ref], GradClipper]]" = OrderedDict()
+_STAGE_CLIPPERS: OrderedDict[tuple[Any, ...], tuple[list[weakref.ref], GradClipper]] = OrderedDict()
 
 
 def _stage_parameters_clipper(params: list[torch.Tensor], pp_mesh: Any, config: dict[str, Any]) -> GradClipper:

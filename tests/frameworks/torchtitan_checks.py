@@ -23,7 +23,6 @@ torchtitan's metrics logger got, and whether torchtitan's clip (``get_total_norm
 from __future__ import annotations
 
 import math
-import os
 import time
 from typing import Any
 

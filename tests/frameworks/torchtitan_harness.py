@@ -38,9 +38,10 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from types import SimpleNamespace
-from typing import Any, Callable
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -200,8 +201,8 @@ def build_trainer(config: Any, trainer_cls: type = DistclipTrainer, seed: int = 
     with torch.device("meta"):
         model = model_config.build()
     trainer.loss_fn = config.loss.build(compile_config=config.compile)
-    common = dict(parallel_dims=parallel_dims, training=config.training, parallelism=config.parallelism,
-                  compile_config=config.compile, ac_config=config.activation_checkpoint, dump_folder="/tmp")
+    common = {"parallel_dims": parallel_dims, "training": config.training, "parallelism": config.parallelism,
+                  "compile_config": config.compile, "ac_config": config.activation_checkpoint, "dump_folder": "/tmp"}
     if parallel_dims.pp_enabled:
         trainer.pp_schedule, trainer.model_parts, trainer.pp_has_first_stage, trainer.pp_has_last_stage = (
             model_spec.pipelining_fn(model, **common, device=trainer.device, model_config=model_config,
