@@ -62,9 +62,9 @@ def single_adapter(obj: Any, stages: PipelineStages | None = None) -> GradAdapte
     if isinstance(obj, Iterable) and not isinstance(obj, (str, bytes, dict)):
         items = list(obj)
         if all(isinstance(x, tuple) and len(x) == 2 and isinstance(x[1], torch.Tensor) for x in items):
-            return _for_params([(canonical_name(str(n)), p) for n, p in items])
+            return _for_params([(canonical_name(str(n)), p) for n, p in items], stages=stages)
         if all(isinstance(x, torch.Tensor) for x in items):
-            return _unnamed(items)
+            return _unnamed(items, stages=stages)
     raise UnsupportedModelError(
         f"distclip cannot clip a {type(obj).__module__}.{type(obj).__qualname__}: pass a torch.nn.Module "
         "(plain, DDP, FSDP1 or FSDP2), a DeepSpeed engine, model.parameters(), or model.named_parameters()"
@@ -87,8 +87,8 @@ def _is_pipeline_stage(obj: Any) -> bool:
     return isinstance(getattr(obj, "submod", None), torch.nn.Module) and hasattr(obj, "stage_index")
 
 
-def _unnamed(params: list[torch.Tensor]) -> GradAdapter:
-    adapter = _for_params([(f"<param {i}>", p) for i, p in enumerate(params)])
+def _unnamed(params: list[torch.Tensor], stages: PipelineStages | None = None) -> GradAdapter:
+    adapter = _for_params([(f"<param {i}>", p) for i, p in enumerate(params)], stages=stages)
     adapter.has_names = False
     return adapter
 
