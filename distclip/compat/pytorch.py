@@ -3,8 +3,7 @@
 distclip is tested with torch 2.13 (see ``TESTED_TORCH``). The adapters never touch a private
 attribute themselves: they call these functions, so a torch release that moves an internal fails
 here, once, with :class:`UnsupportedVersionError` naming what is missing, instead of deep inside a
-backward hook. (DeepSpeed's internals are read only by :mod:`distclip.adapters.deepspeed`, behind
-the same error.)
+backward hook. (DeepSpeed's internals: :mod:`distclip.compat.deepspeed`.)
 """
 
 from __future__ import annotations
@@ -17,21 +16,30 @@ from typing import Any, Callable, Iterable, Sequence
 import torch
 import torch.distributed as dist
 
+from ..errors import UnsupportedVersionError
+
 TESTED_TORCH = "2.13"
+TESTED_DEEPSPEED = "0.19.8"
 
 
-class UnsupportedVersionError(RuntimeError):
-    """A private torch (or DeepSpeed) internal distclip relies on is missing or changed."""
 
 
 def unsupported(what: str, err: BaseException | None = None, package: str = "torch", version: str | None = None) -> UnsupportedVersionError:
-    """The one message for an internal that is not where distclip expects it."""
+    """The one message for an internal that is not where distclip expects it.
+
+    Install advice only where it helps: on the version distclip was checked on, the internal is
+    missing for another reason (an object distclip does not know), which is a distclip bug to report.
+    """
     version = version or torch.__version__
     detail = f" ({type(err).__name__}: {err})" if err is not None else ""
-    return UnsupportedVersionError(
-        f"distclip: {what} is not available in {package} {version}{detail}. This distclip release is tested "
-        f"with torch {TESTED_TORCH} and DeepSpeed 0.19.8; install one of those versions, or upgrade distclip."
-    )
+    tested = TESTED_TORCH if package == "torch" else TESTED_DEEPSPEED if package == "deepspeed" else None
+    if tested is not None and version.startswith(tested):
+        advice = (f"{package} {version} is the version distclip is tested with, so this object is one distclip does not "
+                  "handle: please report it (with `python -m torch.utils.collect_env` and how the object was built)")
+    else:
+        advice = (f"This distclip release is tested with torch {TESTED_TORCH} and DeepSpeed {TESTED_DEEPSPEED}; install "
+                  "one of those versions, or upgrade distclip")
+    return UnsupportedVersionError(f"distclip: {what} is not available in {package} {version}{detail}. {advice}.")
 
 
 def _internal(what: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
@@ -50,39 +58,52 @@ def _internal(what: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
     return wrap
 
 
-def deepspeed_internal(what: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
-    """Like :func:`_internal`, for DeepSpeed's ZeRO optimizer internals (its attributes and dicts)."""
-
-    def wrap(fn: Callable[..., Any]) -> Callable[..., Any]:
-        @functools.wraps(fn)
-        def run(*args: Any, **kwargs: Any) -> Any:
-            try:
-                return fn(*args, **kwargs)
-            except (AttributeError, KeyError) as err:
-                import deepspeed
-
-                raise unsupported(what, err, "DeepSpeed", deepspeed.__version__) from err
-
-        return run
-
-    return wrap
-
-
 # ------------------------------------------------------------------ kernels
 # The foreach kernels torch.optim itself uses (private names, stable in practice).
 foreach_norm = torch._foreach_norm
 foreach_mul_ = torch._foreach_mul_
 foreach_zero_ = torch._foreach_zero_
+foreach_copy_ = torch._foreach_copy_
+
+
+@_internal("torch._utils._flatten_dense_tensors")
+def flatten_dense_tensors(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
+    """The tensors concatenated flat in one C++ call (what DDP and FSDP use to pack buckets)."""
+    from torch._utils import _flatten_dense_tensors
+
+    return _flatten_dense_tensors(list(tensors))
+
+
+@_internal("torch.utils._foreach_utils._group_tensors_by_device_and_dtype")
+def group_tensors_by_device_and_dtype(tensorlists: list[list[Any]], with_indices: bool = False) -> dict[Any, Any]:
+    """torch's own grouping of tensor lists by (device, dtype), as its foreach optimizers call it."""
+    from torch.utils._foreach_utils import _group_tensors_by_device_and_dtype
+
+    return _group_tensors_by_device_and_dtype(tensorlists, with_indices=with_indices)
+
+
+def supports_amp_scaling(optimizer: Any) -> bool:
+    """Whether ``optimizer.step`` divides the gradients by its ``grad_scale`` itself (torch's fused optimizers)."""
+    return bool(getattr(optimizer, "_step_supports_amp_scaling", False))
+
+
+def uncompiled(module: Any) -> Any:
+    """The module a ``torch.compile`` wrapper (``OptimizedModule``) holds; any other object as it is."""
+    return getattr(module, "_orig_mod", module) if type(module).__name__ == "OptimizedModule" else module
+
+
+def flat_param_fqns(param: Any) -> list[str] | None:
+    """An FSDP1 ``FlatParameter``'s original parameter names (``use_orig_params=False``); None for any other tensor."""
+    fqns = getattr(param, "_fqns", None)
+    return None if fqns is None else list(fqns)
 
 
 @_internal("torch.utils._foreach_utils._group_tensors_by_device_and_dtype")
 def group_by_device_and_dtype(tensors: Sequence[torch.Tensor]) -> dict[tuple[torch.device, torch.dtype], tuple[list[torch.Tensor], list[int]]]:
     """``{(device, dtype): (tensors, their indices in the input)}`` in first-seen order (torch's own grouping)."""
-    from torch.utils._foreach_utils import _group_tensors_by_device_and_dtype
-
     if not tensors:
         return {}
-    grouped = _group_tensors_by_device_and_dtype([list(tensors)], with_indices=True)
+    grouped = group_tensors_by_device_and_dtype([list(tensors)], with_indices=True)
     return {key: (same_kind, indices) for key, ([same_kind], indices) in grouped.items()}
 
 
@@ -299,6 +320,18 @@ def root_mesh(mesh: Any) -> Any:
     """The mesh ``mesh`` was sliced or flattened from (itself when it is a root)."""
     root = mesh._get_root_mesh()
     return mesh if root is None else root
+
+
+@_internal("DeviceMesh._layout / _rank_map (the mesh's CuTe layout over its root's ranks, torch >= 2.9)")
+def mesh_instances(mesh: Any) -> torch.Tensor:
+    """Every instance of ``mesh``'s layout over its root's ranks: an int tensor ``[K, *mesh.shape]``.
+
+    A sliced, flattened or unflattened mesh is one instance of a layout over the root's rank map
+    (``mesh["dp"]`` of ``(dp, tp)`` is one of ``tp`` instances, each over other ranks); the
+    instances together hold every rank of the root exactly once. A root mesh is its only instance.
+    """
+    full = mesh._layout.remap_to_tensor(mesh._rank_map)
+    return full.reshape(-1, *tuple(mesh.mesh.shape))
 
 
 # ------------------------------------------------------------------ DDP
