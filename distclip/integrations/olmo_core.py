@@ -34,21 +34,39 @@ Imports ``olmo_core``; ``import distclip`` never does.
 
 from __future__ import annotations
 
+import importlib
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Dict, List, Mapping, Optional, Union
+from typing import Any, ClassVar
 
 import torch
 
-from ..core.clipper import ClipReport, GradClipper
-from ..core.config import ClipConfig, ConfigError, load_config
-from ..core.errors import UsageError, require_extra
+from .. import (
+    ClipConfig,
+    ClipReport,
+    ConfigError,
+    GradClipper,
+    MissingExtraError,
+    UsageError,
+    load_config,
+)
 
-_callbacks = require_extra("olmo_core.train.callbacks", "olmo-core", "distclip.olmo_core")
-_optim = require_extra("olmo_core.optim", "olmo-core", "distclip.olmo_core")
-_modules = require_extra("olmo_core.train.train_module", "olmo-core", "distclip.olmo_core")
 
-__all__ = ["DistclipCallback", "TOTAL_NORM_METRIC"]
+def _require(module: str) -> Any:
+    try:
+        return importlib.import_module(module)
+    except ImportError as err:
+        raise MissingExtraError(
+            f"distclip.olmo_core needs OLMo-core ({err}); install the extra: pip install 'distclip[olmo-core]' "
+            "(ai2-olmo-core, checked on 3.0.0)") from None
+
+
+_callbacks = _require("olmo_core.train.callbacks")
+_optim = _require("olmo_core.optim")
+_modules = _require("olmo_core.train.train_module")
+
+__all__ = ["TOTAL_NORM_METRIC", "DistclipCallback"]
 
 TOTAL_NORM_METRIC = "optim/total grad norm"  # olmo_core.train.common.OPTIM_GRAD_NORM_METRIC
 
@@ -72,12 +90,12 @@ class DistclipCallback(_callbacks.Callback):
     # as OLMo-core's own clip does (in optim_step, after every callback): they see the pre-clip gradients.
     priority: ClassVar[int] = -100
 
-    config: Optional[Union[Dict[str, Any], str]] = None
+    config: dict[str, Any] | str | ClipConfig | None = None
     group_metrics: bool = True
 
-    clipper: Optional[GradClipper] = field(default=None, init=False, repr=False)
-    _clip_config: Optional[ClipConfig] = field(default=None, init=False, repr=False)
-    _pending_state: Optional[Dict[str, Any]] = field(default=None, init=False, repr=False)
+    clipper: GradClipper | None = field(default=None, init=False, repr=False)
+    _clip_config: ClipConfig | None = field(default=None, init=False, repr=False)
+    _pending_state: dict[str, Any] | None = field(default=None, init=False, repr=False)
 
     def __post_init__(self) -> None:
         if isinstance(self.config, os.PathLike):
@@ -85,7 +103,7 @@ class DistclipCallback(_callbacks.Callback):
         self._clip_config = load_config(self.config)  # a bad config fails here, on every rank, before training
 
     @property
-    def last_report(self) -> Optional[ClipReport]:
+    def last_report(self) -> ClipReport | None:
         return None if self.clipper is None else self.clipper.last_report
 
     # ------------------------------------------------------------------ set-up
@@ -134,13 +152,13 @@ class DistclipCallback(_callbacks.Callback):
             self.clipper.close()  # flushes the config's own sinks (JSONL, TensorBoard), if any
 
     # ------------------------------------------------------------- checkpoints
-    def state_dict(self) -> Dict[str, Any]:
+    def state_dict(self) -> dict[str, Any]:
         """The clipper's state (policy state by group, clip counts, steps): what a resume needs."""
         if self.clipper is not None:
             return {"distclip": self.clipper.state_dict()}
         return {"distclip": self._pending_state} if self._pending_state is not None else {}
 
-    def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Restore :meth:`state_dict`: now if the clipper exists, else when it is built (OLMo-core loads
         checkpoints at the start of ``fit``, before ``pre_epoch``)."""
         state = state_dict.get("distclip") if isinstance(state_dict, Mapping) else None
@@ -170,7 +188,7 @@ def _build_clipper(train_module: Any, config: ClipConfig) -> GradClipper:
     return GradClipper(model, config)
 
 
-def _optimizers(train_module: Any) -> List[torch.optim.Optimizer]:
+def _optimizers(train_module: Any) -> list[torch.optim.Optimizer]:
     optimizers = getattr(train_module, "optimizers", None)  # the pipeline train module: one per model part
     if optimizers is not None:
         return list(optimizers)
@@ -178,7 +196,7 @@ def _optimizers(train_module: Any) -> List[torch.optim.Optimizer]:
     return [] if optim is None else [optim]
 
 
-def _refuse_double_clipping(train_module: Any, config: Optional[ClipConfig]) -> None:
+def _refuse_double_clipping(train_module: Any, config: ClipConfig | None) -> None:
     _refuse_fused_train_module(train_module)
     value = getattr(train_module, "max_grad_norm", None)
     if value is not None:
