@@ -160,6 +160,13 @@ class GradClipper:
                 f"GradClipper.attach expects a torch.optim.Optimizer (e.g. torch.optim.AdamW(model.parameters())), "
                 f"got {type(optimizer).__module__}.{type(optimizer).__qualname__}"
             )
+        if not _compat.runs_step_hooks(optimizer):
+            raise UsageError(
+                f"GradClipper.attach: this {type(optimizer).__module__}.{type(optimizer).__qualname__} did not run "
+                "torch.optim.Optimizer.__init__, so its step() runs no step hooks and the clip would never happen "
+                "(e.g. torchft's OptimizerWrapper). Attach to the optimizer it wraps (for torchft: "
+                "distclip.integrations.torchft.attach(clipper, optimizer), which clips after should_commit)"
+            )
         return Attachment(self, optimizer, fold)
 
     def add_sink(self, sink: Any, every: int | None = None, rank: int | None = 0) -> Any:
