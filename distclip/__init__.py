@@ -4,17 +4,18 @@
 """
 
 from . import deepspeed  # distclip.deepspeed.attach(engine, config); imports no DeepSpeed
-from .adapters import UnsupportedModelError
 from .adapters.declared import declare
 from .core.api import clip_grad_norm_, global_grad_norm
 from .core.clipper import GradClipper
-from .core.audit import StaleClippingWarning
-from .core.errors import ClipAuditError, MissingExtraError, NonFiniteGradientError, StateDictError, UsageError
+from .errors import StaleClippingWarning
+from .errors import (ClipAuditError, ClipLogError, ConfigError, ConfigMismatchError, DistclipError, LaunchError,
+                     MissingExtraError, NonFiniteGradientError, PartialGradientError, RankFailed, RanksTimedOut,
+                     StateDictError, SuggestError, UnsupportedDeepSpeedSetup, UnsupportedLayoutError,
+                     UnsupportedModelError, UnsupportedVersionError, UsageError)
 from .core.report import ClipReport
 from .core.sinks import BaseSink, CallbackSink, JSONLSink, MetricSink, TensorBoardSink
-from .core.config import ClipConfig, ConfigError, GroupSpec, PerLayerSpec, load_config
+from .core.config import ClipConfig, GroupSpec, PerLayerSpec, load_config
 from .core.names import canonical_name
-from .core.reduce import ConfigMismatchError
 
 __version__ = "0.1.0"
 
@@ -23,20 +24,30 @@ __all__ = [
     "CallbackSink",
     "ClipAuditError",
     "ClipConfig",
+    "ClipLogError",
     "ClipReport",
     "ConfigError",
     "ConfigMismatchError",
+    "DistclipError",
     "GradClipper",
     "GroupSpec",
     "JSONLSink",
+    "LaunchError",
     "MetricSink",
     "MissingExtraError",
     "NonFiniteGradientError",
+    "PartialGradientError",
     "PerLayerSpec",
+    "RankFailed",
+    "RanksTimedOut",
     "StaleClippingWarning",
     "StateDictError",
+    "SuggestError",
     "TensorBoardSink",
+    "UnsupportedDeepSpeedSetup",
+    "UnsupportedLayoutError",
     "UnsupportedModelError",
+    "UnsupportedVersionError",
     "UsageError",
     "canonical_name",
     "clip_grad_norm_",

@@ -26,15 +26,9 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from .errors import RankFailed, RanksTimedOut
+
 __all__ = ["run_ranks", "RankFailed", "RanksTimedOut"]
-
-
-class RankFailed(RuntimeError):
-    """A rank raised or died; the message carries its traceback or exit code."""
-
-
-class RanksTimedOut(RuntimeError):
-    """Ranks were still running at the deadline (a hang, or a far too slow test)."""
 
 
 def _rank_main(

@@ -19,19 +19,17 @@ import torch.distributed as dist
 from torch import nn
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import fully_shard
-from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_tensor
-from torch.distributed.tensor.parallel import (ColwiseParallel, RowwiseParallel, SequenceParallel,
-                                               parallelize_module)
+from torch.distributed.tensor import DTensor, Shard
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import distclip
 from distclip.testing import run_ranks
 from tests.checks import assert_grad_close
-from tests.nd_helpers import (CopyToGroup, ReduceFromGroup, check_naive, check_sweep, configs, count_collectives,
+from tests.nd_helpers import (check_naive, check_sweep, configs, count_collectives,
                               full_grads_dtensor, local_of, naive_own_mesh, pnorm_partial, report_record, sweep,
                               world_norm)
-from tests.nd_models import (EXPERTS, MoENet, cross_entropy, data, global_data, make_moe, make_net, reference_grads,
-                             split)
+from tests.nd_models import (ExpertParallelMoE, cross_entropy, data, global_data, make_moe, make_net,
+                             partial_tp_net, reference_grads, sequence_parallel_net, split)
 from tests.reference import reference_clip, reference_run, rel_err
 
 pytestmark = pytest.mark.multiprocess
@@ -62,36 +60,6 @@ def twice_counted(p: float) -> float:
 # --------------------------------------------------------------------------------------- layouts
 def tp_mesh():
     return init_device_mesh("cpu", (DP, TP), mesh_dim_names=("dp", "tp"))
-
-
-def partial_tp_net(mesh) -> nn.Module:
-    """Blocks' up/down tensor parallel, each block then fully_shard over dp; the rest only over dp."""
-    model = make_net()
-    for block in model.blocks:
-        parallelize_module(block, mesh["tp"], {"up": ColwiseParallel(), "down": RowwiseParallel()})
-        fully_shard(block, mesh=mesh["dp"])
-    fully_shard(model, mesh=mesh["dp"])
-    return model
-
-
-def sequence_parallel_net(mesh) -> nn.Module:
-    """torchtitan's plan: embedding row-parallel to Shard(1), SP norms, up/down Colwise/Rowwise over
-    sequence shards, head Colwise to Replicate; then fully_shard over dp (``_StridedShard`` weights)."""
-    model = make_net()
-    parallelize_module(model, mesh["tp"], {
-        "embed": RowwiseParallel(input_layouts=Replicate(), output_layouts=Shard(1)),
-        "norm": SequenceParallel(),
-        "head": ColwiseParallel(input_layouts=Shard(1), output_layouts=Replicate()),
-    })
-    for block in model.blocks:
-        parallelize_module(block, mesh["tp"], {
-            "norm": SequenceParallel(),
-            "up": ColwiseParallel(input_layouts=Shard(1)),
-            "down": RowwiseParallel(output_layouts=Shard(1)),
-        })
-        fully_shard(block, mesh=mesh["dp"])
-    fully_shard(model, mesh=mesh["dp"])
-    return model
 
 
 def dtensor_grads(model: nn.Module) -> list[torch.Tensor]:
@@ -146,28 +114,6 @@ def run_sequence_parallel(mesh) -> dict[str, Any]:
 
 def ep_mesh():
     return init_device_mesh("cpu", (DP, EP), mesh_dim_names=("dp", "ep"))
-
-
-class ExpertParallelMoE(nn.Module):
-    """MoENet with its ``[E, D, D]`` expert weight a DTensor Shard(0) on mesh["ep"] (copies across dp).
-
-    Every rank of an ep group sees the same tokens and runs its own experts; Megatron's f/g
-    functions make the dense gradients identical across ep (real forward and backward).
-    """
-
-    def __init__(self, mesh) -> None:
-        super().__init__()
-        reference = make_moe()
-        self.embed, self.router, self.head = reference.embed, reference.router, reference.head
-        self.experts = nn.Parameter(distribute_tensor(reference.experts.detach(), mesh["ep"], [Shard(0)]))
-        self.group = mesh["ep"].get_group()
-        self.first = mesh["ep"].get_local_rank() * (EXPERTS // EP)
-
-    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        x, gate = MoENet.gate_and_input(self, tokens)
-        mine = MoENet.mix(CopyToGroup.apply(x, self.group), CopyToGroup.apply(gate, self.group),
-                          self.experts.to_local(), self.first)
-        return self.head(x + ReduceFromGroup.apply(mine, self.group))
 
 
 def run_expert_parallel(mesh) -> dict[str, Any]:

@@ -27,7 +27,8 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 import distclip
 from distclip.testing import run_ranks
 from tests.nd_helpers import check_sweep, configs, count_collectives, full_grads_dtensor, local_of, report_record, sweep
-from tests.nd_models import DIM, VOCAB, cross_entropy, data, global_data, make_net, reference_grads
+from tests.nd_models import (DIM, VOCAB, cross_entropy, data, global_data, make_net, reference_grads, run_chunks,
+                             split_net)
 from tests.reference import norm64, rel_err
 
 pytestmark = pytest.mark.multiprocess
@@ -48,65 +49,6 @@ def reference_config(config: dict[str, Any], blocks: int) -> dict[str, Any]:
         return config
     layers = [{"name": f"blocks.{i}", "match": [f"blocks.{i}.*"]} for i in range(blocks)]
     return {k: v for k, v in config.items() if k != "per_layer"} | {"groups": [*config.get("groups", []), *layers]}
-
-
-# ------------------------------------------------------------------------- stages of an NDNet
-class NetStage(nn.Module):
-    """Some consecutive parts of an NDNet, under the full model's names (as torchtitan's pipeline split)."""
-
-    def __init__(self, full: nn.Module, blocks: list[int], first: bool, last: bool):
-        super().__init__()
-        self.embed = full.embed if first else None
-        self.blocks = nn.ModuleDict({str(i): full.blocks[i] for i in blocks})
-        self.norm, self.head = (full.norm, full.head) if last else (None, None)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.embed is not None:
-            x = self.embed(x)
-        for block in self.blocks.values():
-            x = block(x)
-        return self.head(self.norm(x)) if self.head is not None else x
-
-
-def split_net(num_stages: int, blocks: int) -> list[NetStage]:
-    """Stage s holds blocks s * per .. (s+1) * per - 1; the first the embedding, the last norm and head."""
-    full = make_net(blocks=blocks)
-    per = blocks // num_stages
-    return [NetStage(full, list(range(s * per, (s + 1) * per)), s == 0, s == num_stages - 1) for s in range(num_stages)]
-
-
-def run_chunks(chunks: list[tuple[int, nn.Module]], num_stages: int, peer: Callable[[int], int],
-               tokens: torch.Tensor, targets: torch.Tensor) -> None:
-    """Forward then backward of one batch through ``num_stages`` stages, this rank running ``chunks``
-    ((stage index, module)); activations and their gradients travel by send/recv to ``peer(stage)``."""
-    held = dict(chunks)
-    outputs: dict[int, tuple[torch.Tensor, torch.Tensor | None]] = {}
-    shape = (*tokens.shape, DIM)
-    for s in range(num_stages):
-        if s not in held:
-            continue
-        if s == 0:
-            x = tokens
-        else:
-            x = torch.empty(shape)
-            dist.recv(x, peer(s - 1))
-            x.requires_grad_()
-        out = held[s](x)
-        if s + 1 < num_stages:
-            dist.send(out.detach().contiguous(), peer(s + 1))
-        outputs[s] = (out, x if s > 0 else None)
-    for s in reversed(range(num_stages)):
-        if s not in held:
-            continue
-        out, x = outputs[s]
-        if s + 1 == num_stages:
-            cross_entropy(out, targets).backward()
-        else:
-            grad = torch.empty_like(out)
-            dist.recv(grad, peer(s + 1))
-            out.backward(grad)
-        if x is not None:
-            dist.send(x.grad.contiguous(), peer(s - 1))
 
 
 def merged(results: list[dict[str, Any]], drop: tuple[str, ...] = ()) -> dict[str, Any]:

@@ -8,18 +8,18 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 
 from ..compat import torchft as _torchft
+from ..errors import UnsupportedModelError
 from ..core.names import canonical_name, named_trainable_parameters
 from . import _compat
 from .base import GradAdapter
 from .ddp import DDPAdapter
+from .mesh_geometry import PipelineStages
 from .deepspeed import deepspeed_adapter, is_deepspeed_engine  # imports no DeepSpeed
 from .plain import PlainAdapter
 
 __all__ = ["GradAdapter", "PlainAdapter", "DDPAdapter", "adapter_for", "UnsupportedModelError"]
 
 
-class UnsupportedModelError(TypeError):
-    """distclip does not know how this object's gradients are laid out."""
 
 
 def adapter_for(obj: Any, pipeline_group: Any = None, tied: Any = None) -> GradAdapter:
@@ -44,9 +44,9 @@ def adapter_for(obj: Any, pipeline_group: Any = None, tied: Any = None) -> GradA
     return single_adapter(obj)
 
 
-def single_adapter(obj: Any, pipeline_ranks: frozenset[int] | None = None) -> GradAdapter:
-    """The adapter of one layout (see :func:`adapter_for`); ``pipeline_ranks``: the ranks of this rank's
-    pipeline group, whose stages hold other parameters (never copies)."""
+def single_adapter(obj: Any, stages: PipelineStages | None = None) -> GradAdapter:
+    """The adapter of one layout (see :func:`adapter_for`); ``stages``: which pipeline stage each rank
+    holds (other stages hold other parameters, never copies)."""
     if _torchft.is_ft_ddp(obj):  # before torch's DDP: a subclass of it, on a dummy process group
         from .torchft import TorchFTDDPAdapter
 
@@ -65,7 +65,7 @@ def single_adapter(obj: Any, pipeline_ranks: frozenset[int] | None = None) -> Gr
 
             return FSDP1Adapter(obj)
         named = list(named_trainable_parameters(obj))
-        return _for_params(named, module=obj, pipeline_ranks=pipeline_ranks)
+        return _for_params(named, module=obj, stages=stages)
     if isinstance(obj, torch.Tensor):
         return _unnamed([obj])
     if isinstance(obj, Iterable) and not isinstance(obj, (str, bytes, dict)):
@@ -81,13 +81,13 @@ def single_adapter(obj: Any, pipeline_ranks: frozenset[int] | None = None) -> Gr
 
 
 def _for_params(named: list[tuple[str, torch.Tensor]], module: torch.nn.Module | None = None,
-                pipeline_ranks: frozenset[int] | None = None) -> GradAdapter:
+                stages: PipelineStages | None = None) -> GradAdapter:
     _refuse_fsdp1_pieces([p for _, p in named])
     dtensor = _dtensor_type()
     if dtensor is not None and any(isinstance(p, dtensor) for _, p in named):
         from .dtensor import DTensorAdapter
 
-        return DTensorAdapter(named, module=module, pipeline_ranks=pipeline_ranks)
+        return DTensorAdapter(named, module=module, stages=stages)
     return PlainAdapter(named)
 
 

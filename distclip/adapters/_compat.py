@@ -17,21 +17,30 @@ from typing import Any, Callable, Iterable, Sequence
 import torch
 import torch.distributed as dist
 
+from ..errors import UnsupportedVersionError
+
 TESTED_TORCH = "2.13"
+TESTED_DEEPSPEED = "0.19.8"
 
 
-class UnsupportedVersionError(RuntimeError):
-    """A private torch (or DeepSpeed) internal distclip relies on is missing or changed."""
 
 
 def unsupported(what: str, err: BaseException | None = None, package: str = "torch", version: str | None = None) -> UnsupportedVersionError:
-    """The one message for an internal that is not where distclip expects it."""
+    """The one message for an internal that is not where distclip expects it.
+
+    Install advice only where it helps: on the version distclip was checked on, the internal is
+    missing for another reason (an object distclip does not know), which is a distclip bug to report.
+    """
     version = version or torch.__version__
     detail = f" ({type(err).__name__}: {err})" if err is not None else ""
-    return UnsupportedVersionError(
-        f"distclip: {what} is not available in {package} {version}{detail}. This distclip release is tested "
-        f"with torch {TESTED_TORCH} and DeepSpeed 0.19.8; install one of those versions, or upgrade distclip."
-    )
+    tested = TESTED_TORCH if package == "torch" else TESTED_DEEPSPEED if package == "deepspeed" else None
+    if tested is not None and version.startswith(tested):
+        advice = (f"{package} {version} is the version distclip is tested with, so this object is one distclip does not "
+                  "handle: please report it (with `python -m torch.utils.collect_env` and how the object was built)")
+    else:
+        advice = (f"This distclip release is tested with torch {TESTED_TORCH} and DeepSpeed {TESTED_DEEPSPEED}; install "
+                  "one of those versions, or upgrade distclip")
+    return UnsupportedVersionError(f"distclip: {what} is not available in {package} {version}{detail}. {advice}.")
 
 
 def _internal(what: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
@@ -61,7 +70,7 @@ def deepspeed_internal(what: str) -> Callable[[Callable[..., Any]], Callable[...
             except (AttributeError, KeyError) as err:
                 import deepspeed
 
-                raise unsupported(what, err, "DeepSpeed", deepspeed.__version__) from err
+                raise unsupported(what, err, "deepspeed", deepspeed.__version__) from err
 
         return run
 
@@ -299,6 +308,18 @@ def root_mesh(mesh: Any) -> Any:
     """The mesh ``mesh`` was sliced or flattened from (itself when it is a root)."""
     root = mesh._get_root_mesh()
     return mesh if root is None else root
+
+
+@_internal("DeviceMesh._layout / _rank_map (the mesh's CuTe layout over its root's ranks, torch >= 2.9)")
+def mesh_instances(mesh: Any) -> torch.Tensor:
+    """Every instance of ``mesh``'s layout over its root's ranks: an int tensor ``[K, *mesh.shape]``.
+
+    A sliced, flattened or unflattened mesh is one instance of a layout over the root's rank map
+    (``mesh["dp"]`` of ``(dp, tp)`` is one of ``tp`` instances, each over other ranks); the
+    instances together hold every rank of the root exactly once. A root mesh is its only instance.
+    """
+    full = mesh._layout.remap_to_tensor(mesh._rank_map)
+    return full.reshape(-1, *tuple(mesh.mesh.shape))
 
 
 # ------------------------------------------------------------------ optimizers

@@ -18,6 +18,7 @@ import torch
 import torch.distributed as dist
 
 from ..core.partition import replica_segments
+from ..errors import UnsupportedLayoutError
 
 Segment = tuple[int, int, int, int]  # (source tensor index, start, end, parameter index)
 
@@ -127,7 +128,7 @@ def covering_group(rank_sets: Iterable[tuple[frozenset[int], dist.ProcessGroup |
     for candidate_ranks, group in pairs:
         if group is not None and candidate_ranks == ranks:
             return group
-    raise NotImplementedError(
+    raise UnsupportedLayoutError(
         f"distclip: the {what} gradients live on ranks {sorted(ranks)}, a subset of the world "
         f"({len(world)} ranks) that no single process group of the model spans, so there is no "
         "group to reduce the norm over. Shard every part of the model over the same ranks (or over the whole world)."

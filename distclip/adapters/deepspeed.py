@@ -56,7 +56,7 @@ from typing import TYPE_CHECKING, Any, Sequence
 import torch
 import torch.distributed as dist
 
-from ..core.config import ConfigError
+from ..errors import ConfigError, UnsupportedDeepSpeedSetup
 from ..core.groups import GroupTable
 from ..core.names import named_trainable_parameters
 from ..core.norms import SlotLayout
@@ -72,8 +72,6 @@ ENGINE_MODULE = "deepspeed.runtime.engine"
 Spans = dict[int, list[tuple[int, int]]]  # clip group -> [(start, end)] in a flat partition
 
 
-class UnsupportedDeepSpeedSetup(NotImplementedError):
-    """distclip does not (yet) know this DeepSpeed optimizer or parallel layout; the message says which."""
 
 
 def is_deepspeed_engine(obj: Any) -> bool:

@@ -7,9 +7,10 @@ mesh dimension the placement says how the tensor spreads over that dimension's r
   empty local shards included: an empty one contributes nothing, and its rank still joins).
 * ``Replicate``: identical copies (the replicate dimension of an HSDP mesh): the copies of one
   replica set are split into disjoint 1/R slices, so each element is counted once.
-* a sub-mesh of a larger root mesh (``mesh["dp"]`` of ``(dp, tp)``: modules left out of tensor
-  parallelism, experts on an ``ep`` sub-mesh): replicated along the root dimensions the sub-mesh
-  does not span, counted once over the root (:mod:`distclip.adapters.mesh_geometry`).
+* a sub-mesh (``mesh["dp"]`` of ``(dp, tp)``: modules left out of tensor parallelism, experts on
+  an ``ep`` sub-mesh), however the framework built it (slicing, flattening, unflattening a 1-D
+  world mesh): each instance of the sub-mesh holds a copy, counted once over the job
+  (:mod:`distclip.adapters.mesh_geometry`).
 * ``Partial``: not reduced yet: refused (clip after the reduction).
 
 Parameters may live on different meshes in one model (torch's own ``clip_grad_norm_`` fails
@@ -30,24 +31,22 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass
-from typing import Any, Hashable, Sequence
+from typing import Any, Sequence
 
 import torch
 import torch.distributed as dist
 from torch.distributed.tensor import DTensor
 
-from ..core.config import ConfigError
+from ..errors import ConfigError, PartialGradientError, UnsupportedLayoutError
 from ..core.norms import local_partials
 from ..core.unitwise import UnitPlan
 from . import _compat
 from .base import GradAdapter
 from .counting import LocalPiece, Replicas, Segment, cast_is_exact, counted_segments, covering_group, slice_segments
 from .hooks import ReductionHook
-from .mesh_geometry import MeshGeometry
+from .mesh_geometry import MeshGeometry, PipelineStages
 
 
-class PartialGradientError(ValueError):
-    """A gradient still has a ``Partial`` placement: it must be reduced before it is clipped."""
 
 
 local_tensor = _compat.local_tensor  # kept importable from here
@@ -59,14 +58,14 @@ class DTensorAdapter(GradAdapter):
     kind = "fsdp2"
 
     def __init__(self, named_params: Sequence[tuple[str, torch.nn.Parameter]], module: torch.nn.Module | None = None,
-                 pipeline_ranks: frozenset[int] | None = None):
+                 stages: PipelineStages | None = None):
         super().__init__(named_params)
         self.module = module
         self._rank = dist.get_rank()
-        self._pipeline_ranks = pipeline_ranks
+        self._stages = stages
         self._replica_cache: dict[tuple[int, tuple[Any, ...]], Replicas | None] = {}
         self._geometries: dict[int, tuple[Any, MeshGeometry]] = {}  # id(mesh) -> (mesh, geometry)
-        spans: dict[Hashable, tuple[frozenset[int], dist.ProcessGroup | None]] = {}
+        spans: dict[frozenset[int], tuple[frozenset[int], dist.ProcessGroup | None]] = {}
         dtensor_pieces: list[LocalPiece] = []
         plain: list[int] = []
         for i, p in enumerate(self.params):
@@ -74,14 +73,13 @@ class DTensorAdapter(GradAdapter):
                 plain.append(i)
                 continue
             geometry = self.geometry(p.device_mesh)
-            if geometry.root_key not in spans:  # every rank of the root mesh holds a copy or a part
-                root = geometry.root
-                spans[geometry.root_key] = (geometry.root_ranks, root.get_group() if root.ndim == 1 else None)
+            if geometry.span not in spans:  # every rank of the mesh's instances holds a copy or a part
+                spans[geometry.span] = (geometry.span, geometry.root_group())
             piece = self._piece(i, p)
             if piece is not None:
                 dtensor_pieces.append(piece)
         world = frozenset(range(dist.get_world_size()))
-        rank_sets = list(spans.values()) + ([(world, None)] if plain and pipeline_ranks is None else [])
+        rank_sets = list(spans.values()) + ([(world, None)] if plain and stages is None else [])
         self._span = frozenset().union(*(r for r, _ in rank_sets)) if rank_sets else world
         self.reduce_group = covering_group(rank_sets, "DTensor")
         # plain parameters beside the DTensors: copies over the ranks of this (pipeline stage's) layout
@@ -94,18 +92,17 @@ class DTensorAdapter(GradAdapter):
         self._specs = [_compat.dtensor_spec(p) for p in self.params]  # FSDP2 gives gradients the same spec object
 
     def geometry(self, mesh: Any) -> MeshGeometry:
-        """The mesh's place in its root mesh, computed once per mesh object (it is slow)."""
+        """The mesh's instances across the job, computed once per mesh object."""
         cached = self._geometries.get(id(mesh))
         if cached is None or cached[0] is not mesh:
-            cached = self._geometries[id(mesh)] = (mesh, MeshGeometry(mesh, self._rank, self._pipeline_ranks))
+            cached = self._geometries[id(mesh)] = (mesh, MeshGeometry(mesh, self._rank, self._stages))
         return cached[1]
 
     def _stage_ranks(self) -> frozenset[int]:
         """The ranks holding this layout: the world, or under pipeline parallelism this stage's ranks."""
-        if self._pipeline_ranks is None:
+        if self._stages is None:
             return frozenset(_compat.group_ranks(self.reduce_group))
-        geometries = [g for _, g in self._geometries.values() if g.coordinate is not None]
-        return geometries[0].stage_ranks if geometries else frozenset({self._rank})
+        return frozenset(self._stages.same_stage(sorted(self._span)))
 
     def stage_size(self) -> int:
         return len(self._stage_ranks())
@@ -148,8 +145,8 @@ class DTensorAdapter(GradAdapter):
         for i, p in enumerate(self.params):
             grad = p.grad
             if isinstance(grad, DTensor):
-                if not self.geometry(grad.device_mesh).ranks <= self._span:
-                    raise NotImplementedError(
+                if not self.geometry(grad.device_mesh).span <= self._span:
+                    raise UnsupportedLayoutError(
                         f"distclip: the gradient of {self.names[i]!r} lives on a mesh ({grad.device_mesh}) that "
                         "reaches ranks outside the parameters' meshes"
                     )

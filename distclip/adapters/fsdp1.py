@@ -45,7 +45,7 @@ import torch.distributed as dist
 from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
 
 from ..core.groups import GroupTable
-from ..core.config import ConfigError
+from ..errors import ConfigError, UnsupportedLayoutError
 from ..core.names import canonical_name
 from ..core.norms import SlotLayout, local_partials
 from ..core.unitwise import UnitPlan
@@ -146,7 +146,7 @@ class FSDP1Adapter(GradAdapter):
         size = unit.process_group.size() * unit.inter_node_group.size()
         if size == dist.get_world_size():  # shard groups x replicate groups tile the world
             return frozenset(range(size)), None
-        raise NotImplementedError(
+        raise UnsupportedLayoutError(
             f"distclip: FSDP {unit.strategy} over {size} of {dist.get_world_size()} ranks given as a process-group "
             "pair: pass device_mesh=init_device_mesh(...) to FSDP so the ranks it spans are known"
         )

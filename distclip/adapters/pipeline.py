@@ -26,9 +26,11 @@ import torch.distributed as dist
 from ..core.config import ConfigError
 from ..core.groups import GroupTable
 from ..core.norms import SlotLayout, combine_partials
+from ..core.reduce import exchange_ints
 from . import _compat
 from .base import GradAdapter
 from .declared import census_payload, check_census
+from .mesh_geometry import PipelineStages
 
 
 def pipeline_process_group(group: Any) -> Any:
@@ -76,9 +78,11 @@ class PipelineAdapter(GradAdapter):
         self.pipeline_group = pipeline_process_group(pipeline_group)
         self.pipeline_ranks = frozenset(_compat.group_ranks(self.pipeline_group))
         self.pipeline_rank = dist.get_rank(self.pipeline_group)
+        # which stage every rank holds: one all-gather of one int (every rank of the world builds this adapter)
+        layout = PipelineStages(exchange_ints(dist.group.WORLD, [self.pipeline_rank])[:, 0].tolist(), dist.get_rank())
         held = stage_modules(stages, self.pipeline_rank, len(self.pipeline_ranks))
         self.stage_indices = [index for index, _ in held]
-        self.stages = [single_adapter(m, pipeline_ranks=self.pipeline_ranks) for _, m in held]
+        self.stages = [single_adapter(m, stages=layout) for _, m in held]
         self.names = [n for s in self.stages for n in s.names]
         self.params = [p for s in self.stages for p in s.params]
         self.has_names = all(s.has_names for s in self.stages)

@@ -9,10 +9,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..core.sinks import HEADER_KEY
-
-
-class ClipLogError(ValueError):
-    """A clip log that cannot be read: the message names the file (and line) and what was expected."""
+from ..errors import ClipLogError
 
 
 @dataclass

@@ -28,7 +28,8 @@ from typing import Any, Mapping
 
 import yaml
 
-from ..core.config import ENV_VAR, ClipConfig, ConfigError, read_yaml_file
+from ..core.config import ENV_VAR, ClipConfig, read_yaml_file
+from ..errors import ConfigError, LaunchError
 
 SECTION = "distclip"
 NESTED_SECTIONS = ("fsdp_config", "deepspeed_config", "mpirun_config", "megatron_lm_config", "fp8_config",
@@ -36,10 +37,6 @@ NESTED_SECTIONS = ("fsdp_config", "deepspeed_config", "mpirun_config", "megatron
 GPU_TYPES = ("MULTI_GPU", "FSDP", "MEGATRON_LM")
 # Longer sections go to $DISTCLIP_CONFIG as a file path: Linux refuses an environment string over 128 KiB.
 INLINE_ENV_LIMIT = 32 * 1024
-
-
-class LaunchError(ValueError):
-    """The launch would fail or silently run other than asked; the message says why and how to fix it."""
 
 
 @dataclass

@@ -33,8 +33,10 @@ from typing import Any, Sequence
 
 import yaml
 
-from ..core.config import ClipConfig, ConfigError, DEFAULT_GROUP
-from .clip_log import ClipLog, ClipLogError, read_clip_log
+from ..core.config import ClipConfig, DEFAULT_GROUP
+from ..errors import ClipLogError, ConfigError, SuggestError
+from .clip_log import ClipLog, read_clip_log
+
 
 WARMUP_FRACTION = 0.1
 MIN_NORMS = 5  # fewer usable norms than this per group is not a basis for a threshold
@@ -42,10 +44,6 @@ SIGNIFICANT = 3
 
 
 __all__ = ["main", "suggest", "quantile", "search_space", "set_at", "with_thresholds", "SuggestError"]
-
-
-class SuggestError(ValueError):
-    """Why no suggestion can be made from this log (the message says what to change)."""
 
 
 def parser() -> argparse.ArgumentParser:

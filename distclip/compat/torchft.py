@@ -29,7 +29,7 @@ from __future__ import annotations
 import sys
 from typing import Any
 
-from ..adapters._compat import UnsupportedVersionError
+from ..errors import UnsupportedVersionError
 
 TESTED_TORCHFT = "0.2.0"
 

@@ -42,6 +42,8 @@ if TYPE_CHECKING:
     from .config import AuditSpec
     from .norms import SlotLayout
 
+from ..errors import StaleClippingWarning
+
 __all__ = ["Applied", "ClipAudit", "StaleClippingWarning", "ACTIONS", "MEASURED_RTOL"]
 
 ACTIONS = ("none", "scale", "fold", "zero", "drop", "leave")  # what APPLY did with this clip
@@ -49,8 +51,6 @@ MEASURED = frozenset({"none", "scale", "zero", "drop"})  # actions whose effect 
 MEASURED_RTOL = 1e-2
 
 
-class StaleClippingWarning(UserWarning):
-    """A group has been clipped on every clip, or on none, for ``audit.stale_after`` clips in a row."""
 
 
 @dataclass(frozen=True)

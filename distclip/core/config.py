@@ -22,13 +22,13 @@ from typing import Annotated, Any, Literal, Mapping, Union
 import yaml
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, model_validator
 
+from ..errors import ConfigError
+
 ENV_VAR = "DISTCLIP_CONFIG"
 DEFAULT_GROUP = "default"
 NONFINITE_MODES = ("skip", "error", "zero", "ignore")
 
 
-class ConfigError(ValueError):
-    """Invalid distclip configuration. The message names the key, the value and what is allowed."""
 
 
 _INF_WORDS = {"inf", "infinity", ".inf"}

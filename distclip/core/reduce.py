@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any, Sequence
 import torch
 import torch.distributed as dist
 
-from .config import ConfigError
+from ..errors import ConfigMismatchError
 
 if TYPE_CHECKING:
     from .norms import SlotLayout
@@ -22,8 +22,6 @@ if TYPE_CHECKING:
 ProcessGroup = Any  # torch.distributed.ProcessGroup; None means "rank-local, no collective"
 
 
-class ConfigMismatchError(ConfigError):
-    """Ranks disagree on the clip configuration or group layout (raised on every rank)."""
 
 
 def group_size(group: ProcessGroup | None) -> int:
