@@ -48,12 +48,13 @@ from torchft.process_group import ManagedProcessGroup, ProcessGroupGloo
 import distclip
 from distclip.integrations import torchft as distclip_torchft
 from tests.checks import assert_grad_close
+from tests.nd_helpers import count_collectives
 from tests.reference import norm64, reference_clip, rel_err
 
 ROOT = Path(__file__).resolve().parents[2]
 TIMEOUT = timedelta(seconds=20)  # every torchft operation (collectives, quorum, RPCs, checkpoint transfer)
 RTOL = 1e-6
-STEPS = {"ddp": 4, "fsdp": 4, "heal": 10}
+STEPS = {"ddp": 4, "fsdp": 4, "heal": 10, "heal_sync": 10}
 LEAVES_AFTER, RETURNS_AT = 3, 5  # heal: replica 2 leaves after its 3rd commit, returns when the survivors reach step 5
 
 GROUPS = [{"name": "inp", "match": ["inp.*"], "max_norm": 0.02}, {"name": "hidden", "match": ["hidden.*"], "max_norm": 5.0}]
@@ -110,8 +111,10 @@ class Recorder:
     """Runs the probes after backward, captures the attached clipper's clip inside the step, counts steps."""
 
     def __init__(self, model: nn.Module, clippers: list[distclip.GradClipper], attached: distclip.GradClipper,
-                 inner: torch.optim.Optimizer, full: Callable[[torch.Tensor], torch.Tensor]):
+                 inner: torch.optim.Optimizer, full: Callable[[torch.Tensor], torch.Tensor], count: bool = False):
         self.model, self.clippers, self.attached, self.full = model, clippers, attached, full
+        # CommDebugMode tracks modules globally: only where each process runs one replica (not in threads)
+        self.count = count_collectives if count else (lambda fn: (fn(), None))
         self.named = [(n, p) for n, p in model.named_parameters()]
         self.inner_steps = 0
         self.pending: dict[str, Any] | None = None
@@ -126,9 +129,13 @@ class Recorder:
     def after_backward(self, manager: Manager, local64: dict[str, torch.Tensor]) -> dict[str, Any]:
         rec = {"step": manager.current_step(), "participating": manager.is_participating(),
                "num_participants": manager.num_participants(), "avg": self.grads(), "local64": local64, "probes": []}
+        # torch's own norm of these gradients, and the collectives it takes (one clip group)
+        _, rec["torch_collectives"] = self.count(
+            lambda: self.full(torch.nn.utils.get_total_norm([p.grad for _, p in self.named])))
         for clipper in self.clippers:  # clip, record, undo: every config on the same averaged gradients
             saved = [distclip_local(p.grad).clone() for _, p in self.named]
-            probe = _report(clipper.clip())
+            report, collectives = self.count(clipper.clip)
+            probe = {**_report(report), "collectives": collectives}
             probe["clipped"] = self.grads()
             with torch.no_grad():
                 for (_, p), s in zip(self.named, saved):
@@ -165,8 +172,10 @@ def run_steps(manager: Manager, optimizer: OptimizerWrapper, recorder: Recorder,
     return records
 
 
-def manager_for(replica: int, rank: int, world: int, store_port: int, lighthouse: str, state: Any) -> Manager:
+def manager_for(replica: int, rank: int, world: int, store_port: int, lighthouse: str, state: Any,
+                async_quorum: bool = True) -> Manager:
     return Manager(pg=ProcessGroupGloo(timeout=TIMEOUT), min_replica_size=2, replica_id=str(replica),
+                   use_async_quorum=async_quorum,
                    load_state_dict=state[0] if state else None, state_dict=state[1] if state else None,
                    store_addr="localhost", store_port=store_port, rank=rank, world_size=world,
                    lighthouse_addr=lighthouse, timeout=TIMEOUT, quorum_timeout=TIMEOUT, connect_timeout=TIMEOUT,
@@ -181,7 +190,7 @@ def final_state(recorder: Recorder, manager: Manager, records: list[dict[str, An
 # ---------------------------------------------------------------- ddp and heal: replica groups as threads
 def ddp_replica(replica: int, lighthouse: str, steps: int, attached_config: dict[str, Any],
                 wait: threading.Event | None = None, on_step: Callable[[int], None] = lambda s: None,
-                records: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+                records: list[dict[str, Any]] | None = None, async_quorum: bool = True) -> dict[str, Any]:
     if wait is not None and not wait.wait(TIMEOUT.total_seconds() * 2):
         raise TimeoutError(f"replica {replica} was never told to come back")
     store = dist.TCPStore("localhost", 0, is_master=True, wait_for_workers=False, timeout=TIMEOUT)
@@ -194,7 +203,7 @@ def ddp_replica(replica: int, lighthouse: str, steps: int, attached_config: dict
         model.load_state_dict(state["model"])
         inner.load_state_dict(state["optim"])
 
-    manager = manager_for(replica, 0, 1, store.port, lighthouse, (load, save))
+    manager = manager_for(replica, 0, 1, store.port, lighthouse, (load, save), async_quorum)
     try:
         ddp = FTDistributedDataParallel(manager, model)
         inner = torch.optim.SGD(ddp.parameters(), lr=0.5, momentum=0.9)
@@ -204,6 +213,7 @@ def ddp_replica(replica: int, lighthouse: str, steps: int, attached_config: dict
         probes = [distclip.GradClipper(ddp, config) for config in PROBES]
         recorder = Recorder(ddp.module, probes, attached, inner, full=lambda t: t)
         assert attached.adapter.hook_status.startswith("torchft's DDP"), attached.adapter.hook_status
+        assert all(c.adapter.reduce_group is None for c in (attached, *probes))  # no collective, none across replicas
         records = run_steps(manager, optimizer, recorder, ddp, replica, 0, steps, [] if records is None else records,
                             on_step)
         return final_state(recorder, manager, records)
@@ -215,7 +225,7 @@ class Left(Exception):
     """Replica 2 leaves (torchft's injected-failure pattern: the replica's process would die here)."""
 
 
-def heal_replica(replica: int, lighthouse: str, survivors_at: threading.Event) -> list[dict[str, Any]]:
+def heal_replica(replica: int, lighthouse: str, survivors_at: threading.Event, async_quorum: bool) -> list[dict[str, Any]]:
     """Replica 2: train, leave after LEAVES_AFTER commits, come back (fresh model and clipper) when told."""
     records: list[dict[str, Any]] = []
 
@@ -224,11 +234,12 @@ def heal_replica(replica: int, lighthouse: str, survivors_at: threading.Event) -
             raise Left
 
     try:
-        ddp_replica(replica, lighthouse, STEPS["heal"], ADAPTIVE, on_step=leave, records=records)
+        ddp_replica(replica, lighthouse, STEPS["heal"], ADAPTIVE, on_step=leave, records=records, async_quorum=async_quorum)
         raise AssertionError("replica 2 did not leave")
     except Left:
         pass
-    return [{"records": records, "left": True}, ddp_replica(replica, lighthouse, STEPS["heal"], ADAPTIVE, wait=survivors_at)]
+    return [{"records": records, "left": True},
+            ddp_replica(replica, lighthouse, STEPS["heal"], ADAPTIVE, wait=survivors_at, async_quorum=async_quorum)]
 
 
 def run_threads(targets: list[Callable[[], Any]], timeout: float) -> list[Any]:
@@ -263,8 +274,10 @@ def scenario_ddp() -> dict[str, Any]:
     return {"replicas": {(r, 0, 0): state for r, state in enumerate(out)}}
 
 
-def scenario_heal() -> dict[str, Any]:
-    lighthouse = LighthouseServer(bind="[::]:0", min_replicas=2, join_timeout_ms=1000, heartbeat_timeout_ms=1000)
+def scenario_heal(async_quorum: bool = True) -> dict[str, Any]:
+    """Replica 2 leaves and comes back; with ``async_quorum`` (torchft's default) it heals inside ``should_commit()``
+    (after its backward, in which it contributed zeros), else at ``zero_grad()``, before its forward."""
+    lighthouse = LighthouseServer(bind="[::]:0", min_replicas=2, join_timeout_ms=1000, heartbeat_timeout_ms=5000)
     survivors_at = threading.Event()
 
     def survivor(replica: int) -> dict[str, Any]:
@@ -272,11 +285,11 @@ def scenario_heal() -> dict[str, Any]:
             if step == RETURNS_AT:
                 survivors_at.set()
 
-        return ddp_replica(replica, lighthouse.address(), STEPS["heal"], ADAPTIVE, on_step=on_step)
+        return ddp_replica(replica, lighthouse.address(), STEPS["heal"], ADAPTIVE, on_step=on_step, async_quorum=async_quorum)
 
     try:
         s0, s1, comeback = run_threads([lambda: survivor(0), lambda: survivor(1),
-                                        lambda: heal_replica(2, lighthouse.address(), survivors_at)], 100)
+                                        lambda: heal_replica(2, lighthouse.address(), survivors_at, async_quorum)], 100)
     finally:
         lighthouse.shutdown()
     return {"replicas": {(0, 0, 0): s0, (1, 0, 0): s1, (2, 0, 0): comeback[0], (2, 0, 1): comeback[1]}}
@@ -317,7 +330,7 @@ def fsdp_rank(group: int, rank: int, conn: Any, out_dir: str) -> None:
             optimizer = OptimizerWrapper(manager, inner)
             distclip_torchft.attach(attached, optimizer)
             probes = [early] + [distclip.GradClipper(model, config, comm_hook=False) for config in PROBES[1:]]
-            recorder = Recorder(model, probes, attached, inner, full=lambda t: t.full_tensor())
+            recorder = Recorder(model, probes, attached, inner, full=lambda t: t.full_tensor(), count=True)
             records = run_steps(manager, optimizer, recorder, model, group, rank, STEPS["fsdp"], [])
             state = final_state(recorder, manager, records)
             state["hook_status"] = (early.adapter.hook_status, attached.adapter.hook_status)
@@ -364,13 +377,14 @@ def scenario_fsdp(out_dir: str) -> dict[str, Any]:
                          for g in range(2) for r in range(2)}}
 
 
-SCENARIOS = ("fsdp", "ddp", "heal")  # fsdp first: its ranks fork before any torchft server runs in the process
+SCENARIOS = ("fsdp", "ddp", "heal", "heal_sync")  # fsdp first: its ranks fork before any torchft server runs in the process
 
 
 def main(out_dir: str) -> None:
     """Run every scenario in this fresh process, one after the other; save each one's result or traceback."""
     torch.set_num_threads(1)
-    runs = {"ddp": scenario_ddp, "heal": scenario_heal, "fsdp": lambda: scenario_fsdp(out_dir)}
+    runs = {"ddp": scenario_ddp, "heal": scenario_heal, "heal_sync": lambda: scenario_heal(async_quorum=False),
+            "fsdp": lambda: scenario_fsdp(out_dir)}
     for scenario in SCENARIOS:
         start = time.monotonic()
         try:
@@ -503,8 +517,12 @@ def check_step(step: int, recs: list[tuple[tuple[int, int, int], dict[str, Any]]
     return worst
 
 
-def check_run(run: dict[str, Any], attached: dict[str, Any] | None, ranks_per_group: int, steps: int) -> dict[str, float]:
+def check_run(run: dict[str, Any], attached: dict[str, Any] | None, ranks_per_group: int, steps: int,
+              collectives: int | None = None) -> dict[str, float]:
     by_step = committed_by_step(run)
+    for recs in by_step.values() if collectives is not None else ():  # distclip's collectives per clip, every config (none across torchft's replicas)
+        assert all(probe["collectives"] == collectives for _, rec in recs for probe in rec["probes"]), \
+            [probe["collectives"] for _, rec in recs for probe in rec["probes"]]
     assert sorted(by_step) == list(range(steps)), sorted(by_step)
     worst = {"norm_vs_f64": 0.0, "norm_vs_torch": 0.0}
     for step, recs in sorted(by_step.items()):
@@ -532,7 +550,7 @@ def test_torchft_ddp_norms_exact_and_identical_on_every_replica():
 
 def test_fsdp2_inside_torchft_replica_groups():
     run = launched("fsdp")
-    check_run(run, ATTACHED, ranks_per_group=2, steps=STEPS["fsdp"])
+    check_run(run, ATTACHED, ranks_per_group=2, steps=STEPS["fsdp"], collectives=1)
     for who, state in run["replicas"].items():
         early, attached = state["hook_status"]
         assert early == "all_reduce_hook" and attached == "existing all-reduce hook", (who, state["hook_status"])
@@ -560,6 +578,49 @@ def test_replica_leaves_and_joins_survivors_keep_clipping_exactly():
     first = next(r for r in comeback if r["committed"])
     survivor = next(r for r in run["replicas"][(0, 0, 0)]["records"] if r["step"] == first["step"])
     assert torch.equal(first["attached"]["coefs"]["default"], survivor["attached"]["coefs"]["default"])
+
+
+def test_replica_rejoins_with_synchronous_quorum():
+    """With ``use_async_quorum=False`` the joining replica heals at ``zero_grad()`` and takes part in its first step."""
+    run = launched("heal_sync")
+    check_run(run, None, ranks_per_group=1, steps=STEPS["heal_sync"])
+    by_step = committed_by_step(run)
+    assert [s for s, recs in by_step.items() if {w[0] for w, _ in recs} == {0, 1}], "replica 2 never left"
+    comeback = [r for r in run["replicas"][(2, 0, 1)]["records"] if r["committed"]]
+    assert comeback and all(r["participating"] for r in comeback) and comeback[0]["step"] >= RETURNS_AT, \
+        [(r["step"], r["participating"]) for r in comeback]
+
+
+# ---------------------------------------------------------------- refusals (no Lighthouse needed)
+def test_pure_ddp_refused_and_optimizer_wrapper_needs_the_integration():
+    from unittest.mock import Mock
+
+    from torchft.ddp import PureDistributedDataParallel
+
+    manager = Mock(spec=Manager)
+    pure = PureDistributedDataParallel(manager, Net())
+    try:
+        distclip.GradClipper(pure, max_norm=1.0)
+        raise AssertionError("PureDistributedDataParallel was accepted")
+    except distclip.UnsupportedModelError as err:
+        assert "never waits" in str(err) and "torchft.ddp.DistributedDataParallel" in str(err)
+    model = Net()
+    inner = torch.optim.SGD(model.parameters(), lr=0.1)
+    wrapper = OptimizerWrapper(manager, inner)
+    clipper = distclip.GradClipper(model, max_norm=1.0)
+    try:
+        clipper.attach(wrapper)  # its step() never runs torch's step hooks: the clip would silently never happen
+        raise AssertionError("GradClipper.attach accepted torchft's OptimizerWrapper")
+    except distclip.UsageError as err:
+        assert "distclip.integrations.torchft.attach" in str(err)
+    try:
+        distclip_torchft.attach(clipper, inner)  # the wrapped optimizer alone: which Manager heals the state?
+        raise AssertionError("attach without a manager was accepted")
+    except distclip.UsageError as err:
+        assert "manager" in str(err)
+    handle = distclip_torchft.attach(clipper, wrapper)
+    manager.register_state_dict_fn.assert_called_once_with("distclip", clipper.load_state_dict, clipper.state_dict)
+    handle.remove()
 
 
 if __name__ == "__main__":
