@@ -502,7 +502,7 @@ def check_step(step: int, recs: list[tuple[tuple[int, int, int], dict[str, Any]]
     # the attached clipper, inside torchft's step
     main = first["attached"]
     for who, rec in recs:
-        assert same(rec["attached"], main), (step, who)
+        assert same(rec["attached"], main), (step, who, [k for k in main if not same(rec["attached"][k], main[k])])
     assert main["clipper_steps"] == step + 1, (step, main["clipper_steps"])
     if attached is not None:
         ref = reference_clip(first["avg"], attached)
