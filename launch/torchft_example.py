@@ -66,10 +66,9 @@ def main() -> None:
     parser.add_argument("--min-replicas", type=int, default=2, help="replica groups a step needs (torchft's min_replica_size)")
     parser.add_argument("--sleep", type=float, default=0.0, help="seconds to wait after each step (to watch a replica leave)")
     args = parser.parse_args()
-    replica_group = int(os.environ.get("REPLICA_GROUP_ID", 0))
+    replica_group = int(os.environ.get("REPLICA_GROUP_ID", "0"))
     if args.fsdp:
         dist.init_process_group("gloo", timeout=timedelta(seconds=30))
-    state: dict[str, object] = {}
     manager = torchft.Manager(
         pg=torchft.ProcessGroupGloo(timeout=timedelta(seconds=10)), min_replica_size=args.min_replicas,
         load_state_dict=lambda s: (model.load_state_dict(s["model"]), inner.load_state_dict(s["optim"])),

@@ -37,7 +37,7 @@ import distclip
 __all__ = ["attach"]
 
 
-def attach(clipper: "distclip.GradClipper", optimizer: torch.optim.Optimizer, manager: Any = None, *,
+def attach(clipper: distclip.GradClipper, optimizer: torch.optim.Optimizer, manager: Any = None, *,
            state_key: str = "distclip", fold: bool | None = None) -> Any:
     """Clip right before torchft steps the wrapped optimizer, and heal the clipper's state with the model.
 

@@ -20,7 +20,6 @@ stepped once, and every replica ending with the same parameters and clipper stat
 
 from __future__ import annotations
 
-import io
 import math
 import os
 import subprocess
@@ -477,8 +476,8 @@ def check_step(step: int, recs: list[tuple[tuple[int, int, int], dict[str, Any]]
     participants = [rec for _, rec in recs if rec["participating"]]
     assert len(participants) == first["num_participants"] * ranks_per_group, (step, len(participants), first["num_participants"])
     mean = {n: sum(rec["local64"][n] for rec in participants) / len(participants) for n in first["avg"]}
-    for n in mean:
-        assert_grad_close(first["avg"][n], mean[n], 1e-5)
+    for n, expected in mean.items():
+        assert_grad_close(first["avg"][n], expected, 1e-5)
     for who, rec in recs:
         assert same(rec["avg"], first["avg"]), (step, who)
     for k, config in enumerate(PROBES):
