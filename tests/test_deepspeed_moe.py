@@ -195,7 +195,7 @@ def deepspeed_own_norm(stage: int, k: int) -> dict[str, Any]:
 
 def naive_count(stage: int, k: int) -> dict[str, Any]:
     """Negative control: distclip with expert detection switched off (experts counted as replicated)."""
-    import distclip.adapters.deepspeed as adapter
+    import distclip.adapters.zero as adapter
 
     detect = adapter.is_expert_param
     adapter.is_expert_param = lambda param: False

@@ -8,7 +8,7 @@ import sys
 
 import torch
 
-from distclip.adapters.deepspeed import group_spans, is_deepspeed_engine
+from distclip.adapters.zero import group_spans, is_deepspeed_engine
 from distclip.core.groups import ClipGroup
 from distclip.core.norms import SlotLayout, local_partials
 from tests.models import make_model

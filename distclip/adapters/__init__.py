@@ -10,11 +10,11 @@ from torch.nn.parallel import DistributedDataParallel
 from ..compat import torchft as _torchft
 from ..errors import UnsupportedModelError
 from ..core.names import canonical_name, named_trainable_parameters
-from . import _compat
+from ..compat import pytorch as _compat
 from .base import GradAdapter
 from .ddp import DDPAdapter
 from .mesh_geometry import PipelineStages
-from .deepspeed import deepspeed_adapter, is_deepspeed_engine  # imports no DeepSpeed
+from .zero import deepspeed_adapter, is_deepspeed_engine  # imports no DeepSpeed
 from .plain import PlainAdapter
 
 __all__ = ["GradAdapter", "PlainAdapter", "DDPAdapter", "adapter_for", "UnsupportedModelError"]

@@ -29,7 +29,7 @@ from ..core.groups import GroupTable
 from ..core.norms import SlotLayout, combine_partials, local_partials
 from ..core.reduce import ProcessGroup, collective_device
 from ..core.unitwise import Span, UnitPlan
-from . import _compat
+from ..compat import pytorch as _compat
 from .counting import LocalPiece, Replicas, Segment, counted_segments, flat_range, segment_offsets, slice_segments
 from .declared import Declaration, census_payload, check_census, declaration_of, declared_replicas
 from .hooks import ReductionHook

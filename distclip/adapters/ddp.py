@@ -28,7 +28,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from ..core.names import named_trainable_parameters
 from ..core.norms import local_partials
-from . import _compat
+from ..compat import pytorch as _compat
 from .base import GradAdapter
 from .counting import LocalPiece, Replicas, counted_segments
 from .hooks import ReductionHook

@@ -28,7 +28,7 @@ import torch.distributed as dist
 from torch.utils.weak import WeakIdKeyDictionary
 
 from ..core.errors import UsageError
-from . import _compat
+from ..compat import pytorch as _compat
 from .counting import Replicas
 
 # Keyed by identity: a WeakKeyDictionary compares tensors with ``==`` on lookup (elementwise: an error)

@@ -40,7 +40,7 @@ from torch.distributed.tensor import DTensor
 from ..errors import ConfigError, PartialGradientError, UnsupportedLayoutError
 from ..core.norms import local_partials
 from ..core.unitwise import UnitPlan
-from . import _compat
+from ..compat import pytorch as _compat
 from .base import GradAdapter
 from .counting import LocalPiece, Replicas, Segment, cast_is_exact, counted_segments, covering_group, slice_segments
 from .hooks import ReductionHook

@@ -49,7 +49,7 @@ from ..errors import ConfigError, UnsupportedLayoutError
 from ..core.names import canonical_name
 from ..core.norms import SlotLayout, local_partials
 from ..core.unitwise import UnitPlan
-from . import _compat
+from ..compat import pytorch as _compat
 from .base import GradAdapter
 from .counting import LocalPiece, Replicas, cast_is_exact, counted_segments, covering_group, group_ranks
 from .hooks import ReductionHook

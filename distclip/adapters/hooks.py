@@ -30,7 +30,7 @@ from typing import Any, Hashable
 import torch
 
 from ..core.norms import SlotLayout, combine_partials
-from . import _compat
+from ..compat import pytorch as _compat
 
 
 class ReductionHook:

@@ -19,7 +19,7 @@ from __future__ import annotations
 from typing import Any, Sequence
 
 
-from . import _compat
+from ..compat import pytorch as _compat
 from .counting import Replicas
 
 

@@ -27,7 +27,7 @@ from ..core.config import ConfigError
 from ..core.groups import GroupTable
 from ..core.norms import SlotLayout, combine_partials
 from ..core.reduce import exchange_ints
-from . import _compat
+from ..compat import pytorch as _compat
 from .base import GradAdapter
 from .declared import census_payload, check_census
 from .mesh_geometry import PipelineStages

@@ -15,6 +15,7 @@ from torch import nn
 import distclip
 from distclip.core.kernels import power_sums
 
+from ..compat.pytorch import foreach_copy_, foreach_norm
 from .cases import BACKENDS, MAX_NORM, BenchNet, dim_for
 from .measure import Stopwatch, count_collectives, growth_exponent, median_ms, peak_memory_added
 
@@ -232,7 +233,7 @@ def bench_bandwidth(megabytes: float, device: torch.device) -> dict[str, Any]:
             best = min(best, watch.lap(0))
         return _max_over_ranks(best)
 
-    copy_s = seconds(lambda: torch._foreach_copy_(copies, grads))
+    copy_s = seconds(lambda: foreach_copy_(copies, grads))
     norm_s = seconds(measure.measure)
     clip_s = seconds(clip.clip)
     return {
@@ -263,7 +264,7 @@ def bench_kernels(scale: float, device: torch.device, repeats: int = 7) -> list[
         tensors = [torch.randn(n, generator=gen).to(device=device, dtype=KERNEL_DTYPES[dtype]) for _ in range(count)]
         for p in KERNEL_PS:
             exact = [t.double().abs_().pow_(p).sum() for t in tensors]  # the float64 reference
-            kernels = {"torch": lambda: torch.stack(torch._foreach_norm(tensors, p, dtype=torch.float32)).double().pow(p),
+            kernels = {"torch": lambda: torch.stack(foreach_norm(tensors, p, dtype=torch.float32)).double().pow(p),
                        "distclip": lambda: power_sums(tensors, p)}
             times: dict[str, list[float]] = {k: [] for k in kernels}
             errors = {k: _worst_rel_err(fn(), exact) for k, fn in kernels.items()}  # also a warm-up

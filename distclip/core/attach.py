@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from ..compat.pytorch import supports_amp_scaling
 from .config import ConfigError
 
 if TYPE_CHECKING:
@@ -23,7 +24,7 @@ if TYPE_CHECKING:
 
 def fold_blocker(clipper: "GradClipper", optimizer: torch.optim.Optimizer) -> str | None:
     """Why the coefficient cannot be folded into this optimizer (None when it can)."""
-    if not (getattr(optimizer, "_step_supports_amp_scaling", False) and optimizer.defaults.get("fused")):
+    if not (supports_amp_scaling(optimizer) and optimizer.defaults.get("fused")):
         return "the optimizer is not a fused torch optimizer (e.g. AdamW(fused=True))"
     if clipper.clips_subset:
         return "only a subset of the parameters is clipped, a fused optimizer's grad_scale would scale them all"

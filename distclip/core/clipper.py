@@ -14,7 +14,8 @@ from typing import Any, Callable, Iterable, Mapping
 
 import torch
 
-from ..adapters import _compat, adapter_for
+from ..adapters import adapter_for
+from ..compat import pytorch as _compat
 from ..adapters.base import GradAdapter
 from ..adapters.pipeline import PipelineAdapter
 from .attach import Attachment

@@ -39,7 +39,8 @@ from functools import lru_cache
 from typing import Sequence
 
 import torch
-from torch._utils import _flatten_dense_tensors
+
+from ..compat.pytorch import flatten_dense_tensors, foreach_norm
 
 ACC_DTYPE = torch.float64
 
@@ -94,7 +95,7 @@ def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
 
 def _foreach_power_sums(tensors: list[torch.Tensor], p: float) -> torch.Tensor:
     """torch's foreach norm, raised to p in float64: tree reductions on CUDA, float64 ones for fp64."""
-    norms = torch.stack(torch._foreach_norm(tensors, p, dtype=_acc_dtype(tensors[0].dtype))).to(ACC_DTYPE)
+    norms = torch.stack(foreach_norm(tensors, p, dtype=_acc_dtype(tensors[0].dtype))).to(ACC_DTYPE)
     return norms if p == 1 else norms.pow(p)
 
 
@@ -116,7 +117,7 @@ def _max_abs(tensors: list[torch.Tensor]) -> torch.Tensor:
         elif n:
             small.append(i)
     if small:
-        for i, v in zip(small, torch._foreach_norm([tensors[i] for i in small], math.inf, dtype=dtype)):
+        for i, v in zip(small, foreach_norm([tensors[i] for i in small], math.inf, dtype=dtype)):
             values[i] = v
     return torch.stack(values).to(ACC_DTYPE)
 
@@ -165,7 +166,7 @@ class _Batch:
     def gather(self, tensors: list[torch.Tensor], into: torch.Tensor | None = None) -> torch.Tensor:
         """The pieces in order, in ``into`` (a buffer of their dtype) or in a fresh flat tensor."""
         if into is None:  # flatten_dense_tensors flattens whole tensors in C++: cheaper for many small ones
-            return _flatten_dense_tensors([tensors[i] if not start and n == tensors[i].numel()
+            return flatten_dense_tensors([tensors[i] if not start and n == tensors[i].numel()
                                            else _flat(tensors[i], start, n) for i, start, n in self.pieces])
         return torch.cat([_flat(tensors[i], start, n) for i, start, n in self.pieces], out=into)
 

@@ -13,7 +13,8 @@ from functools import cached_property
 from typing import Hashable, Sequence
 
 import torch
-from torch.utils._foreach_utils import _group_tensors_by_device_and_dtype
+
+from ..compat.pytorch import group_tensors_by_device_and_dtype
 
 from .groups import ClipGroup
 from .kernels import power_sums
@@ -146,7 +147,7 @@ def local_partials(
             chosen, slot_ids = [t for t, _ in picked], [s for _, s in picked]
         if not chosen:
             continue
-        grouped = _group_tensors_by_device_and_dtype([chosen], with_indices=True)
+        grouped = group_tensors_by_device_and_dtype([chosen], with_indices=True)
         for (dev, dtype), ([same_kind], indices) in grouped.items():
             values = power_sums(same_kind, p)  # float64: sum |t|^p, or max |t| for p = inf
             ids = slot_ids if len(grouped) == 1 else [slot_ids[i] for i in indices]

@@ -41,6 +41,7 @@ import torch
 
 from .config import ClipConfig, ConfigError
 from .groups import ClipGroup
+from ..compat.pytorch import foreach_mul_
 from .kernels import power_sums
 from .norms import ACC_DTYPE, SlotLayout
 
@@ -386,7 +387,7 @@ class PieceMap:
                     flats[s] = _flat_view(tensors[s])
                 piece = flats[s][start:stop]
                 targets.append(piece.view(rows, -1) if rows else piece)
-            torch._foreach_mul_(targets, factors)
+            foreach_mul_(targets, factors)
 
     def _scale_plan(self, present: tuple[tuple[int, torch.device, tuple[int, ...]], ...]) -> tuple[_ScaleGroup, ...]:
         if len(self._scale_plans) > 64:

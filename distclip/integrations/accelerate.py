@@ -40,7 +40,10 @@ from typing import Any, Iterable, Mapping
 
 import torch
 
-from ..adapters import UnsupportedModelError
+from ..compat import accelerate as accelerate_compat
+from ..compat import pytorch as torch_compat
+from ..compat.deepspeed import is_engine as is_deepspeed_engine
+from ..errors import UnsupportedModelError
 from ..core.clipper import ClipReport, GradClipper
 from ..core.config import ClipConfig, load_config
 from ..core.names import canonical_name
@@ -174,8 +177,8 @@ class AccelerateClipping:
         wanted = {id(p) for p in params}
         # Wrappers first: under DDP the wrapper knows the reduction (enable before prepare to get it);
         # Accelerate's own list holds the bare module there, the FSDP wrapper under FSDP.
-        for prepared in [*reversed(self._wrapped), *getattr(self.accelerator, "_models", [])]:
-            model = _uncompiled(prepared)
+        for prepared in [*reversed(self._wrapped), *accelerate_compat.prepared_models(self.accelerator)]:
+            model = torch_compat.uncompiled(prepared)
             named = list(model.named_parameters())
             if not wanted <= {id(p) for _, p in named}:
                 continue
@@ -212,7 +215,7 @@ class AccelerateClipping:
 
     # -------------------------------------------------------------- DeepSpeed
     def _attach_deepspeed(self) -> None:
-        engines = [m for m in getattr(self.accelerator, "_models", []) if _is_deepspeed_engine(m)]
+        engines = [m for m in accelerate_compat.prepared_models(self.accelerator) if is_deepspeed_engine(m)]
         if not engines:
             return
         attach = _require(DEEPSPEED_MODULE, "DeepSpeed").attach
@@ -270,22 +273,13 @@ def _require(module: str, what: str) -> Any:
     return importlib.import_module(module)
 
 
-def _uncompiled(model: Any) -> Any:
-    """The module under ``torch.compile`` (Accelerate compiles after wrapping in DDP/FSDP)."""
-    return getattr(model, "_orig_mod", model) if type(model).__name__ == "OptimizedModule" else model
-
-
-def _is_deepspeed_engine(model: Any) -> bool:
-    return any(cls.__name__ == "DeepSpeedEngine" for cls in type(model).__mro__)
-
-
 def _subset_spec(model: Any, named: list[tuple[str, torch.Tensor]], wanted: set[int]) -> list[Any]:
     """The subset as distclip's ``params``: tensors, except FSDP1 flat parameters, given as their original names."""
     spec: list[Any] = []
     for name, p in named:
         if id(p) not in wanted or not p.requires_grad:
             continue
-        fqns = getattr(p, "_fqns", None)  # FSDP1 FlatParameter (use_orig_params=False): the params it holds
+        fqns = torch_compat.flat_param_fqns(p)  # FSDP1 FlatParameter (use_orig_params=False): the params it holds
         if fqns is None:
             spec.append(p)
         else:

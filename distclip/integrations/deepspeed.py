@@ -12,18 +12,33 @@ One call after ``deepspeed.initialize``::
 
 DeepSpeed's own ``gradient_clipping`` (1.0 by default) is turned off, so nothing clips twice.
 DeepSpeed is imported only when this module's functions run; ``import distclip`` never imports it.
+
+How it hooks in: DeepSpeed has no public seam between its gradient reduction and its step, so
+:func:`attach` replaces the norm-and-clip methods of this engine's ZeRO optimizer *instance*
+(:mod:`distclip.compat.deepspeed`, checked on DeepSpeed 0.19.8; ZeRO-0: a step pre-hook of the
+torch optimizer). There distclip runs its clip (the layout's counting:
+:mod:`distclip.adapters.zero`), tells DeepSpeed to skip through its own ``overflow`` flag, and
+multiplies the coefficients into the fp32 partitions DeepSpeed hands over.
 """
 
 from __future__ import annotations
 
+import math
 import os
 import warnings
+import weakref
 from typing import Any, Mapping
 
-from ..adapters.deepspeed import DeepSpeedAdapter, UnsupportedDeepSpeedSetup, deepspeed_adapter, is_deepspeed_engine
+import torch
+
+from ..adapters.zero import DeepSpeedAdapter, Zero0Adapter, Zero3Adapter, deepspeed_adapter
+from ..compat import deepspeed as ds_compat
 from ..core.clipper import GradClipper
 from ..core.config import ClipConfig, load_config
 from ..core.reduce import share_setup_failure
+from ..errors import UnsupportedDeepSpeedSetup
+
+is_deepspeed_engine = ds_compat.is_engine
 
 __all__ = ["attach", "config_section", "build_ops", "is_deepspeed_engine", "UnsupportedDeepSpeedSetup"]
 
@@ -58,26 +73,63 @@ def attach(
     """
     if not is_deepspeed_engine(engine):
         raise TypeError(f"distclip.deepspeed.attach expects a DeepSpeedEngine, got {type(engine).__qualname__}")
-    if getattr(engine, "_distclip_clipper", None) is not None:
+    if engine in _ATTACHED:
         raise RuntimeError("distclip is already attached to this DeepSpeed engine (attach once, after initialize)")
     try:
         clip_config = resolve_config(engine, config, **overrides)
     except Exception as err:  # invalid on some ranks only: the others raise too instead of waiting in the set-up
         share_setup_failure(deepspeed_adapter(engine).reduce_group, err)
         raise
-    _turn_off_deepspeed_clipping(engine, clip_config)
+    _warn_about_deepspeed_clipping(engine, clip_config)
     clipper = GradClipper(engine, clip_config)
     adapter = clipper.adapter
     assert isinstance(adapter, DeepSpeedAdapter)
-    adapter.install(clipper)
-    engine._distclip_clipper = clipper
+    _take_over_the_clip(engine, clipper, adapter)
+    _ATTACHED[engine] = clipper
     return clipper
+
+
+_ATTACHED: "weakref.WeakKeyDictionary[Any, GradClipper]" = weakref.WeakKeyDictionary()
+
+
+def _take_over_the_clip(engine: Any, clipper: GradClipper, adapter: DeepSpeedAdapter) -> None:
+    """DeepSpeed's clipping off; distclip's clip where DeepSpeed computes its norm; distclip's norm as the engine's."""
+    ds_compat.turn_off_engine_clipping(engine)
+    adapter.attached = True
+    optimizer = engine.optimizer
+
+    def global_grad_norm() -> torch.Tensor | None:
+        """Replaces ``engine.get_global_grad_norm``: distclip's pre-clip global norm of the last step (fp32)."""
+        return None if clipper.last_report is None else clipper.last_report.total_norm
+
+    engine.get_global_grad_norm = global_grad_norm
+    if isinstance(adapter, Zero0Adapter):  # a torch optimizer: clip in its step pre-hook
+        def clip_before_step(_optimizer: Any, _args: Any, _kwargs: Any) -> None:
+            optimizer.overflow = clipper.clip().skipped  # the engine then counts a skipped step, no LR step
+
+        optimizer.overflow = False
+        optimizer.register_step_pre_hook(clip_before_step)
+        return
+
+    def clip_inside_step() -> torch.Tensor:
+        """distclip's clip; plans the coefficients, or tells DeepSpeed to skip. Returns the scaled norm DeepSpeed expects."""
+        scale = adapter.grad_scale()
+        report = clipper.clip()
+        if report.skipped:
+            adapter.plan(None, scale, zero=False)
+            optimizer.overflow = True  # DeepSpeed's own skip: no update, scaler backs off, step counted as skipped
+            return torch.tensor(math.inf)
+        adapter.plan(report, scale, zero=clipper.config.nonfinite == "zero" and not bool(report.finite))
+        # DeepSpeed skips on a non-finite value; here distclip decided not to skip (nonfinite: zero / ignore)
+        return torch.nan_to_num(report.total_norm * scale, nan=0.0, posinf=0.0, neginf=0.0)
+
+    replace = ds_compat.replace_zero3_clip if isinstance(adapter, Zero3Adapter) else ds_compat.replace_zero12_clip
+    replace(optimizer, clip_inside_step, adapter.apply_to_partition)
 
 
 def config_section(engine: Any) -> Mapping[str, Any] | None:
     """The ``distclip`` section of the engine's DeepSpeed config (DeepSpeed ignores unknown top-level keys)."""
-    params = getattr(getattr(engine, "_config", None), "_param_dict", None) or {}
-    return params.get(SECTION)
+    return ds_compat.config_params(engine).get(SECTION)
 
 
 def resolve_config(engine: Any, config: Any = None, **overrides: Any) -> ClipConfig:
@@ -118,9 +170,8 @@ def build_ops(names: tuple[str, ...] = ("ShareMemCommBuilder",)) -> list[str]:
     return built
 
 
-def _turn_off_deepspeed_clipping(engine: Any, config: ClipConfig) -> None:
-    params = getattr(engine._config, "_param_dict", None) or {}
-    value = params.get("gradient_clipping")
+def _warn_about_deepspeed_clipping(engine: Any, config: ClipConfig) -> None:
+    value = ds_compat.config_params(engine).get("gradient_clipping")
     if value not in (None, 0, 0.0):
         _warn_rank0(
             f"distclip: DeepSpeed's gradient_clipping={value} (from the DeepSpeed config) is turned off; distclip "

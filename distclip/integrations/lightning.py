@@ -41,8 +41,8 @@ from typing import Any, Mapping
 
 import torch
 
-from ..adapters import _compat
-from ..adapters.deepspeed import is_deepspeed_engine
+from ..compat import pytorch as _compat
+from ..compat.deepspeed import is_engine as is_deepspeed_engine
 from ..core.clipper import ClipReport, GradClipper
 from ..core.config import ClipConfig, ConfigError, load_config
 from ..core.errors import UsageError, require_extra
@@ -180,7 +180,7 @@ def _refuse_unsupported_optimizers(trainer: Any) -> None:
             "call clipper.clip() yourself."
         )
     scaler = getattr(trainer.precision_plugin, "scaler", None)
-    if scaler is not None and any(getattr(opt, "_step_supports_amp_scaling", False) for opt in optimizers):
+    if scaler is not None and any(_compat.supports_amp_scaling(opt) for opt in optimizers):
         raise UsageError(
             f"DistclipCallback: {type(optimizers[0]).__qualname__} unscales the gradients inside its own step (a fused "
             "optimizer under 16-mixed precision), so in on_before_optimizer_step they still carry the loss scale and "

@@ -3,8 +3,7 @@
 distclip is tested with torch 2.13 (see ``TESTED_TORCH``). The adapters never touch a private
 attribute themselves: they call these functions, so a torch release that moves an internal fails
 here, once, with :class:`UnsupportedVersionError` naming what is missing, instead of deep inside a
-backward hook. (DeepSpeed's internals are read only by :mod:`distclip.adapters.deepspeed`, behind
-the same error.)
+backward hook. (DeepSpeed's internals: :mod:`distclip.compat.deepspeed`.)
 """
 
 from __future__ import annotations
@@ -59,39 +58,52 @@ def _internal(what: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
     return wrap
 
 
-def deepspeed_internal(what: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
-    """Like :func:`_internal`, for DeepSpeed's ZeRO optimizer internals (its attributes and dicts)."""
-
-    def wrap(fn: Callable[..., Any]) -> Callable[..., Any]:
-        @functools.wraps(fn)
-        def run(*args: Any, **kwargs: Any) -> Any:
-            try:
-                return fn(*args, **kwargs)
-            except (AttributeError, KeyError) as err:
-                import deepspeed
-
-                raise unsupported(what, err, "deepspeed", deepspeed.__version__) from err
-
-        return run
-
-    return wrap
-
-
 # ------------------------------------------------------------------ kernels
 # The foreach kernels torch.optim itself uses (private names, stable in practice).
 foreach_norm = torch._foreach_norm
 foreach_mul_ = torch._foreach_mul_
 foreach_zero_ = torch._foreach_zero_
+foreach_copy_ = torch._foreach_copy_
+
+
+@_internal("torch._utils._flatten_dense_tensors")
+def flatten_dense_tensors(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
+    """The tensors concatenated flat in one C++ call (what DDP and FSDP use to pack buckets)."""
+    from torch._utils import _flatten_dense_tensors
+
+    return _flatten_dense_tensors(list(tensors))
+
+
+@_internal("torch.utils._foreach_utils._group_tensors_by_device_and_dtype")
+def group_tensors_by_device_and_dtype(tensorlists: list[list[Any]], with_indices: bool = False) -> dict[Any, Any]:
+    """torch's own grouping of tensor lists by (device, dtype), as its foreach optimizers call it."""
+    from torch.utils._foreach_utils import _group_tensors_by_device_and_dtype
+
+    return _group_tensors_by_device_and_dtype(tensorlists, with_indices=with_indices)
+
+
+def supports_amp_scaling(optimizer: Any) -> bool:
+    """Whether ``optimizer.step`` divides the gradients by its ``grad_scale`` itself (torch's fused optimizers)."""
+    return bool(getattr(optimizer, "_step_supports_amp_scaling", False))
+
+
+def uncompiled(module: Any) -> Any:
+    """The module a ``torch.compile`` wrapper (``OptimizedModule``) holds; any other object as it is."""
+    return getattr(module, "_orig_mod", module) if type(module).__name__ == "OptimizedModule" else module
+
+
+def flat_param_fqns(param: Any) -> list[str] | None:
+    """An FSDP1 ``FlatParameter``'s original parameter names (``use_orig_params=False``); None for any other tensor."""
+    fqns = getattr(param, "_fqns", None)
+    return None if fqns is None else list(fqns)
 
 
 @_internal("torch.utils._foreach_utils._group_tensors_by_device_and_dtype")
 def group_by_device_and_dtype(tensors: Sequence[torch.Tensor]) -> dict[tuple[torch.device, torch.dtype], tuple[list[torch.Tensor], list[int]]]:
     """``{(device, dtype): (tensors, their indices in the input)}`` in first-seen order (torch's own grouping)."""
-    from torch.utils._foreach_utils import _group_tensors_by_device_and_dtype
-
     if not tensors:
         return {}
-    grouped = _group_tensors_by_device_and_dtype([list(tensors)], with_indices=True)
+    grouped = group_tensors_by_device_and_dtype([list(tensors)], with_indices=True)
     return {key: (same_kind, indices) for key, ([same_kind], indices) in grouped.items()}
 
 

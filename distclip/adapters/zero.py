@@ -1,9 +1,11 @@
-"""DeepSpeed ZeRO 0-3: the exact norm is computed inside ``engine.step()``, where DeepSpeed itself clips.
+"""DeepSpeed ZeRO 0-3 layouts: which reduced gradient pieces each rank counts, and where the coefficients go.
 
 DeepSpeed reduces, partitions, unscales and steps inside ``engine.step()`` (under Accelerate,
 inside ``accelerator.backward()``): user code has no window between the gradient reduction and
-the update. So :meth:`DeepSpeedAdapter.install` takes over DeepSpeed's own norm-and-clip seam
-on the optimizer *instance* (never the class), and turns DeepSpeed's ``gradient_clipping`` off:
+the update. So the clip runs inside DeepSpeed's own norm-and-clip seam, which
+:func:`distclip.deepspeed.attach` (:mod:`distclip.integrations.deepspeed`) takes over; this module
+says what is counted and, once the clip has run, multiplies the planned coefficients into the fp32
+partitions when DeepSpeed hands them over (:meth:`DeepSpeedAdapter.apply_to_partition`):
 
 ======  ===============================  ==============================================  ===============================
 stage   optimizer                        norm: the pieces this rank counts               coefficients applied
@@ -31,7 +33,7 @@ one reduction runs over the data-parallel group, which spans every expert-data-p
 
 Unit-wise clipping (``kind: agc``, ZeRO 0-3 without MoE): the unit sums count the same pieces as
 the norm, with the parameter values read from the fp32 master partitions at the same fragments
-(``_hp_mapping``'s ``hp_fragment_address`` in the partition, ``lp_fragment_address`` in the
+(:func:`distclip.compat.deepspeed.fragment`: where each fragment sits in the partition and in the
 parameter's flat order; ZeRO-3: rank x partition size); the unit coefficients are multiplied into
 the fp32 partition in the same unscale seam, fragment by fragment (head, rows, tail).
 
@@ -43,13 +45,11 @@ off: distclip decides on its reduced norm (the same on every rank); a skip sets 
 counts a skipped step and does not advance the LR scheduler. The coefficients (divided by the
 loss scale the gradients carried when measured) are multiplied into the fp32 partition where
 DeepSpeed would unscale and clip it, using DeepSpeed's own parameter -> partition mapping
-(``param._hp_mapping`` for ZeRO-1/2, partition sizes for ZeRO-3).
+(:func:`distclip.compat.deepspeed.fragment` for ZeRO-1/2, partition sizes for ZeRO-3).
 """
 
 from __future__ import annotations
 
-import math
-import sys
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Sequence
 
@@ -61,26 +61,23 @@ from ..core.groups import GroupTable
 from ..core.names import named_trainable_parameters
 from ..core.norms import SlotLayout
 from ..core.unitwise import PieceMap, Span, UnitPlan
-from . import _compat
+from ..compat import deepspeed as ds_compat
+from ..compat import pytorch as _compat
 from .base import GradAdapter
 from .counting import LocalPiece, Replicas, group_ranks
 
 if TYPE_CHECKING:
-    from ..core.clipper import ClipReport, GradClipper
+    from ..core.report import ClipReport
 
-ENGINE_MODULE = "deepspeed.runtime.engine"
 Spans = dict[int, list[tuple[int, int]]]  # clip group -> [(start, end)] in a flat partition
 
 
 
 
-def is_deepspeed_engine(obj: Any) -> bool:
-    """True for a ``DeepSpeedEngine``, without importing DeepSpeed (an engine implies it is imported)."""
-    module = sys.modules.get(ENGINE_MODULE)
-    return module is not None and isinstance(obj, module.DeepSpeedEngine)
+is_deepspeed_engine = ds_compat.is_engine
 
 
-@_compat.deepspeed_internal("DeepSpeed's engine and ZeRO optimizer layout")
+@ds_compat.internal("DeepSpeed's engine and ZeRO optimizer layout")
 def deepspeed_adapter(engine: Any) -> "DeepSpeedAdapter":
     """The adapter for this engine's ZeRO stage and optimizer; a clear error for what is not supported."""
     _check_parallel_layout(engine)
@@ -154,7 +151,7 @@ def _moe_problems(engine: Any) -> list[str]:
     return problems
 
 
-@_compat.deepspeed_internal("DeepSpeed's expert-parallel groups (engine.expert_data_parallel_group)")
+@ds_compat.internal("DeepSpeed's expert-parallel groups (engine.expert_data_parallel_group)")
 def expert_replicas(engine: Any, params: Sequence[torch.Tensor], reduce_group: Any) -> dict[str, Replicas]:
     """Per expert group name among ``params``: this rank's copy of that group's experts.
 
@@ -174,7 +171,7 @@ def expert_replicas(engine: Any, params: Sequence[torch.Tensor], reduce_group: A
     return replicas
 
 
-@_compat.deepspeed_internal("DeepSpeed's ZeRO partition groups (real_dp_process_group)")
+@ds_compat.internal("DeepSpeed's ZeRO partition groups (real_dp_process_group)")
 def check_partition_groups(engine: Any, optimizer: Any) -> None:
     """ZeRO-1/2: each parameter group is partitioned over the data-parallel group, or (an MoE group,
     experts of one expert group only) over that group's expert-data-parallel ranks; else refused."""
@@ -228,30 +225,12 @@ class DeepSpeedAdapter(GradAdapter):
         self.engine = engine
         self.optimizer = engine.optimizer
         self.stage = int(engine.zero_optimization_stage())
-        self.clipper: GradClipper | None = None
+        self.attached = False  # set by distclip.deepspeed.attach: the clip then runs inside engine.step()
         self._plan: _Plan | None = None
-
-    # ----------------------------------------------------------- installation
-    def install(self, clipper: "GradClipper") -> None:
-        """Take over DeepSpeed's norm and clipping for ``clipper`` (once per engine)."""
-        self.clipper = clipper
-        self.engine._config.gradient_clipping = 0.0  # ZeRO-0 fp32: engine.clip_fp32_gradients
-        if hasattr(self.optimizer, "clip_grad"):
-            self.optimizer.clip_grad = 0.0  # ZeRO-1/2/3 captured it at construction
-        self.engine.get_global_grad_norm = self.global_grad_norm
-        self._install_seam()
-
-    @_compat.deepspeed_internal("DeepSpeed ZeRO optimizer internals (_install_seam)")
-    def _install_seam(self) -> None:
-        raise NotImplementedError
-
-    def global_grad_norm(self) -> torch.Tensor | None:
-        """Replaces ``engine.get_global_grad_norm``: distclip's pre-clip global norm of the last step (fp32)."""
-        report = self.clipper.last_report if self.clipper is not None else None
-        return None if report is None else report.total_norm
+        self._spans: list[Spans] = []  # per fp32 partition (ZeRO-3: sub-group): each clip group's ranges
 
     def _require_installed(self) -> None:
-        if self.clipper is None:
+        if not self.attached:
             raise RuntimeError(
                 "distclip: a DeepSpeed engine clips inside engine.step(); call distclip.deepspeed.attach(engine, "
                 "config) once after deepspeed.initialize() instead of clipping yourself. (Measuring with "
@@ -259,25 +238,23 @@ class DeepSpeedAdapter(GradAdapter):
             )
 
     # ------------------------------------------------- called inside step()
-    def _clip_inside_step(self) -> torch.Tensor:
-        """Run distclip's clip; plan the coefficients or tell DeepSpeed to skip. Returns the scaled norm DeepSpeed expects."""
-        scale = self.grad_scale()
-        report = self.clipper.clip()
-        if report.skipped:
+    def plan(self, report: "ClipReport | None", scale: float, zero: bool) -> None:
+        """What :meth:`apply_to_partition` multiplies in this step: the report's coefficients divided by the loss
+        scale the gradients carried when measured (``zero``: zeros; None: nothing, the step is skipped)."""
+        if report is None:
             self._plan = None
-            self.optimizer.overflow = True  # DeepSpeed's own skip: no update, scaler backs off, step counted as skipped
-            return torch.tensor(math.inf)
-        self._plan = self._plan_from(report, scale)
-        # DeepSpeed skips on a non-finite value; here distclip decided not to skip (nonfinite: zero / ignore)
-        return torch.nan_to_num(report.total_norm * scale, nan=0.0, posinf=0.0, neginf=0.0)
+        elif zero:
+            self._plan = _Plan(factors=None, zero=True)
+        else:
+            coefs = torch.stack(list(report.coefs.values()))
+            if self.unit_plan is not None:  # unit-wise groups: their units' coefficients, not their smallest one
+                coefs = torch.where(self.unit_plan.group_mask(coefs.device)[: coefs.numel()], 1.0, coefs)
+            self._plan = _Plan(factors=coefs / scale, unit_coefs=report.unit_coefs)
 
-    def _plan_from(self, report: "ClipReport", scale: float) -> _Plan:
-        if self.clipper.config.nonfinite == "zero" and not bool(report.finite):  # already synced by the clip
-            return _Plan(factors=None, zero=True)
-        coefs = torch.stack(list(report.coefs.values()))
-        if self.unit_plan is not None:  # unit-wise groups: their units' coefficients, not their smallest one
-            coefs = torch.where(self.unit_plan.group_mask(coefs.device)[: coefs.numel()], 1.0, coefs)
-        return _Plan(factors=coefs / scale, unit_coefs=report.unit_coefs)
+    def apply_to_partition(self, flat: torch.Tensor, partition: int) -> None:
+        """Unscale and clip fp32 flat partition (ZeRO-3: sub-group) ``partition`` in place, as planned."""
+        self._apply(flat, self._spans[partition])
+        self._apply_units(flat, partition)
 
     def _apply(self, flat: torch.Tensor, spans: Spans) -> None:
         plan = self._plan
@@ -423,17 +400,6 @@ class Zero0Adapter(DeepSpeedAdapter):
     def grad_scale(self) -> float:
         return 1.0
 
-    @_compat.deepspeed_internal("DeepSpeed ZeRO optimizer internals (_install_seam)")
-    def _install_seam(self) -> None:
-        optimizer = self.optimizer
-
-        def clip_before_step(_optimizer: Any, _args: Any, _kwargs: Any) -> None:
-            report = self.clipper.clip()
-            optimizer.overflow = report.skipped  # the engine then counts a skipped step, no LR scheduler step
-
-        optimizer.overflow = False
-        self._hook = optimizer.register_step_pre_hook(clip_before_step)
-
 
 class ZeroPartitionAdapter(DeepSpeedAdapter):
     """ZeRO-1/2: each rank holds one contiguous partition of each flattened parameter group.
@@ -448,7 +414,7 @@ class ZeroPartitionAdapter(DeepSpeedAdapter):
         self.reduce_group = self.optimizer.dp_process_group  # spans every group's partition, MoE groups included
         check_partition_groups(engine, self.optimizer)
 
-    @_compat.deepspeed_internal("DeepSpeed ZeRO optimizer internals (bind)")
+    @ds_compat.internal("DeepSpeed ZeRO optimizer internals (bind)")
     def bind(self, table: GroupTable, layout: SlotLayout) -> None:
         super().bind(table, layout)
         group_of = self._group_index()
@@ -456,16 +422,16 @@ class ZeroPartitionAdapter(DeepSpeedAdapter):
         self._piece_groups: list[list[int]] = []
         self._piece_numels: list[list[int]] = []
         self._fragments: list[list[tuple[int, int, int]]] = []  # (start, numel, group) in the fp32 partition
-        self._spans: list[Spans] = []
+        self._spans = []
         for held, params in zip(optimizer.params_in_partition, optimizer.bit16_groups):
             self._piece_groups.append([_lookup(group_of, p, self.engine) for p in held])
-            self._piece_numels.append([p._hp_mapping.hp_fragment_address.numel for p in held])
-            fragments = [(p._hp_mapping.hp_fragment_address.start, p._hp_mapping.hp_fragment_address.numel,
-                          _lookup(group_of, p, self.engine)) for p in params if p._hp_mapping is not None]
+            self._piece_numels.append([ds_compat.fragment(p)[2] for p in held])
+            located = [(ds_compat.fragment(p), _lookup(group_of, p, self.engine)) for p in params]
+            fragments = [(where[1], where[2], g) for where, g in located if where is not None]
             self._fragments.append(fragments)
             self._spans.append(group_spans(fragments))
 
-    @_compat.deepspeed_internal("DeepSpeed ZeRO optimizer internals (bind_units)")
+    @ds_compat.internal("DeepSpeed ZeRO optimizer internals (bind_units)")
     def bind_units(self, plan: UnitPlan) -> None:
         """Per partition, the fragments of the parameters it holds (``params_in_partition`` order, as the
         reduced gradient pieces): where each sits in its parameter and in the fp32 partition."""
@@ -474,12 +440,12 @@ class ZeroPartitionAdapter(DeepSpeedAdapter):
         for held in self.optimizer.params_in_partition:
             frags = []
             for p in held:
-                lp, hp = p._hp_mapping.lp_fragment_address, p._hp_mapping.hp_fragment_address
-                frags.append((index.get(id(p), -1), lp.start, hp.start, hp.numel))
+                in_param, in_partition, numel = ds_compat.fragment(p)
+                frags.append((index.get(id(p), -1), in_param, in_partition, numel))
             fragments.append(frags)
         self._bind_partition_units(plan, fragments)
 
-    @_compat.deepspeed_internal("DeepSpeed ZeRO optimizer internals (unit_partials)")
+    @ds_compat.internal("DeepSpeed ZeRO optimizer internals (unit_partials)")
     def unit_partials(self) -> torch.Tensor:
         partitions = self.optimizer.single_partition_of_fp32_groups
         if self.optimizer.cpu_offload:  # reduced gradients already sit in the fp32 partitions
@@ -503,7 +469,7 @@ class ZeroPartitionAdapter(DeepSpeedAdapter):
                     f"distclip: DeepSpeed holds no reduced gradients for its parameter group {i}: the norm exists "
                     "only at the gradient accumulation boundary, after engine.backward() and before engine.step()"
                 )
-            held = [g for g in grads if not getattr(g, "_zero_padding", False)][: len(gids)]
+            held = [g for g in grads if not ds_compat.is_padding(g)][: len(gids)]
             if [g.numel() for g in held] != numels:
                 raise RuntimeError(
                     f"distclip: DeepSpeed's reduced partition of group {i} does not match its parameter mapping "
@@ -513,7 +479,7 @@ class ZeroPartitionAdapter(DeepSpeedAdapter):
             out.append(held)
         return out
 
-    @_compat.deepspeed_internal("DeepSpeed ZeRO optimizer internals (counted_pieces)")
+    @ds_compat.internal("DeepSpeed ZeRO optimizer internals (counted_pieces)")
     def counted_pieces(self) -> tuple[list[torch.Tensor], list[int]]:
         if self.optimizer.cpu_offload:  # reduced gradients already sit in the fp32 partitions
             flats = [part.grad for part in self.optimizer.single_partition_of_fp32_groups]
@@ -524,27 +490,6 @@ class ZeroPartitionAdapter(DeepSpeedAdapter):
             pieces += held
             groups += gids
         return pieces, groups
-
-    @_compat.deepspeed_internal("DeepSpeed ZeRO optimizer internals (_install_seam)")
-    def _install_seam(self) -> None:
-        optimizer = self.optimizer
-        optimizer.compute_grad_norm = True  # DeepSpeed computes (now: asks distclip for) the norm in step()
-        optimizer.check_grad_overflow = False  # distclip's reduced norm decides; one collective instead of two
-        partitions = optimizer.single_partition_of_fp32_groups
-
-        def scaled_global_norm(norm_type: float = 2) -> torch.Tensor:
-            return self._clip_inside_step()
-
-        def unscale_and_clip_grads(grad_groups_flat: list[torch.Tensor], total_norm: Any) -> None:
-            for flat in grad_groups_flat:
-                i = next((i for i, part in enumerate(partitions) if part.grad is flat), None)
-                if i is None:
-                    raise RuntimeError("distclip: DeepSpeed unscaled a gradient that is not one of its fp32 partitions")
-                self._apply(flat, self._spans[i])
-                self._apply_units(flat, i)
-
-        optimizer.scaled_global_norm = scaled_global_norm
-        optimizer.unscale_and_clip_grads = unscale_and_clip_grads
 
 
 class Zero3Adapter(DeepSpeedAdapter):
@@ -562,13 +507,13 @@ class Zero3Adapter(DeepSpeedAdapter):
                         "data-parallel one (hpZ / MiCS / AutoTP); not supported"
                     )
 
-    @_compat.deepspeed_internal("DeepSpeed ZeRO optimizer internals (bind)")
+    @ds_compat.internal("DeepSpeed ZeRO optimizer internals (bind)")
     def bind(self, table: GroupTable, layout: SlotLayout) -> None:
         super().bind(table, layout)
         group_of = self._group_index()
         self._pieces: list[list[tuple[int, int, int]]] = []  # per sub-group: (group, real numel, partition numel)
         self._fragments: list[list[tuple[int, int, int]]] = []  # (start, real numel, group) in the fp32 sub-group
-        self._spans: list[Spans] = []
+        self._spans = []
         for params in self.optimizer.fp16_groups:
             pieces, fragments, offset = [], [], 0
             for p in params:
@@ -582,7 +527,7 @@ class Zero3Adapter(DeepSpeedAdapter):
             self._fragments.append(fragments)
             self._spans.append(group_spans(fragments))
 
-    @_compat.deepspeed_internal("DeepSpeed ZeRO-3 optimizer internals (bind_units)")
+    @ds_compat.internal("DeepSpeed ZeRO-3 optimizer internals (bind_units)")
     def bind_units(self, plan: UnitPlan) -> None:
         """Per sub-group, each parameter's partition: rank x partition size in its flat order, at its offset in
         the fp32 sub-group, without padding."""
@@ -593,7 +538,7 @@ class Zero3Adapter(DeepSpeedAdapter):
                               for p, (start, real, _) in zip(params, frags)])
         self._bind_partition_units(plan, fragments)
 
-    @_compat.deepspeed_internal("DeepSpeed ZeRO-3 optimizer internals (unit_partials)")
+    @ds_compat.internal("DeepSpeed ZeRO-3 optimizer internals (unit_partials)")
     def unit_partials(self) -> torch.Tensor:
         flats = self.optimizer.fp32_partitioned_groups_flat
         if self.optimizer.offload_optimizer:  # reduced gradients already sit in the fp32 sub-groups
@@ -603,7 +548,7 @@ class Zero3Adapter(DeepSpeedAdapter):
             grads = [averaged[i][k].reshape(-1)[:n] for i, frags in enumerate(self._unit_fragments) for k, *_, n in frags]
         return self._partition_unit_partials(grads, flats)
 
-    @_compat.deepspeed_internal("DeepSpeed ZeRO optimizer internals (counted_pieces)")
+    @ds_compat.internal("DeepSpeed ZeRO optimizer internals (counted_pieces)")
     def counted_pieces(self) -> tuple[list[torch.Tensor], list[int]]:
         if self.optimizer.offload_optimizer:  # reduced gradients already sit in the fp32 sub-groups
             return _fragment_pieces([flat.grad for flat in self.optimizer.fp32_partitioned_groups_flat], self._fragments)
@@ -626,25 +571,6 @@ class Zero3Adapter(DeepSpeedAdapter):
                 pieces.append(grad.reshape(-1)[:real])
                 groups.append(g)
         return pieces, groups
-
-    @_compat.deepspeed_internal("DeepSpeed ZeRO optimizer internals (_install_seam)")
-    def _install_seam(self) -> None:
-        optimizer = self.optimizer
-        flats = optimizer.fp32_partitioned_groups_flat
-
-        def check_overflow(partition_gradients: bool = True) -> None:
-            """distclip's reduced norm decides (one collective instead of two); DeepSpeed's check is off."""
-
-        def get_norm_groups() -> list[torch.Tensor]:
-            return [self._clip_inside_step()]
-
-        def unscale_and_clip_grads(sub_group_id: int, total_norm: Any) -> None:
-            self._apply(flats[sub_group_id].grad, self._spans[sub_group_id])
-            self._apply_units(flats[sub_group_id].grad, sub_group_id)
-
-        optimizer.check_overflow = check_overflow
-        optimizer._get_norm_groups = get_norm_groups
-        optimizer.unscale_and_clip_grads = unscale_and_clip_grads
 
 
 def _fragment_pieces(
