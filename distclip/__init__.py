@@ -23,7 +23,8 @@ from ._version import __version__ as __version__  # the one version source (pypr
 
 # The integrations' import paths and distclip.presets (the configs shipped in the package), loaded on first use (distclip.deepspeed.attach(engine, config) works
 # after a plain `import distclip`); none imports its framework until it is used.
-_SUBMODULES = ("accelerate", "deepspeed", "hf_trainer", "lightning", "mpi", "olmo_core", "presets", "testing")
+_SUBMODULES = ("accelerate", "deepspeed", "hf_trainer", "lightning", "mpi", "olmo_core", "presets", "testing", "torchft",
+               "torchtitan")
 
 
 def __getattr__(name: str) -> Any:

@@ -24,7 +24,7 @@ TREES = {path: ast.parse(path.read_text(), str(path)) for path in FILES}
 # the layer of each top-level part of the package (a module not listed is the public assembly); the
 # integrations' public import paths (distclip.deepspeed, ...) are aliases of integrations modules
 LAYERS = {"errors": 0, "compat": 1, "core": 2, "adapters": 3, "integrations": 5, "accelerate": 5, "deepspeed": 5,
-          "hf_trainer": 5, "lightning": 5, "olmo_core": 5, "cli": 6, "bench": 6, "mpi": 6, "__main__": 6}
+          "hf_trainer": 5, "lightning": 5, "olmo_core": 5, "torchft": 5, "torchtitan": 5, "cli": 6, "bench": 6, "mpi": 6, "__main__": 6}
 ASSEMBLY = 4
 
 

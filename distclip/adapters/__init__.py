@@ -1,4 +1,4 @@
-"""Pick the adapter for whatever the user passed: plain module or parameters, DDP, FSDP1, FSDP2 / DTensor, DeepSpeed engine."""
+"""Pick the adapter for whatever the user passed: plain module or parameters, DDP (torch's or torchft's), FSDP1, FSDP2 / DTensor, DeepSpeed engine."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ from typing import Any, Iterable
 import torch
 from torch.nn.parallel import DistributedDataParallel
 
+from ..compat import torchft as _torchft
 from ..errors import UnsupportedModelError
 from ..core.names import canonical_name, named_trainable_parameters
 from ..compat import pytorch as _compat
@@ -46,6 +47,14 @@ def adapter_for(obj: Any, pipeline_group: Any = None, tied: Any = None) -> GradA
 def single_adapter(obj: Any, stages: PipelineStages | None = None) -> GradAdapter:
     """The adapter of one layout (see :func:`adapter_for`); ``stages``: which pipeline stage each rank
     holds (other stages hold other parameters, never copies)."""
+    if _torchft.is_ft_ddp(obj):  # before torch's DDP: a subclass of it, on a dummy process group
+        from .torchft import TorchFTDDPAdapter
+
+        return TorchFTDDPAdapter(obj)
+    if _torchft.is_pure_ddp(obj):  # a plain module whose gradients are still being all-reduced
+        from .torchft import pure_ddp_refusal
+
+        raise UnsupportedModelError(pure_ddp_refusal())
     if isinstance(obj, DistributedDataParallel):
         return DDPAdapter(obj)
     if is_deepspeed_engine(obj):  # before nn.Module: an engine is one

@@ -341,6 +341,13 @@ def mesh_instances(mesh: Any) -> torch.Tensor:
     return full.reshape(-1, *tuple(mesh.mesh.shape))
 
 
+# ------------------------------------------------------------------ optimizers
+def runs_step_hooks(optimizer: Any) -> bool:
+    """Whether ``optimizer`` ran ``Optimizer.__init__`` (which sets up its step hooks); a wrapper that skipped
+    it (torchft's ``OptimizerWrapper``) has no hook registry, and its ``step()`` calls none."""
+    return hasattr(optimizer, "_optimizer_step_pre_hooks") and hasattr(optimizer, "_optimizer_step_post_hooks")
+
+
 # ------------------------------------------------------------------ DDP
 def ddp_has_comm_hook(ddp: Any) -> bool:
     return bool(getattr(ddp, "_comm_hooks", None))

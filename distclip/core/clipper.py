@@ -183,6 +183,13 @@ class Clipper:
                 f"GradClipper.attach expects a torch.optim.Optimizer (e.g. torch.optim.AdamW(model.parameters())), "
                 f"got {type(optimizer).__module__}.{type(optimizer).__qualname__}"
             )
+        if not _compat.runs_step_hooks(optimizer):
+            raise UsageError(
+                f"GradClipper.attach: this {type(optimizer).__module__}.{type(optimizer).__qualname__} did not run "
+                "torch.optim.Optimizer.__init__, so its step() runs no step hooks and the clip would never happen "
+                "(e.g. torchft's OptimizerWrapper). Attach to the optimizer it wraps (for torchft: "
+                "distclip.integrations.torchft.attach(clipper, optimizer), which clips after should_commit)"
+            )
         return Attachment(lambda **kw: self.clip(**kw), optimizer, self._fold_blocker(optimizer), fold)
 
     def _fold_blocker(self, optimizer: torch.optim.Optimizer) -> str | None:
