@@ -5,7 +5,7 @@
 With ``nonfinite: ignore`` (torch semantics) the clip must not synchronise the host with the device
 at all, inside the DDP comm hook or in the clip: any synchronising call raises here. (The other
 nonfinite modes make exactly one documented sync per clip, to decide on the reduced norm.) CI has
-no GPU; ``tests/test_host_sync.py`` checks the same on CPU by counting calls.
+no GPU; ``tests/core/test_host_sync.py`` checks the same on CPU by counting calls.
 """
 
 from __future__ import annotations

@@ -15,7 +15,7 @@ Three launches (plus one for the resume), each a real OLMo-core ``Trainer.fit`` 
   torch's schedule, everything else is OLMo-core 3.0.0's.
 
 Checked: losses and total norms equal OLMo-core's own clipping (1e-6 relative); the norm equals a
-float64 reference of the gathered gradients (1e-6, :mod:`tests.reference`, no distclip code), also
+float64 reference of the gathered gradients (1e-6, :mod:`tests.helpers.reference`, no distclip code), also
 for p = inf, 1.5 and per-group mixes on the same gradients; clipped gradients equal the reference's;
 norms bitwise identical on every rank; 1 collective per clip against OLMo-core's 2; metrics under
 OLMo-core's names; the skip-step optimizer fed; a resume in new processes bitwise equal to the
@@ -58,8 +58,8 @@ from torch.distributed.tensor import DTensor
 import distclip
 from distclip.olmo_core import TOTAL_NORM_METRIC, DistclipCallback
 from distclip.testing import run_ranks
-from tests.nd_helpers import count_collectives
-from tests.reference import reference_clip, rel_err
+from tests.helpers.nd_helpers import count_collectives
+from tests.helpers.reference import reference_clip, rel_err
 
 WORLD, SEQ, VOCAB = 4, 32, 512
 STEPS = 10

@@ -12,7 +12,7 @@ the pytest process; every torchft operation has a timeout too), set up as torchf
 Every step, on every replica, after backward: six probe clippers (p = 2, inf, 1.5, uniform and per
 group) clip the averaged gradients and are undone, and the attached clipper clips inside torchft's
 step (``distclip.integrations.torchft.attach``). The checks, against a float64 reference of the
-averaged gradients (``tests.reference``) and torch's own ``clip_grad_norm_`` on them: norms within
+averaged gradients (``tests.helpers.reference``) and torch's own ``clip_grad_norm_`` on them: norms within
 1e-6, bitwise identical on every replica of a step, clipped gradients right, the averaged gradients
 the float64 mean of the participants' own gradients (torchft's averaging intact), each committed step
 stepped once, and every replica ending with the same parameters and clipper state.
@@ -35,9 +35,8 @@ from typing import Any, Callable
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from torch import nn
-
 import torchft  # noqa: F401  (a torchft that cannot import fails these tests)
+from torch import nn
 from torchft.coordination import LighthouseServer
 from torchft.ddp import DistributedDataParallel as FTDistributedDataParallel
 from torchft.manager import Manager
@@ -46,11 +45,12 @@ from torchft.process_group import ManagedProcessGroup, ProcessGroupGloo
 
 import distclip
 from distclip.integrations import torchft as distclip_torchft
-from tests.checks import assert_grad_close
-from tests.nd_helpers import count_collectives
-from tests.reference import norm64, reference_clip, rel_err
+from tests.helpers import REPO
+from tests.helpers.checks import assert_grad_close
+from tests.helpers.nd_helpers import count_collectives
+from tests.helpers.reference import norm64, reference_clip, rel_err
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = REPO
 TIMEOUT = timedelta(seconds=20)  # every torchft operation (collectives, quorum, RPCs, checkpoint transfer)
 RTOL = 1e-6
 STEPS = {"ddp": 4, "fsdp": 4, "heal": 10, "heal_sync": 10}
@@ -436,7 +436,7 @@ def committed_by_step(run: dict[str, Any]) -> dict[int, list[tuple[tuple[int, in
 def torch_clip(grads: dict[str, torch.Tensor], config: dict[str, Any]) -> tuple[float, dict[str, float], dict[str, torch.Tensor]]:
     """torch.nn.utils.clip_grad_norm_ on copies of the averaged gradients: total norm, per group (each group's
     own call, with its own max_norm), and the clipped gradients."""
-    from tests.reference import assign
+    from tests.helpers.reference import assign
 
     groups = config.get("groups", [])
     members: dict[str, list[str]] = {g["name"]: [] for g in groups} | {"default": []}

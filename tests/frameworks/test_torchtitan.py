@@ -30,9 +30,9 @@ from distclip import ConfigError, UnsupportedVersionError, UsageError
 from distclip.compat import torchtitan as compat
 from distclip.integrations import torchtitan as integration
 from distclip.testing import run_ranks
-from tests.checks import launch_once
 from tests.frameworks import torchtitan_checks as checks
 from tests.frameworks.torchtitan_harness import Layout
+from tests.helpers.checks import launch_once
 
 TOL = 1e-6
 LAYOUTS = {

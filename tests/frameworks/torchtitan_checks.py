@@ -4,7 +4,7 @@ and launch/torchtitan_example.py).
 Per layout: torchtitan's own model, parallelize / pipelining function, loss and backward (its
 ``forward_backward_step``) make the gradients; every gradient is gathered as a full float64 tensor
 (``full_tensor()``, and across pipeline stages) and the reference norms are computed from those in
-float64 by :mod:`tests.reference` (no distclip code). Then, on the same gradients:
+float64 by :mod:`tests.helpers.reference` (no distclip code). Then, on the same gradients:
 
 * distclip through :class:`DistclipTrainer`'s clip (the function ``train_step`` calls in place of
   torchtitan's), for every config of :func:`configs`: norms, collectives of the clip alone (the
@@ -32,10 +32,10 @@ import torchtitan.distributed.utils as tt_dist_utils
 from torch.distributed.tensor import DTensor
 
 from distclip.integrations import torchtitan as integration
-from tests.checks import assert_same_on_all_ranks
 from tests.frameworks import torchtitan_harness as harness
-from tests.nd_helpers import count_collectives
-from tests.reference import assign, norm64, rel_err
+from tests.helpers.checks import assert_same_on_all_ranks
+from tests.helpers.nd_helpers import count_collectives
+from tests.helpers.reference import assign, norm64, rel_err
 
 P_VALUES = (2.0, math.inf, 1.5)
 SMALL = 1e-3  # below every group norm of these models: clipped

@@ -1,0 +1,1 @@
+"""The distclip command, launchers, the demo, packaging, the bench."""

@@ -1,0 +1,86 @@
+"""No host round trip hidden in the per-step path: after warm-up, distclip builds no tensor from host data
+during the reduction hooks and the clip, and syncs with the device only where documented.
+
+Counted by wrapping the torch entry points that build tensors from Python data (``torch.tensor``,
+``torch.as_tensor``) or bring device data to the host (``Tensor.item``, ``Tensor.tolist``,
+``Tensor.__bool__``, ``Tensor.__float__``), and attributing each call to distclip when the calling
+frame is in the distclip package. (Where a GPU is lent, the CUDA check runs the same step under
+``torch.cuda.set_sync_debug_mode("error")``: ``launch/cuda_sync_check.py``.)
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+import distclip
+from distclip.testing import run_ranks
+from tests.helpers.host_sync import BUILDERS, SYNCS, count_distclip_calls
+from tests.helpers.models import batch, loss_fn, make_model
+
+pytestmark = pytest.mark.multiprocess
+
+def build(layout: str, config: dict):
+    if layout == "ddp":
+        model = DDP(make_model(), bucket_cap_mb=0.002)
+        return model, distclip.GradClipper(model, config)
+    if layout == "fsdp1":
+        from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+
+        model = FSDP(make_model(), device_id=torch.device("cpu"), use_orig_params=True)
+        return model, distclip.GradClipper(model, config)
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    model = make_model()
+    mesh = init_device_mesh("cpu", (dist.get_world_size(),))
+    for block in model.blocks:
+        fully_shard(block, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    return model, distclip.GradClipper(model, config)
+
+
+def steps_after_warmup(layout: str, nonfinite: str, grouped: bool):
+    config = {"max_norm": 0.05, "nonfinite": nonfinite,
+              "groups": [{"name": "embed", "match": ["embed.*"]}, {"name": "attn", "match": ["blocks.*.attn.*"]}]
+              if grouped else []}
+    model, clipper = build(layout, config)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    clipper.attach(optimizer)
+    rank = dist.get_rank()
+    sources = []
+    for step in range(3):  # warm-up: plans, device constants, DDP's bucket rebuild
+        loss_fn(model, *batch(step, rank)).backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    with count_distclip_calls() as counts:
+        for step in range(3, 6):
+            loss_fn(model, *batch(step, rank)).backward()  # the reduction hooks run in here
+            optimizer.step()  # the clip runs in here
+            optimizer.zero_grad(set_to_none=True)
+            sources.append(clipper.last_report.source)
+    return dict(counts), sources
+
+
+LAYOUTS = ["ddp", "fsdp1", "fsdp2"]
+
+
+def run_all():
+    return {(layout, mode, grouped): steps_after_warmup(layout, mode, grouped)
+            for layout in LAYOUTS for mode in ("ignore", "skip") for grouped in (False, True)}
+
+
+def test_no_host_tensors_and_only_documented_syncs_after_warmup():
+    for result in run_ranks(run_all, 2, timeout=300):
+        for (layout, mode, grouped), (counts, sources) in result.items():
+            where = f"{layout}, nonfinite={mode}, {'per-group' if grouped else 'uniform'}"
+            assert sources == ["comm_hook"] * 3, (where, sources)  # the hooks' path is the one measured
+            built = {k: v for k, v in counts.items() if k in BUILDERS}
+            assert not built, f"{where}: tensors built from host data on the per-step path: {built}"
+            syncs = {k: v for k, v in counts.items() if k in SYNCS}
+            if mode == "ignore":  # torch semantics: never synchronises
+                assert not syncs, f"{where}: host syncs {syncs}"
+            else:  # the one documented sync per clip: the non-finite flag and which groups clip
+                assert syncs == {"Tensor.tolist": 3}, f"{where}: host syncs {syncs}"

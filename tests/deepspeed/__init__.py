@@ -1,0 +1,1 @@
+"""DeepSpeed ZeRO 0-3 (and MoE) on gloo ranks vs float64."""

@@ -1,0 +1,1 @@
+"""Accelerate, Lightning and the HF Trainer driving distclip."""
