@@ -12,6 +12,7 @@ from typing import Any
 import torch
 
 from .clipper import GradClipper
+from .compat.pytorch import outside_compile
 
 _MAX_CACHED = 16  # clippers kept for parameter lists (modules keep one per settings in a weak dict)
 _by_module: "weakref.WeakKeyDictionary[torch.nn.Module, dict[str, tuple[tuple[Any, ...], GradClipper]]]" = (
@@ -93,6 +94,7 @@ def _is_tensor_or_named(x: Any) -> bool:
     return isinstance(x, torch.Tensor) or (isinstance(x, tuple) and len(x) == 2 and isinstance(x[1], torch.Tensor))
 
 
+@outside_compile  # builds and caches clippers, issues a collective: never traced
 def clip_grad_norm_(
     model_or_params: Any,
     max_norm: float,
@@ -118,6 +120,7 @@ def clip_grad_norm_(
     return _clipper(model_or_params, settings, layout).clip().total_norm
 
 
+@outside_compile
 def global_grad_norm(model_or_params: Any, norm_type: float | str = 2.0, **options: Any) -> torch.Tensor:
     """The exact pre-clip global gradient norm (plain fp32 tensor, identical on every rank); nothing is clipped."""
     options, layout = _split(dict(options))

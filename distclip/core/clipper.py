@@ -137,6 +137,7 @@ class Clipper:
                                   self.audit)
 
     # ------------------------------------------------------------------ public
+    @_compat.outside_compile  # one graph break inside a compiled region, never a traced clip
     @torch.no_grad()
     def clip(self, *, pending_scale: torch.Tensor | None = None, fold: Fold | None = None) -> ClipReport:
         """Measure the exact global (and per-group) norms and clip the gradients in place: the four stages.
@@ -161,6 +162,7 @@ class Clipper:
         self._recorder.publish(report, decision, applied, step, audit, before)
         return report
 
+    @_compat.outside_compile
     @torch.no_grad()
     def measure(self) -> ClipReport:
         """The exact norms without touching the gradients (also one collective)."""
