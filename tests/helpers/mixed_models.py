@@ -18,7 +18,7 @@ Trainer does for adapters FSDP2 does not manage (``Trainer._sync_replicated_trai
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -29,7 +29,6 @@ from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, 
 
 from tests.helpers.nd_helpers import CopyToGroup, ReduceFromGroup
 from tests.helpers.nd_models import EXPERTS, MoENet, cross_entropy, make_moe, make_net
-from tests.helpers.reference import reference_clip
 
 RANK = 4  # LoRA rank
 
@@ -146,24 +145,6 @@ def trainable_reference_grads(model: nn.Module, tokens: torch.Tensor, targets: t
     model.zero_grad()
     cross_entropy(model(tokens), targets).backward()
     return {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
-
-
-def reference_steps(make_model: Callable[[torch.dtype], nn.Module], batch: Callable[[int], tuple[torch.Tensor, torch.Tensor]],
-                    config: dict[str, Any], steps: int, lr: float) -> list[dict[str, Any]]:
-    """``steps`` of clip + SGD in one float64 process (trainable parameters only): per step the
-    :func:`~tests.helpers.reference.reference_clip` result of the mean loss over ``batch(step)``."""
-    model = make_model(torch.float64)
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.SGD(trainable, lr=lr)
-    out = []
-    for step in range(steps):
-        ref = reference_clip(trainable_reference_grads(model, *batch(step)), config)
-        for name, p in model.named_parameters():
-            if p.requires_grad:
-                p.grad.copy_(ref["clipped"][name])
-        opt.step()
-        out.append(ref)
-    return out
 
 
 def per_mesh_norm(params: list[torch.Tensor], p: float) -> torch.Tensor:

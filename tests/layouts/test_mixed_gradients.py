@@ -43,7 +43,6 @@ from tests.helpers.mixed_models import (
     multi_mesh_net,
     per_mesh_norm,
     plain_experts_moe,
-    reference_steps,
     trainable_reference_grads,
 )
 from tests.helpers.nd_helpers import (
@@ -57,7 +56,7 @@ from tests.helpers.nd_helpers import (
     sweep,
 )
 from tests.helpers.nd_models import cross_entropy, data, global_data, make_moe, make_net
-from tests.helpers.reference import norm64, rel_err
+from tests.helpers.reference import norm64, reference_run, rel_err
 
 pytestmark = pytest.mark.multiprocess
 
@@ -247,7 +246,9 @@ def test_mixed_layout_matches_float64_in_one_collective(name: str, world: int) -
 @pytest.mark.parametrize("world", [2, 4])
 @pytest.mark.parametrize("name", LAYOUTS)
 def test_mixed_layout_two_steps_with_the_all_reduce_hook(name: str, world: int) -> None:
-    refs = reference_steps(MODELS[name], batch_of(name, world), TWO_STEPS[name], 2, LR)
+    batch = batch_of(name, world)
+    refs = reference_run(TWO_STEPS[name], world, 2, LR, make_model=MODELS[name],
+                         step_loss=lambda model, step: cross_entropy(model(batch(step)[0]), batch(step)[1]))
     for rank, result in enumerate(layout_results(name, world)):
         for step, (rec, ref) in enumerate(zip(result["steps"], refs)):
             where = (name, world, rank, step)
