@@ -141,6 +141,15 @@ class DistclipTrainerMixin:
     ``last_clip_report`` the latest :class:`~distclip.ClipReport`.
     """
 
+    # what the torchtitan Trainer this is mixed into provides
+    config: Any
+    parallel_dims: Any
+    pp_schedule: Any
+    model_parts: list[torch.nn.Module]
+    step: int
+    metrics_processor: Any
+    checkpointer: Any
+
     grad_clipper: GradClipper | None = None
     last_clip_report: ClipReport | None = None
     _distclip_clips_in_step: int = 0
