@@ -57,12 +57,13 @@ def reference_run(config: dict[str, Any], world: int, steps: int, lr: float,
                   step_loss: Callable[[torch.nn.Module, int], torch.Tensor] | None = None) -> list[dict[str, Any]]:
     """``steps`` of clip + SGD in one process, float64, on all ranks' batches concatenated.
 
-    ``make_model(dtype)`` builds the model (default: :func:`tests.helpers.models.make_model`);
+    Only trainable parameters (``requires_grad``) are clipped and recorded: frozen ones (a LoRA
+    model's base weights) have no gradient. ``make_model(dtype)`` builds the model (default: :func:`tests.helpers.models.make_model`);
     ``step_loss(model, step)`` is the loss of one step (default: :func:`tests.helpers.models.loss_fn` on
     :func:`tests.helpers.models.global_batch`). Per step: the :func:`reference_clip` result plus ``params``
-    (every parameter after the step).
+    (every trainable parameter after the step).
     """
-    from tests import models
+    from tests.helpers import models
 
     model = (make_model or (lambda dtype: models.make_model(dtype=dtype)))(torch.float64)
     step_loss = step_loss or (lambda m, step: models.loss_fn(m, *models.global_batch(step, world)))
@@ -70,10 +71,11 @@ def reference_run(config: dict[str, Any], world: int, steps: int, lr: float,
     out = []
     for step in range(steps):
         step_loss(model, step).backward()
-        ref = reference_clip({n: p.grad for n, p in model.named_parameters()}, config)
-        for n, p in model.named_parameters():
+        trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+        ref = reference_clip({n: p.grad for n, p in trainable}, config)
+        for n, p in trainable:
             p.grad.copy_(ref["clipped"][n])
         opt.step()
         opt.zero_grad()
-        out.append({**ref, "params": {n: p.detach().clone() for n, p in model.named_parameters()}})
+        out.append({**ref, "params": {n: p.detach().clone() for n, p in trainable}})
     return out

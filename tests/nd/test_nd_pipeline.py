@@ -483,3 +483,36 @@ def test_setup_check_refuses_differing_stages_and_replicas():
         assert kind == "ConfigMismatchError" and "stage_layout" in message, message
         kind, message = r["tie_unknown_on_one_pipeline"]
         assert kind == "ConfigMismatchError" and "'embed.weight'] is not a trainable parameter" in message, message
+
+
+# ------------------------------------------------- the functional API keeps its clipper per stage list
+def run_functional_parameter_lists() -> dict[str, Any]:
+    """Stages given as parameter lists to the functional API: the second call reuses the clipper (no new
+    set-up exchange), and the norm equals the float64 norm over every stage."""
+    stage = split_net(dist.get_world_size(), 4)[dist.get_rank()]
+    tokens, targets = data(0, 0)
+    run_chunks([(dist.get_rank(), stage)], dist.get_world_size(), lambda s: s, tokens, targets)
+    built = []
+    original = distclip.GradClipper.__init__
+
+    def counted(self, *args, **kwargs):
+        built.append(1)
+        original(self, *args, **kwargs)
+
+    distclip.GradClipper.__init__ = counted
+    try:
+        norms = [distclip.global_grad_norm([list(stage.parameters())], pipeline_group=dist.group.WORLD).item()
+                 for _ in range(2)]
+    finally:
+        distclip.GradClipper.__init__ = original
+    return {"norms": norms, "built": len(built), "grads": {n: p.grad.double() for n, p in stage.named_parameters()}}
+
+
+def test_functional_api_keeps_the_clipper_of_parameter_list_stages():
+    results = run_ranks(run_functional_parameter_lists, 2, timeout=120)
+    grads = {n: g for r in results for n, g in r["grads"].items()}
+    expected = norm64(list(grads.values()), 2.0)
+    for r in results:
+        assert r["built"] == 1, r["built"]  # the second call reused the clipper
+        assert r["norms"][0] == r["norms"][1] == results[0]["norms"][0]
+        assert rel_err(r["norms"][0], expected) <= 1e-6
