@@ -24,7 +24,8 @@ from __future__ import annotations
 
 import math
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import pytest
 import torch
@@ -37,7 +38,11 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 import distclip
 from distclip.testing import run_ranks
-from tests.helpers.checks import assert_grad_close, assert_same_on_all_ranks, launch_once
+from tests.helpers.checks import (
+    assert_grad_close,
+    assert_same_on_all_ranks,
+    launch_once,
+)
 from tests.helpers.fsdp_helpers import GROUPS
 from tests.helpers.models import batch, loss_fn, make_model
 from tests.helpers.reference import reference_clip, rel_err
@@ -201,7 +206,7 @@ def graph_breaks() -> dict[str, Any]:
             if hooks:
                 clipper = distclip.GradClipper(target, {"max_norm": 0.1, "comm_hook": True})
                 assert clipper.adapter.hook_status == HOOK_STATUS[layout]
-            out["forward", layout, hooks] = explained(lambda: target(tokens).sum())
+            out["forward", layout, hooks] = explained(lambda target=target: target(tokens).sum())
     # a compiled foreach optimizer step, with and without attach
     for attach in (False, True):
         model = small_model()
