@@ -67,8 +67,10 @@ def _child(script: Path, workdir: Path, output: Path, rank: int, ranks: int, por
         import runpy
 
         runpy.run_path(str(script), run_name="__main__")
-    except SystemExit as stop:
+    except SystemExit as stop:  # as the interpreter does: an int is the status, anything else is printed
         code = stop.code if isinstance(stop.code, int) else (0 if stop.code is None else 1)
+        if not isinstance(stop.code, (int, type(None))):
+            print(stop.code, file=sys.stderr)
     except BaseException:  # noqa: BLE001 - report whatever the block raised
         import traceback
 
