@@ -16,6 +16,7 @@ outlives its timeout is killed with its whole process group (ranks it started in
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
 import signal
@@ -140,16 +141,13 @@ def _kill(pid: int, quiet: bool = False) -> None:
                 pass
 
 
+PRELOAD = ("torch", "torch.distributed", "torch.distributed.fsdp", "torch.distributed.tensor", "torch.nn.parallel",
+           "distclip", "distclip.testing")  # the imports every block would otherwise pay for
+
+
 def serve() -> None:
-    import torch  # noqa: F401 - the import every block would otherwise pay
-    import torch.distributed  # noqa: F401
-    import torch.distributed.fsdp  # noqa: F401
-    import torch.distributed.tensor  # noqa: F401
-    import torch.nn.parallel  # noqa: F401
-
-    import distclip  # noqa: F401
-    import distclip.testing  # noqa: F401
-
+    for name in PRELOAD:
+        importlib.import_module(name)
     print(json.dumps({"ready": True}), flush=True)
     for line in sys.stdin:
         if line.strip():
