@@ -546,7 +546,8 @@ class ClipConfig(_Section):
 
     def fingerprint(self) -> str:
         """Stable hash of the settings: equal on two ranks iff they clip the same way."""
-        text = json.dumps(_with_roles(self, self.model_dump()), sort_keys=True, default=str)
+        roles = [g.measured_only for g in self.groups] + [self.per_layer is not None and self.per_layer.measured_only]
+        text = json.dumps([_with_roles(self, self.model_dump()), roles], sort_keys=True, default=str)
         return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
