@@ -21,12 +21,14 @@ from typing import Sequence
 import torch
 import torch.distributed as dist
 
+from ..compat import pytorch as _compat
 from .contract import GradAdapter
 from .reduce import gather_rows
 
 __all__ = ["Attribution", "Attributor"]
 
 _BITS = 8
+_BATCH = 1 << 24  # elements per foreach batch of the non-finite search (its scratch: 64 MB in fp32)
 
 
 @dataclass(frozen=True)
@@ -78,9 +80,8 @@ class Attributor:
         count = len(self._ordered)
         hits = torch.zeros(count, dtype=torch.long, device=device)
         if pieces:
-            bad = torch.stack([(~torch.isfinite(t).all()).to(device) for t in pieces]).long()
             index = torch.tensor([self._local_bits[j] for j in params], dtype=torch.long, device=device)
-            hits.index_add_(0, index, bad)
+            hits.index_add_(0, index, nonfinite_flags(pieces, device).long())
         table = _unpack(gather_rows(self.adapter.reduce_group, _pack(hits > 0)).cpu(), count)  # the one read
         where: dict[str, list[int]] = {}
         for r, b in table.nonzero().tolist():
@@ -88,6 +89,44 @@ class Attributor:
         params_found = tuple(sorted(where, key=self._position.__getitem__))
         ranks = tuple(sorted({r for rs in where.values() for r in rs}))
         return Attribution(params_found, ranks, {n: tuple(where[n]) for n in params_found})
+
+
+def nonfinite_flags(pieces: Sequence[torch.Tensor], device: torch.device) -> torch.Tensor:
+    """Per piece, whether it holds a NaN or an inf (bool, on ``device``); exact for any values.
+
+    ``x * 0`` is 0 for every finite ``x`` and NaN for NaN and inf, so the 1-norm of ``piece * 0`` is NaN
+    exactly when the piece holds a non-finite value (a sum of zeros cannot overflow, as a sum of the
+    values could). Computed with foreach kernels per device and dtype, in batches of at most ``_BATCH``
+    elements (the products are scratch memory: bounded, whatever the model's size).
+    """
+    parts: list[torch.Tensor] = []
+    owners: list[int] = []
+    for _, (same_kind, indices) in _compat.group_by_device_and_dtype(list(pieces)).items():
+        for t, i in zip(same_kind, indices):
+            if t.numel() <= _BATCH:
+                parts.append(t)
+                owners.append(i)
+                continue
+            flat = t.reshape(-1)
+            for lo in range(0, flat.numel(), _BATCH):
+                parts.append(flat[lo : lo + _BATCH])
+                owners.append(i)
+    found = []
+    start = 0
+    while start < len(parts):  # consecutive parts share a device and a dtype within each group
+        end, size = start, 0
+        while end < len(parts) and (end == start or (size + parts[end].numel() <= _BATCH
+                                                    and parts[end].device == parts[start].device
+                                                    and parts[end].dtype == parts[start].dtype)):
+            size += parts[end].numel()
+            end += 1
+        sums = _compat.foreach_norm(_compat.foreach_mul(parts[start:end], 0.0), 1)
+        found.append(torch.stack(sums).isnan().to(device))
+        start = end
+    counts = torch.zeros(len(pieces), dtype=torch.long, device=device)
+    if found:  # a piece taken in several parts is non-finite if any part is
+        counts.index_add_(0, torch.tensor(owners, dtype=torch.long, device=device), torch.cat(found).long())
+    return counts > 0
 
 
 def _pack(bits: torch.Tensor) -> torch.Tensor:

@@ -179,6 +179,7 @@ class Clipper:
         measured = measure(self.adapter, self._plan)
         decision = decide(measured, self._plan, self._rules, self.policy, self.spikes, apply=False,
                           scaler_overflow=lambda: False)
+        decision = dataclasses.replace(decision, streaks=(self.streaks.nonfinite, self.streaks.spike))  # as they stand
         report = self.last_report = self._recorder.report(measured, decision, None)
         return report
 

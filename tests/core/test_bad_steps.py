@@ -347,3 +347,19 @@ def test_the_audit_does_not_call_a_measured_only_group_stale_and_folding_is_refu
     embed = model.embed.weight.grad.clone()
     optimizer.step()
     assert not attached.fold and torch.equal(model.embed.weight.grad, embed)
+
+
+def test_nonfinite_search_in_bounded_batches_is_exact(monkeypatch):
+    """Pieces split into parts and parts batched (a tiny batch forces both), mixed dtypes, a non-contiguous
+    piece, an empty one; huge finite values (whose sum would overflow) are not flagged."""
+    from distclip.core import attribution
+
+    monkeypatch.setattr(attribution, "_BATCH", 100)
+    pieces = [torch.randn(350), torch.randn(7, 3).t(), torch.zeros(0), torch.randn(5).to(torch.bfloat16),
+              torch.randn(250, dtype=torch.float64), torch.full((400,), 3e38), torch.randn(120)]
+    pieces[0][340] = math.inf
+    pieces[3][2] = math.nan
+    pieces[6][0] = -math.inf
+    flags = attribution.nonfinite_flags(pieces, torch.device("cpu"))
+    assert flags.tolist() == [True, False, False, True, False, False, True]
+    assert flags.tolist() == [not bool(torch.isfinite(p).all()) for p in pieces]  # the obvious way agrees

@@ -1,5 +1,5 @@
-"""DeepSpeed ZeRO-2 on 2 gloo ranks (issue 19): a non-finite step attributed to the parameter and the rank whose
-partition holds the NaN, inside ``engine.step()``; group roles (measured only, out of the total) against the
+"""DeepSpeed ZeRO-2 (and ZeRO-3) on 2 gloo ranks (issue 19): a non-finite step attributed to the parameter and
+the rank whose partition holds the NaN, inside ``engine.step()``; group roles (measured only, out of the total) against the
 float64 reference. One launch; its results are cached and asserted by focused tests.
 """
 
@@ -30,13 +30,22 @@ ROLES = [
 ROLE_CONFIGS = [{"max_norm": 0.01, "norm_type": p, "groups": ROLES} for p in (1.0, math.inf)]
 
 
-def new_engine():
+def new_engine(stage: int = 2):
     import deepspeed
 
     model = make_model()
     optimizer = torch.optim.SGD(model.parameters(), lr=LR)
-    engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config(2))
+    engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config(stage))
     return engine
+
+
+def holds_first_element(param: torch.nn.Parameter, stage: int) -> bool:
+    """Whether this rank's partition holds element 0 of ``param``, from DeepSpeed's own bookkeeping (read by the
+    test only): ZeRO-2's fragment mapping, ZeRO-3's partition index times partition size."""
+    if stage == 3:
+        return dist.get_rank(param.ds_process_group) * param.partition_numel() == 0
+    mapping = param._hp_mapping
+    return mapping is not None and mapping.lp_fragment_address.start == 0 and mapping.lp_fragment_address.numel > 0
 
 
 def micro_step(engine, step: int) -> None:
@@ -44,17 +53,16 @@ def micro_step(engine, step: int) -> None:
     engine.step()
 
 
-def attribution() -> dict[str, Any]:
+def attribution(stage: int) -> dict[str, Any]:
     """A good step, then one where rank 1's gradient of ``head.bias`` gets a NaN at [0] before the reduction:
     the reduce-scatter lands it in the partition holding that element, on one rank only."""
-    engine = new_engine()
+    engine = new_engine(stage)
     clipper = distclip.deepspeed.attach(engine, {"max_norm": 0.1, "nonfinite": {"action": "skip", "max_consecutive": 5}})
     counts = count_clip_collectives(clipper)
     micro_step(engine, 0)
     good = clipper.last_report
     bias = engine.module.head.bias
-    mapping = bias._hp_mapping  # DeepSpeed's own record of the fragment this rank holds (read by the test only)
-    holds_first = mapping is not None and mapping.lp_fragment_address.start == 0 and mapping.lp_fragment_address.numel > 0
+    holds_first = holds_first_element(bias, stage)
     handle = bias.register_hook(lambda g: g.index_fill(0, torch.tensor([0]), math.nan)) if dist.get_rank() == 1 else None
     before = full_params(engine)
     micro_step(engine, 1)
@@ -86,7 +94,7 @@ def roles() -> list[dict[str, Any]]:
 
 
 def checks() -> dict[str, Any]:
-    return {"attribution": attribution(), "roles": roles()}
+    return {"attribution": attribution(2), "attribution_zero3": attribution(3), "roles": roles()}
 
 
 @launch_once
@@ -94,8 +102,9 @@ def results() -> list[dict[str, Any]]:
     return run_ranks(checks, 2, timeout=420)
 
 
-def test_zero2_attribution_names_the_partition_holder():
-    out = [r["attribution"] for r in results()]
+@pytest.mark.parametrize("key", ["attribution", "attribution_zero3"])
+def test_zero_attribution_names_the_partition_holder(key):
+    out = [r[key] for r in results()]
     assert [o["bad"] for o in out] == [out[0]["bad"]] * 2  # the same on every rank
     holder = [r for r, o in enumerate(out) if o["holds_first"]]
     assert len(holder) == 1, out  # DeepSpeed's mapping: exactly one rank holds head.bias[0]
