@@ -438,7 +438,9 @@ class ClipConfig(_Section):
     Attributes:
         max_norm: threshold of the ``default`` group (all parameters when there are no groups).
         norm_type: p of the norm (any p > 0, or ``inf``); also the p of the reported total norm.
-        groups: ordered clip groups; the first match wins; unmatched parameters go to ``default``.
+        groups: ordered clip groups; the first match wins; unmatched parameters go to ``default``. A group
+            written with ``max_norm: null`` is measured, never clipped; one with ``in_total: false`` is left
+            out of the total norm (and of what ``skip_spikes`` watches).
         per_layer: shorthand for one group per module prefix (after the explicit groups).
         nonfinite: ``skip`` (drop this step), ``error`` (raise on every rank), ``zero`` (zero the
             gradients) or ``ignore`` (torch semantics: scale by the non-finite norm); or
@@ -448,7 +450,8 @@ class ClipConfig(_Section):
         policy: threshold policy of every group without its own ``policy``; ``fixed`` uses each
             group's ``max_norm``; ``zclip``, ``autoclip``, ``adagc`` adapt it; ``agc`` clips each
             row of each parameter against the parameter's own row norm.
-        skip_spikes: skip steps whose total norm is a spike (z-score over recent accepted steps).
+        skip_spikes: skip steps whose total norm is a spike (z-score over recent accepted steps); with
+            ``max_consecutive``, raise after that many spike skips in a row.
         comm_hook: compute the norm inside DDP's gradient reduction (comm hook) when possible.
         check_consistency: at set-up, verify every rank has the same config and group layout.
         log: where the clip metrics go (JSONL, TensorBoard), and how often.
