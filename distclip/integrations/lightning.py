@@ -49,11 +49,12 @@ from ..core.config import ClipConfig, ConfigError, load_config
 from ..core.errors import UsageError, require_extra
 
 pl = require_extra("lightning.pytorch", "lightning", "distclip.lightning")
+_Callback: Any = pl.Callback  # a base class only known at run time
 
 __all__ = ["DistclipCallback"]
 
 
-class DistclipCallback(pl.Callback):
+class DistclipCallback(_Callback):
     """Clip every optimizer step exactly with distclip (see the module docstring).
 
     Args:

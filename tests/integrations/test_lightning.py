@@ -29,7 +29,7 @@ import torch
 import torch.distributed as dist
 from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 
-pl = pytest.importorskip("lightning.pytorch")
+import lightning.pytorch as pl  # noqa: E402  (a dev dependency: missing, the tests fail)
 from lightning.fabric.plugins.environments import LightningEnvironment  # noqa: E402
 from lightning.pytorch.loggers import Logger  # noqa: E402
 from lightning.pytorch.plugins.precision import MixedPrecision  # noqa: E402
