@@ -154,6 +154,15 @@ class GradAdapter:
             pieces, groups = [pieces[i] for i in kept], [groups[i] for i in kept]
         return local_partials(pieces, groups, self.layout, self.collective_device(pieces)), "post_backward"
 
+    def held_pieces(self) -> tuple[list[torch.Tensor], list[int]]:
+        """Every local gradient piece this rank holds (replicated copies too, not only the counted slices) and
+        the index of its parameter (in :attr:`names`): where a non-finite step's NaN or inf is looked for.
+
+        The pieces cover exactly the parameters' elements (FSDP1 / ZeRO padding excluded), so a value found
+        is in a parameter, on a rank that holds it.
+        """
+        return slice_segments(self.local_grads(), self._scaled, range(len(self.names)))
+
     def collective_device(self, pieces: Sequence[torch.Tensor] = ()) -> torch.device:
         """Where the slot vector lives: chosen from the reduce group's backend (the same on every rank)."""
         if self._device is None or (pieces and self._device.type != pieces[0].device.type):

@@ -199,6 +199,11 @@ class DTensorAdapter(GradAdapter):
         grads = self.local_grads()  # whole local tensors (a gradient may be laid out unlike its parameter)
         return [[grads[i] for i in group if grads[i] is not None] for group in self.params_by_group]
 
+    def held_pieces(self) -> tuple[list[torch.Tensor], list[int]]:
+        """Each parameter's whole local gradient (it may be laid out unlike the parameter, as in :meth:`scaled_grads`)."""
+        held = [(g, i) for i, g in enumerate(self.local_grads()) if g is not None]
+        return [g for g, _ in held], [i for _, i in held]
+
     def describe(self) -> dict[str, object]:
         meshes = sorted({str(self.geometry(p.device_mesh).key[0]) for p in self.params if isinstance(p, DTensor)})
         declared = sum(d is not None for d in self.declarations)

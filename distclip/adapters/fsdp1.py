@@ -30,7 +30,7 @@ The hook result is used only when provably valid (:mod:`distclip.adapters.hooks`
 holding a gradient reduced in the last backward, no sharded gradient accumulated into an older
 one, an exact cast to the parameter dtype, and the gradients untouched since; anything else falls
 back to the post-backward path. FSDP1's private handle metadata is read through
-:class:`distclip.adapters._compat.FSDP1Unit`.
+:class:`distclip.compat.pytorch.FSDP1Unit`.
 """
 
 from __future__ import annotations

@@ -11,10 +11,10 @@ partials of the gradients the optimizer will see:
    into an older one, a division after the hook, an inexact dtype cast): :meth:`invalidate`;
 3. after that backward, the gradients are the very tensors the backend wrote, with the same
    version counters: any in-place write since (an edit, ``no_sync`` accumulation, GradScaler's
-   ``unscale_``, made visible by :func:`~distclip.adapters._compat.track_amp_unscaling`), an
+   ``unscale_``, made visible by :func:`~distclip.compat.pytorch.track_amp_unscaling`), an
    in-place collective into one of them (``dist.all_reduce(p.grad)`` of tied weights or copies
    synchronised by hand: c10d bumps no version; seen by
-   :func:`~distclip.adapters._compat.track_collective_writes`) or a replaced gradient
+   :func:`~distclip.compat.pytorch.track_collective_writes`) or a replaced gradient
    invalidates it. A snapshot of identities and versions is taken at the end of backward, after
    the backend's own final callback.
 

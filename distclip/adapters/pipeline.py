@@ -166,6 +166,16 @@ class PipelineAdapter(GradAdapter):
             groups += g
         return pieces, groups
 
+    def held_pieces(self) -> tuple[list[torch.Tensor], list[int]]:
+        """Every stage's pieces, their parameter indices shifted to this adapter's order (the stages' names in turn)."""
+        pieces, params, offset = [], [], 0
+        for stage in self.stages:
+            p, i = stage.held_pieces()
+            pieces += p
+            params += [offset + k for k in i]
+            offset += len(stage.names)
+        return pieces, params
+
     def grad_scale(self) -> float:
         return 1.0
 

@@ -68,6 +68,7 @@ def _internal(what: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
 # ------------------------------------------------------------------ kernels
 # The foreach kernels torch.optim itself uses (private names, stable in practice).
 foreach_norm = torch._foreach_norm
+foreach_mul = torch._foreach_mul
 foreach_mul_ = torch._foreach_mul_
 foreach_zero_ = torch._foreach_zero_
 foreach_copy_ = torch._foreach_copy_

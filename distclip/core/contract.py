@@ -8,7 +8,9 @@ imports an adapter: it talks to whichever one it is given through these members 
   across the job, so ONE collective over ``reduce_group`` yields every element once), ``grad_scale``.
 * **HOOK**: ``enable_reduction_hook`` (the same partials computed inside the backend's gradient
   reduction, when it allows it and only when provably valid).
-* **APPLY**: ``scale``, ``zero``, ``drop_grads`` (multiply each group by its coefficient, zero it,
+* **ATTRIBUTE** (bad steps only): ``held_pieces`` (every local gradient piece this rank holds, with its
+  parameter), whose non-finite values the core looks for after a non-finite norm.
+* **APPLY**: ``scale``, ``zero``, ``drop_grads``  (multiply each group by its coefficient, zero it,
   or drop the gradients so the optimizer step leaves parameters and state untouched).
 * **ROWS** (row-wise clipping, ``kind: agc``): ``global_shapes``, ``bind_rows``,
   ``row_partials``, ``scale_rows`` (where each counted piece sits among its parameter's rows).
@@ -65,6 +67,9 @@ class GradAdapter(Protocol):
     def collective_device(self, pieces: Sequence[torch.Tensor] = ()) -> torch.device: ...
     def grad_scale(self) -> float: ...
     def loss_scaled(self) -> bool: ...
+
+    # ----------------------------------------------------------- ATTRIBUTE
+    def held_pieces(self) -> tuple[list[torch.Tensor], list[int]]: ...
 
     # --------------------------------------------------------------- APPLY
     def scale(self, coefs: torch.Tensor, groups: Sequence[int], host_coefs: Sequence[float] | None = None) -> None: ...

@@ -29,13 +29,15 @@ class SlotLayout:
     group_norm_types: tuple[float, ...]
     total_norm_type: float
     slots: tuple[tuple[int, float], ...]  # (group index, p)
+    in_total: tuple[bool, ...] = ()  # per group: whether it enters the total norm (empty: all do)
     _constants: dict[Hashable, torch.Tensor] = field(default_factory=dict, compare=False, repr=False)
 
     @classmethod
     def build(cls, groups: Sequence[ClipGroup], total_norm_type: float) -> "SlotLayout":
         slots = [(g, total_norm_type) for g in range(len(groups))]
         slots += [(g, grp.norm_type) for g, grp in enumerate(groups) if grp.norm_type != total_norm_type]
-        return cls(tuple(g.norm_type for g in groups), total_norm_type, tuple(slots))
+        in_total = tuple(grp.in_total for grp in groups)
+        return cls(tuple(g.norm_type for g in groups), total_norm_type, tuple(slots), () if all(in_total) else in_total)
 
     @property
     def num_slots(self) -> int:
@@ -111,8 +113,11 @@ class SlotLayout:
         return self.constant("uses_max", device, self.uses_max, torch.bool)
 
     def total_norm(self, reduced: torch.Tensor) -> torch.Tensor:
-        """The global norm (float64) in the config's p over every group."""
+        """The global norm (float64) in the config's p over every group in the total (``in_total``): a group
+        left out adds nothing to it (a mask, not an index: the same ops, no sync)."""
         values = reduced[: self.num_groups]
+        if self.in_total:
+            values = torch.where(self.constant("in_total", values.device, self.in_total, torch.bool), values, 0.0)
         p = self.total_norm_type
         if math.isinf(p):
             return values.max() if values.numel() else values.new_zeros(())
