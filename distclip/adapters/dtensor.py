@@ -38,6 +38,7 @@ import torch.distributed as dist
 from torch.distributed.tensor import DTensor
 
 from ..errors import ConfigError, PartialGradientError, UnsupportedLayoutError
+from ..core.hook_choice import ReductionVenue
 from ..core.norms import local_partials
 from ..core.rowwise import RowPlan
 from ..compat import pytorch as _compat
@@ -186,6 +187,13 @@ class DTensorAdapter(GradAdapter):
         return {"adapter": self.kind, "num_params": len(self.params), "mesh_shapes": meshes}
 
     # ----------------------------------------------------------------- hook
+    def reduction_venue(self) -> ReductionVenue | None:
+        """``fully_shard``'s reduce-scatter (over the reduce group's backend) on the parameters' device; None without
+        a ``fully_shard`` module (no reduction hook)."""
+        if self.module is None or not self.params or not _compat.fsdp2_param_groups(self.module):
+            return None
+        return self.venue_of(self.reduce_group, self.params[0].device)
+
     def enable_reduction_hook(self, inner: Any = None, inner_state: Any = None) -> bool:
         """Compute the partials in each ``fully_shard`` module's all-reduce hook (see the module docstring)."""
         if inner is not None:

@@ -45,6 +45,7 @@ import torch.distributed as dist
 from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
 
 from ..core.groups import GroupTable
+from ..core.hook_choice import ReductionVenue
 from ..errors import ConfigError, UnsupportedLayoutError
 from ..core.names import canonical_name
 from ..core.norms import SlotLayout, local_partials
@@ -263,6 +264,12 @@ class FSDP1Adapter(GradAdapter):
         if any(u.view.fake_reduce for u in self.units):
             return "FSDP fake reduction is enabled"
         return None
+
+    def reduction_venue(self) -> ReductionVenue | None:
+        """The units' process group reduces the gradients, on the flat parameters' device."""
+        if not self.units:
+            return None
+        return self.venue_of(self.units[0].view.process_group, self.units[0].flat_param.device)
 
     def enable_reduction_hook(self, inner: Any = None, inner_state: Any = None) -> bool:
         """Compute the partials inside FSDP's gradient reduction (comm hook) where FSDP allows it.

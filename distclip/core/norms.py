@@ -162,6 +162,39 @@ def local_partials(
     return out
 
 
+def piece_sums(tensors: Sequence[torch.Tensor], p: float, layout: SlotLayout, device: torch.device) -> torch.Tensor:
+    """Per tensor, sum |t|^p (max |t| for p = inf): float64 ``[len(tensors)]`` on ``device``, in the order given.
+
+    A function of the list alone (its sizes, dtypes and values): the same list gives the same bits,
+    whichever other tensors were measured before or after it (what :func:`ordered_slot_sums` builds on).
+    """
+    if not tensors:
+        return torch.zeros(0, dtype=ACC_DTYPE, device=device)
+    grouped = group_tensors_by_device_and_dtype([list(tensors)], with_indices=True)
+    if len(grouped) == 1:
+        (([same_kind], _),) = grouped.values()
+        return power_sums(same_kind, p).to(device)
+    out = torch.empty(len(tensors), dtype=ACC_DTYPE, device=device)
+    for [same_kind], indices in grouped.values():  # mixed dtypes: each kind's sums back in the list's order
+        out.index_copy_(0, layout.slot_index(indices, device), power_sums(same_kind, p).to(device))
+    return out
+
+
+def ordered_slot_sums(values: torch.Tensor, slot_ids: torch.Tensor, layout: SlotLayout, use_max: bool) -> torch.Tensor:
+    """A slot vector from per-piece values: piece k goes to slot ``slot_ids[k]``, summed in the pieces' order.
+
+    Sums are taken one piece after another in the given order (CPU ``index_add_`` is a serial loop; on
+    other devices ``index_put_(accumulate=True)`` sorts stably and adds in order, with no atomics), so the
+    result depends on the order of the pieces and nothing else. ``use_max``: a max instead (any order).
+    """
+    out = torch.zeros(layout.num_slots, dtype=ACC_DTYPE, device=values.device)
+    if use_max:
+        return out.scatter_reduce_(0, slot_ids, values, reduce="amax")
+    if values.device.type == "cpu":
+        return out.index_add_(0, slot_ids, values)
+    return out.index_put_((slot_ids,), values, accumulate=True)
+
+
 def combine_partials(partials: Sequence[torch.Tensor], layout: SlotLayout, device: torch.device) -> torch.Tensor:
     """Combine slot vectors of disjoint piece sets (e.g. DDP buckets), in the order given."""
     out = torch.zeros(layout.num_slots, dtype=ACC_DTYPE, device=device)

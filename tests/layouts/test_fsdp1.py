@@ -159,7 +159,7 @@ def hybrid_hook_status():
     model, target, _ = build(HYBRID_LAYOUTS["hybrid_shard"])
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        clipper = distclip.GradClipper(target, {"max_norm": 1.0})
+        clipper = distclip.GradClipper(target, {"max_norm": 1.0, "comm_hook": True})
     ours = [str(w.message) for w in caught if "distclip" in str(w.message)]
     return clipper.adapter.hook_status, clipper.adapter.hook is None, ours
 
@@ -173,7 +173,7 @@ def hook_validity():
     """Cases where the comm-hook result must not (or may) be used; the norm is exact either way."""
     rank = dist.get_rank()
     out = {}
-    config = {"max_norm": 0.1, "norm_type": 2.0, "groups": GROUPS}
+    config = {"max_norm": 0.1, "norm_type": 2.0, "groups": GROUPS, "comm_hook": True}
     for case in ("accumulate_without_no_sync", "accumulate_with_no_sync", "modified_after_backward", "existing_comm_hook"):
         model, target, _ = build(LAYOUTS["full_shard"])
         if case == "existing_comm_hook":  # FSDP allows one: distclip warns and measures after backward
@@ -227,7 +227,7 @@ def nan_on_one_rank(mode: str, layout: str, where: str):
     """
     rank = dist.get_rank()
     model, target, _ = build(LAYOUTS[layout])
-    clipper = distclip.GradClipper(target, {"max_norm": 0.1, "groups": GROUPS, "nonfinite": mode})
+    clipper = distclip.GradClipper(target, {"max_norm": 0.1, "groups": GROUPS, "nonfinite": mode, "comm_hook": True})
     opt = torch.optim.SGD(model.parameters(), lr=0.5)
     loss_fn(model, *batch(0, rank), scale=math.nan if (where == "loss" and rank == 1) else 1.0).backward()
     if where == "shard" and rank == 1:

@@ -139,7 +139,7 @@ def test_iterable_of_dtensor_parameters():
 def hook_validity():
     rank = dist.get_rank()
     out = {}
-    config = {"max_norm": 0.1, "norm_type": 2.0, "groups": GROUPS}
+    config = {"max_norm": 0.1, "norm_type": 2.0, "groups": GROUPS, "comm_hook": True}
     for case in ("accumulate_without_sync_off", "accumulate_with_sync_off", "modified_after_backward", "existing_hook"):
         model, target, _ = build(LAYOUTS["one_d"])
         if case == "existing_hook":  # FSDP allows one: distclip warns and measures after backward
@@ -185,7 +185,7 @@ def nan_on_one_rank(mode: str, shape: tuple[int, ...]):
     """NaN in ONE element of rank 1's local shard after backward: same decision everywhere, no hang."""
     rank = dist.get_rank()
     model, target, _ = build({"blocks": shape, "root": shape})
-    clipper = distclip.GradClipper(target, {"max_norm": 0.1, "groups": GROUPS, "nonfinite": mode})
+    clipper = distclip.GradClipper(target, {"max_norm": 0.1, "groups": GROUPS, "nonfinite": mode, "comm_hook": True})
     opt = torch.optim.SGD(model.parameters(), lr=0.5)
     loss_fn(model, *batch(0, rank)).backward()
     if rank == 1:
@@ -232,7 +232,8 @@ def many_small_params(n: int):
     rank = dist.get_rank()
     model = ManySmall(n)
     fully_shard(model, mesh=mesh((2,)))
-    clipper = distclip.GradClipper(model, {"max_norm": 1.0, "groups": [{"name": "odd", "match": ["weights.1*"]}]})
+    clipper = distclip.GradClipper(model, {"max_norm": 1.0, "groups": [{"name": "odd", "match": ["weights.1*"]}],
+                                           "comm_hook": True})
     model(1.0 + rank).backward()  # rank r's gradient: (r + 1) * c_i; averaged: 1.5 * c_i
     start = time.perf_counter()
     with CommDebugMode() as comm:
@@ -278,7 +279,7 @@ def fp16_reduction():
     for block in model.blocks:
         fully_shard(block, mesh=mesh((4,)), mp_policy=policy)
     fully_shard(model, mesh=mesh((4,)), mp_policy=policy)
-    clipper = distclip.GradClipper(model, {"max_norm": 1.0, "groups": GROUPS})
+    clipper = distclip.GradClipper(model, {"max_norm": 1.0, "groups": GROUPS, "comm_hook": True})
     post_backward = distclip.GradClipper(model, {"max_norm": 1.0, "groups": GROUPS, "comm_hook": False})
     loss_fn(model, *batch(0, rank)).backward()
     report = clipper.measure()
