@@ -114,7 +114,7 @@ class FSDP1Adapter(GradAdapter):
             managed.add(id(view.flat_param))
             managed.update(id(p) for p in view.orig_params + view.shared_params)
             spans.append(self._unit_span(view))
-            unit = _Unit(len(self.units), view, self._unit_replicas(view))
+            unit = _Unit(len(self.units), view, self._unit_replicas(view, len(self.units)))
             pieces += self._add_unit(unit, prefix, names)
             self.units.append(unit)
 
@@ -153,14 +153,16 @@ class FSDP1Adapter(GradAdapter):
         )
 
     @staticmethod
-    def _unit_replicas(unit: _compat.FSDP1Unit) -> Replicas | None:
+    def _unit_replicas(unit: _compat.FSDP1Unit, index: int) -> Replicas | None:
+        """The unit's replica set: each unit's copies are split on their own, on both paths (the comm hook
+        measures one unit at a time), so that ranks on different paths still count each element once."""
         if unit.strategy == "NO_SHARD":
             pg = unit.process_group
         elif unit.strategy in HYBRID:
             pg = unit.inter_node_group
         else:
             return None
-        return Replicas((unit.strategy == "NO_SHARD", group_ranks(pg)), pg.rank(), pg.size())
+        return Replicas((index, unit.strategy == "NO_SHARD", group_ranks(pg)), pg.rank(), pg.size())
 
     def _add_unit(self, unit: _Unit, prefix: str, names: list[str]) -> list[LocalPiece]:
         """Name the unit's original parameters; return where each one's local gradient lives."""

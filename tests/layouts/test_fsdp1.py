@@ -174,8 +174,9 @@ def hook_validity():
     rank = dist.get_rank()
     out = {}
     config = {"max_norm": 0.1, "norm_type": 2.0, "groups": GROUPS, "comm_hook": True}
-    for case in ("accumulate_without_no_sync", "accumulate_with_no_sync", "modified_after_backward", "existing_comm_hook"):
-        model, target, _ = build(LAYOUTS["full_shard"])
+    for case in ("accumulate_without_no_sync", "accumulate_with_no_sync", "modified_after_backward", "existing_comm_hook",
+                 "no_shard_paths_differ"):
+        model, target, _ = build(LAYOUTS["no_shard" if case == "no_shard_paths_differ" else "full_shard"])
         if case == "existing_comm_hook":  # FSDP allows one: distclip warns and measures after backward
             model.register_comm_hook(default_hooks.DefaultState(model.process_group), default_hooks.reduce_scatter_hook)
         with warnings.catch_warnings(record=True) as caught:
@@ -193,6 +194,9 @@ def hook_validity():
         elif case == "modified_after_backward":
             for p in model.parameters():
                 p.grad.mul_(0.25)
+        elif case == "no_shard_paths_differ" and rank == 1:  # same values, new versions: rank 1 measures after backward
+            for p in model.parameters():
+                p.grad.mul_(1.0)
         report = clipper.measure()
         assert_same_on_all_ranks(report.total_norm, *report.group_norms.values())
         out[case] = (report.source, report.total_norm.item(), {k: v.item() for k, v in report.group_norms.items()})
@@ -210,7 +214,9 @@ def test_hook_result_used_only_when_valid():
                 "accumulate_with_no_sync": ("comm_hook", accumulated["total"]),
                 "modified_after_backward": ("post_backward", 0.25 * single),
                 "existing_comm_hook": ("post_backward", single)}
-    for out in run_ranks(hook_validity, 2):
+    for rank, out in enumerate(run_ranks(hook_validity, 2)):
+        # NO_SHARD replicas split each unit alike on both paths: ranks on different paths count each element once
+        expected["no_shard_paths_differ"] = (["comm_hook", "post_backward"][rank], single)
         for case, (source, total) in expected.items():
             assert out[case][0] == source, (case, out[case])
             assert rel_err(out[case][1], total) <= 1e-6, (case, out[case][1], total)

@@ -1,0 +1,162 @@
+"""``comm_hook``: which path ``auto`` picks, and that both paths give the same, exact norm.
+
+* The decision: ``auto`` measures inside the reduction where gradients are reduced by NCCL on CUDA,
+  after backward elsewhere; ``true`` / ``false`` force either path (a pure function, plus its use at
+  set-up, with the backend query patched where a GPU would be needed).
+* DDP on 2 and 4 gloo ranks, p = 1, 2, inf, 1.5, uniform and per group (a group with its own p),
+  with ``comm_hook: true`` (the hook, forced on CPU) and with the default: every norm within 1e-6
+  of the float64 reference, bitwise equal across ranks (float64 slots), and the float64 partials of
+  the two paths bitwise equal, on DDP's initial buckets (step 0) and on its rebuilt ones (step 1).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import pytest
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+import distclip
+from distclip.adapters.ddp import DDPAdapter
+from distclip.core.hook_choice import ReductionVenue, choose_hook
+from distclip.testing import run_ranks
+from tests.helpers.checks import (assert_same_on_all_ranks, check_against_reference, gathered_equal, launch_once,
+                                  record_slots)
+from tests.helpers.models import batch, loss_fn, make_model
+from tests.helpers.reference import reference_run
+
+NORM_TYPES = [1.0, 2.0, math.inf, 1.5]
+GROUPS = [
+    {"name": "embed", "match": ["embed.*"], "max_norm": 0.05},
+    {"name": "attn", "match": ["blocks.*.attn.*"], "max_norm": 0.02, "norm_type": 3.0},  # a p of its own: 2 passes
+]
+HOOKS = {"true": True, "auto": "auto"}
+STEPS, LR = 2, 0.5
+
+
+def config_for(p: float, grouped: bool) -> dict[str, Any]:
+    return {"max_norm": 0.1, "norm_type": p, "groups": GROUPS if grouped else []}
+
+
+# ------------------------------------------------------------------------ the decision
+@pytest.mark.parametrize("setting, backend, device, enable", [
+    ("auto", "gloo", "cpu", False),
+    ("auto", "nccl", "cuda", True),
+    ("auto", "cpu:gloo,cuda:nccl", "cuda", True),  # init_process_group() without a backend on a GPU machine
+    ("auto", "cpu:gloo,cuda:nccl", "cpu", False),
+    ("auto", "gloo", "cuda", False),  # gloo reducing CUDA tensors: not measured to pay
+    ("auto", "mpi", "cpu", False),
+    (True, "gloo", "cpu", True),
+    (False, "nccl", "cuda", False),
+])
+def test_auto_uses_the_hook_only_with_nccl_on_cuda(setting, backend, device, enable):
+    choice = choose_hook(setting, ReductionVenue(backend, device))
+    assert choice.enable is enable and choice.auto is (setting == "auto")
+    if setting == "auto":
+        assert f"on {device}" in choice.reason  # the facts it decided from are recorded
+    if setting == "auto" and not enable:
+        assert choice.reason.startswith("post-backward (comm_hook: auto") and "comm_hook: true" in choice.reason
+
+
+def test_auto_without_a_venue_leaves_it_to_the_layout():
+    """Layouts with no reduction hook (plain, ZeRO, torchft's DDP) say why themselves."""
+    assert choose_hook("auto", None).enable and choose_hook(False, None).enable is False
+
+
+def default_clipper(venue: ReductionVenue | None) -> dict[str, Any]:
+    """A DDP clipper with the default config, DDP's venue reported as ``venue`` (None: the real one, gloo on CPU)."""
+    real = DDPAdapter.reduction_venue
+    if venue is not None:
+        DDPAdapter.reduction_venue = lambda self: venue  # the backend query, patched in this process only
+    try:
+        ddp = DDP(make_model(), bucket_cap_mb=0.002)
+        clipper = distclip.GradClipper(ddp, {"max_norm": 0.1})
+    except distclip.ConfigMismatchError as err:
+        return {"error": str(err)}
+    finally:
+        DDPAdapter.reduction_venue = real
+    loss_fn(ddp, *batch(0, dist.get_rank())).backward()
+    return {"status": clipper.adapter.hook_status, "source": clipper.clip().source,
+            "hooked": clipper.adapter.hook is not None}
+
+
+def venue_cases() -> dict[str, dict[str, Any]]:
+    nccl = ReductionVenue("nccl", "cuda")
+    return {"gloo": default_clipper(None), "nccl": default_clipper(nccl),
+            # rank 1 alone sees NCCL on CUDA: the ranks would take different paths, the set-up check refuses it
+            "differ": default_clipper(nccl if dist.get_rank() == 1 else None)}
+
+
+def test_auto_picks_at_set_up_from_the_backend():
+    for r in run_ranks(venue_cases, 2):
+        assert r["gloo"]["status"].startswith("post-backward (comm_hook: auto, gradients reduced by gloo on cpu"), r
+        assert r["gloo"]["source"] == "post_backward" and not r["gloo"]["hooked"], r
+        assert r["nccl"]["status"] == "comm_hook (comm_hook: auto, gradients reduced by nccl on cuda)", r
+        assert r["nccl"]["source"] == "comm_hook" and r["nccl"]["hooked"], r
+        assert "measured_in_reduction: rank 0 has False, rank 1 has True" in r["differ"]["error"], r
+
+
+# ------------------------------------------------------------- exactness of both paths
+def sweep() -> dict[tuple, list[dict[str, Any]]]:
+    """Every (p, grouped, comm_hook) on a fresh DDP model: STEPS steps of clip + SGD (tiny buckets, rebuilt after
+    step 0); per step the norms, the clipped gradients, the path, and the float64 partials and slots."""
+    rank = dist.get_rank()
+    out = {}
+    for p in NORM_TYPES:
+        for grouped in (False, True):
+            for name, hook in HOOKS.items():
+                model = make_model()
+                ddp = DDP(model, bucket_cap_mb=0.002)
+                clipper = distclip.GradClipper(ddp, {**config_for(p, grouped), "comm_hook": hook})
+                seen: dict[str, torch.Tensor] = {}
+                record_slots(clipper, seen)
+                opt = torch.optim.SGD(ddp.parameters(), lr=LR)
+                records = []
+                for step in range(STEPS):
+                    loss_fn(ddp, *batch(step, rank)).backward()
+                    report = clipper.clip()
+                    assert_same_on_all_ranks(report.total_norm, *report.group_norms.values())
+                    records.append({
+                        "total": report.total_norm.item(), "source": report.source,
+                        "groups": {k: v.item() for k, v in report.group_norms.items()},
+                        "grads": {n: q.grad.detach().clone() for n, q in model.named_parameters()},
+                        "partials": seen["partials"], "slots_same_on_ranks": gathered_equal(seen["slots"]),
+                    })
+                    opt.step()
+                    opt.zero_grad()
+                out[p, grouped, name] = records
+    return out
+
+
+@launch_once
+def two_ranks() -> list[dict]:
+    return run_ranks(sweep, 2, timeout=300)
+
+
+@launch_once
+def four_ranks() -> list[dict]:
+    return run_ranks(sweep, 4, timeout=400)
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_both_paths_match_the_float64_reference_and_each_other_bitwise(world):
+    results = two_ranks() if world == 2 else four_ranks()
+    for p in NORM_TYPES:
+        for grouped in (False, True):
+            refs = reference_run(config_for(p, grouped), world, STEPS, LR)
+            for rank, result in enumerate(results):
+                where = (world, rank, p, grouped)
+                hooked, default = result[p, grouped, "true"], result[p, grouped, "auto"]
+                # norms within 1e-6; gradients to fp32 backward's precision (the 2-element parameter's gradient is a
+                # sum with cancellation: 2e-5 off float64's after one step on 4 ranks, with either path)
+                check_against_reference(hooked, refs, rtol=1e-6, grad_rtol=1e-4)
+                check_against_reference(default, refs, rtol=1e-6, grad_rtol=1e-4)
+                assert [r["source"] for r in hooked] == ["comm_hook"] * STEPS, where  # initial and rebuilt buckets
+                assert [r["source"] for r in default] == ["post_backward"] * STEPS, where  # auto on gloo
+                for step, (a, b) in enumerate(zip(hooked, default)):
+                    assert torch.equal(a["partials"], b["partials"]), (where, step, a["partials"], b["partials"])
+                    assert a["slots_same_on_ranks"] and b["slots_same_on_ranks"], (where, step)
+                    assert a["total"] == b["total"] and a["groups"] == b["groups"], (where, step)
