@@ -159,7 +159,7 @@ def full_params(layout: str, model: Any) -> dict[str, torch.Tensor]:
 def train(layout: str, kind: str) -> dict[str, Any]:
     rank = dist.get_rank()
     model, target, optimizer = build(layout)
-    config = {**CONFIGS[kind], "nonfinite": "skip"}
+    config = {**CONFIGS[kind], "nonfinite": "skip", "comm_hook": True}  # the reduction hooks, also on CPU
     if layout.startswith("zero"):
         clipper = distclip.deepspeed.attach(model, config)
     else:
@@ -347,3 +347,52 @@ def test_resume_in_new_processes_continues_bitwise(hook, adamw):
     assert any(s["skipped"] for s in mixed[RESUME_AT:])  # the spike step was skipped ...
     assert any(s["coefs"]["default"] < 1 for s in mixed)  # ... and ZClip's adaptive threshold clipped
     assert any(math.isfinite(s["thresholds"]["default"]) and s["thresholds"]["default"] < 1.0 for s in mixed[RESUME_AT:])
+
+
+def fsdp_steps(first: int, last: int, load_dir: str | None, save_dir: str | None) -> dict[str, Any]:
+    """FSDP1 and FSDP2 with their reduction hooks, per-group policies and spike skipping: steps ``first..last-1``,
+    optionally resumed from / saved to a directory (model and clipper; SGD without momentum keeps no state)."""
+    rank, out = dist.get_rank(), {}
+    for layout in ("fsdp1", "fsdp2"):
+        model, target, optimizer = build(layout)
+        clipper = distclip.GradClipper(target, {**RESUME_CONFIGS["mixed"], "nonfinite": "skip", "comm_hook": True})
+        clipper.attach(optimizer)
+        seen: dict[str, torch.Tensor] = {}
+        record_slots(clipper, seen)
+        if load_dir is not None:
+            saved = torch.load(os.path.join(load_dir, f"{layout}-{rank}.pt"), weights_only=False)
+            model.load_state_dict(saved["model"])
+            clipper.load_state_dict(saved["clipper"])
+        steps = []
+        for step in range(first, last):
+            loss_fn(model, *batch(step, rank), scale=loss_scale(step)).backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            report = clipper.last_report
+            steps.append({"slots": seen["slots"].tolist(), "skipped": report.skipped, "source": report.source})
+            if save_dir is not None and step == RESUME_AT - 1:
+                torch.save({"model": model.state_dict(), "clipper": clipper.state_dict()},
+                           os.path.join(save_dir, f"{layout}-{rank}.pt"))
+        out[layout] = {"steps": steps, "params": full_params(layout, model), "state": state_tensors(clipper.state_dict())}
+    return out
+
+
+def test_fsdp_hooks_resume_bitwise_too():
+    """FSDP1 units and FSDP2 parameter groups are fixed when the model is wrapped (nothing like DDP's bucket
+    rebuild): a resume in new processes measured inside their reductions continues bitwise."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        straight = run_ranks(fsdp_steps, WORLD, 0, STEPS, None, tmp, timeout=300)
+        resumed = run_ranks(fsdp_steps, WORLD, RESUME_AT, STEPS, tmp, None, timeout=300)
+    for rank in range(WORLD):
+        for layout in ("fsdp1", "fsdp2"):
+            a, b = straight[rank][layout], resumed[rank][layout]
+            assert b["steps"] == a["steps"][RESUME_AT:], (layout, rank)
+            assert {s["source"] for s in a["steps"] + b["steps"]} == {"comm_hook"}, (layout, rank)
+            assert any(s["skipped"] for s in b["steps"]), (layout, rank)  # the spike step, after the resume
+            for name, value in a["params"].items():
+                assert torch.equal(b["params"][name], value), (layout, rank, name)
+            for key, value in a["state"].items():
+                same = torch.equal(value, b["state"][key]) if isinstance(value, torch.Tensor) else value == b["state"][key]
+                assert same, (layout, rank, key)
