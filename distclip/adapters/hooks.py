@@ -20,7 +20,9 @@ partials of the gradients the optimizer will see:
 
 Otherwise :meth:`take` returns None and the clip measures the gradients after backward, which is
 always exact. Writes through ``tensor.data`` bypass version counters by torch's design, so they
-cannot be seen: after such an edit, clip with ``comm_hook: false``.
+cannot be seen: after such an edit, clip with ``comm_hook: false``. That is the one limit of the
+hooks; with ``comm_hook: auto`` (the default) it applies only where a hook is used (NCCL on CUDA,
+:mod:`distclip.core.hook_choice`).
 """
 
 from __future__ import annotations

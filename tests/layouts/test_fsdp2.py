@@ -140,8 +140,10 @@ def hook_validity():
     rank = dist.get_rank()
     out = {}
     config = {"max_norm": 0.1, "norm_type": 2.0, "groups": GROUPS, "comm_hook": True}
-    for case in ("accumulate_without_sync_off", "accumulate_with_sync_off", "modified_after_backward", "existing_hook"):
-        model, target, _ = build(LAYOUTS["one_d"])
+    for case in ("accumulate_without_sync_off", "accumulate_with_sync_off", "modified_after_backward", "existing_hook",
+                 "hsdp_paths_differ"):
+        # hsdp_paths_differ: HSDP on a (2, 1) mesh, each parameter copied on both ranks (a Replicate dimension)
+        model, target, _ = build({"blocks": (2, 1), "root": (2, 1)} if case == "hsdp_paths_differ" else LAYOUTS["one_d"])
         if case == "existing_hook":  # FSDP allows one: distclip warns and measures after backward
             model.set_all_reduce_hook(lambda reduce_output: None)
         with warnings.catch_warnings(record=True) as caught:
@@ -159,6 +161,9 @@ def hook_validity():
         elif case == "modified_after_backward":
             for p in model.parameters():
                 p.grad.mul_(0.25)
+        elif case == "hsdp_paths_differ" and rank == 1:  # same values, new versions: rank 1 measures after backward
+            for p in model.parameters():
+                p.grad.mul_(1.0)
         report = clipper.measure()
         assert_same_on_all_ranks(report.total_norm, *report.group_norms.values())
         out[case] = (report.source, report.total_norm.item(), {k: v.item() for k, v in report.group_norms.items()})
@@ -175,7 +180,10 @@ def test_reduce_hook_result_used_only_when_valid():
                 "accumulate_with_sync_off": ("comm_hook", accumulated["total"]),
                 "modified_after_backward": ("post_backward", 0.25 * reference_norm(config, 2)),
                 "existing_hook": ("post_backward", reference_norm(config, 2))}
-    for out in run_ranks(hook_validity, 2):
+    for rank, out in enumerate(run_ranks(hook_validity, 2)):
+        # the copies are split alike on both paths (per FSDP parameter group): ranks on different paths count
+        # each element once
+        expected["hsdp_paths_differ"] = (["comm_hook", "post_backward"][rank], reference_norm(config, 2))
         for case, (source, total) in expected.items():
             assert out[case][0] == source, (case, out[case])
             assert rel_err(out[case][1], total) <= 1e-6, (case, out[case][1], total)
