@@ -93,12 +93,15 @@ class DDPAdapter(GradAdapter):
         return partials, "post_backward"
 
     def _piece(self, grads: Sequence[torch.Tensor | None], segment: Segment) -> torch.Tensor:
-        """A counted range of a gradient, flat; zeros for a parameter without one (its bucket holds zeros)."""
+        """A counted range of a gradient, flat in memory order as DDP's bucket holds it (a channels-last gradient
+        too); zeros for a parameter without one (its bucket holds zeros)."""
         source, lo, hi, param = segment
         grad = grads[source]
         if grad is None:
             p = self.params[param]
             return torch.zeros(hi - lo, dtype=p.dtype, device=p.device)
+        if not grad.is_contiguous():  # DDP lays a dense gradient out in its memory order: read it in that order
+            grad = grad.permute(sorted(range(grad.dim()), key=lambda d: -grad.stride(d)))
         return grad.reshape(-1)[lo:hi]
 
     def reduction_venue(self) -> ReductionVenue | None:

@@ -26,7 +26,7 @@ from distclip.testing import run_ranks
 from tests.helpers.checks import (assert_same_on_all_ranks, check_against_reference, gathered_equal, launch_once,
                                   record_slots)
 from tests.helpers.models import batch, loss_fn, make_model
-from tests.helpers.reference import reference_run
+from tests.helpers.reference import reference_run, rel_err
 
 NORM_TYPES = [1.0, 2.0, math.inf, 1.5]
 GROUPS = [
@@ -128,6 +128,29 @@ def sweep() -> dict[tuple, list[dict[str, Any]]]:
                     opt.step()
                     opt.zero_grad()
                 out[p, grouped, name] = records
+    out["channels_last"] = channels_last_partials()
+    return out
+
+
+def channels_last_partials() -> dict[str, Any]:
+    """Conv weights in channels-last memory (non-contiguous gradients, which DDP's buckets hold in memory order):
+    this rank's float64 partials on both paths, and the norm against float64 over the ranks' full gradients."""
+    out: dict[str, Any] = {}
+    for name, hook in HOOKS.items():
+        torch.manual_seed(0)
+        convs = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.ReLU(), torch.nn.Conv2d(8, 5, 3))
+        convs = convs.to(memory_format=torch.channels_last)
+        ddp = DDP(convs, bucket_cap_mb=0.0005)
+        clipper = distclip.GradClipper(ddp, {"max_norm": 1.0, "norm_type": 1.5, "comm_hook": hook})
+        seen: dict[str, torch.Tensor] = {}
+        record_slots(clipper, seen)
+        torch.manual_seed(dist.get_rank())
+        ddp(torch.randn(2, 3, 9, 9).to(memory_format=torch.channels_last)).pow(2).sum().backward()
+        grads = [q.grad.detach().double() for q in convs.parameters()]
+        out[name] = {"source": clipper.measure().source, "partials": seen["partials"],
+                     "expected": torch.cat([g.flatten() for g in grads]).abs().pow(1.5).sum().pow(1 / 1.5).item(),
+                     "total": clipper.last_report.total_norm.item(),
+                     "non_contiguous": any(not q.grad.is_contiguous() for q in convs.parameters())}
     return out
 
 
@@ -160,3 +183,8 @@ def test_both_paths_match_the_float64_reference_and_each_other_bitwise(world):
                     assert torch.equal(a["partials"], b["partials"]), (where, step, a["partials"], b["partials"])
                     assert a["slots_same_on_ranks"] and b["slots_same_on_ranks"], (where, step)
                     assert a["total"] == b["total"] and a["groups"] == b["groups"], (where, step)
+        for rank, result in enumerate(results):  # channels-last gradients: the bucket's memory order on both paths
+            hooked, default = result["channels_last"]["true"], result["channels_last"]["auto"]
+            assert (hooked["source"], default["source"]) == ("comm_hook", "post_backward") and hooked["non_contiguous"]
+            assert torch.equal(hooked["partials"], default["partials"]), (world, rank)
+            assert rel_err(hooked["total"], hooked["expected"]) <= 1e-6, (world, rank, hooked)
