@@ -23,8 +23,13 @@ import distclip
 from distclip.adapters.ddp import DDPAdapter
 from distclip.core.hook_choice import ReductionVenue, choose_hook
 from distclip.testing import run_ranks
-from tests.helpers.checks import (assert_same_on_all_ranks, check_against_reference, gathered_equal, launch_once,
-                                  record_slots)
+from tests.helpers.checks import (
+    assert_same_on_all_ranks,
+    check_against_reference,
+    gathered_equal,
+    launch_once,
+    record_slots,
+)
 from tests.helpers.models import batch, loss_fn, make_model
 from tests.helpers.reference import reference_run, rel_err
 
