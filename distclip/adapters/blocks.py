@@ -9,11 +9,12 @@ Here the parameters are cut once, at set-up, into *blocks* of consecutive parame
 from the last parameter backwards, like DDP's initial buckets: :func:`block_bounds`), a function
 of the parameter list alone. In each block the replicas split the block's elements laid end to
 end into disjoint ``1/count`` slices (every element counted once, the work spread over the
-replicas in every block). Both paths measure a block with one kernel call over the same list of
-pieces: inside the reduction once every parameter of the block is reduced, whatever buckets held
-them; after backward from ``param.grad``. The pieces' sums then enter the slots one after
-another in parameter order (:func:`~distclip.core.norms.ordered_slot_sums`). So the slot vector
-is bitwise the same whatever DDP's buckets, and on either path.
+replicas in every block). With the hook on, both paths measure a block with one kernel call over
+the same list of pieces: inside the reduction once every parameter of the block is reduced,
+whatever buckets held them; after backward (when the hook's result cannot be used) from
+``param.grad``. The pieces' sums then enter the slots one after another in parameter order
+(:func:`~distclip.core.norms.ordered_slot_sums`). So the slot vector is bitwise the same whatever
+DDP's buckets, and on either path.
 """
 
 from __future__ import annotations

@@ -2,13 +2,15 @@
 
 What each rank counts does not depend on DDP's buckets (:mod:`distclip.adapters.blocks`): the
 parameters are cut once into blocks, and in each block every replica counts a disjoint 1/world
-slice. Two paths give bitwise the same slot vector:
+slice. With the hook on, both paths give bitwise the same slot vector:
 
 * **comm hook**: distclip wraps DDP's all-reduce hook. When a bucket's all-reduce completes, the
   future's callback notes where its parameters' reduced values lie; once every parameter of a
   block is reduced, this rank's slice of the block is measured, overlapping the rest of backward.
   ``clip()`` then only sums the per-piece values in parameter order and reduces the small slot vector.
-* **post-backward**: the same blocks, measured from ``param.grad`` after backward.
+* **post-backward**: the same blocks, measured from ``param.grad`` after backward (where the hook's
+  result cannot be used). Without a hook (``comm_hook: false``, or ``auto`` off CUDA) the same
+  elements are measured in one call: equal within float64 rounding, cheaper per clip.
 
 ``comm_hook: auto`` (the default) takes the hook only where DDP reduces with NCCL on CUDA
 (:mod:`distclip.core.hook_choice`). The hook result is used only when provably valid
@@ -77,7 +79,11 @@ class DDPAdapter(GradAdapter):
         self._counted = self.blocks.counted  # what the post-backward path, the hook and row sums count
 
     def local_partials(self, skip_groups: frozenset[int] = frozenset()) -> tuple[torch.Tensor, str]:
-        """The blocks' slot vector, from the hook when valid, else measured now from ``param.grad`` (the same bits)."""
+        """The blocks' slot vector, from the hook when valid, else measured now from ``param.grad`` block by block:
+        the same bits as the hook's. Without a hook there is nothing to agree with bit for bit: every counted
+        piece is measured in one call (the same elements; the cheapest per-clip path)."""
+        if self.hook is None:
+            return super().local_partials(skip_groups)
         hooked = self.reduced_partials()
         if hooked is not None:
             return hooked, "comm_hook"
