@@ -13,7 +13,7 @@ replicas in every block). With the hook on, both paths measure a block with one 
 the same list of pieces: inside the reduction once every parameter of the block is reduced,
 whatever buckets held them; after backward (when the hook's result cannot be used) from
 ``param.grad``. The pieces' sums then enter the slots one after another in parameter order
-(:func:`~distclip.core.norms.ordered_slot_sums`). So the slot vector is bitwise the same whatever
+(:class:`~distclip.core.norms.OrderedSlotSums`). So the slot vector is bitwise the same whatever
 DDP's buckets, and on either path.
 """
 
@@ -25,7 +25,7 @@ from typing import Sequence
 
 import torch
 
-from ..core.norms import ACC_DTYPE, SlotLayout, ordered_slot_sums, piece_sums
+from ..core.norms import ACC_DTYPE, OrderedSlotSums, SlotLayout, piece_sums
 from .counting import LocalPiece, Replicas, Segment, counted_segments
 
 FIRST_BLOCK_BYTES = 1 << 20  # the last parameters' block: as DDP's first bucket (1 MiB by default)
@@ -84,8 +84,7 @@ class BlockPlan:
             self.blocks.append(block)
         self.counted: list[Segment] = [s for block in self.blocks for s in block.segments]
         self.measured_blocks = [b for b, block in enumerate(self.blocks) if block.segments]
-        self._slot_ids = slot_ids
-        self._slot_index: dict[tuple[int, torch.device], torch.Tensor] = {}
+        self._sums = [OrderedSlotSums(ids, layout) for ids in slot_ids]  # per pass
 
     def measure(self, b: int, tensors: Sequence[torch.Tensor], device: torch.device) -> list[torch.Tensor | None]:
         """Block ``b``'s per-piece sums for each p-pass (None where no piece enters it), from its pieces' values
@@ -107,16 +106,9 @@ class BlockPlan:
             if not parts:
                 continue
             values = parts[0] if len(parts) == 1 else torch.cat(parts)
-            contrib = ordered_slot_sums(values, self._index(k, values.device), self.layout, math.isinf(p))
+            contrib = self._sums[k](values, math.isinf(p))
             out = torch.maximum(out, contrib) if math.isinf(p) else out + contrib
         return out
-
-    def _index(self, k: int, device: torch.device) -> torch.Tensor:
-        """Pass ``k``'s slot of every piece, as a device index (built once per device)."""
-        key = (k, device)
-        if key not in self._slot_index:
-            self._slot_index[key] = torch.tensor(self._slot_ids[k], dtype=torch.long, device=device)
-        return self._slot_index[key]
 
 
 def _in_block(piece: LocalPiece, block: int) -> LocalPiece:
