@@ -20,6 +20,7 @@ DDP's buckets, and on either path.
 from __future__ import annotations
 
 import math
+from bisect import bisect_right
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -71,8 +72,13 @@ class BlockPlan:
         self.blocks: list[Block] = []
         self.block_of: dict[int, int] = {}  # parameter -> its block, for the parameters this rank counts
         slot_ids: list[list[int]] = [[] for _ in layout.passes]
-        for b, (lo, hi) in enumerate(bounds):
-            own = [_in_block(p, b) for p in pieces if lo <= p.param < hi and p.param not in uncounted]
+        starts = [lo for lo, _ in bounds]
+        by_block: list[list[LocalPiece]] = [[] for _ in bounds]  # one pass over the pieces: linear set-up
+        for piece in pieces:
+            b = bisect_right(starts, piece.param) - 1
+            if piece.param not in uncounted and b >= 0 and piece.param < bounds[b][1]:
+                by_block[b].append(_in_block(piece, b))
+        for b, own in enumerate(by_block):
             segments = tuple(sorted(counted_segments(own), key=lambda s: (s[3], s[1])))
             members = []
             for k, (_, slot_of_group) in enumerate(layout.passes):
