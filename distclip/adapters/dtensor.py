@@ -6,7 +6,9 @@ mesh dimension the placement says how the tensor spreads over that dimension's r
 * ``Shard`` (and strided shards): disjoint parts: each is counted by its holder (uneven and
   empty local shards included: an empty one contributes nothing, and its rank still joins).
 * ``Replicate``: identical copies (the replicate dimension of an HSDP mesh): the copies of one
-  replica set are split into disjoint 1/R slices, so each element is counted once.
+  replica set are split into disjoint 1/R slices, so each element is counted once (under
+  ``fully_shard``, per parameter group, as its all-reduce hook measures them: both paths count
+  the same elements).
 * a sub-mesh (``mesh["dp"]`` of ``(dp, tp)``: modules left out of tensor parallelism, experts on
   an ``ep`` sub-mesh), however the framework built it (slicing, flattening, unflattening a 1-D
   world mesh): each instance of the sub-mesh holds a copy, counted once over the job
@@ -40,7 +42,9 @@ import torch.distributed as dist
 from torch.distributed.tensor import DTensor
 
 from ..errors import ConfigError, PartialGradientError, UnsupportedLayoutError
-from ..core.norms import local_partials
+from ..core.groups import GroupTable
+from ..core.hook_choice import ReductionVenue
+from ..core.norms import SlotLayout, local_partials
 from ..core.rowwise import RowPlan
 from ..compat import pytorch as _compat
 from .base import GradAdapter
@@ -109,6 +113,32 @@ class DTensorAdapter(GradAdapter):
                     self.uncounted.add(i)
             pieces.append(LocalPiece(i, 0, self.params[i].numel(), i, replicas))
         return pieces
+
+    def bind(self, table: GroupTable, layout: SlotLayout) -> None:
+        self._split_copies_per_fsdp_group()
+        super().bind(table, layout)
+
+    def _split_copies_per_fsdp_group(self) -> None:
+        """Copies of the parameters one ``fully_shard`` group reduces are split among their holders per group, in
+        the group's order, as its all-reduce hook measures them: ranks on different paths (an edit on one rank
+        alone makes it measure after backward) then still count each element once."""
+        groups = _compat.fsdp2_param_groups(self.module) if self.module is not None else []
+        if not groups:
+            return
+        index_of = {id(p): i for i, p in enumerate(self.params)}
+        by_param = {piece.param: piece for piece in self.pieces}
+        ordered: list[LocalPiece] = []
+        for g, (_, group) in enumerate(groups):
+            for param, _, _ in _compat.fsdp2_params(group):
+                piece = by_param.pop(index_of.get(id(param), -1), None)
+                if piece is None:
+                    continue
+                r = piece.replicas
+                if r is not None:
+                    piece = LocalPiece(piece.source, piece.start, piece.numel, piece.param,
+                                       Replicas(("group", g, r.key), r.index, r.count), piece.offset)
+                ordered.append(piece)
+        self.pieces = ordered + [piece for piece in self.pieces if piece.param in by_param]
 
     def geometry(self, mesh: Any) -> MeshGeometry:
         """The mesh's instances across the job, computed once per mesh object."""
@@ -211,6 +241,13 @@ class DTensorAdapter(GradAdapter):
                 **({"declared": declared} if declared else {})}
 
     # ----------------------------------------------------------------- hook
+    def reduction_venue(self) -> ReductionVenue | None:
+        """``fully_shard``'s reduce-scatter (over the reduce group's backend) on the parameters' device; None without
+        a ``fully_shard`` module (no reduction hook)."""
+        if self.module is None or not self.params or not _compat.fsdp2_param_groups(self.module):
+            return None
+        return self.venue_of(self.reduce_group, self.params[0].device)
+
     def enable_reduction_hook(self, inner: Any = None, inner_state: Any = None) -> bool:
         """Compute the partials in each ``fully_shard`` module's all-reduce hook (see the module docstring)."""
         if inner is not None:

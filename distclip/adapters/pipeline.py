@@ -25,6 +25,7 @@ import torch.distributed as dist
 
 from ..core.config import ConfigError
 from ..core.groups import GroupTable
+from ..core.hook_choice import ReductionVenue
 from ..core.norms import SlotLayout, combine_partials
 from ..core.reduce import exchange_ints
 from .base import GradAdapter
@@ -180,6 +181,15 @@ class PipelineAdapter(GradAdapter):
         return 1.0
 
     # ------------------------------------------------------------------- HOOK
+    def reduction_venue(self) -> ReductionVenue | None:
+        """The first stage's that has one (the stages on a rank share a backend and a device)."""
+        return next((v for v in (s.reduction_venue() for s in self.stages) if v is not None), None)
+
+    def decline_reduction_hook(self, reason: str, inner: Any = None, inner_state: Any = None) -> None:
+        for stage in self.stages:
+            stage.decline_reduction_hook(reason, inner, inner_state)
+        self.hook_status = ", ".join(s.hook_status for s in self.stages)
+
     def enable_reduction_hook(self, inner: Any = None, inner_state: Any = None) -> bool:
         enabled = [s.enable_reduction_hook(inner, inner_state) for s in self.stages]
         self.hook_status = ", ".join(s.hook_status for s in self.stages)

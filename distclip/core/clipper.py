@@ -36,6 +36,7 @@ from .contract import GradAdapter
 from .counters import BadStepStreaks, ClipCounters
 from .decide import Rules, decide
 from .groups import GroupTable, resolve_groups
+from .hook_choice import HookChoice, choose_hook
 from .measure import SlotPlan, measure
 from .names import canonical_name
 from .norms import SlotLayout
@@ -84,10 +85,9 @@ class Clipper:
             share_setup_failure(self.adapter.reduce_group, err)
             raise
         _compat.track_amp_unscaling()  # GradScaler's unscaling becomes visible (hooks, overflow detection)
-        self._check_consistency()
+        self._check_consistency()  # the hook choice is part of it: every rank takes the same path
         self.adapter.verify_layout()
-        if self.config.comm_hook and self._excluded is None:
-            self.adapter.enable_reduction_hook(ddp_comm_hook, ddp_comm_hook_state)
+        self._set_up_hook(ddp_comm_hook, ddp_comm_hook_state)
 
     def _set_up(self, config: Any, overrides: dict[str, Any], params: Iterable[torch.Tensor | str] | str | None,
                 names: list[str]) -> None:
@@ -142,6 +142,18 @@ class Clipper:
         self._attribute = Attributor(self.adapter, names)
         self._recorder = Recorder(self.adapter, self.layout, self.group_names, self.rows, self.counters, self.log,
                                   self.audit)
+        self.hook_choice: HookChoice = (
+            choose_hook(self.config.comm_hook, self.adapter.reduction_venue()) if self._excluded is None
+            else HookChoice(False, "post-backward: only a subset of the parameters is clipped (params=)"))
+
+    def _set_up_hook(self, inner: Callable | None, inner_state: Any) -> None:
+        """Measure inside the gradient reduction, or after backward, as ``hook_choice`` says (the adapter's
+        ``hook_status`` records which and why)."""
+        choice = self.hook_choice
+        if not choice.enable:
+            self.adapter.decline_reduction_hook(choice.reason, inner, inner_state)
+        elif self.adapter.enable_reduction_hook(inner, inner_state) and choice.auto:
+            self.adapter.hook_status = f"{self.adapter.hook_status} ({choice.reason})"
 
     # ------------------------------------------------------------------ public
     @_compat.outside_compile  # one graph break inside a compiled region, never a traced clip
@@ -309,7 +321,7 @@ class Clipper:
         layout = self.table.groups_fingerprint() if self._pipeline else self.table.fingerprint()
         rows = self.rows.fingerprint() if self.rows is not None else ""
         return (f"{self.config.fingerprint()}-{layout}-{rows}-{sorted(self.adapter.describe().items())}"
-                f"-{self._setup_problems}")
+                f"-{self.hook_choice.enable}-{self._setup_problems}")
 
     # ---------------------------------------------------------------- internals
     def _check_consistency(self) -> None:
@@ -354,8 +366,8 @@ class Clipper:
         layout = self.table.groups_fingerprint() if self._pipeline else self.table.fingerprint()
         rows = {"row_layout": self.rows.fingerprint()} if self.rows is not None else {}
         problems = {"setup_problems": self._setup_problems} if self._setup_problems else {}
-        return {**self.config.to_dict(), "group_order": self.group_names,
-                "group_layout": layout, **self.adapter.describe(), **stage, **rows, **problems}
+        return {**self.config.to_dict(), "group_order": self.group_names, "group_layout": layout,
+                "measured_in_reduction": self.hook_choice.enable, **self.adapter.describe(), **stage, **rows, **problems}
 
     def _names_of(self, params: Iterable[torch.Tensor | str] | str) -> list[str]:
         """Canonical names of the parameters to clip (identity lookup among the adapter's parameters)."""

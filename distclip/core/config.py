@@ -393,6 +393,30 @@ def _parse_path(value: Any) -> str:
     return value
 
 
+_COMM_HOOK_RULE = ("must be auto (the default: the norm inside the gradient reduction where gradients are reduced by NCCL on "
+                   "CUDA, after backward elsewhere), true (always inside the reduction, where the layout allows it) "
+                   "or false (always after backward)")
+_TRUE_WORDS, _FALSE_WORDS = {"true", "yes", "on", "1"}, {"false", "no", "off", "0"}
+
+
+def _parse_comm_hook(value: Any) -> Any:
+    """``auto``, or a bool (also as the words YAML or an environment variable may carry: true/false, on/off, 1/0)."""
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str):
+        word = value.strip().lower()
+        if word == "auto":
+            return "auto"
+        if word in _TRUE_WORDS or word in _FALSE_WORDS:
+            return word in _TRUE_WORDS
+    elif isinstance(value, int) and value in (0, 1):  # pydantic's bool accepted 0 and 1: so does this key
+        return bool(value)
+    raise ValueError(f"{_COMM_HOOK_RULE}; got {type(value).__name__} {_show(value)}")
+
+
+CommHook = Annotated[Union[Literal["auto"], bool], BeforeValidator(_parse_comm_hook)]
+
+
 def _audit_shorthand(value: Any) -> Any:
     """``audit: true`` is the default audit, ``audit: false`` none; a mapping sets its fields."""
     if value is True:
@@ -452,7 +476,10 @@ class ClipConfig(_Section):
             row of each parameter against the parameter's own row norm.
         skip_spikes: skip steps whose total norm is a spike (z-score over recent accepted steps); with
             ``max_consecutive``, raise after that many spike skips in a row.
-        comm_hook: compute the norm inside DDP's gradient reduction (comm hook) when possible.
+        comm_hook: where the norm is computed: ``auto`` (default) inside the gradient reduction (DDP comm hook,
+            FSDP reduce hooks) where gradients are reduced by NCCL on CUDA, after backward elsewhere (CPU, gloo);
+            ``true`` inside the reduction wherever the layout allows it; ``false`` always after backward.
+            Both paths give the same norm (see docs/guides/comm_hook.md).
         check_consistency: at set-up, verify every rank has the same config and group layout.
         log: where the clip metrics go (JSONL, TensorBoard), and how often.
         audit: a periodic cross-rank check of the coefficients applied, and stale-clipping warnings
@@ -467,7 +494,7 @@ class ClipConfig(_Section):
     nonfinite: Annotated[Union[NonFiniteMode, NonFiniteSpec], BeforeValidator(_parse_nonfinite)] = "skip"
     policy: PolicySpec = FixedPolicySpec()
     skip_spikes: SkipSpikesSpec | None = None
-    comm_hook: bool = True
+    comm_hook: CommHook = "auto"
     check_consistency: bool = True
     log: LogSpec | None = None
     audit: Annotated[AuditSpec | None, BeforeValidator(_audit_shorthand)] = None
@@ -755,7 +782,7 @@ _EXPECTED = {
     "match[]": "a non-empty glob string, e.g. '*embed*'",
     "per_layer": "a mapping {depth: N, match: ..., max_norm: ..., norm_type: ...} (only depth required)",
     "policy": "a mapping with a 'kind' key",
-    "comm_hook": "true or false",
+    "comm_hook": "auto, true or false",
     "check_consistency": "true or false",
     "log": "a mapping {every: N, jsonl: PATH, tensorboard: DIR} (each optional)",
     "audit": "true, false, or a mapping {every: N, stale_after: M, on_mismatch: raise | warn}",

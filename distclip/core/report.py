@@ -21,7 +21,8 @@ class ClipReport:
         skip_reason: None, ``nonfinite`` (``nonfinite: skip``), ``overflow`` (a loss-scale overflow
             that GradScaler / DeepSpeed skip themselves) or ``spike`` (``skip_spikes``).
         finite: whether every norm was finite (a bool tensor: reading it syncs with the device).
-        source: ``comm_hook`` when the norm was computed inside the gradient reduction, else ``post_backward``.
+        source: ``comm_hook`` when the norm was computed inside the gradient reduction, else ``post_backward``
+            (which path ``comm_hook: auto`` chose, and why: the adapter's ``hook_status``).
         clip_counts: per group (in the order of ``group_norms``), on how many of the clipper's
             ``clip_steps`` clips so far it was clipped (int64, on the device; None outside a clipper).
         clip_steps: the number of clips ``clip_counts`` counts (this one included).

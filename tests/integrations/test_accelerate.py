@@ -107,7 +107,7 @@ def test_single_process_subset_measure_and_disable():
 # --------------------------------------------------------------------------- DDP (MULTI_CPU)
 def train_ddp(p: float):
     accelerator = cpu_accelerator()
-    distclip.accelerate.enable(accelerator, config_for(p))  # before prepare: distclip sees the DDP wrapper
+    distclip.accelerate.enable(accelerator, {**config_for(p), "comm_hook": True})  # before prepare: distclip sees the DDP wrapper
     model = make_model()
     optimizer = torch.optim.SGD(model.parameters(), lr=LR)
     model, optimizer = accelerator.prepare(model, optimizer)

@@ -55,7 +55,7 @@ GROUPS = [  # names under the LightningModule are net.<TinyNet name>; the refere
     {"name": "embed", "match": ["*embed.*"], "max_norm": 0.05},
     {"name": "attn", "match": ["*blocks.*.attn.*"], "max_norm": 0.02},
 ]
-CONFIG = {"max_norm": 0.1, "norm_type": 2.0, "groups": GROUPS}
+CONFIG = {"max_norm": 0.1, "norm_type": 2.0, "groups": GROUPS, "comm_hook": True}  # the hooks' path, also on CPU
 GROUP_NAMES = ["embed", "attn", "default"]
 ZCLIP = {**CONFIG, "policy": {"kind": "zclip", "warmup_steps": 2}}
 

@@ -110,7 +110,8 @@ def torch_clip(model: nn.Module) -> tuple[str, str] | float:
 
 def two_steps(name: str, model: nn.Module) -> list[dict[str, Any]]:
     model.zero_grad()
-    clipper = distclip.GradClipper(model, {"max_norm": 0.02, "norm_type": 2.0, "groups": VARIANTS[name]["groups"]})
+    clipper = distclip.GradClipper(model, {"max_norm": 0.02, "norm_type": 2.0, "groups": VARIANTS[name]["groups"],
+                                           "comm_hook": True})  # the all-reduce hook, also on CPU
     opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=LR)
     records = []
     for step in range(2):

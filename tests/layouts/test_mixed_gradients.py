@@ -181,7 +181,7 @@ def controls(layout: Layout, model: nn.Module) -> dict[str, Any]:
 def two_steps(layout: Layout, model: nn.Module) -> list[dict[str, Any]]:
     """Two steps of backward, the user's sync, clip (FSDP2's all-reduce hook on), SGD."""
     model.zero_grad()
-    clipper = distclip.GradClipper(model, TWO_STEPS[layout.name])
+    clipper = distclip.GradClipper(model, {**TWO_STEPS[layout.name], "comm_hook": True})  # the hook, also on CPU
     opt = torch.optim.SGD(trainable(model), lr=LR)
     records = []
     for step in range(2):

@@ -118,8 +118,8 @@ def run_fsdp_stages(mesh) -> dict[str, Any]:
     result["group_names"] = distclip.GradClipper(stage, CONFIGS_FSDP[-1], pipeline_group=mesh["pp"]).group_names
     # two steps with the FSDP2 all-reduce hook (norms computed inside each stage's reduction)
     stage = fsdp_stage(mesh)
-    clipper = distclip.GradClipper(stage, {"max_norm": 0.02, "norm_type": 2.0, "groups": LAST_STAGE_GROUPS},
-                                   pipeline_group=mesh["pp"])
+    clipper = distclip.GradClipper(stage, {"max_norm": 0.02, "norm_type": 2.0, "groups": LAST_STAGE_GROUPS,
+                                           "comm_hook": True}, pipeline_group=mesh["pp"])
     opt = torch.optim.SGD(stage.parameters(), lr=0.5)
     steps = []
     for step in range(2):
@@ -268,7 +268,7 @@ def tied_backward(mesh, module: nn.Module, ddp: DDP) -> None:
 
 def run_tied(mesh) -> dict[str, Any]:
     module, ddp = tied_stage(mesh)
-    hooked = distclip.GradClipper(ddp, CONFIGS_TIED[2], pipeline_group=mesh["pp"], tied=TIE)  # comm_hook on
+    hooked = distclip.GradClipper(ddp, {**CONFIGS_TIED[2], "comm_hook": True}, pipeline_group=mesh["pp"], tied=TIE)
     tied_backward(mesh, module, ddp)
     grads = lambda: {n: p.grad.detach().double().clone() for n, p in module.named_parameters()}  # noqa: E731
     report, collectives = count_collectives(hooked.measure)
@@ -277,7 +277,7 @@ def run_tied(mesh) -> dict[str, Any]:
                         lambda: [p.grad for p in module.parameters()], grads))
     # DDP stages without a hand-made sync: the norm is measured inside DDP's reduction, as post-backward
     plain_module, plain_ddp = tied_stage(mesh)
-    in_hook = distclip.GradClipper(plain_ddp, CONFIGS_TIED[3], pipeline_group=mesh["pp"])
+    in_hook = distclip.GradClipper(plain_ddp, {**CONFIGS_TIED[3], "comm_hook": True}, pipeline_group=mesh["pp"])
     run_chunks([(mesh["pp"].get_local_rank(), plain_ddp)], PP, pp_peer, *data(0, mesh["dp"].get_local_rank()))
     after = distclip.GradClipper(plain_ddp, {**CONFIGS_TIED[3], "comm_hook": False}, pipeline_group=mesh["pp"])
     result["ddp_stage_hook"] = (report_record(in_hook.measure()), report_record(after.measure()))
