@@ -41,4 +41,3 @@ autodoc_default_options = {"members": True, "show-inheritance": True}
 napoleon_google_docstring = True
 napoleon_numpy_docstring = False
 nitpicky = False
-suppress_warnings = ["myst.xref_missing"]
