@@ -31,6 +31,7 @@ from ..core.norms import local_partials
 from ..compat import pytorch as _compat
 from .base import GradAdapter
 from .counting import LocalPiece, Replicas, counted_segments, group_ranks
+from .declared import declared_groups
 from .hooks import ReductionHook
 
 CommHook = Callable[[Any, dist.GradBucket], torch.futures.Future]
@@ -54,8 +55,7 @@ class DDPAdapter(GradAdapter):
 
     def stage_size(self) -> int:
         """DDP's ranks times the declared groups beyond them (a grid: e.g. dp x tp)."""
-        extra = {tuple(sorted(g)) for d in self.declarations if d is not None
-                 for g in (*d.replicated, d.sharded) if g and not set(g) <= self._dp_ranks}
+        extra = [g for g in declared_groups(self.declarations) if not g <= self._dp_ranks]
         return len(self._dp_ranks) * math.prod(len(g) for g in extra)
 
     def enable_reduction_hook(self, inner: CommHook | None = None, inner_state: Any = None) -> bool:

@@ -64,9 +64,12 @@ class DTensorAdapter(GradAdapter):
         self.module = module
         self._rank = dist.get_rank()
         self._stages = stages
-        self._replica_cache: dict[tuple[int, tuple[Any, ...]], Replicas | None] = {}
+        self._replica_cache: dict[tuple[int, tuple[Any, ...]], Replicas | None] = {}  # (id(geometry), placements)
         self._geometries: dict[int, tuple[Any, MeshGeometry]] = {}  # id(mesh) -> (mesh, geometry)
+        self._layouts: dict[tuple[Any, ...], MeshGeometry] = {}  # mesh_identity -> geometry (shared by equal meshes)
+        self._offsets: dict[tuple[Any, ...], int | None] = {}  # (id(geometry), placements, shape) -> flat offset
         spans: dict[frozenset[int], tuple[frozenset[int], dist.ProcessGroup | None]] = {}
+        seen: set[int] = set()  # geometries whose span is in ``spans`` (two meshes may span equal sets: compare once)
         dtensor_pieces: list[LocalPiece] = []
         plain: list[int] = []
         for i, p in enumerate(self.params):
@@ -74,8 +77,9 @@ class DTensorAdapter(GradAdapter):
                 plain.append(i)
                 continue
             geometry = self.geometry(p.device_mesh)
-            if geometry.span not in spans:  # every rank of the mesh's instances holds a copy or a part
-                spans[geometry.span] = (geometry.span, geometry.root_group())
+            if id(geometry) not in seen and geometry.span not in spans:  # every rank of the mesh's instances
+                spans[geometry.span] = (geometry.span, geometry.root_group())  # holds a copy or a part
+            seen.add(id(geometry))
             piece = self._piece(i, p)
             if piece is not None:
                 dtensor_pieces.append(piece)
@@ -85,7 +89,7 @@ class DTensorAdapter(GradAdapter):
         self.reduce_group = covering_group(rank_sets, "DTensor")
         # plain parameters beside the DTensors: copies over the ranks of this (pipeline stage's) layout
         stage = sorted(self._stage_ranks())
-        copy = Replicas(("plain", tuple(stage)), stage.index(self._rank), len(stage))
+        copy = Replicas(("plain", frozenset(stage)), stage.index(self._rank), len(stage))
         self._plain = [LocalPiece(i, 0, self.params[i].numel(), i, copy) for i in plain]
         self.pieces = dtensor_pieces + self._plain
         self._placements = {i: (id(p.device_mesh), tuple(p.placements)) for i, p in enumerate(self.params)
@@ -93,10 +97,15 @@ class DTensorAdapter(GradAdapter):
         self._specs = [_compat.dtensor_spec(p) for p in self.params]  # FSDP2 gives gradients the same spec object
 
     def geometry(self, mesh: Any) -> MeshGeometry:
-        """The mesh's instances across the job, computed once per mesh object."""
+        """The mesh's instances across the job, computed once per mesh LAYOUT: slicing ``mesh["tp"]`` for every
+        layer makes a new mesh object each time, and a geometry per object would cost O(W) per parameter."""
         cached = self._geometries.get(id(mesh))
         if cached is None or cached[0] is not mesh:
-            cached = self._geometries[id(mesh)] = (mesh, MeshGeometry(mesh, self._rank, self._stages))
+            key = _compat.mesh_identity(mesh)
+            shared = self._layouts.get(key)
+            if shared is None:
+                shared = self._layouts[key] = MeshGeometry(mesh, self._rank, self._stages)
+            cached = self._geometries[id(mesh)] = (mesh, shared)
         return cached[1]
 
     def _stage_ranks(self) -> frozenset[int]:
@@ -114,7 +123,7 @@ class DTensorAdapter(GradAdapter):
         geometry = self.geometry(mesh)
         if geometry.coordinate is None:  # this rank holds no part of it
             return None
-        key = (id(mesh), tuple(t.placements))
+        key = (id(geometry), tuple(t.placements))
         if key not in self._replica_cache:
             if any(pl.is_partial() for pl in t.placements):
                 raise PartialGradientError(
@@ -123,7 +132,15 @@ class DTensorAdapter(GradAdapter):
                     "(or redistribute it to Shard/Replicate first)."
                 )
             self._replica_cache[key] = geometry.replicas(t.placements)
-        return LocalPiece(i, 0, _compat.local_tensor(t).numel(), i, self._replica_cache[key], _compat.dtensor_flat_offset(t))
+        return LocalPiece(i, 0, _compat.local_tensor(t).numel(), i, self._replica_cache[key], self._flat_offset(key, t))
+
+    def _flat_offset(self, key: tuple[Any, ...], t: DTensor) -> int | None:
+        """:func:`~distclip.compat.pytorch.dtensor_flat_offset`, once per (mesh layout, placements, global shape):
+        torch's shard arithmetic costs ~0.3 ms a tensor, and a model repeats a few shapes many times."""
+        full = (*key, tuple(t.shape))
+        if full not in self._offsets:
+            self._offsets[full] = _compat.dtensor_flat_offset(t)
+        return self._offsets[full]
 
     # ------------------------------------------------------------ gradients
     def _unlike(self) -> list[int]:

@@ -51,7 +51,6 @@ class MeshGeometry:
         self.mesh = mesh
         self.key = mesh_key(mesh)
         self.coordinate = mesh.get_coordinate()  # None: this rank is not in the mesh
-        self.ranks = frozenset(self.key[1])
         self.instances = _compat.mesh_instances(mesh)  # [K, *mesh.shape]
         self.span = frozenset(self.instances.flatten().tolist())  # every rank holding a part or a copy
         self.rank = rank
@@ -76,4 +75,5 @@ class MeshGeometry:
         holders = self.holders(placements)
         if len(holders) <= 1:
             return None
-        return Replicas(("holders", tuple(holders)), holders.index(self.rank), len(holders))
+        # a frozenset caches its hash: the replica set is a dict key once per piece (counted_segments)
+        return Replicas(("holders", frozenset(holders)), holders.index(self.rank), len(holders))
