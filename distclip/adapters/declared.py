@@ -227,19 +227,21 @@ def _census_row(payload: list[list[Any]]) -> list[int]:
     return row
 
 
-def _census_verdict(rows: list[list[int]]) -> set[int]:
+def _census_verdict(rows: torch.Tensor, sizes: torch.Tensor) -> set[int]:
     """The groups (by rank hash) whose members did not all publish the same digests: a group of ``n`` ranks
-    must be published by ``n`` ranks, all alike. The same on every rank (every rank sees every row)."""
-    first: dict[int, tuple[int, int]] = {}
-    published: dict[int, int] = {}
-    bad: set[int] = set()
-    for row in rows:
-        for k in range(0, len(row), 3):
-            key, size, digest = row[k:k + 3]
-            if first.setdefault(key, (size, digest)) != (size, digest):
-                bad.add(key)
-            published[key] = published.get(key, 0) + 1
-    return bad | {key for key, n in published.items() if n != first[key][0]}
+    must be published by ``n`` ranks, all alike. The same on every rank (every rank sees every row); tensor
+    ops over the ``world x 3k`` table, no Python object per rank."""
+    valid = torch.arange(rows.shape[1]).unsqueeze(0) < sizes.unsqueeze(1)
+    triples = rows[valid].view(-1, 3)  # (key, size, digest) of every declared group of every rank
+    if not len(triples):
+        return set()
+    keys, group_of, published = torch.unique(triples[:, 0], return_inverse=True, return_counts=True)
+    first = torch.full((len(keys),), len(triples), dtype=torch.int64).scatter_reduce_(
+        0, group_of, torch.arange(len(triples)), reduce="amin")  # the first publication of each group
+    differ = (triples[:, 1:] != triples[first[group_of], 1:]).any(dim=1)
+    bad = torch.zeros(len(keys), dtype=torch.bool).index_put_((group_of,), differ, accumulate=True)
+    bad |= published != triples[first, 1]
+    return set(keys[bad].tolist())
 
 
 def check_census(group: Any, payload: list[list[Any]]) -> None:
@@ -249,7 +251,7 @@ def check_census(group: Any, payload: list[list[Any]]) -> None:
     One exchange of three int64 per declared group and rank (O(world x groups) bytes, whatever the
     number of parameters); the digests of each parameter travel only for the groups that disagree.
     """
-    bad = _census_verdict(exchange_int_rows(group, _census_row(payload)))
+    bad = _census_verdict(*exchange_int_rows(group, _census_row(payload)))
     if not bad:
         return
     suspect = [[ranks, digests] for ranks, digests in payload if hash60(repr(ranks)) in bad]

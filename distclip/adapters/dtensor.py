@@ -85,12 +85,15 @@ class DTensorAdapter(GradAdapter):
                 dtensor_pieces.append(piece)
         world = frozenset(range(dist.get_world_size()))
         rank_sets = list(spans.values()) + ([(world, None)] if plain and stages is None else [])
-        self._span = frozenset().union(*(r for r, _ in rank_sets)) if rank_sets else world
+        self._span = rank_sets[0][0] if len(rank_sets) == 1 else frozenset().union(*(r for r, _ in rank_sets)) \
+            if rank_sets else world
         self.reduce_group = covering_group(rank_sets, "DTensor")
         # plain parameters beside the DTensors: copies over the ranks of this (pipeline stage's) layout
-        stage = sorted(self._stage_ranks())
-        copy = Replicas(("plain", frozenset(stage)), stage.index(self._rank), len(stage))
-        self._plain = [LocalPiece(i, 0, self.params[i].numel(), i, copy) for i in plain]
+        self._plain: list[LocalPiece] = []
+        if plain:
+            stage = sorted(self._stage_ranks())
+            copy = Replicas(("plain", frozenset(stage)), stage.index(self._rank), len(stage))
+            self._plain = [LocalPiece(i, 0, self.params[i].numel(), i, copy) for i in plain]
         self.pieces = dtensor_pieces + self._plain
         self._placements = {i: (id(p.device_mesh), tuple(p.placements)) for i, p in enumerate(self.params)
                             if isinstance(p, DTensor)}
@@ -199,7 +202,7 @@ class DTensorAdapter(GradAdapter):
         return [[grads[i] for i in group if grads[i] is not None] for group in self.params_by_group]
 
     def describe(self) -> dict[str, object]:
-        meshes = sorted({str(self.geometry(p.device_mesh).key[0]) for p in self.params if isinstance(p, DTensor)})
+        meshes = sorted({str(self.geometry(p.device_mesh).shape) for p in self.params if isinstance(p, DTensor)})
         return {"adapter": self.kind, "num_params": len(self.params), "mesh_shapes": meshes}
 
     # ----------------------------------------------------------------- hook

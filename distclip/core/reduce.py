@@ -113,17 +113,17 @@ def exchange_ints(group: ProcessGroup, values: Sequence[int]) -> torch.Tensor:
     return out.view(-1, mine.numel()).cpu()
 
 
-def exchange_int_rows(group: ProcessGroup, values: Sequence[int]) -> list[list[int]]:
-    """All-gather any number of int64 values per rank (two fixed-size collectives): each rank's list, rank order."""
-    sizes = exchange_ints(group, [len(values)])[:, 0].tolist()
-    width = max(sizes) or 1
+def exchange_int_rows(group: ProcessGroup, values: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """All-gather any number of int64 values per rank (two fixed-size collectives): a ``(world, width)`` CPU
+    tensor of the rows, zero-padded, and each rank's number of values (a ``(world,)`` tensor), rank order."""
+    sizes = exchange_ints(group, [len(values)])[:, 0]
+    width = max(int(sizes.max()), 1)
     mine = torch.zeros(width, dtype=torch.int64)
     mine[: len(values)] = torch.tensor(list(values), dtype=torch.int64)
     mine = mine.to(collective_device(group, None))
     out = mine.new_empty(len(sizes) * width)
     _all_gather_into(out, mine, group)
-    rows = out.view(len(sizes), width).cpu().tolist()
-    return [row[:n] for row, n in zip(rows, sizes)]
+    return out.view(len(sizes), width).cpu(), sizes
 
 
 def exchange_bytes(group: ProcessGroup, payload: bytes) -> list[bytes]:
