@@ -10,9 +10,9 @@ from .adapters.declared import declare
 from .clipper import GradClipper
 from .functional import clip_grad_norm_, global_grad_norm
 from .errors import StaleClippingWarning
-from .errors import (ClipAuditError, ClipLogError, ConfigError, ConfigMismatchError, DistclipError, LaunchError,
+from .errors import (BadStepError, ClipAuditError, ClipLogError, ConfigError, ConfigMismatchError, DistclipError, LaunchError,
                      MissingExtraError, NonFiniteGradientError, PartialGradientError, RankFailed, RanksTimedOut,
-                     StateDictError, SuggestError, UnsupportedDeepSpeedSetup, UnsupportedLayoutError,
+                     SpikeStreakError, StateDictError, SuggestError, UnsupportedDeepSpeedSetup, UnsupportedLayoutError,
                      UnsupportedModelError, UnsupportedVersionError, UsageError)
 from .core.report import ClipReport
 from .core.sinks import BaseSink, CallbackSink, JSONLSink, MetricSink, TensorBoardSink
@@ -33,6 +33,7 @@ def __getattr__(name: str) -> Any:
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 __all__ = [
+    "BadStepError",
     "BaseSink",
     "CallbackSink",
     "ClipAuditError",
@@ -53,6 +54,7 @@ __all__ = [
     "PerLayerSpec",
     "RankFailed",
     "RanksTimedOut",
+    "SpikeStreakError",
     "StaleClippingWarning",
     "StateDictError",
     "SuggestError",

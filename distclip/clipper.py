@@ -31,7 +31,8 @@ class GradClipper(Clipper):
             an existing file, then a preset, then inline YAML (:func:`~distclip.core.config.config_from_string`).
         ddp_comm_hook: for DDP, a comm hook (e.g. ``default_hooks.fp16_compress_hook``) that distclip
             wraps instead of the plain all-reduce; ``ddp_comm_hook_state`` is its state (default:
-            DDP's process group).
+            DDP's process group). Where distclip measures after backward (``comm_hook: false``, or
+            ``auto`` without NCCL on CUDA) it is registered as given.
         params: clip only these parameters of ``model`` (tensors, or canonical names): only they are
             counted in the norms and scaled; the model's other gradients are left alone. The norm is
             still exact under sharding (the model's layout decides what each rank counts), e.g. for

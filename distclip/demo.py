@@ -195,7 +195,8 @@ def train(args: argparse.Namespace) -> int:
         print(f"groups: {clipper.group_names}")
 
     start = time.perf_counter()
-    clipped_steps, skipped_steps = 0, 0  # clipped_steps becomes a device tensor: read once, at the end
+    clipped_steps: int | torch.Tensor = 0  # becomes a device tensor: read once, at the end
+    skipped_steps = 0
     live = LiveLine(args.steps, enabled=rank == 0 and sys.stderr.isatty())
     for step in range(1, args.steps + 1):
         tokens, targets = (t.to(device) for t in sample(train, args.batch, args.seq, generator))
@@ -204,6 +205,7 @@ def train(args: argparse.Namespace) -> int:
         loss.backward()
         optimizer.step()
         report = clipper.last_report
+        assert report is not None  # attach clipped right before the step
         if args.json:
             record = {"rank": rank, "local_rank": int(os.environ.get("LOCAL_RANK", 0)), "step": step,
                       "world_size": world, "backend": str(dist.get_backend()),

@@ -8,6 +8,7 @@ This module imports nothing from distclip: every layer may raise these.
 from __future__ import annotations
 
 __all__ = [
+    "BadStepError",
     "ClipAuditError",
     "ClipLogError",
     "ConfigError",
@@ -19,6 +20,7 @@ __all__ = [
     "PartialGradientError",
     "RankFailed",
     "RanksTimedOut",
+    "SpikeStreakError",
     "StaleClippingWarning",
     "StateDictError",
     "SuggestError",
@@ -70,8 +72,32 @@ class UnsupportedVersionError(DistclipError, RuntimeError):
     """A private internal of torch or of a framework that distclip reads is missing or changed."""
 
 
-class NonFiniteGradientError(DistclipError, RuntimeError):
-    """The global gradient norm is NaN or inf and ``nonfinite: error`` was asked for (raised on every rank)."""
+class BadStepError(DistclipError, RuntimeError):
+    """A bad step distclip was told to stop at, raised on every rank at the same clip (the decision is taken
+    on the reduced norms, identical everywhere).
+
+    Attributes:
+        streak: how many bad steps of this kind in a row, this one included (1 under ``nonfinite: error``).
+        nonfinite_params: canonical names of the parameters holding a NaN or inf on some rank (empty when no
+            element is non-finite: a norm that overflowed, or a spike).
+        nonfinite_ranks: the ranks (global) holding them.
+    """
+
+    def __init__(self, message: str = "", *, streak: int = 0, nonfinite_params: tuple[str, ...] = (),
+                 nonfinite_ranks: tuple[int, ...] = ()):
+        super().__init__(message)
+        self.streak = streak
+        self.nonfinite_params = tuple(nonfinite_params)
+        self.nonfinite_ranks = tuple(nonfinite_ranks)
+
+
+class NonFiniteGradientError(BadStepError):
+    """The global gradient norm is NaN or inf and ``nonfinite: error`` was asked for, or the last
+    ``nonfinite.max_consecutive`` steps all were (raised on every rank)."""
+
+
+class SpikeStreakError(BadStepError):
+    """The last ``skip_spikes.max_consecutive`` steps were all skipped as spikes (raised on every rank)."""
 
 
 class ClipAuditError(DistclipError, RuntimeError):

@@ -12,6 +12,7 @@ from typing import Any
 import torch
 
 from .clipper import GradClipper
+from .compat.pytorch import outside_compile
 
 _MAX_CACHED = 16  # clippers kept for parameter lists (modules keep one per settings in a weak dict)
 _by_module: "weakref.WeakKeyDictionary[torch.nn.Module, dict[str, tuple[tuple[Any, ...], GradClipper]]]" = (
@@ -57,6 +58,10 @@ def _clipper(model_or_params: Any, settings: dict[str, Any], layout: dict[str, A
             if cached is None or cached[0] != signature:
                 cached = per_model[key] = (signature, GradClipper(model_or_params, settings, **layout))
             return cached[1]
+        if all(isinstance(s, (list, tuple)) and all(_is_tensor_or_named(x) for x in s) for s in stages):
+            shape = tuple(len(s) for s in stages)  # stages given as parameter lists: kept while those tensors live
+            flat = [x for s in stages for x in s]
+            return _by_tensors((key, shape), flat, lambda: GradClipper(model_or_params, settings, **layout))
         return GradClipper(model_or_params, settings, **layout)
     if isinstance(model_or_params, torch.nn.Module):
         per_model = _by_module.setdefault(model_or_params, {})
@@ -75,14 +80,19 @@ def _clipper(model_or_params: Any, settings: dict[str, Any], layout: dict[str, A
         model_or_params = list(model_or_params) if not isinstance(model_or_params, (str, bytes, dict)) else model_or_params
     if not isinstance(model_or_params, list) or not all(_is_tensor_or_named(x) for x in model_or_params):
         return GradClipper(model_or_params, settings, **layout)  # raises the clear error for what it is
-    tensors = [x[1] if isinstance(x, tuple) else x for x in model_or_params]
-    list_key = (key, tuple(id(t) for t in tensors), tuple(x[0] for x in model_or_params if isinstance(x, tuple)),
+    return _by_tensors(key, model_or_params, lambda: GradClipper(model_or_params, settings, **layout))
+
+
+def _by_tensors(key: Any, items: list[Any], build: Any) -> GradClipper:
+    """The clipper kept for these very tensors (or (name, tensor) pairs) and settings, built if none is."""
+    tensors = [x[1] if isinstance(x, tuple) else x for x in items]
+    list_key = (key, tuple(id(t) for t in tensors), tuple(x[0] for x in items if isinstance(x, tuple)),
                 tuple(t.requires_grad for t in tensors))
     cached_params = _by_params.get(list_key)
     if cached_params is not None and all(ref() is t for ref, t in zip(cached_params[0], tensors)):
         _by_params.move_to_end(list_key)
         return cached_params[1]
-    clipper = GradClipper(model_or_params, settings, **layout)
+    clipper = build()
     _by_params[list_key] = ([weakref.ref(t) for t in tensors], clipper)
     while len(_by_params) > _MAX_CACHED:
         _by_params.popitem(last=False)
@@ -93,6 +103,7 @@ def _is_tensor_or_named(x: Any) -> bool:
     return isinstance(x, torch.Tensor) or (isinstance(x, tuple) and len(x) == 2 and isinstance(x[1], torch.Tensor))
 
 
+@outside_compile  # builds and caches clippers, issues a collective: never traced
 def clip_grad_norm_(
     model_or_params: Any,
     max_norm: float,
@@ -118,6 +129,7 @@ def clip_grad_norm_(
     return _clipper(model_or_params, settings, layout).clip().total_norm
 
 
+@outside_compile
 def global_grad_norm(model_or_params: Any, norm_type: float | str = 2.0, **options: Any) -> torch.Tensor:
     """The exact pre-clip global gradient norm (plain fp32 tensor, identical on every rank); nothing is clipped."""
     options, layout = _split(dict(options))

@@ -5,8 +5,8 @@ inside backward. Four models with the same weights take their steps in turn:
 
 * ``nohook``: DDP's built-in C++ reduction, then ``torch.nn.utils.clip_grad_norm_``;
 * ``torch_py_hook``: torch's own ``default_hooks.allreduce_hook`` registered, then torch's clip;
-* ``distclip_hook``: ``GradClipper(model, config)`` with the hook (the default);
-* ``distclip_post``: the same with ``comm_hook: false``.
+* ``distclip_hook``: ``GradClipper(model, config)`` with ``comm_hook: true`` (the hook, forced on CPU);
+* ``distclip_post``: the same with ``comm_hook: false`` (what the default, ``auto``, picks on CPU).
 
     torchrun --nproc_per_node 2 launch/bench_ddp_hook_step.py --blocks 48   # ~48M parameters
 """

@@ -39,6 +39,7 @@ CONFIG = {
         {"name": "norms", "match": ["*norm.*"], "max_norm": 0.1},  # the TP copies (SequenceParallel)
     ],
     "per_layer": {"depth": 2, "match": ["layers.*"], "max_norm": 0.3},  # one group per layer, all stages
+    "comm_hook": True,  # measured inside FSDP's reduction here on CPU too (auto does that with NCCL on CUDA only)
 }
 
 

@@ -33,6 +33,7 @@ import torch.distributed as dist
 
 from ..core.config import ConfigError
 from ..core.groups import GroupTable
+from ..core.hook_choice import ReductionVenue
 from ..core.norms import SlotLayout, combine_partials, local_partials
 from ..core.reduce import ProcessGroup, collective_device
 from ..core.rowwise import Span, RowPlan
@@ -155,6 +156,21 @@ class GradAdapter:
             pieces, groups = [pieces[i] for i in kept], [groups[i] for i in kept]
         return local_partials(pieces, groups, self.layout, self.collective_device(pieces)), "post_backward"
 
+    def held_pieces(self) -> tuple[list[torch.Tensor], list[int]]:
+        """Every local gradient piece this rank holds (replicated copies too, not only the counted slices) and
+        the index of its parameter (in :attr:`names`): where a non-finite step's NaN or inf is looked for.
+
+        The pieces cover exactly the parameters' elements (FSDP1 / ZeRO padding excluded), so a value found
+        is in a parameter, on a rank that holds it.
+        """
+        return slice_segments(self.local_grads(), self._scaled, range(len(self.names)))
+
+    def venue_of(self, group: ProcessGroup | None, device: torch.device | None) -> ReductionVenue | None:
+        """The venue of gradients on ``device`` reduced over ``group`` (None without a group)."""
+        if group is None or not dist.is_initialized():
+            return None
+        return ReductionVenue(str(dist.get_backend(group)), device.type if device is not None else "cpu")
+
     def collective_device(self, pieces: Sequence[torch.Tensor] = ()) -> torch.device:
         """Where the slot vector lives: chosen from the reduce group's backend (the same on every rank)."""
         if self._device is None or (pieces and self._device.type != pieces[0].device.type):
@@ -177,6 +193,17 @@ class GradAdapter:
         return self.params[0].device if self.params else None
 
     # ------------------------------------------------------------------- HOOK
+    def reduction_venue(self) -> ReductionVenue | None:
+        """Where this layout reduces its gradients (what ``comm_hook: auto`` decides from); None: no reduction hook."""
+        return None
+
+    def decline_reduction_hook(self, reason: str, inner: Any = None, inner_state: Any = None) -> None:
+        """The post-backward path was chosen (``comm_hook: false``, or ``auto`` where the hook does not pay): record why.
+
+        ``inner``: a user communication hook distclip would have wrapped (DDP registers it as it is).
+        """
+        self.hook_status = reason
+
     def enable_reduction_hook(self, inner: Any = None, inner_state: Any = None) -> bool:
         """Compute partials inside the gradient reduction from now on, if this layout allows it.
 

@@ -15,7 +15,9 @@ A declaration adds to what the wrapper already knows: under ``DDP(model, process
 parameter is a copy on every rank of ``dp`` anyway, so a declared ``replicated_over=tp`` one is a
 copy on every rank of ``dp`` x ``tp``. The clip then reduces over every rank that holds a counted
 element (the world, when the groups tile it). Undeclared plain parameters keep the wrapper's rule
-(DDP: copies over its group; a plain module: this rank's own).
+(DDP: copies over its group; a plain module: this rank's own; beside DTensors, which no wrapper copies:
+copies over every rank of the layout). Beside DTensors a declaration is the tensor's whole layout, e.g.
+experts left out of ``fully_shard``: ``declare(experts, sharded_over=ep_group, replicated_over=dp_group)``.
 """
 
 from __future__ import annotations

@@ -6,7 +6,9 @@ mesh dimension the placement says how the tensor spreads over that dimension's r
 * ``Shard`` (and strided shards): disjoint parts: each is counted by its holder (uneven and
   empty local shards included: an empty one contributes nothing, and its rank still joins).
 * ``Replicate``: identical copies (the replicate dimension of an HSDP mesh): the copies of one
-  replica set are split into disjoint 1/R slices, so each element is counted once.
+  replica set are split into disjoint 1/R slices, so each element is counted once (under
+  ``fully_shard``, per parameter group, as its all-reduce hook measures them: both paths count
+  the same elements).
 * a sub-mesh (``mesh["dp"]`` of ``(dp, tp)``: modules left out of tensor parallelism, experts on
   an ``ep`` sub-mesh), however the framework built it (slicing, flattening, unflattening a 1-D
   world mesh): each instance of the sub-mesh holds a copy, counted once over the job
@@ -15,8 +17,10 @@ mesh dimension the placement says how the tensor spreads over that dimension's r
 
 Parameters may live on different meshes in one model (torch's own ``clip_grad_norm_`` fails
 there: pytorch #180346): each is handled on its own mesh, and one collective over a group
-spanning every mesh combines them. Plain (non-DTensor) parameters next to DTensor ones are
-assumed replicated over that group. Cost is linear in the number of parameters: local foreach
+spanning every mesh combines them. Plain (non-DTensor) parameters next to DTensor ones (LoRA
+adapters attached after ``fully_shard``, parameters in ``ignored_params``) are taken to be
+replicated over that group, unless declared with :func:`distclip.declare` (experts as plain tensors,
+each rank its own: ``declare(experts, sharded_over=ep_group, replicated_over=dp_group)``). Cost is linear in the number of parameters: local foreach
 norms and one all-reduce, never a stack of DTensor norms (quadratic: pytorch #169445).
 
 With ``fully_shard`` modules, the norm is computed inside the reduction: distclip sets each
@@ -38,12 +42,15 @@ import torch.distributed as dist
 from torch.distributed.tensor import DTensor
 
 from ..errors import ConfigError, PartialGradientError, UnsupportedLayoutError
-from ..core.norms import local_partials
+from ..core.groups import GroupTable
+from ..core.hook_choice import ReductionVenue
+from ..core.norms import SlotLayout, local_partials
 from ..core.rowwise import RowPlan
 from ..compat import pytorch as _compat
 from .base import GradAdapter
 from .counting import (LocalPiece, Replicas, Segment, cast_is_exact, counted_segments, covering_group, group_ranks,
                        slice_segments)
+from .declared import declaration_of, declared_replicas
 from .hooks import ReductionHook
 from .mesh_geometry import MeshGeometry, PipelineStages
 
@@ -88,16 +95,59 @@ class DTensorAdapter(GradAdapter):
         self._span = rank_sets[0][0] if len(rank_sets) == 1 else frozenset().union(*(r for r, _ in rank_sets)) \
             if rank_sets else world
         self.reduce_group = covering_group(rank_sets, "DTensor")
-        # plain parameters beside the DTensors: copies over the ranks of this (pipeline stage's) layout
-        self._plain: list[LocalPiece] = []
-        if plain:
-            stage = sorted(self._stage_ranks())
-            copy = Replicas(("plain", frozenset(stage)), stage.index(self._rank), len(stage))
-            self._plain = [LocalPiece(i, 0, self.params[i].numel(), i, copy) for i in plain]
+        self._plain = self._plain_pieces(plain)
         self.pieces = dtensor_pieces + self._plain
         self._placements = {i: (id(p.device_mesh), tuple(p.placements)) for i, p in enumerate(self.params)
                             if isinstance(p, DTensor)}
         self._specs = [_compat.dtensor_spec(p) for p in self.params]  # FSDP2 gives gradients the same spec object
+
+    def _plain_pieces(self, plain: list[int]) -> list[LocalPiece]:
+        """Plain parameters beside the DTensors: copies over the ranks of this (pipeline stage's) layout, unless
+        declared (:func:`distclip.declare`): a declaration then says the whole layout (FSDP2 does not manage
+        these tensors, so nothing else copies them), e.g. experts sharded over ep and replicated over dp."""
+        self.declarations = [None if isinstance(p, DTensor) else declaration_of(p) for p in self.params]
+        if not plain:
+            return []
+        stage = sorted(self._stage_ranks())
+        copy = Replicas(("plain", frozenset(stage)), stage.index(self._rank), len(stage))  # a set: its hash is kept
+        alone = frozenset({self._rank})
+        shared: dict[Any, Replicas | None] = {}  # per combination of declared groups: computed once
+        pieces = []
+        for i in plain:
+            replicas: Replicas | None = copy
+            if self.declarations[i] is not None:
+                replicas, counted = declared_replicas(self.declarations[i], None, alone, self._rank, self.names[i],
+                                                      shared)
+                if not counted:
+                    self.uncounted.add(i)
+            pieces.append(LocalPiece(i, 0, self.params[i].numel(), i, replicas))
+        return pieces
+
+    def bind(self, table: GroupTable, layout: SlotLayout) -> None:
+        self._split_copies_per_fsdp_group()
+        super().bind(table, layout)
+
+    def _split_copies_per_fsdp_group(self) -> None:
+        """Copies of the parameters one ``fully_shard`` group reduces are split among their holders per group, in
+        the group's order, as its all-reduce hook measures them: ranks on different paths (an edit on one rank
+        alone makes it measure after backward) then still count each element once."""
+        groups = _compat.fsdp2_param_groups(self.module) if self.module is not None else []
+        if not groups:
+            return
+        index_of = {id(p): i for i, p in enumerate(self.params)}
+        by_param = {piece.param: piece for piece in self.pieces}
+        ordered: list[LocalPiece] = []
+        for g, (_, group) in enumerate(groups):
+            for param, _, _ in _compat.fsdp2_params(group):
+                piece = by_param.pop(index_of.get(id(param), -1), None)
+                if piece is None:
+                    continue
+                r = piece.replicas
+                if r is not None:
+                    piece = LocalPiece(piece.source, piece.start, piece.numel, piece.param,
+                                       Replicas(("group", g, r.key), r.index, r.count), piece.offset)
+                ordered.append(piece)
+        self.pieces = ordered + [piece for piece in self.pieces if piece.param in by_param]
 
     def geometry(self, mesh: Any) -> MeshGeometry:
         """The mesh's instances across the job, computed once per mesh LAYOUT: slicing ``mesh["tp"]`` for every
@@ -201,11 +251,25 @@ class DTensorAdapter(GradAdapter):
         grads = self.local_grads()  # whole local tensors (a gradient may be laid out unlike its parameter)
         return [[grads[i] for i in group if grads[i] is not None] for group in self.params_by_group]
 
+    def held_pieces(self) -> tuple[list[torch.Tensor], list[int]]:
+        """Each parameter's whole local gradient (it may be laid out unlike the parameter, as in :meth:`scaled_grads`)."""
+        held = [(g, i) for i, g in enumerate(self.local_grads()) if g is not None]
+        return [g for g, _ in held], [i for _, i in held]
+
     def describe(self) -> dict[str, object]:
         meshes = sorted({str(self.geometry(p.device_mesh).shape) for p in self.params if isinstance(p, DTensor)})
-        return {"adapter": self.kind, "num_params": len(self.params), "mesh_shapes": meshes}
+        declared = sum(d is not None for d in self.declarations)
+        return {"adapter": self.kind, "num_params": len(self.params), "mesh_shapes": meshes,
+                **({"declared": declared} if declared else {})}
 
     # ----------------------------------------------------------------- hook
+    def reduction_venue(self) -> ReductionVenue | None:
+        """``fully_shard``'s reduce-scatter (over the reduce group's backend) on the parameters' device; None without
+        a ``fully_shard`` module (no reduction hook)."""
+        if self.module is None or not self.params or not _compat.fsdp2_param_groups(self.module):
+            return None
+        return self.venue_of(self.reduce_group, self.params[0].device)
+
     def enable_reduction_hook(self, inner: Any = None, inner_state: Any = None) -> bool:
         """Compute the partials in each ``fully_shard`` module's all-reduce hook (see the module docstring)."""
         if inner is not None:
@@ -271,8 +335,12 @@ class FSDP2NormHook(ReductionHook):
         self._measured = set()
 
     def _plan(self, index: int) -> _GroupPlan | None:
-        """Group ``index``'s flat output: where each parameter's shard sits, which ranges this rank counts."""
-        fsdp_params = _compat.fsdp2_params(self.groups[index])
+        """Group ``index``'s flat output: where each parameter's shard sits, which ranges this rank counts.
+
+        FSDP2 reduces only the parameters that got a gradient: frozen ones (a LoRA model's base weights
+        beside its trainable norms) are not in the output; a trainable one without a gradient this step
+        shows as a size mismatch, and the step is measured after backward instead."""
+        fsdp_params = [entry for entry in _compat.fsdp2_params(self.groups[index]) if entry[0].requires_grad]
         params = tuple(self._index_of.get(id(param), -1) for param, _, _ in fsdp_params)
         cached = self._plans.get(index)
         if cached is not None and cached.params == params:

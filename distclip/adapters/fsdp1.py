@@ -30,7 +30,7 @@ The hook result is used only when provably valid (:mod:`distclip.adapters.hooks`
 holding a gradient reduced in the last backward, no sharded gradient accumulated into an older
 one, an exact cast to the parameter dtype, and the gradients untouched since; anything else falls
 back to the post-backward path. FSDP1's private handle metadata is read through
-:class:`distclip.adapters._compat.FSDP1Unit`.
+:class:`distclip.compat.pytorch.FSDP1Unit`.
 """
 
 from __future__ import annotations
@@ -45,6 +45,7 @@ import torch.distributed as dist
 from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
 
 from ..core.groups import GroupTable
+from ..core.hook_choice import ReductionVenue
 from ..errors import ConfigError, UnsupportedLayoutError
 from ..core.names import canonical_name
 from ..core.norms import SlotLayout, local_partials
@@ -113,7 +114,7 @@ class FSDP1Adapter(GradAdapter):
             managed.add(id(view.flat_param))
             managed.update(id(p) for p in view.orig_params + view.shared_params)
             spans.append(self._unit_span(view))
-            unit = _Unit(len(self.units), view, self._unit_replicas(view))
+            unit = _Unit(len(self.units), view, self._unit_replicas(view, len(self.units)))
             pieces += self._add_unit(unit, prefix, names)
             self.units.append(unit)
 
@@ -152,14 +153,16 @@ class FSDP1Adapter(GradAdapter):
         )
 
     @staticmethod
-    def _unit_replicas(unit: _compat.FSDP1Unit) -> Replicas | None:
+    def _unit_replicas(unit: _compat.FSDP1Unit, index: int) -> Replicas | None:
+        """The unit's replica set: each unit's copies are split on their own, on both paths (the comm hook
+        measures one unit at a time), so that ranks on different paths still count each element once."""
         if unit.strategy == "NO_SHARD":
             pg = unit.process_group
         elif unit.strategy in HYBRID:
             pg = unit.inter_node_group
         else:
             return None
-        return Replicas((unit.strategy == "NO_SHARD", group_ranks(pg)), pg.rank(), pg.size())
+        return Replicas((index, unit.strategy == "NO_SHARD", group_ranks(pg)), pg.rank(), pg.size())
 
     def _add_unit(self, unit: _Unit, prefix: str, names: list[str]) -> list[LocalPiece]:
         """Name the unit's original parameters; return where each one's local gradient lives."""
@@ -263,6 +266,12 @@ class FSDP1Adapter(GradAdapter):
         if any(u.view.fake_reduce for u in self.units):
             return "FSDP fake reduction is enabled"
         return None
+
+    def reduction_venue(self) -> ReductionVenue | None:
+        """The units' process group reduces the gradients, on the flat parameters' device."""
+        if not self.units:
+            return None
+        return self.venue_of(self.units[0].view.process_group, self.units[0].flat_param.device)
 
     def enable_reduction_hook(self, inner: Any = None, inner_state: Any = None) -> bool:
         """Compute the partials inside FSDP's gradient reduction (comm hook) where FSDP allows it.

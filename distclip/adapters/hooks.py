@@ -11,16 +11,18 @@ partials of the gradients the optimizer will see:
    into an older one, a division after the hook, an inexact dtype cast): :meth:`invalidate`;
 3. after that backward, the gradients are the very tensors the backend wrote, with the same
    version counters: any in-place write since (an edit, ``no_sync`` accumulation, GradScaler's
-   ``unscale_``, made visible by :func:`~distclip.adapters._compat.track_amp_unscaling`), an
+   ``unscale_``, made visible by :func:`~distclip.compat.pytorch.track_amp_unscaling`), an
    in-place collective into one of them (``dist.all_reduce(p.grad)`` of tied weights or copies
    synchronised by hand: c10d bumps no version; seen by
-   :func:`~distclip.adapters._compat.track_collective_writes`) or a replaced gradient
+   :func:`~distclip.compat.pytorch.track_collective_writes`) or a replaced gradient
    invalidates it. A snapshot of identities and versions is taken at the end of backward, after
    the backend's own final callback.
 
 Otherwise :meth:`take` returns None and the clip measures the gradients after backward, which is
 always exact. Writes through ``tensor.data`` bypass version counters by torch's design, so they
-cannot be seen: after such an edit, clip with ``comm_hook: false``.
+cannot be seen: after such an edit, clip with ``comm_hook: false``. That is the one limit of the
+hooks; with ``comm_hook: auto`` (the default) it applies only where a hook is used (NCCL on CUDA,
+:mod:`distclip.core.hook_choice`).
 """
 
 from __future__ import annotations
@@ -88,10 +90,18 @@ class ReductionHook:
         """The combined partials of the last backward, once, if provably still valid (else None)."""
         snapshot, self._snapshot = self._snapshot, None
         writes, self._writes = self._writes, None
-        if snapshot is None or not self._valid or not self._parts or (writes is not None and writes.written):
+        if snapshot is None or not self._valid or not self.measured_anything() or (writes is not None and writes.written):
             return None
         if snapshot != grad_versions(self.gradients()) or not self.complete():
             return None
+        return self.combine()
+
+    def measured_anything(self) -> bool:
+        """Whether the last backward measured something (a subclass whose :meth:`complete` is exact may say True)."""
+        return bool(self._parts)
+
+    def combine(self) -> torch.Tensor:
+        """This backward's slot vector from the recorded partials (default: their slot vectors, in key order)."""
         parts = [self._parts[key] for key in sorted(self._parts)]
         return combine_partials(parts, self.layout, parts[0].device)
 

@@ -25,6 +25,7 @@ import torch.distributed as dist
 
 from ..core.config import ConfigError
 from ..core.groups import GroupTable
+from ..core.hook_choice import ReductionVenue
 from ..core.norms import SlotLayout, combine_partials
 from ..core.reduce import exchange_ints
 from .base import GradAdapter
@@ -166,10 +167,29 @@ class PipelineAdapter(GradAdapter):
             groups += g
         return pieces, groups
 
+    def held_pieces(self) -> tuple[list[torch.Tensor], list[int]]:
+        """Every stage's pieces, their parameter indices shifted to this adapter's order (the stages' names in turn)."""
+        pieces, params, offset = [], [], 0
+        for stage in self.stages:
+            p, i = stage.held_pieces()
+            pieces += p
+            params += [offset + k for k in i]
+            offset += len(stage.names)
+        return pieces, params
+
     def grad_scale(self) -> float:
         return 1.0
 
     # ------------------------------------------------------------------- HOOK
+    def reduction_venue(self) -> ReductionVenue | None:
+        """The first stage's that has one (the stages on a rank share a backend and a device)."""
+        return next((v for v in (s.reduction_venue() for s in self.stages) if v is not None), None)
+
+    def decline_reduction_hook(self, reason: str, inner: Any = None, inner_state: Any = None) -> None:
+        for stage in self.stages:
+            stage.decline_reduction_hook(reason, inner, inner_state)
+        self.hook_status = ", ".join(s.hook_status for s in self.stages)
+
     def enable_reduction_hook(self, inner: Any = None, inner_state: Any = None) -> bool:
         enabled = [s.enable_reduction_hook(inner, inner_state) for s in self.stages]
         self.hook_status = ", ".join(s.hook_status for s in self.stages)

@@ -419,16 +419,21 @@ class ZeroPartitionAdapter(DeepSpeedAdapter):
         super().bind(table, layout)
         group_of = self._group_index()
         optimizer = self.optimizer
+        index = {id(p): j for j, p in enumerate(self.params)}
         self._piece_groups: list[list[int]] = []
+        self._piece_params: list[list[int]] = []  # parameter index of each held piece (attribution)
         self._piece_numels: list[list[int]] = []
         self._fragments: list[list[tuple[int, int, int]]] = []  # (start, numel, group) in the fp32 partition
+        self._fragment_params: list[list[int]] = []
         self._spans = []
         for held, params in zip(optimizer.params_in_partition, optimizer.bit16_groups):
             self._piece_groups.append([_lookup(group_of, p, self.engine) for p in held])
+            self._piece_params.append([index[id(p)] for p in held])
             self._piece_numels.append([ds_compat.fragment(p)[2] for p in held])
-            located = [(ds_compat.fragment(p), _lookup(group_of, p, self.engine)) for p in params]
-            fragments = [(where[1], where[2], g) for where, g in located if where is not None]
+            located = [(ds_compat.fragment(p), _lookup(group_of, p, self.engine), index[id(p)]) for p in params]
+            fragments = [(where[1], where[2], g) for where, g, _ in located if where is not None]
             self._fragments.append(fragments)
+            self._fragment_params.append([j for where, _, j in located if where is not None])
             self._spans.append(group_spans(fragments))
 
     @ds_compat.internal("DeepSpeed ZeRO optimizer internals (bind_rows)")
@@ -481,15 +486,25 @@ class ZeroPartitionAdapter(DeepSpeedAdapter):
 
     @ds_compat.internal("DeepSpeed ZeRO optimizer internals (counted_pieces)")
     def counted_pieces(self) -> tuple[list[torch.Tensor], list[int]]:
+        return self._partition_pieces(by_param=False)
+
+    @ds_compat.internal("DeepSpeed ZeRO optimizer internals (held_pieces)")
+    def held_pieces(self) -> tuple[list[torch.Tensor], list[int]]:
+        """The counted pieces (a partition is held by this rank alone), with their parameter indices."""
+        return self._partition_pieces(by_param=True)
+
+    def _partition_pieces(self, by_param: bool) -> tuple[list[torch.Tensor], list[int]]:
+        """This rank's reduced gradient pieces, each with its clip group (or, ``by_param``, its parameter index)."""
         if self.optimizer.cpu_offload:  # reduced gradients already sit in the fp32 partitions
             flats = [part.grad for part in self.optimizer.single_partition_of_fp32_groups]
-            return _fragment_pieces(flats, self._fragments)
+            pieces, groups = _fragment_pieces(flats, self._fragments)
+            return pieces, [j for held in self._fragment_params for j in held] if by_param else groups
         pieces: list[torch.Tensor] = []
-        groups: list[int] = []
-        for held, gids in zip(self._held_grads(), self._piece_groups):
+        labels: list[int] = []
+        for held, gids, params in zip(self._held_grads(), self._piece_groups, self._piece_params):
             pieces += held
-            groups += gids
-        return pieces, groups
+            labels += params if by_param else gids
+        return pieces, labels
 
 
 class Zero3Adapter(DeepSpeedAdapter):
@@ -511,8 +526,10 @@ class Zero3Adapter(DeepSpeedAdapter):
     def bind(self, table: GroupTable, layout: SlotLayout) -> None:
         super().bind(table, layout)
         group_of = self._group_index()
+        index = {id(p): j for j, p in enumerate(self.params)}
         self._pieces: list[list[tuple[int, int, int]]] = []  # per sub-group: (group, real numel, partition numel)
         self._fragments: list[list[tuple[int, int, int]]] = []  # (start, real numel, group) in the fp32 sub-group
+        self._piece_params: list[list[int]] = []  # parameter index of each partition (attribution)
         self._spans = []
         for params in self.optimizer.fp16_groups:
             pieces, fragments, offset = [], [], 0
@@ -525,6 +542,7 @@ class Zero3Adapter(DeepSpeedAdapter):
                 offset += size
             self._pieces.append(pieces)
             self._fragments.append(fragments)
+            self._piece_params.append([index[id(p)] for p in params])
             self._spans.append(group_spans(fragments))
 
     @ds_compat.internal("DeepSpeed ZeRO-3 optimizer internals (bind_rows)")
@@ -550,8 +568,19 @@ class Zero3Adapter(DeepSpeedAdapter):
 
     @ds_compat.internal("DeepSpeed ZeRO optimizer internals (counted_pieces)")
     def counted_pieces(self) -> tuple[list[torch.Tensor], list[int]]:
+        return self._partition_pieces(by_param=False)
+
+    @ds_compat.internal("DeepSpeed ZeRO optimizer internals (held_pieces)")
+    def held_pieces(self) -> tuple[list[torch.Tensor], list[int]]:
+        """The counted pieces (each parameter's partition without padding), with their parameter indices."""
+        return self._partition_pieces(by_param=True)
+
+    def _partition_pieces(self, by_param: bool) -> tuple[list[torch.Tensor], list[int]]:
+        """This rank's reduced gradient partitions, each with its clip group (or, ``by_param``, its parameter index)."""
         if self.optimizer.offload_optimizer:  # reduced gradients already sit in the fp32 sub-groups
-            return _fragment_pieces([flat.grad for flat in self.optimizer.fp32_partitioned_groups_flat], self._fragments)
+            flats = [flat.grad for flat in self.optimizer.fp32_partitioned_groups_flat]
+            pieces, groups = _fragment_pieces(flats, self._fragments)
+            return pieces, [j for params in self._piece_params for j in params] if by_param else groups
         pieces: list[torch.Tensor] = []
         groups: list[int] = []
         averaged = self.optimizer.averaged_gradients
@@ -562,14 +591,14 @@ class Zero3Adapter(DeepSpeedAdapter):
                     f"distclip: DeepSpeed holds no reduced gradients for its ZeRO-3 sub-group {i}: the norm exists "
                     "only at the gradient accumulation boundary, after engine.backward() and before engine.step()"
                 )
-            for grad, (g, real, size) in zip(grads, layout, strict=True):
+            for grad, (g, real, size), j in zip(grads, layout, self._piece_params[i], strict=True):
                 if grad.numel() != size:
                     raise RuntimeError(
                         f"distclip: a ZeRO-3 gradient partition has {grad.numel()} elements, expected {size}; this "
                         "DeepSpeed version lays out ZeRO-3 partitions differently than distclip expects"
                     )
                 pieces.append(grad.reshape(-1)[:real])
-                groups.append(g)
+                groups.append(j if by_param else g)
         return pieces, groups
 
 

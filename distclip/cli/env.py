@@ -117,7 +117,7 @@ def _requirements() -> tuple[list[tuple[str, str | None]], str]:
     for text in dist.requires or []:
         marker = _EXTRA.search(text.partition(";")[2])
         pairs.append((text, marker.group(1) if marker else None))
-    return pairs, dist.metadata.get("Requires-Python") or ""
+    return pairs, dist.metadata["Requires-Python"] or ""
 
 
 def _normal(name: str) -> str:

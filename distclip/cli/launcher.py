@@ -105,7 +105,7 @@ def resolve_paths(accelerate_part: Mapping[str, Any], config_path: str) -> dict[
         if not os.path.isfile(resolved):
             raise LaunchError(f"{config_path}: {section}.{key} {value!r} does not exist (a relative path is relative "
                               f"to the config file's folder, {folder}: it names {resolved})")
-        out[section] = {**nested, key: resolved}
+        out[section] = {**(nested or {}), key: resolved}
     return out
 
 

@@ -80,8 +80,10 @@ def init_process_group(backend: str | None = None, timeout: timedelta | None = N
         backend = "nccl" if torch.cuda.is_available() else "gloo"
     if backend == "nccl":
         torch.cuda.set_device(environment.local_rank % torch.cuda.device_count())
-    kwargs = {} if timeout is None else {"timeout": timeout}
-    dist.init_process_group(backend, rank=environment.rank, world_size=environment.world_size, **kwargs)
+    if timeout is None:
+        dist.init_process_group(backend, rank=environment.rank, world_size=environment.world_size)
+    else:
+        dist.init_process_group(backend, rank=environment.rank, world_size=environment.world_size, timeout=timeout)
     return environment
 
 

@@ -118,7 +118,10 @@ def suggest(log: ClipLog, q: float, warmup: int | None = None, base: dict[str, A
         raise SuggestError(f"--warmup {warmup} leaves no clips of the {n} logged; pass a smaller --warmup")
     skipped = log.series("skipped")
     rows = []
+    measured_only = {g["name"] for g in (log.header or {}).get("groups") or [] if "max_norm" in g and g["max_norm"] is None}
     for group in log.groups:
+        if group in measured_only:  # max_norm: null: measured on purpose, never clipped; the config keeps it so
+            continue
         norms = log.series(f"grad_norm/{group}")
         bad = log.series(f"nonfinite/{group}")
         usable = [v for i, v in enumerate(norms)

@@ -68,6 +68,7 @@ def _internal(what: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
 # ------------------------------------------------------------------ kernels
 # The foreach kernels torch.optim itself uses (private names, stable in practice).
 foreach_norm = torch._foreach_norm
+foreach_mul = torch._foreach_mul
 foreach_mul_ = torch._foreach_mul_
 foreach_zero_ = torch._foreach_zero_
 foreach_copy_ = torch._foreach_copy_
@@ -114,6 +115,22 @@ def group_by_device_and_dtype(tensors: Sequence[torch.Tensor]) -> dict[tuple[tor
     return {key: (same_kind, indices) for key, ([same_kind], indices) in grouped.items()}
 
 
+# ------------------------------------------------------------------ torch.compile
+def outside_compile(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """``fn`` always runs eagerly, also when called inside a ``torch.compile``'d region (one graph break there).
+
+    For distclip's per-step entry points (``clip``, ``measure``, the optimizer step hooks of
+    ``attach``, the functional API). Traced by dynamo they are wrong or slow, not just unoptimised:
+    checked on torch 2.13, a ``torch.compile``'d ``AdamW(fused=True).step`` with ``attach`` traced
+    the pre-step hook and the fused kernel read no ``grad_scale`` (the folded coefficient was
+    dropped: the parameters equalled an unclipped step's bitwise), and the clip's Python state
+    (step counts, policy state) was guarded on, so each step recompiled. Run eagerly, the clip issues
+    its one collective, the fold sets ``grad_scale`` on the real optimizer, and dynamo resumes tracing
+    the user's code after it (``docs/guides/compile.md``).
+    """
+    return torch.compiler.disable(fn, recursive=True)
+
+
 # ------------------------------------------------------------------ autograd
 def backward_id() -> int:
     """Id of the running backward (a new one per ``backward()`` call), -1 outside any backward."""
@@ -144,6 +161,16 @@ def version(tensor: torch.Tensor) -> int:
 # Keyed by id(tensor), not a WeakKeyDictionary: looking a live tensor up there compares it with
 # itself through weakref equality, i.e. Tensor.__eq__ (elementwise), which raises for tensors of
 # more than one element. The weak reference only tells a live tensor from a dead one's reused id.
+#
+# torch.compile: inside a user's compiled region both wrappers (this one and the collective one below) are
+# transparent: dynamo traces only the original op (a c10d collective becomes a functional collective),
+# so distclip adds no graph break there. The write is still seen: a compiled graph that writes into one
+# of its inputs applies the write with ``copy_`` after the graph, which bumps the version counter
+# (checked on torch 2.13), and a reduction hook's result is then discarded (exact post-backward path).
+# What is lost there is only the memory of GradScaler's unscaling (a non-finite norm of gradients
+# unscaled inside a compiled region is not classified as a loss-scale overflow). Traced, the wrappers'
+# id()-keyed bookkeeping of graph intermediates made dynamo abandon the whole region (torch 2.13:
+# "Reconstruction of FakeIdVariable", the function then ran eagerly).
 _UNSCALED: dict[int, tuple["weakref.ref[torch.Tensor]", int]] = {}
 _AMP_OP = "_amp_foreach_non_finite_check_and_unscale_"
 
@@ -170,6 +197,8 @@ def track_amp_unscaling() -> None:
     @functools.wraps(original)
     def unscale_and_bump_versions(grads: list[torch.Tensor], found_inf: torch.Tensor, inv_scale: torch.Tensor) -> None:
         original(grads, found_inf, inv_scale)
+        if torch.compiler.is_compiling():  # traced in a user's compiled region (the torch.compile note above)
+            return
         tensors = list(grads)
         locals_ = [t._local_tensor for t in tensors if _is_dtensor(t)]
         torch.autograd.graph.increment_version(tensors + locals_)
@@ -270,7 +299,7 @@ def track_collective_writes() -> None:
         def tracked(*args: Any, _original: Any = original, _name: str = name, _signature: Any = signature,
                     **kwargs: Any) -> Any:
             out = _original(*args, **kwargs)
-            if _WATCHES:
+            if _WATCHES and not torch.compiler.is_compiling():  # the torch.compile note at _UNSCALED
                 _mark_written(_written_by(_name, _signature, args, kwargs))
             return out
 
@@ -282,11 +311,18 @@ def track_collective_writes() -> None:
 
 
 # ------------------------------------------------------------------ DTensor / DeviceMesh
-@functools.cache
-def _dtensor_class() -> type:
-    from torch.distributed.tensor import DTensor
+_DTENSOR: list[type] = []
 
-    return DTensor
+
+def _dtensor_class() -> type:
+    # imported lazily (``import distclip`` needs no torch.distributed.tensor), kept in a list rather than
+    # behind functools.cache: dynamo warns about traced lru_cache wrappers, and a user's compiled region that
+    # runs GradScaler's unscale kernel traces this (through track_amp_unscaling's wrapper)
+    if not _DTENSOR:
+        from torch.distributed.tensor import DTensor
+
+        _DTENSOR.append(DTensor)
+    return _DTENSOR[0]
 
 
 def _is_dtensor(t: Any) -> bool:

@@ -68,7 +68,7 @@ def check_clip_call(train_step: Callable[..., Any]) -> None:
         raise unsupported(f"'dist_utils' in {train_step.__module__} is {module!r}, not torchtitan.distributed.utils")
     clip = getattr(module, "clip_grad_norm_", None)
     try:
-        parameters = tuple(inspect.signature(clip).parameters)
+        parameters = tuple(inspect.signature(clip).parameters) if callable(clip) else ()
     except (TypeError, ValueError):
         parameters = ()
     if parameters != CLIP_PARAMETERS:

@@ -15,7 +15,7 @@ from typing import Any, Callable
 
 import torch
 
-from ..compat.pytorch import supports_amp_scaling
+from ..compat.pytorch import outside_compile, supports_amp_scaling
 from .config import ConfigError
 from .report import ClipReport
 
@@ -42,6 +42,7 @@ class Attachment:
         self._handles = [optimizer.register_step_pre_hook(self._before_step),
                          optimizer.register_step_post_hook(self._after_step)]
 
+    @outside_compile  # under a compiled optimizer.step too: the fold must set the real optimizer's grad_scale
     def _before_step(self, optimizer: torch.optim.Optimizer, _args: Any, _kwargs: Any) -> None:
         pending = getattr(optimizer, "grad_scale", None)  # set by GradScaler for fused optimizers
 
@@ -51,6 +52,7 @@ class Attachment:
 
         self.clip(pending_scale=pending, fold=fold_into_optimizer if self.fold else None)
 
+    @outside_compile
     def _after_step(self, optimizer: torch.optim.Optimizer, _args: Any, _kwargs: Any) -> None:
         if self._owns_grad_scale and hasattr(optimizer, "grad_scale"):
             del optimizer.grad_scale

@@ -28,12 +28,15 @@ from ..compat import pytorch as _compat
 from ..errors import ConfigError, ConfigMismatchError, StateDictError, UsageError
 from .apply import Fold, apply
 from .attach import Attachment, fused_optimizer_blocker
+from .attribution import Attributor
 from .audit import ClipAudit
+from .badsteps import stop_error
 from .config import ClipConfig, load_config
 from .contract import GradAdapter
-from .counters import ClipCounters
+from .counters import BadStepStreaks, ClipCounters
 from .decide import Rules, decide
 from .groups import GroupTable, resolve_groups
+from .hook_choice import HookChoice, choose_hook
 from .measure import SlotPlan, measure
 from .names import canonical_name
 from .norms import SlotLayout
@@ -44,7 +47,7 @@ from .report import ClipReport
 from .sinks import MetricsLog
 from .rowwise import bind_rows
 
-STATE_VERSION = 2
+STATE_VERSION = 3  # 3: the bad-step streaks; versions 1 and 2 still load (streaks start at 0)
 
 __all__ = ["Clipper", "ClipReport"]
 
@@ -82,10 +85,9 @@ class Clipper:
             share_setup_failure(self.adapter.reduce_group, err)
             raise
         _compat.track_amp_unscaling()  # GradScaler's unscaling becomes visible (hooks, overflow detection)
-        self._check_consistency()
+        self._check_consistency()  # the hook choice is part of it: every rank takes the same path
         self.adapter.verify_layout()
-        if self.config.comm_hook and self._excluded is None:
-            self.adapter.enable_reduction_hook(ddp_comm_hook, ddp_comm_hook_state)
+        self._set_up_hook(ddp_comm_hook, ddp_comm_hook_state)
 
     def _set_up(self, config: Any, overrides: dict[str, Any], params: Iterable[torch.Tensor | str] | str | None,
                 names: list[str]) -> None:
@@ -131,12 +133,30 @@ class Clipper:
             self.audit = ClipAudit(self.config.audit, self.group_names, self.layout, self.adapter.reduce_group,
                                    measurable=self.adapter.applies_in_place)
         self._plan = SlotPlan(self.layout, self.config.norm_type, self._excluded, self.rows, with_rows, self._derived)
-        self._rules = Rules(self.config.nonfinite, self.config.norm_type, tuple(self.group_names),
-                            tuple(self._group_scaled))
+        measured_only = tuple(not g.clipped for g in self.table.groups)
+        self._group_scaled = [g for g in self._group_scaled if not measured_only[g]]  # never multiplied
+        self._rules = Rules(self.config.nonfinite_action, self.config.norm_type, tuple(self.group_names),
+                            tuple(self._group_scaled), measured_only=measured_only if any(measured_only) else ())
+        spike_limit = self.config.skip_spikes.max_consecutive if self.config.skip_spikes is not None else None
+        self.streaks = BadStepStreaks(self.config.nonfinite_limit, spike_limit)
+        self._attribute = Attributor(self.adapter, names)
         self._recorder = Recorder(self.adapter, self.layout, self.group_names, self.rows, self.counters, self.log,
                                   self.audit)
+        self.hook_choice: HookChoice = (
+            choose_hook(self.config.comm_hook, self.adapter.reduction_venue()) if self._excluded is None
+            else HookChoice(False, "post-backward: only a subset of the parameters is clipped (params=)"))
+
+    def _set_up_hook(self, inner: Callable | None, inner_state: Any) -> None:
+        """Measure inside the gradient reduction, or after backward, as ``hook_choice`` says (the adapter's
+        ``hook_status`` records which and why)."""
+        choice = self.hook_choice
+        if not choice.enable:
+            self.adapter.decline_reduction_hook(choice.reason, inner, inner_state)
+        elif self.adapter.enable_reduction_hook(inner, inner_state) and choice.auto:
+            self.adapter.hook_status = f"{self.adapter.hook_status} ({choice.reason})"
 
     # ------------------------------------------------------------------ public
+    @_compat.outside_compile  # one graph break inside a compiled region, never a traced clip
     @torch.no_grad()
     def clip(self, *, pending_scale: torch.Tensor | None = None, fold: Fold | None = None) -> ClipReport:
         """Measure the exact global (and per-group) norms and clip the gradients in place: the four stages.
@@ -154,19 +174,26 @@ class Clipper:
         measured = measure(self.adapter, self._plan, pending_scale)
         rules = self._rules if fold is None else dataclasses.replace(self._rules, can_fold=True)
         decision = decide(measured, self._plan, rules, self.policy, self.spikes, apply=True,
-                          scaler_overflow=lambda: self._scaler_overflow(pending_scale))
+                          scaler_overflow=lambda: self._scaler_overflow(pending_scale), streaks=self.streaks)
+        # a non-finite step only (the flag is already on the host, the same on every rank): one more collective
+        attribution = self._attribute() if decision.nonfinite_seen else None
         applied = apply(decision, self.adapter, fold)
         self.steps = step
-        report = self.last_report = self._recorder.report(measured, decision, applied)
+        report = self.last_report = self._recorder.report(measured, decision, applied, attribution)
         self._recorder.publish(report, decision, applied, step, audit, before)
+        if decision.stop is not None:  # on every rank at this clip, after the step was recorded
+            limits = (self.streaks.nonfinite_limit, self.streaks.spike_limit)
+            raise stop_error(decision, self.group_names, self.config.norm_type, limits, attribution, step)
         return report
 
+    @_compat.outside_compile
     @torch.no_grad()
     def measure(self) -> ClipReport:
         """The exact norms without touching the gradients (also one collective)."""
         measured = measure(self.adapter, self._plan)
         decision = decide(measured, self._plan, self._rules, self.policy, self.spikes, apply=False,
                           scaler_overflow=lambda: False)
+        decision = dataclasses.replace(decision, streaks=(self.streaks.nonfinite, self.streaks.spike))  # as they stand
         report = self.last_report = self._recorder.report(measured, decision, None)
         return report
 
@@ -224,7 +251,8 @@ class Clipper:
         """Everything a resume needs to continue with the same coefficients (policy state by group name)
         and the same running clip rates."""
         state = {"version": STATE_VERSION, "groups": list(self.group_names), "steps": self.steps,
-                 "policy": self.policy.state_dict(), "counts": self.counters.state_dict()}
+                 "policy": self.policy.state_dict(), "counts": self.counters.state_dict(),
+                 "streaks": self.streaks.state_dict()}
         if self.spikes is not None:
             state["skip_spikes"] = self.spikes.state_dict()
         return state
@@ -233,13 +261,13 @@ class Clipper:
         """Restore :meth:`state_dict`; a state of another version, group layout or policy is a :class:`StateDictError`."""
         if not isinstance(state, Mapping):
             raise StateDictError(f"distclip state must be the mapping GradClipper.state_dict() returned, got {type(state).__name__}")
-        unknown = set(state) - {"version", "groups", "steps", "policy", "skip_spikes", "counts"}
+        unknown = set(state) - {"version", "groups", "steps", "policy", "skip_spikes", "counts", "streaks"}
         if unknown:
             raise StateDictError(f"distclip state has unknown keys {sorted(unknown)}: it is not a GradClipper.state_dict()")
         version = state.get("version")
-        if version not in (1, STATE_VERSION):
+        if version not in (1, 2, STATE_VERSION):
             raise StateDictError(
-                f"distclip state has version {version!r}; this distclip reads versions 1 and {STATE_VERSION}. "
+                f"distclip state has version {version!r}; this distclip reads versions 1 to {STATE_VERSION}. "
                 "Save it again with this version of distclip"
             )
         if list(state.get("groups", [])) != self.group_names:
@@ -270,6 +298,9 @@ class Clipper:
             counters = ClipCounters(len(self.group_names), streaks=self.counters.track_streaks)
             if "counts" in state:  # states saved before the counts existed start them afresh
                 counters.load_state_dict(state["counts"])
+            streaks = BadStepStreaks(self.streaks.nonfinite_limit, self.streaks.spike_limit)
+            if "streaks" in state:  # versions 1 and 2 have none: the streaks start at 0
+                streaks.load_state_dict(state["streaks"])
             self.policy.load_state_dict(dict(policy))
         except StateDictError:
             raise
@@ -277,7 +308,7 @@ class Clipper:
             raise StateDictError(str(err)) from err
         if self.spikes is not None:
             self.spikes.load_state_dict(state["skip_spikes"])
-        self.steps, self.counters = steps, counters
+        self.steps, self.counters, self.streaks = steps, counters, streaks
         self._recorder.counters = counters
 
     @property
@@ -290,7 +321,7 @@ class Clipper:
         layout = self.table.groups_fingerprint() if self._pipeline else self.table.fingerprint()
         rows = self.rows.fingerprint() if self.rows is not None else ""
         return (f"{self.config.fingerprint()}-{layout}-{rows}-{sorted(self.adapter.describe().items())}"
-                f"-{self._setup_problems}")
+                f"-{self.hook_choice.enable}-{self._setup_problems}")
 
     # ---------------------------------------------------------------- internals
     def _check_consistency(self) -> None:
@@ -335,8 +366,8 @@ class Clipper:
         layout = self.table.groups_fingerprint() if self._pipeline else self.table.fingerprint()
         rows = {"row_layout": self.rows.fingerprint()} if self.rows is not None else {}
         problems = {"setup_problems": self._setup_problems} if self._setup_problems else {}
-        return {**self.config.to_dict(), "group_order": self.group_names,
-                "group_layout": layout, **self.adapter.describe(), **stage, **rows, **problems}
+        return {**self.config.to_dict(), "group_order": self.group_names, "group_layout": layout,
+                "measured_in_reduction": self.hook_choice.enable, **self.adapter.describe(), **stage, **rows, **problems}
 
     def _names_of(self, params: Iterable[torch.Tensor | str] | str) -> list[str]:
         """Canonical names of the parameters to clip (identity lookup among the adapter's parameters)."""
@@ -366,7 +397,8 @@ class Clipper:
         members: dict[str, list[str]] = {}
         for name, g in self.table.index_of.items():
             members.setdefault(self.table.groups[g].name, []).append(name)
-        groups = [{"name": g.name, "origin": g.origin, "max_norm": g.max_norm, "norm_type": g.norm_type,
+        groups = [{"name": g.name, "origin": g.origin, "max_norm": g.max_norm if g.clipped else None,
+                   "norm_type": g.norm_type, **({} if g.in_total else {"in_total": False}),
                    **({"params": members.get(g.name, [])} if g.origin in ("per_layer", "per_parameter") else {})}
                   for g in self.table.groups[: len(self.group_names)]]
         return {"config": self.config.to_dict(), "groups": groups}

@@ -171,24 +171,52 @@ class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
-class GroupSpec(_Section):
+class _RoleSpec(_Section):
+    """The roles a group section can give its groups (``max_norm: null``: measured, never clipped;
+    ``in_total: false``: left out of the total norm).
+
+    ``max_norm`` left out takes the top-level one; written as ``null`` it makes the groups measured
+    only. The two are told apart by whether the key was given (``model_fields_set``), and
+    :meth:`ClipConfig.to_dict` writes an explicit ``null`` back, so the role survives a round trip.
+    """
+
+    @property
+    def measured_only(self) -> bool:
+        """``max_norm: null`` was written: the groups are measured and reported, never clipped."""
+        return "max_norm" in self.model_fields_set and getattr(self, "max_norm") is None
+
+    @model_validator(mode="after")
+    def _no_policy_when_measured_only(self) -> "_RoleSpec":
+        policy = getattr(self, "policy", None)
+        if self.measured_only and policy is not None and policy.kind != "fixed":
+            raise ValueError(
+                f"max_norm: null makes these groups measured only (never clipped), so their policy "
+                f"{{kind: {policy.kind}}} would never apply; drop the policy, or give a max_norm "
+                "(e.g. inf: no cap) to clip them with it"
+            )
+        return self
+
+
+class GroupSpec(_RoleSpec):
     """A named clip group: parameters whose canonical name matches one of the glob patterns."""
 
     name: GroupName
     match: Patterns
-    max_norm: MaxNorm | None = None
+    max_norm: MaxNorm | None = None  # left out: the top-level max_norm; null: measured, never clipped
     norm_type: NormType | None = None
     policy: "PolicySpec | None" = None  # None: the top-level policy
+    in_total: bool = True  # false: measured and clipped apart, left out of the total norm
 
 
-class PerLayerSpec(_Section):
+class PerLayerSpec(_RoleSpec):
     """One group per module prefix of ``depth`` name components, e.g. ``blocks.3`` at depth 2."""
 
     depth: Depth
     match: Patterns = ["*"]
-    max_norm: MaxNorm | None = None
+    max_norm: MaxNorm | None = None  # left out: the top-level max_norm; null: measured, never clipped
     norm_type: NormType | None = None
     policy: "PolicySpec | None" = None  # one policy over all the per-layer groups; None: the top-level one
+    in_total: bool = True  # false: the per-layer groups are left out of the total norm
 
 
 # ------------------------------------------------------------------ policies
@@ -285,11 +313,14 @@ PerLayerSpec.model_rebuild()
 
 class SkipSpikesSpec(_Section):
     """Skip a step whose total norm is more than ``sigma_factor`` standard deviations above the
-    mean of the last ``window`` accepted steps (once ``min_observations`` of them exist)."""
+    mean of the last ``window`` accepted steps (once ``min_observations`` of them exist).
+    ``max_consecutive``: after that many spike skips in a row, raise :class:`~distclip.SpikeStreakError`
+    on every rank (None: skip forever)."""
 
     window: Annotated[int, BeforeValidator(_not_bool), Field(ge=2)] = 128
     sigma_factor: PositiveFloat = 6.0
     min_observations: Annotated[int, BeforeValidator(_not_bool), Field(ge=2)] = 16
+    max_consecutive: Count | None = None
 
     @model_validator(mode="after")
     def _enough_window(self) -> "SkipSpikesSpec":
@@ -299,6 +330,49 @@ class SkipSpikesSpec(_Section):
                 "never holds that many norms; lower min_observations or widen the window"
             )
         return self
+
+
+# ------------------------------------------------------------ non-finite steps
+NonFiniteMode = Literal["skip", "error", "zero", "ignore"]
+_NONFINITE_RULE = ("must be one of 'skip', 'error', 'zero', 'ignore', or a mapping {action: skip, max_consecutive: N} "
+                   "(max_consecutive: a whole number >= 1, with action skip or zero)")
+
+
+class NonFiniteSpec(_Section):
+    """``nonfinite: {action: skip, max_consecutive: N}``: the action, and after N non-finite steps in a row
+    :class:`~distclip.NonFiniteGradientError` on every rank (``nonfinite: skip`` is the short form)."""
+
+    action: NonFiniteMode = "skip"
+    max_consecutive: Count | None = None
+
+
+def _parse_nonfinite(value: Any) -> Any:
+    """The short form (a mode), or a mapping made a :class:`NonFiniteSpec`; one without a limit is its bare mode,
+    so that ``{action: skip}`` and ``skip`` are the same config (and fingerprint)."""
+    if isinstance(value, NonFiniteSpec):
+        value = value.model_dump()
+    if isinstance(value, str):
+        if value not in NONFINITE_MODES:
+            raise ValueError(_NONFINITE_RULE)
+        return value
+    if not isinstance(value, Mapping):
+        raise ValueError(f"{_NONFINITE_RULE}; got {type(value).__name__}")
+    unknown = [k for k in value if k not in NonFiniteSpec.model_fields]
+    if unknown:
+        raise ValueError(f"{_NONFINITE_RULE}; unknown key {_show(unknown[0])}, allowed keys: action, max_consecutive")
+    try:
+        spec = NonFiniteSpec.model_validate(dict(value))
+    except ValidationError as err:
+        problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in err.errors())
+        raise ValueError(f"{_NONFINITE_RULE}; {problems}") from None
+    if spec.max_consecutive is None:
+        return spec.action
+    if spec.action not in ("skip", "zero"):
+        raise ValueError(
+            f"max_consecutive must go with action skip or zero, not {spec.action!r}: 'error' already raises at the "
+            "first non-finite step, and 'ignore' reads no flag to count (torch semantics)"
+        )
+    return spec
 
 
 # ------------------------------------------------------------ observability
@@ -317,6 +391,30 @@ def _parse_path(value: Any) -> str:
     if "\0" in value:
         raise ValueError(f"{_PATH_RULE}; a path cannot hold a NUL character")
     return value
+
+
+_COMM_HOOK_RULE = ("must be auto (the default: the norm inside the gradient reduction where gradients are reduced by NCCL on "
+                   "CUDA, after backward elsewhere), true (always inside the reduction, where the layout allows it) "
+                   "or false (always after backward)")
+_TRUE_WORDS, _FALSE_WORDS = {"true", "yes", "on", "1"}, {"false", "no", "off", "0"}
+
+
+def _parse_comm_hook(value: Any) -> Any:
+    """``auto``, or a bool (also as the words YAML or an environment variable may carry: true/false, on/off, 1/0)."""
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str):
+        word = value.strip().lower()
+        if word == "auto":
+            return "auto"
+        if word in _TRUE_WORDS or word in _FALSE_WORDS:
+            return word in _TRUE_WORDS
+    elif isinstance(value, int) and value in (0, 1):  # pydantic's bool accepted 0 and 1: so does this key
+        return bool(value)
+    raise ValueError(f"{_COMM_HOOK_RULE}; got {type(value).__name__} {_show(value)}")
+
+
+CommHook = Annotated[Union[Literal["auto"], bool], BeforeValidator(_parse_comm_hook)]
 
 
 def _audit_shorthand(value: Any) -> Any:
@@ -364,17 +462,24 @@ class ClipConfig(_Section):
     Attributes:
         max_norm: threshold of the ``default`` group (all parameters when there are no groups).
         norm_type: p of the norm (any p > 0, or ``inf``); also the p of the reported total norm.
-        groups: ordered clip groups; the first match wins; unmatched parameters go to ``default``.
+        groups: ordered clip groups; the first match wins; unmatched parameters go to ``default``. A group
+            written with ``max_norm: null`` is measured, never clipped; one with ``in_total: false`` is left
+            out of the total norm (and of what ``skip_spikes`` watches).
         per_layer: shorthand for one group per module prefix (after the explicit groups).
         nonfinite: ``skip`` (drop this step), ``error`` (raise on every rank), ``zero`` (zero the
-            gradients) or ``ignore`` (torch semantics: scale by the non-finite norm).
+            gradients) or ``ignore`` (torch semantics: scale by the non-finite norm); or
+            ``{action: skip | zero, max_consecutive: N}``: raise on every rank after N in a row.
         per_parameter: shorthand for one group per parameter tensor, named by its canonical name
             (after the explicit groups; not with ``per_layer``).
         policy: threshold policy of every group without its own ``policy``; ``fixed`` uses each
             group's ``max_norm``; ``zclip``, ``autoclip``, ``adagc`` adapt it; ``agc`` clips each
             row of each parameter against the parameter's own row norm.
-        skip_spikes: skip steps whose total norm is a spike (z-score over recent accepted steps).
-        comm_hook: compute the norm inside DDP's gradient reduction (comm hook) when possible.
+        skip_spikes: skip steps whose total norm is a spike (z-score over recent accepted steps); with
+            ``max_consecutive``, raise after that many spike skips in a row.
+        comm_hook: where the norm is computed: ``auto`` (default) inside the gradient reduction (DDP comm hook,
+            FSDP reduce hooks) where gradients are reduced by NCCL on CUDA, after backward elsewhere (CPU, gloo);
+            ``true`` inside the reduction wherever the layout allows it; ``false`` always after backward.
+            Both paths give the same norm (see docs/guides/comm_hook.md).
         check_consistency: at set-up, verify every rank has the same config and group layout.
         log: where the clip metrics go (JSONL, TensorBoard), and how often.
         audit: a periodic cross-rank check of the coefficients applied, and stale-clipping warnings
@@ -386,10 +491,10 @@ class ClipConfig(_Section):
     groups: list[GroupSpec] = []
     per_layer: PerLayerSpec | None = None
     per_parameter: bool = False
-    nonfinite: Literal["skip", "error", "zero", "ignore"] = "skip"
+    nonfinite: Annotated[Union[NonFiniteMode, NonFiniteSpec], BeforeValidator(_parse_nonfinite)] = "skip"
     policy: PolicySpec = FixedPolicySpec()
     skip_spikes: SkipSpikesSpec | None = None
-    comm_hook: bool = True
+    comm_hook: CommHook = "auto"
     check_consistency: bool = True
     log: LogSpec | None = None
     audit: Annotated[AuditSpec | None, BeforeValidator(_audit_shorthand)] = None
@@ -416,6 +521,16 @@ class ClipConfig(_Section):
                 "keep one of them (explicit groups still come first)"
             )
         return self
+
+    @property
+    def nonfinite_action(self) -> str:
+        """What a non-finite step does: ``skip``, ``error``, ``zero`` or ``ignore`` (either form of ``nonfinite``)."""
+        return self.nonfinite if isinstance(self.nonfinite, str) else self.nonfinite.action
+
+    @property
+    def nonfinite_limit(self) -> int | None:
+        """``nonfinite.max_consecutive`` (None: no limit)."""
+        return None if isinstance(self.nonfinite, str) else self.nonfinite.max_consecutive
 
     # ----------------------------------------------------------------- loading
     @classmethod
@@ -456,12 +571,28 @@ class ClipConfig(_Section):
         return ClipConfig.from_dict({**self.to_dict(), **changes}, source="overrides")
 
     def to_dict(self) -> dict[str, Any]:
-        return self.model_dump(exclude_none=True)
+        """The settings as plain data (unset values left out; a measured-only group keeps its ``max_norm: null``)."""
+        return _with_roles(self, self.model_dump(exclude_none=True))
 
     def fingerprint(self) -> str:
         """Stable hash of the settings: equal on two ranks iff they clip the same way."""
-        text = json.dumps(self.model_dump(), sort_keys=True, default=str)
+        roles = [g.measured_only for g in self.groups] + [self.per_layer is not None and self.per_layer.measured_only]
+        text = json.dumps([_with_roles(self, self.model_dump()), roles], sort_keys=True, default=str)
         return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def _with_roles(config: ClipConfig, data: dict[str, Any]) -> dict[str, Any]:
+    """``data`` (a dump of ``config``) with ``max_norm: null`` written for measured-only sections: a dump drops
+    the None (or cannot tell it from a max_norm left out), and the role would be lost."""
+    sections = [(group, data["groups"][i]) for i, group in enumerate(config.groups)]
+    if config.per_layer is not None:
+        sections.append((config.per_layer, data["per_layer"]))
+    for spec, dumped in sections:
+        if spec.measured_only:
+            dumped["max_norm"] = None
+        if spec.in_total:  # the default: left out, as dumps were before roles existed
+            dumped.pop("in_total", None)
+    return data
 
 
 def load_config(spec: "ClipConfig | Mapping[str, Any] | str | os.PathLike | None" = None, **overrides: Any) -> ClipConfig:
@@ -637,7 +768,7 @@ def _allowed_keys(loc: tuple[Any, ...]) -> list[str]:
         model = POLICY_KINDS.get(kind, FixedPolicySpec)
     elif len(loc) > 1:
         sections = {"groups": GroupSpec, "per_layer": PerLayerSpec, "skip_spikes": SkipSpikesSpec,
-                    "log": LogSpec, "audit": AuditSpec}
+                    "log": LogSpec, "audit": AuditSpec, "nonfinite": NonFiniteSpec}
         model = sections.get(loc[0], ClipConfig)
     return list(model.model_fields)
 
@@ -645,11 +776,13 @@ def _allowed_keys(loc: tuple[Any, ...]) -> list[str]:
 # What a section or list item holds, added to pydantic's own type errors ("Input should be a valid list").
 _EXPECTED = {
     "groups": "a list of groups, e.g. [{name: embed, match: '*embed*', max_norm: 0.1}]",
-    "groups[]": "a mapping {name: ..., match: ..., max_norm: ..., norm_type: ...} (max_norm, norm_type optional)",
+    "groups[]": "a mapping {name: ..., match: ..., max_norm: ..., norm_type: ..., in_total: ...} (only name and "
+                "match required)",
+    "in_total": "true or false",
     "match[]": "a non-empty glob string, e.g. '*embed*'",
     "per_layer": "a mapping {depth: N, match: ..., max_norm: ..., norm_type: ...} (only depth required)",
     "policy": "a mapping with a 'kind' key",
-    "comm_hook": "true or false",
+    "comm_hook": "auto, true or false",
     "check_consistency": "true or false",
     "log": "a mapping {every: N, jsonl: PATH, tensorboard: DIR} (each optional)",
     "audit": "true, false, or a mapping {every: N, stale_after: M, on_mismatch: raise | warn}",

@@ -6,8 +6,12 @@ imports an adapter: it talks to whichever one it is given through these members 
 
 * **COUNT**: ``local_partials`` (this rank's slot vector over the pieces it counts: disjoint
   across the job, so ONE collective over ``reduce_group`` yields every element once), ``grad_scale``.
-* **HOOK**: ``enable_reduction_hook`` (the same partials computed inside the backend's gradient
-  reduction, when it allows it and only when provably valid).
+* **HOOK**: ``reduction_venue`` (where the gradients are reduced: what ``comm_hook: auto`` decides
+  from, :mod:`distclip.core.hook_choice`), ``enable_reduction_hook`` (the same partials computed
+  inside the backend's gradient reduction, when it allows it and only when provably valid),
+  ``decline_reduction_hook`` (the post-backward path was chosen: record why).
+* **ATTRIBUTE** (bad steps only): ``held_pieces`` (every local gradient piece this rank holds, with its
+  parameter), whose non-finite values the core looks for after a non-finite norm.
 * **APPLY**: ``scale``, ``zero``, ``drop_grads`` (multiply each group by its coefficient, zero it,
   or drop the gradients so the optimizer step leaves parameters and state untouched).
 * **ROWS** (row-wise clipping, ``kind: agc``): ``global_shapes``, ``bind_rows``,
@@ -24,6 +28,7 @@ import torch
 
 if TYPE_CHECKING:
     from .groups import GroupTable
+    from .hook_choice import ReductionVenue
     from .norms import SlotLayout
     from .rowwise import RowPlan
 
@@ -50,7 +55,9 @@ class GradAdapter(Protocol):
     def verify_layout(self) -> None: ...
     def tensor_names(self) -> dict[int, str]: ...
     def describe(self) -> dict[str, object]: ...
+    def reduction_venue(self) -> "ReductionVenue | None": ...
     def enable_reduction_hook(self, inner: Any = None, inner_state: Any = None) -> bool: ...
+    def decline_reduction_hook(self, reason: str, inner: Any = None, inner_state: Any = None) -> None: ...
 
     # ------------------------------------------------------------ pipeline
     def copies(self) -> dict[str, str]: ...
@@ -65,6 +72,9 @@ class GradAdapter(Protocol):
     def collective_device(self, pieces: Sequence[torch.Tensor] = ()) -> torch.device: ...
     def grad_scale(self) -> float: ...
     def loss_scaled(self) -> bool: ...
+
+    # ----------------------------------------------------------- ATTRIBUTE
+    def held_pieces(self) -> tuple[list[torch.Tensor], list[int]]: ...
 
     # --------------------------------------------------------------- APPLY
     def scale(self, coefs: torch.Tensor, groups: Sequence[int], host_coefs: Sequence[float] | None = None) -> None: ...

@@ -60,3 +60,46 @@ class ClipCounters:
                 f"counts}} as GradClipper.state_dict() writes it; got {state!r}")
         device = clipped.device if self.clipped is None else self.clipped.device
         self.steps, self.clipped, self.streaks = steps, clipped.detach().clone().to(device), None
+
+
+class BadStepStreaks:
+    """How many bad steps in a row: non-finite steps distclip skipped or zeroed, and spike skips.
+
+    Kept as host integers, advanced from what the decision has already read on the host (its one
+    sync per clip): no extra sync, and the same numbers on every rank (the decision is taken on the
+    reduced norms). A clip of the other kind, or an accepted one, ends a streak; a loss-scale
+    overflow left to GradScaler / DeepSpeed (``skip_reason: overflow``) neither counts nor ends
+    one (the loss scaler backs off and retries). ``nonfinite: ignore`` reads no flag: its streak stays 0.
+    """
+
+    def __init__(self, nonfinite_limit: int | None = None, spike_limit: int | None = None):
+        self.nonfinite_limit = nonfinite_limit
+        self.spike_limit = spike_limit
+        self.nonfinite = 0
+        self.spike = 0
+
+    def advance(self, kind: str | None) -> str | None:
+        """Count one clip of ``kind`` (``nonfinite``, ``spike``, ``overflow`` or None: accepted); return the kind
+        whose limit the streak has just reached (``nonfinite`` / ``spike``), else None."""
+        if kind == "overflow":
+            return None
+        self.nonfinite = self.nonfinite + 1 if kind == "nonfinite" else 0
+        self.spike = self.spike + 1 if kind == "spike" else 0
+        if kind == "nonfinite" and self.nonfinite_limit is not None and self.nonfinite >= self.nonfinite_limit:
+            return "nonfinite"
+        if kind == "spike" and self.spike_limit is not None and self.spike >= self.spike_limit:
+            return "spike"
+        return None
+
+    def state_dict(self) -> dict[str, int]:
+        return {"nonfinite": self.nonfinite, "spike": self.spike}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore :meth:`state_dict` (a resumed run continues its streaks: a run that died skipping is not reset)."""
+        values = [state.get(k) for k in ("nonfinite", "spike")] if isinstance(state, Mapping) else [None]
+        if not (isinstance(state, Mapping) and set(state) == {"nonfinite", "spike"}
+                and all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in values)):
+            raise StateDictError(
+                "distclip state's 'streaks' must be {'nonfinite': int >= 0, 'spike': int >= 0} as GradClipper.state_dict() "
+                f"writes it; got {state!r}")
+        self.nonfinite, self.spike = values

@@ -8,18 +8,22 @@ tensors, advanced with ``torch.where`` only where the step counts).
 
 The one host read per clip happens here (the non-finite and spike flags with the coefficients,
 one ``.tolist()``), except with ``nonfinite: ignore`` and no spike skipping, where nothing is read:
-every coefficient multiplies, as in torch.
+every coefficient multiplies, as in torch. The bad-step streaks (:class:`BadStepStreaks`) advance
+from those flags, and a decision says when a streak has reached its limit (``stop``): the clipper
+then raises on every rank at the same clip, after recording it.
+
+Measured-only groups (``max_norm: null``) keep the coefficient 1 whatever their norm (a
+non-finite one included) and are never multiplied.
 """
 
 from __future__ import annotations
 
-import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable
 
 import torch
 
-from ..errors import NonFiniteGradientError
+from .counters import BadStepStreaks
 from .measure import Measurement, SlotPlan
 from .policies import PolicySet, SpikeDetector
 
@@ -33,8 +37,9 @@ class Rules:
     nonfinite: str  # skip | error | zero | ignore
     norm_type: float
     group_names: tuple[str, ...]  # the visible groups, in slot order
-    group_scaled: tuple[int, ...]  # visible groups multiplied by a group coefficient (not row-wise)
+    group_scaled: tuple[int, ...]  # visible groups multiplied by a group coefficient (not row-wise, not measured only)
     can_fold: bool = False  # a fused optimizer can take the coefficient (uniform clipping, attach)
+    measured_only: tuple[bool, ...] = ()  # per group (hidden one included): never clipped (empty: none is)
 
 
 @dataclass(frozen=True)
@@ -55,20 +60,28 @@ class Decision:
     scale_rows: bool = False  # the row-wise coefficients multiply their rows
     skipped: bool = False
     skip_reason: str | None = None  # nonfinite | overflow | spike
+    nonfinite_seen: bool = False  # the host has read that a norm is non-finite (what attribution runs on)
+    stop: str | None = None  # raise on every rank after recording: error (nonfinite: error), nonfinite or spike (streak)
+    streaks: tuple[int, int] = (0, 0)  # non-finite steps, spike skips in a row (this clip included)
 
 
 def decide(measured: Measurement, plan: SlotPlan, rules: Rules, policy: PolicySet, spikes: SpikeDetector | None,
-           apply: bool, scaler_overflow: Callable[[], bool]) -> Decision:
-    """The decision for ``measured`` (see the module docstring); with ``apply``, the policies learn from it.
+           apply: bool, scaler_overflow: Callable[[], bool], streaks: BadStepStreaks | None = None) -> Decision:
+    """The decision for ``measured`` (see the module docstring); with ``apply``, the policies learn from it
+    and ``streaks`` advance.
 
     ``scaler_overflow()``: whether a non-finite norm is a loss-scale overflow that GradScaler or DeepSpeed
-    skips by itself (asked only on a non-finite step). Raises :class:`NonFiniteGradientError` on every rank
-    for a non-finite norm under ``nonfinite: error``.
+    skips by itself (asked only on a non-finite step). A non-finite norm under ``nonfinite: error``, or a
+    streak at its limit, sets ``stop``: the caller raises on every rank (this function raises nothing, so
+    that the step can be attributed and recorded first).
     """
     reduced = measured.slots
     group_norms = plan.layout.group_norms(reduced)
     total_norm = plan.layout.total_norm(reduced)
     thresholds, coefs = policy.coefficients(group_norms, total_norm)
+    if rules.measured_only:  # never clipped: exactly 1, also when the norm is inf or NaN (inf / inf)
+        coefs = torch.where(plan.layout.constant("measured_only", coefs.device, rules.measured_only, torch.bool),
+                            1.0, coefs)
     finite = torch.isfinite(reduced).all()  # the row gradient sums hold the same elements as the group slots
     row_coefs = None
     if plan.rows is not None:  # row-wise groups report their smallest row coefficient
@@ -81,16 +94,29 @@ def decide(measured: Measurement, plan: SlotPlan, rules: Rules, policy: PolicySe
                 row_coefs=row_coefs, finite=finite)
     if not apply:
         return Decision(**base)
-    decision = _action(base, rules, plan, finite, spike, coefs, scaler_overflow, group_norms)
+    decision = _action(base, rules, plan, finite, spike, coefs, scaler_overflow)
     accepted = finite if spike is None else finite & ~spike  # what the policies may learn from
     policy.update(group_norms, total_norm, decision.coefs, accepted)
     if spikes is not None:
         spikes.update(group_norms, total_norm, decision.coefs, accepted)
-    return decision
+    if streaks is None:
+        return decision
+    reached = streaks.advance(_streak_kind(decision))
+    return replace(decision, stop=decision.stop or reached, streaks=(streaks.nonfinite, streaks.spike))
+
+
+def _streak_kind(decision: Decision) -> str | None:
+    """What a clip counts as for the streaks: a non-finite step distclip skipped, zeroed or raised on, a spike
+    skip, a loss-scale overflow (left to the scaler), or None (accepted)."""
+    if decision.skip_reason == "overflow":
+        return "overflow"
+    if decision.skip_reason == "nonfinite" or decision.action == "zero":
+        return "nonfinite"
+    return "spike" if decision.skip_reason == "spike" else None
 
 
 def _action(base: dict, rules: Rules, plan: SlotPlan, finite: torch.Tensor, spike: torch.Tensor | None,
-            coefs: torch.Tensor, scaler_overflow: Callable[[], bool], group_norms: torch.Tensor) -> Decision:
+            coefs: torch.Tensor, scaler_overflow: Callable[[], bool]) -> Decision:
     visible = tuple(range(len(rules.group_names)))
     with_rows = plan.rows is not None
     if rules.nonfinite == "ignore" and spike is None:  # no host sync at all: always multiply, as torch
@@ -111,15 +137,16 @@ def _action(base: dict, rules: Rules, plan: SlotPlan, finite: torch.Tensor, spik
         if clipped or rows_clipped:
             return Decision(**base, action="scale", groups=clipped, host_coefs=host_coefs, scale_rows=rows_clipped)
         return Decision(**base)
+    seen = {"nonfinite_seen": True}
     if rules.nonfinite == "ignore":  # torch semantics, also with skip_spikes on
-        return Decision(**base, action="scale", groups=rules.group_scaled, scale_rows=with_rows)
+        return Decision(**base, action="scale", groups=rules.group_scaled, scale_rows=with_rows, **seen)
     if scaler_overflow():
-        return _skipped(base, "leave", "overflow")
-    if rules.nonfinite == "error":
-        _raise_nonfinite(group_norms, rules)
+        return _skipped(base, "leave", "overflow", **seen)
+    if rules.nonfinite == "error":  # the gradients are left as they are; the caller raises
+        return _skipped(base, "none", "nonfinite", stop="error", **seen)
     if rules.nonfinite == "zero":
-        return Decision(**_zeroed(base), action="zero", groups=visible)
-    return _skipped(base, "drop", "nonfinite")
+        return Decision(**_zeroed(base), action="zero", groups=visible, **seen)
+    return _skipped(base, "drop", "nonfinite", **seen)
 
 
 def _zeroed(base: dict) -> dict:
@@ -128,15 +155,5 @@ def _zeroed(base: dict) -> dict:
             "row_coefs": None if row_coefs is None else torch.zeros_like(row_coefs)}
 
 
-def _skipped(base: dict, action: str, reason: str) -> Decision:
-    return Decision(**_zeroed(base), action=action, skipped=True, skip_reason=reason)
-
-
-def _raise_nonfinite(group_norms: torch.Tensor, rules: Rules) -> None:
-    bad = {n: v for n, v in zip(rules.group_names, group_norms.tolist()) if not math.isfinite(v)}
-    raise NonFiniteGradientError(
-        f"The total norm of order {rules.norm_type} for gradients from `parameters` is non-finite, so it cannot be "
-        f"clipped. distclip: non-finite group norm(s) {bad} with nonfinite='error' (the same on every "
-        "rank). To drop such steps use nonfinite='skip'; to scale the gradients by the non-finite norm "
-        "anyway, as torch does with `error_if_nonfinite=False`, use nonfinite='ignore'."
-    )
+def _skipped(base: dict, action: str, reason: str, **extra: object) -> Decision:
+    return Decision(**_zeroed(base), action=action, skipped=True, skip_reason=reason, **extra)

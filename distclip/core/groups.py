@@ -9,7 +9,7 @@ import warnings
 from dataclasses import dataclass
 from typing import Sequence
 
-from .config import DEFAULT_GROUP, ClipConfig, ConfigError
+from .config import DEFAULT_GROUP, ClipConfig, ConfigError, GroupSpec, PerLayerSpec
 
 EXCLUDED_GROUP = "<not clipped>"  # hidden trailing group of the parameters outside a clipped subset
 
@@ -20,13 +20,21 @@ class ClipGroup:
 
     ``origin``: the config section that made it (``groups``, ``per_layer``, ``per_parameter``,
     ``default``, or ``excluded`` for the hidden group of a clipped subset); it decides which
-    ``policy`` the group follows.
+    ``policy`` the group follows. ``clipped``: False for a measured-only group (``max_norm: null``;
+    its ``max_norm`` is then inf). ``in_total``: False when the group is left out of the total norm.
     """
 
     name: str
     max_norm: float
     norm_type: float
     origin: str = "groups"
+    clipped: bool = True
+    in_total: bool = True
+
+    @property
+    def key(self) -> tuple:
+        """What the slot layout and the coefficients depend on (fingerprints compare it across ranks)."""
+        return (self.name, self.max_norm, self.norm_type, self.clipped, self.in_total)
 
 
 @dataclass(frozen=True)
@@ -44,12 +52,12 @@ class GroupTable:
         """Hash of the group order and of each parameter's group (of ``names`` only, when given): equal
         across ranks iff layouts agree."""
         assigned = self.index_of.items() if names is None else ((n, self.index_of[n]) for n in names)
-        text = repr([(g.name, g.max_norm, g.norm_type) for g in self.groups]) + repr(sorted(assigned))
+        text = repr([g.key for g in self.groups]) + repr(sorted(assigned))
         return hashlib.sha256(text.encode()).hexdigest()[:16]
 
     def groups_fingerprint(self) -> str:
         """Hash of the group order, thresholds and norm types alone (the slot layout)."""
-        return hashlib.sha256(repr([(g.name, g.max_norm, g.norm_type) for g in self.groups]).encode()).hexdigest()[:16]
+        return hashlib.sha256(repr([g.key for g in self.groups]).encode()).hexdigest()[:16]
 
     def tied(self, copies: dict[str, str]) -> "GroupTable":
         """This table with each tied copy in its counted parameter's group (both are scaled alike)."""
@@ -71,8 +79,17 @@ class GroupTable:
                 f"(e.g. {sorted(unknown)[:3]}); pass parameters of the model the clipper was built for"
             )
         excluded = len(self.groups)
-        groups = (*self.groups, ClipGroup(EXCLUDED_GROUP, math.inf, norm_type, origin="excluded"))
+        groups = (*self.groups, ClipGroup(EXCLUDED_GROUP, math.inf, norm_type, origin="excluded",
+                                            clipped=False, in_total=False))
         return GroupTable(groups, {n: (g if n in keep else excluded) for n, g in self.index_of.items()})
+
+
+def _group(name: str, spec: GroupSpec | PerLayerSpec, config: ClipConfig, origin: str) -> ClipGroup:
+    """A group of an explicit or per-layer section: its own settings, else the top-level ones; a measured-only
+    section (``max_norm: null``) makes groups that are never clipped (threshold inf)."""
+    max_norm = math.inf if spec.measured_only else (spec.max_norm or config.max_norm)
+    return ClipGroup(name, max_norm, spec.norm_type or config.norm_type, origin=origin,
+                     clipped=not spec.measured_only, in_total=spec.in_total)
 
 
 def _matches(name: str, patterns: Sequence[str]) -> bool:
@@ -92,7 +109,7 @@ def resolve_groups(config: ClipConfig, param_names: Sequence[str], warn_empty: b
     rank. Explicit groups that match nothing are kept (so every rank has the same layout) and
     reported with a warning: an empty group is usually a typo in a pattern.
     """
-    explicit = [ClipGroup(g.name, g.max_norm or config.max_norm, g.norm_type or config.norm_type) for g in config.groups]
+    explicit = [_group(g.name, g, config, "groups") for g in config.groups]
     explicit_names = {g.name for g in explicit}
     shorthand: dict[str, ClipGroup] = {}  # per-layer or per-parameter groups, in model order
     assignment: dict[str, str] = {}
@@ -115,9 +132,7 @@ def resolve_groups(config: ClipConfig, param_names: Sequence[str], warn_empty: b
                     f"per_layer: the layer group {prefix!r} (from parameter {name!r}) has the name of an "
                     f"explicit group or 'default'; rename that group or change per_layer.depth"
                 )
-            layer = config.per_layer
-            shorthand.setdefault(prefix, ClipGroup(prefix, layer.max_norm or config.max_norm,
-                                                   layer.norm_type or config.norm_type, origin="per_layer"))
+            shorthand.setdefault(prefix, _group(prefix, config.per_layer, config, "per_layer"))
             assignment[name] = prefix
         else:
             assignment[name] = DEFAULT_GROUP

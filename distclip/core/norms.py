@@ -29,13 +29,15 @@ class SlotLayout:
     group_norm_types: tuple[float, ...]
     total_norm_type: float
     slots: tuple[tuple[int, float], ...]  # (group index, p)
+    in_total: tuple[bool, ...] = ()  # per group: whether it enters the total norm (empty: all do)
     _constants: dict[Hashable, torch.Tensor] = field(default_factory=dict, compare=False, repr=False)
 
     @classmethod
     def build(cls, groups: Sequence[ClipGroup], total_norm_type: float) -> "SlotLayout":
         slots = [(g, total_norm_type) for g in range(len(groups))]
         slots += [(g, grp.norm_type) for g, grp in enumerate(groups) if grp.norm_type != total_norm_type]
-        return cls(tuple(g.norm_type for g in groups), total_norm_type, tuple(slots))
+        in_total = tuple(grp.in_total for grp in groups)
+        return cls(tuple(g.norm_type for g in groups), total_norm_type, tuple(slots), () if all(in_total) else in_total)
 
     @property
     def num_slots(self) -> int:
@@ -111,8 +113,11 @@ class SlotLayout:
         return self.constant("uses_max", device, self.uses_max, torch.bool)
 
     def total_norm(self, reduced: torch.Tensor) -> torch.Tensor:
-        """The global norm (float64) in the config's p over every group."""
+        """The global norm (float64) in the config's p over every group in the total (``in_total``): a group
+        left out adds nothing to it (a mask, not an index: the same ops, no sync)."""
         values = reduced[: self.num_groups]
+        if self.in_total:
+            values = torch.where(self.constant("in_total", values.device, self.in_total, torch.bool), values, 0.0)
         p = self.total_norm_type
         if math.isinf(p):
             return values.max() if values.numel() else values.new_zeros(())
@@ -160,6 +165,72 @@ def local_partials(
                 contrib.index_add_(0, index, values)
                 out = out + contrib.to(device)
     return out
+
+
+def piece_sums(tensors: Sequence[torch.Tensor], p: float, layout: SlotLayout, device: torch.device) -> torch.Tensor:
+    """Per tensor, sum |t|^p (max |t| for p = inf): float64 ``[len(tensors)]`` on ``device``, in the order given.
+
+    A function of the list alone (its sizes, dtypes and values): the same list gives the same bits,
+    whichever other tensors were measured before or after it (what :class:`OrderedSlotSums` builds on).
+    """
+    if not tensors:
+        return torch.zeros(0, dtype=ACC_DTYPE, device=device)
+    grouped = group_tensors_by_device_and_dtype([list(tensors)], with_indices=True)
+    if len(grouped) == 1:
+        (([same_kind], _),) = grouped.values()
+        return power_sums(same_kind, p).to(device)
+    out = torch.empty(len(tensors), dtype=ACC_DTYPE, device=device)
+    for [same_kind], indices in grouped.values():  # mixed dtypes: each kind's sums back in the list's order
+        out.index_copy_(0, layout.slot_index(indices, device), power_sums(same_kind, p).to(device))
+    return out
+
+
+class OrderedSlotSums:
+    """Per-piece values -> a slot vector, piece ``k`` into slot ``slot_ids[k]``: a function of the values and their
+    order alone, on every device (what makes partials independent of how the pieces were measured, in batches).
+
+    On CPU each slot's pieces are added one after another, in order (``index_add_`` is a serial loop). Elsewhere
+    (no serial kernel without atomics) the values are gathered into a fixed ``[slots, most pieces of a slot]``
+    matrix, padded with zeros, and summed along its rows: a reduction of a fixed shape, deterministic, no atomics,
+    no host sync; ``index_put_(accumulate=True)`` (sorted, no atomics) where that matrix would be much larger than
+    the values. A max (p = inf) does not depend on order. The device index tensors are built once per device.
+    """
+
+    def __init__(self, slot_ids: Sequence[int], layout: SlotLayout, serial_on_cpu: bool = True):
+        self.slot_ids = list(slot_ids)
+        self.layout = layout
+        self.serial_on_cpu = serial_on_cpu  # False: the other devices' way on CPU too (to test it without a GPU)
+        self._plans: dict[torch.device, tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor] | None]] = {}
+
+    def __call__(self, values: torch.Tensor, use_max: bool) -> torch.Tensor:
+        index, padded = self._plan(values.device)
+        out = torch.zeros(self.layout.num_slots, dtype=ACC_DTYPE, device=values.device)
+        if use_max:
+            return out.scatter_reduce_(0, index, values, reduce="amax")
+        if values.device.type == "cpu" and self.serial_on_cpu:
+            return out.index_add_(0, index, values)
+        if padded is None:
+            return out.index_put_((index,), values, accumulate=True)
+        gather, slots = padded
+        rows = torch.cat([values, values.new_zeros(1)]).index_select(0, gather).view(slots.numel(), -1)
+        return out.index_copy_(0, slots, rows.sum(1))
+
+    def _plan(self, device: torch.device) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor] | None]:
+        if device not in self._plans:
+            index = torch.tensor(self.slot_ids, dtype=torch.long, device=device)
+            padded = None
+            if device.type != "cpu" or not self.serial_on_cpu:
+                members: dict[int, list[int]] = {}
+                for k, slot in enumerate(self.slot_ids):
+                    members.setdefault(slot, []).append(k)
+                width = max((len(m) for m in members.values()), default=0)
+                if len(members) * width <= 4 * len(self.slot_ids) + 1024:  # else index_put_: no huge padding
+                    pad = len(self.slot_ids)  # the index of the zero appended to the values
+                    gather = [k for m in members.values() for k in m + [pad] * (width - len(m))]
+                    padded = (torch.tensor(gather, dtype=torch.long, device=device),
+                              torch.tensor(list(members), dtype=torch.long, device=device))
+            self._plans[device] = (index, padded)
+        return self._plans[device]
 
 
 def combine_partials(partials: Sequence[torch.Tensor], layout: SlotLayout, device: torch.device) -> torch.Tensor:

@@ -11,6 +11,7 @@ from typing import Sequence
 
 import torch
 
+from .attribution import Attribution
 from .audit import Applied, ClipAudit
 from .contract import GradAdapter
 from .counters import ClipCounters
@@ -43,8 +44,10 @@ class Recorder:
         before = self._applied_partials() if audit is not None and audit.measurable else None
         return audit, before
 
-    def report(self, measured: Measurement, decision: Decision, applied: Applied | None) -> ClipReport:
-        """The report of this clip (``applied`` None: measured only); an applied clip is counted (on the device)."""
+    def report(self, measured: Measurement, decision: Decision, applied: Applied | None,
+               attribution: Attribution | None = None) -> ClipReport:
+        """The report of this clip (``applied`` None: measured only); an applied clip is counted (on the device).
+        ``attribution``: where a non-finite step's NaN / inf values are (None: not looked for)."""
         names = self.group_names
         report = ClipReport(
             total_norm=decision.total_norm.float(),
@@ -56,7 +59,12 @@ class Recorder:
             source=measured.source,
             skip_reason=decision.skip_reason,
             row_coefs=decision.row_coefs,
+            nonfinite_streak=decision.streaks[0],
+            spike_streak=decision.streaks[1],
         )
+        if attribution is not None:
+            report.nonfinite_params, report.nonfinite_ranks = attribution.params, attribution.ranks
+            report.nonfinite_where = dict(attribution.where)
         coefs = decision.coefs
         if applied is not None:  # running counts on the device: no host sync
             self.counters.update(clipped_mask(coefs[: len(names)], decision.finite, decision.skipped))

@@ -97,6 +97,16 @@ def _all_gather_into(out: torch.Tensor, mine: torch.Tensor, group: ProcessGroup)
     gather(out, mine, group=group)
 
 
+def gather_rows(group: ProcessGroup | None, mine: torch.Tensor) -> torch.Tensor:
+    """ONE all-gather of an equal-sized 1-D tensor per rank: a ``(world, n)`` tensor in rank order (``(1, n)``
+    without a group)."""
+    if group_size(group) == 1:
+        return mine.reshape(1, -1)
+    out = mine.new_empty(dist.get_world_size(group) * mine.numel())
+    _all_gather_into(out, mine.contiguous(), group)
+    return out.view(-1, mine.numel())
+
+
 def hash60(text: str) -> int:
     """A 60-bit integer hash of ``text`` (fits an int64 tensor element)."""
     import hashlib

@@ -21,13 +21,22 @@ class ClipReport:
         skip_reason: None, ``nonfinite`` (``nonfinite: skip``), ``overflow`` (a loss-scale overflow
             that GradScaler / DeepSpeed skip themselves) or ``spike`` (``skip_spikes``).
         finite: whether every norm was finite (a bool tensor: reading it syncs with the device).
-        source: ``comm_hook`` when the norm was computed inside the gradient reduction, else ``post_backward``.
+        source: ``comm_hook`` when the norm was computed inside the gradient reduction, else ``post_backward``
+            (which path ``comm_hook: auto`` chose, and why: the adapter's ``hook_status``).
         clip_counts: per group (in the order of ``group_norms``), on how many of the clipper's
             ``clip_steps`` clips so far it was clipped (int64, on the device; None outside a clipper).
         clip_steps: the number of clips ``clip_counts`` counts (this one included).
         row_coefs: with row-wise (``agc``) groups, the coefficient of every row (fp32, the
             :class:`~distclip.core.rowwise.RowPlan` order); their groups' ``coefs`` are the smallest of
             their rows' and their ``thresholds`` the ``clip_factor``. None without agc groups.
+        nonfinite_streak: non-finite steps in a row that distclip skipped or zeroed, this one included
+            (0 after a finite step; a loss-scale overflow neither counts nor ends a streak).
+        spike_streak: steps in a row skipped as spikes (``skip_spikes``), this one included.
+        nonfinite_params: on a non-finite step, the canonical names of the parameters holding a NaN or inf
+            on some rank (model order; empty when every element is finite and the norm overflowed); None
+            on a finite step, or where nothing was read (``nonfinite: ignore`` without ``skip_spikes``).
+        nonfinite_ranks: the (global) ranks holding them; None as ``nonfinite_params``.
+        nonfinite_where: each of ``nonfinite_params`` -> the ranks holding a non-finite value in it.
     """
 
     total_norm: torch.Tensor
@@ -41,6 +50,11 @@ class ClipReport:
     row_coefs: torch.Tensor | None = None
     clip_counts: torch.Tensor | None = None
     clip_steps: int = 0
+    nonfinite_streak: int = 0
+    spike_streak: int = 0
+    nonfinite_params: tuple[str, ...] | None = None
+    nonfinite_ranks: tuple[int, ...] | None = None
+    nonfinite_where: dict[str, tuple[int, ...]] | None = None
 
     @property
     def unit_coefs(self) -> torch.Tensor | None:
@@ -50,7 +64,8 @@ class ClipReport:
     def to_metrics(self) -> dict[str, float]:
         """The clip as flat, plainly named metrics (floats), as sinks and trackers write them.
 
-        Keys: ``grad_norm`` (pre-clip total norm), ``skipped`` (0/1), and per group
+        Keys: ``grad_norm`` (pre-clip total norm), ``skipped`` (0/1), ``nonfinite_streak`` and
+        ``spike_streak`` (bad steps in a row), and per group
         ``grad_norm/<group>`` (pre-clip), ``clip_coef/<group>`` (the coefficient applied),
         ``clip_threshold/<group>``, ``clipped/<group>`` (1 when the threshold scaled the group down
         on an accepted step), ``nonfinite/<group>`` (1 when the group's reduced norm is NaN or inf)
@@ -72,11 +87,20 @@ class ClipReport:
             families.append(("clip_rate", self.clip_counts.to(norms.device).double() / max(self.clip_steps, 1)))
         values = torch.cat([self.total_norm.reshape(1).double().to(norms.device),
                             *(v.double() for _, v in families)]).tolist()
-        out = {"grad_norm": values[0], "skipped": float(self.skipped)}
+        out = {"grad_norm": values[0], "skipped": float(self.skipped), "nonfinite_streak": float(self.nonfinite_streak),
+               "spike_streak": float(self.spike_streak)}
         g = len(names)
         for i, (family, _) in enumerate(families):
             out.update({f"{family}/{name}": v for name, v in zip(names, values[1 + i * g : 1 + (i + 1) * g])})
         return out
+
+    def details(self) -> dict[str, Any]:
+        """What a bad step adds to a log record beyond the numbers: where its non-finite values are
+        (``nonfinite_params``, ``nonfinite_ranks``, ``nonfinite_where``); empty on other steps. No device read."""
+        if self.nonfinite_params is None:
+            return {}
+        return {"nonfinite_params": list(self.nonfinite_params), "nonfinite_ranks": list(self.nonfinite_ranks or ()),
+                "nonfinite_where": {n: list(r) for n, r in (self.nonfinite_where or {}).items()}}
 
     def to_floats(self) -> dict[str, Any]:
         """Plain Python numbers for logging (one host sync)."""

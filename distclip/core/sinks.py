@@ -6,7 +6,12 @@ A sink has two methods, as torchtitan's loggers (``BaseLogger`` / ``TensorBoardL
     sink.close()
 
 and may have ``start(info)``, called once before its first write with the clipper's config and
-groups (the JSONL sink writes it as its first line, so ``distclip suggest`` can rebuild the config).
+groups (the JSONL sink writes it as its first line, so ``distclip suggest`` can rebuild the config),
+and ``write_details(metrics, details, step)`` for a bad step's attribution (which parameters and
+ranks hold its NaN / inf, :meth:`ClipReport.details`): the JSONL sink puts both in one line, the
+TensorBoard sink adds the details as text; a sink without it gets ``write(metrics, step)``. A bad
+step with an attribution is written whether or not a write is due (it is rare, and it is the line
+one looks for).
 
 :class:`MetricsLog` decides, in one place, which rank writes (rank 0 of the clipper's reduce
 group: the numbers are identical on every rank) and when (every N clips). Only a due write
@@ -53,6 +58,10 @@ class BaseSink:
     def write(self, metrics: Mapping[str, float], step: int) -> None:
         pass
 
+    def write_details(self, metrics: Mapping[str, float], details: Mapping[str, Any], step: int) -> None:
+        """A bad step: its metrics and where its non-finite values are (default: the metrics only)."""
+        self.write(metrics, step)
+
     def close(self) -> None:
         pass
 
@@ -82,6 +91,10 @@ class JSONLSink(BaseSink):
 
     def write(self, metrics: Mapping[str, float], step: int) -> None:
         self._line({"step": step, **metrics})
+
+    def write_details(self, metrics: Mapping[str, float], details: Mapping[str, Any], step: int) -> None:
+        """One line: the metrics, then ``nonfinite_params`` / ``nonfinite_ranks`` / ``nonfinite_where``."""
+        self._line({"step": step, **metrics, **details})
 
     def _line(self, record: Mapping[str, Any]) -> None:
         file = self._open()
@@ -119,6 +132,10 @@ class TensorBoardSink(BaseSink):
         writer = self._open()
         for key, value in metrics.items():
             writer.add_scalar(key, value, step)
+
+    def write_details(self, metrics: Mapping[str, float], details: Mapping[str, Any], step: int) -> None:
+        self.write(metrics, step)
+        self._open().add_text("distclip/nonfinite", "```\n" + json.dumps(dict(details), indent=1) + "\n```", step)
 
     def close(self) -> None:
         if self._writer is not None:
@@ -185,14 +202,16 @@ class MetricsLog:
         self.entries.append(_Entry(sink, every or self.every, rank is None or rank_in_group(self.group) == rank))
         return sink
 
-    def due(self, step: int) -> list[_Entry]:
-        return [e for e in self.entries if e.writes and step % e.every == 0]
+    def due(self, step: int, bad: bool = False) -> list[_Entry]:
+        """The sinks this rank writes at clip ``step`` (all of them for an attributed ``bad`` step)."""
+        return [e for e in self.entries if e.writes and (bad or step % e.every == 0)]
 
     def observe(self, report: "ClipReport", step: int) -> None:
         """Write ``report`` to the sinks due at clip ``step`` (reads the device only if one is due)."""
         if not self.entries:
             return
-        due = self.due(step)
+        details = report.details()
+        due = self.due(step, bad=bool(details))
         if not due:
             return
         metrics = report.to_metrics()
@@ -202,7 +221,11 @@ class MetricsLog:
                 start = getattr(entry.sink, "start", None)
                 if callable(start):
                     start(self.info())
-            entry.sink.write(metrics, step)
+            write_details = getattr(entry.sink, "write_details", None)
+            if details and callable(write_details):
+                write_details(metrics, details, step)
+            else:
+                entry.sink.write(metrics, step)
 
     def info(self) -> dict[str, Any]:
         info = self._info() if callable(self._info) else self._info

@@ -206,11 +206,13 @@ class AccelerateClipping:
                     return clipper
         key = (owner_key, subset_key, max_norm, p)
         if key not in self._clippers:
-            hook = self.config.comm_hook and model is not None and subset is None and id(model) not in self._hooked
+            # one reduction hook per model (DDP takes one): the first whole-model clipper may have it
+            may_hook = model is not None and subset is None and id(model) not in self._hooked
+            hook = self.config.comm_hook if may_hook else False
             config = self.config.replace(max_norm=max_norm, norm_type=p, comm_hook=hook, log=None)
             target = model if model is not None else subset
             self._clippers[key] = GradClipper(target, config, params=subset if model is not None else None)
-            if hook:
+            if hook is not False:
                 self._hooked.add(id(model))
         return self._clippers[key]
 

@@ -119,7 +119,7 @@ def _take_over_the_clip(engine: Any, clipper: GradClipper, adapter: DeepSpeedAda
             adapter.plan(None, scale, zero=False)
             optimizer.overflow = True  # DeepSpeed's own skip: no update, scaler backs off, step counted as skipped
             return torch.tensor(math.inf)
-        adapter.plan(report, scale, zero=clipper.config.nonfinite == "zero" and not bool(report.finite))
+        adapter.plan(report, scale, zero=clipper.config.nonfinite_action == "zero" and not bool(report.finite))
         # DeepSpeed skips on a non-finite value; here distclip decided not to skip (nonfinite: zero / ignore)
         return torch.nan_to_num(report.total_norm * scale, nan=0.0, posinf=0.0, neginf=0.0)
 
@@ -143,12 +143,13 @@ def resolve_config(engine: Any, config: Any = None, **overrides: Any) -> ClipCon
             "the argument is used and the section ignored"
         )
     resolved = load_config(config, **overrides)
-    if engine.fp16_enabled() and resolved.nonfinite != "skip":
+    if engine.fp16_enabled() and resolved.nonfinite_action != "skip":
         _warn_rank0(
-            f"distclip: nonfinite={resolved.nonfinite!r} is replaced by 'skip' under DeepSpeed fp16: a non-finite "
+            f"distclip: nonfinite={resolved.nonfinite_action!r} is replaced by 'skip' under DeepSpeed fp16: a non-finite "
             "norm there is a loss-scale overflow, and the dynamic loss scaler needs the step skipped"
         )
-        resolved = resolved.replace(nonfinite="skip")
+        limit = resolved.nonfinite_limit
+        resolved = resolved.replace(nonfinite={"action": "skip", "max_consecutive": limit} if limit else "skip")
     return resolved
 
 

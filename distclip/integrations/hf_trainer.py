@@ -9,7 +9,10 @@ every optimizer step (with ``max_grad_norm <= 0`` it only measures, with ``max_n
 ``enable`` puts distclip behind that call (:func:`distclip.accelerate.enable` on
 ``trainer.accelerator``): ``max_grad_norm`` is the default group's threshold, the config's groups
 keep theirs, and the logged ``grad_norm`` is the exact global pre-clip norm, for DDP, FSDP and
-DeepSpeed alike. Each log line also gets the last clip's per-group metrics, with the names of
+DeepSpeed alike, and for gradients on several device meshes or beside plain tensors (PEFT adapters on a
+model transformers sharded at load time with some sharded parameters trainable, experts as plain
+tensors), where the Trainer would otherwise skip ``accelerator.clip_grad_norm_`` for its own per-mesh
+2-norm (:mod:`distclip.compat.transformers`). Each log line also gets the last clip's per-group metrics, with the names of
 :meth:`distclip.ClipReport.to_metrics` (``grad_norm/<group>``, ``clip_coef/<group>``,
 ``clip_threshold/<group>``, ``clipped/<group>``, ``nonfinite/<group>``, ``clip_rate/<group>``
 and ``skipped``), so wandb / TensorBoard reporters show them. Imports ``transformers``.
@@ -19,11 +22,13 @@ from __future__ import annotations
 
 import math
 import os
+import warnings
 from typing import Any, Mapping
 
 from transformers import TrainerCallback
 
 from . import accelerate as distclip_accelerate
+from ..compat import transformers as transformers_compat
 from ..core.config import ClipConfig
 
 __all__ = ["enable", "GroupNormLogger"]
@@ -40,6 +45,7 @@ def enable(trainer: Any, config: ClipConfig | Mapping[str, Any] | str | os.PathL
         max_grad_norm = trainer.args.max_grad_norm
         overrides["max_norm"] = max_grad_norm if max_grad_norm and max_grad_norm > 0 else math.inf
     clipping = distclip_accelerate.enable(trainer.accelerator, config, **overrides)
+    transformers_compat.route_mixed_grads_to_accelerator(trainer)  # else mixed meshes skip the accelerator's clip
     if log_groups:
         # first, so that the reporters (wandb, TensorBoard...) called after it see the group norms too
         trainer.callback_handler.callbacks.insert(0, GroupNormLogger(clipping))
@@ -52,10 +58,20 @@ class GroupNormLogger(TrainerCallback):
 
     def __init__(self, clipping: distclip_accelerate.AccelerateClipping):
         self.clipping = clipping
+        self._warned = False
 
     def on_log(self, args: Any, state: Any, control: Any, logs: dict[str, float] | None = None, **kwargs: Any) -> None:
         report = self.clipping.last_report
-        if logs is None or report is None or "grad_norm" not in logs:
+        if logs is None or "grad_norm" not in logs:
+            return
+        if report is None:
+            if not self._warned:  # the Trainer measured a norm without calling accelerator.clip_grad_norm_
+                self._warned = True
+                warnings.warn(
+                    "distclip: the Trainer logged a grad_norm but never called accelerator.clip_grad_norm_, so "
+                    "distclip neither measured nor clipped: this Trainer clips some other way (a subclass's own "
+                    "_clip_grad_norm, or a transformers version distclip.hf_trainer was not checked on)",
+                    stacklevel=2)
             return
         extra = {k: v for k, v in report.to_metrics().items() if k != "grad_norm"}
         logs.update(extra)

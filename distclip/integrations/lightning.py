@@ -49,11 +49,12 @@ from ..core.config import ClipConfig, ConfigError, load_config
 from ..core.errors import UsageError, require_extra
 
 pl = require_extra("lightning.pytorch", "lightning", "distclip.lightning")
+_Callback: Any = pl.Callback  # a base class only known at run time
 
 __all__ = ["DistclipCallback"]
 
 
-class DistclipCallback(pl.Callback):
+class DistclipCallback(_Callback):
     """Clip every optimizer step exactly with distclip (see the module docstring).
 
     Args:
@@ -154,7 +155,7 @@ def _build_clipper(model: Any, config: ClipConfig) -> GradClipper:
         from . import deepspeed as distclip_deepspeed
 
         return distclip_deepspeed.attach(model, config)
-    if config.comm_hook and _compat.ddp_has_comm_hook(model):
+    if config.comm_hook is not False and _compat.ddp_has_comm_hook(model):
         # DDPStrategy(ddp_comm_hook=...) registered its hook already and DDP takes one: measure after backward
         config = config.replace(comm_hook=False)
     return GradClipper(model, config)

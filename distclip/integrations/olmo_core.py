@@ -63,6 +63,7 @@ def _require(module: str) -> Any:
 
 
 _callbacks = _require("olmo_core.train.callbacks")
+_Callback: Any = _callbacks.Callback  # a base class only known at run time
 _optim = _require("olmo_core.optim")
 _modules = _require("olmo_core.train.train_module")
 
@@ -72,7 +73,7 @@ TOTAL_NORM_METRIC = "optim/total grad norm"  # olmo_core.train.common.OPTIM_GRAD
 
 
 @dataclass
-class DistclipCallback(_callbacks.Callback):
+class DistclipCallback(_Callback):
     """Clip every optimizer step exactly with distclip (see the module docstring).
 
     Args:
@@ -117,6 +118,7 @@ class DistclipCallback(_callbacks.Callback):
         """Build the clipper once, on every rank (one set-up exchange): after the train module's own
         ``pre_train`` (which builds the pipeline schedule), before the first batch."""
         if self.clipper is None:
+            assert self._clip_config is not None  # loaded in __post_init__
             self.clipper = _build_clipper(self.trainer.train_module, self._clip_config)
             if self._pending_state is not None:
                 self.clipper.load_state_dict(self._pending_state)

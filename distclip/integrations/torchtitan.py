@@ -51,8 +51,6 @@ from __future__ import annotations
 import dataclasses
 import io
 import os
-import weakref
-from collections import OrderedDict
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Annotated, Any, Literal
@@ -142,6 +140,15 @@ class DistclipTrainerMixin:
     ``grad_clipper`` is the :class:`~distclip.GradClipper` (built in ``__init__``, or on the first clip),
     ``last_clip_report`` the latest :class:`~distclip.ClipReport`.
     """
+
+    # what the torchtitan Trainer this is mixed into provides
+    config: Any
+    parallel_dims: Any
+    pp_schedule: Any
+    model_parts: list[torch.nn.Module]
+    step: int
+    metrics_processor: Any
+    checkpointer: Any
 
     grad_clipper: GradClipper | None = None
     last_clip_report: ClipReport | None = None
@@ -338,30 +345,8 @@ def clip_grad_norm_(parameters: Any, max_norm: float, norm_type: float = 2.0, er
     """
     del ep_enabled
     target = _clip_target(parameters, pp_mesh, stages)
-    if pp_mesh is not None and target and isinstance(target[0], list):  # bare parameters of this rank's stages
-        config = {"max_norm": max_norm, "norm_type": norm_type, "comm_hook": False,
-                  "nonfinite": "error" if error_if_nonfinite else "ignore", **settings}
-        return _stage_parameters_clipper(target[0], pp_mesh, config).clip().total_norm
     return distclip.clip_grad_norm_(target, max_norm, norm_type, error_if_nonfinite, foreach,
                                     pipeline_group=pp_mesh, **settings)
-
-
-_STAGE_CLIPPERS: OrderedDict[tuple[Any, ...], tuple[list[weakref.ref], GradClipper]] = OrderedDict()
-
-
-def _stage_parameters_clipper(params: list[torch.Tensor], pp_mesh: Any, config: dict[str, Any]) -> GradClipper:
-    """The clipper of this rank's stage parameters, kept while those very tensors live (building one runs
-    the set-up exchange, a collective: not once per step)."""
-    key = (tuple(id(p) for p in params), id(pp_mesh), repr(sorted(config.items())))
-    cached = _STAGE_CLIPPERS.get(key)
-    if cached is not None and all(ref() is p for ref, p in zip(cached[0], params)):
-        _STAGE_CLIPPERS.move_to_end(key)
-        return cached[1]
-    clipper = GradClipper([params], config, pipeline_group=pp_mesh)
-    _STAGE_CLIPPERS[key] = ([weakref.ref(p) for p in params], clipper)
-    while len(_STAGE_CLIPPERS) > 8:
-        _STAGE_CLIPPERS.popitem(last=False)
-    return clipper
 
 
 def _clip_target(parameters: Any, pp_mesh: Any, stages: Iterable[Any] | None) -> Any:

@@ -199,3 +199,22 @@ def test_suggest_from_a_measured_demo_run_clips_at_about_the_asked_rate(tmp_path
     print("clip rates with the suggested thresholds (asked: 10%):", rates)
     assert all(1 / 60 <= r <= 12 / 60 for r in rates.values()), rates
     assert "clipped on" in out
+
+
+def test_suggest_leaves_a_measured_only_group_measured_only(tmp_path, capsys):
+    """A group written with max_norm: null (issue 19) is measured on purpose: no threshold is suggested for it."""
+    model = make_model()
+    config = {"max_norm": math.inf, "log": {"jsonl": str(tmp_path / "m.jsonl")},
+              "groups": [{"name": "embed", "match": "embed.*", "max_norm": None, "in_total": False}]}
+    clipper = GradClipper(model, config)
+    for step in range(40):
+        model.zero_grad()
+        loss_fn(model, *batch(step, 0)).backward()
+        clipper.clip()
+    clipper.close()
+    assert distclip_main(["suggest", str(tmp_path / "m.jsonl"), "--warmup", "0", "-o", str(tmp_path / "c.yaml")]) == 0
+    suggested = ClipConfig.from_yaml(tmp_path / "c.yaml")
+    assert suggested.groups[0].measured_only and not suggested.groups[0].in_total  # kept as it was
+    assert math.isfinite(suggested.max_norm)  # the clipped rest got its threshold
+    table = capsys.readouterr().err
+    assert not any(line.startswith("embed") for line in table.splitlines()), table

@@ -7,8 +7,6 @@ the multi-CPU and DeepSpeed Accelerate YAMLs. Every subprocess has a timeout and
 
 from __future__ import annotations
 
-import importlib.util
-import shutil
 import subprocess
 import sys
 import textwrap
@@ -38,8 +36,9 @@ DEMO = ["launch/train_char_lstm.py", "--config", "configs/demo.yaml", "--steps",
         "--dtype", "float64", "--json"]
 DEMO_LR = 20.0  # the demo's default: step 2 is clipped
 DEMO_RTOL = 1.2e-7  # two fp32 roundings
-needs_mpi = pytest.mark.skipif(shutil.which("mpirun") is None or importlib.util.find_spec("mpi4py") is None,
-                               reason="needs Open MPI (mpirun) and mpi4py")
+def needs_mpi(test):
+    """Open MPI (mpirun) and mpi4py are CI prerequisites (.ci/run installs them): missing, the test fails."""
+    return test
 
 
 @pytest.fixture(scope="module")
@@ -172,7 +171,6 @@ def test_distclip_launch_multi_cpu_yaml():
 
 @pytest.mark.parametrize("stage", [2])
 def test_distclip_launch_deepspeed_yaml(stage):
-    pytest.importorskip("distclip.deepspeed", reason="waits for the deepspeed branch (distclip.deepspeed.attach)")
     config = f"configs/accelerate_deepspeed_zero{stage}.yaml"
     found = accelerate_launch(config, steps=3, timeout=480)  # a fresh machine first builds DeepSpeed's shm op (~1 min)
     assert {(r["num_processes"], r["distributed_type"]) for r in found} == {(2, "DEEPSPEED")}

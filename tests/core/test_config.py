@@ -37,7 +37,8 @@ from distclip import ClipConfig, ConfigError, load_config
     ({"per_layer": {"depth": 0}}, ["per_layer.depth", "0", "greater than or equal to 1"]),
     ({"policy": {"kind": "magic"}}, ["policy", "'magic'", "fixed"]),
     ({"policy": {"kind": "fixed", "threshold": 2}}, ["policy.threshold", "unknown key"]),
-    ({"comm_hook": "sometimes"}, ["comm_hook", "'sometimes'", "bool"]),
+    ({"comm_hook": "sometimes"}, ["comm_hook", "'sometimes'", "must be auto", "true", "false"]),
+    ({"comm_hook": 2}, ["comm_hook = 2", "must be auto"]),
 ])
 def test_bad_input_names_key_value_and_allowed(data, fragments):
     with pytest.raises(ConfigError) as err:
@@ -365,3 +366,13 @@ def test_launch_passes_a_very_long_section_as_a_file(tmp_path, monkeypatch):
     finally:
         for path in plan.temp_files:
             os.unlink(path)
+
+
+@pytest.mark.parametrize("value, parsed", [
+    ("auto", "auto"), (" Auto ", "auto"), (True, True), (False, False), ("true", True), ("off", False), (1, True), (0, False),
+])
+def test_comm_hook_is_auto_by_default_and_keeps_accepting_bools(value, parsed):
+    assert ClipConfig().comm_hook == "auto"
+    config = ClipConfig.from_dict({"comm_hook": value})
+    assert config.comm_hook == parsed and type(config.comm_hook) is type(parsed)
+    assert ClipConfig.from_dict(config.to_dict()) == config  # round-trips through to_dict (what the set-up check sends)

@@ -92,7 +92,8 @@ valid_configs = st.fixed_dictionaries({}, optional={
             st.text(min_size=1, max_size=30), min_size=1, max_size=4))},
         optional={"max_norm": positive, "norm_type": positive}), max_size=6, unique_by=lambda g: g["name"]),
     "per_layer": st.fixed_dictionaries({"depth": st.integers(1, 6)}, optional={"max_norm": positive}),
-    "policy": st.just({"kind": "fixed"}), "comm_hook": st.booleans(), "check_consistency": st.booleans(),
+    "policy": st.just({"kind": "fixed"}), "comm_hook": st.one_of(st.booleans(), st.just("auto")),
+    "check_consistency": st.booleans(),
 })
 
 

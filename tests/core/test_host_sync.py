@@ -42,10 +42,16 @@ def build(layout: str, config: dict):
     return model, distclip.GradClipper(model, config)
 
 
-def steps_after_warmup(layout: str, nonfinite: str, grouped: bool):
-    config = {"max_norm": 0.05, "nonfinite": nonfinite,
-              "groups": [{"name": "embed", "match": ["embed.*"]}, {"name": "attn", "match": ["blocks.*.attn.*"]}]
-              if grouped else []}
+MODES = {"ignore": "ignore", "skip": "skip",
+         "streak": {"action": "skip", "max_consecutive": 3}}  # grouped: with a measured-only, out-of-total group
+
+
+def steps_after_warmup(layout: str, mode: str, grouped: bool, comm_hook: bool | str = True):
+    embed = {"name": "embed", "match": ["embed.*"]}
+    if mode == "streak":
+        embed = {**embed, "max_norm": None, "in_total": False}
+    config = {"max_norm": 0.05, "nonfinite": MODES[mode], "comm_hook": comm_hook, "skip_spikes": {"max_consecutive": 4} if mode == "streak" else None,
+              "groups": [embed, {"name": "attn", "match": ["blocks.*.attn.*"]}] if grouped else []}
     model, clipper = build(layout, config)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     clipper.attach(optimizer)
@@ -65,22 +71,26 @@ def steps_after_warmup(layout: str, nonfinite: str, grouped: bool):
 
 
 LAYOUTS = ["ddp", "fsdp1", "fsdp2"]
+# comm_hook: true forces each layout's reduction hook; the default (auto) measures DDP after backward on gloo
+PATHS = {"true": (True, "comm_hook"), "auto": ("auto", "post_backward")}
 
 
 def run_all():
-    return {(layout, mode, grouped): steps_after_warmup(layout, mode, grouped)
-            for layout in LAYOUTS for mode in ("ignore", "skip") for grouped in (False, True)}
+    return {(layout, mode, grouped, path): steps_after_warmup(layout, mode, grouped, PATHS[path][0])
+            for layout in LAYOUTS for mode in MODES for grouped in (False, True)
+            for path in PATHS if path == "true" or layout == "ddp"}
 
 
 def test_no_host_tensors_and_only_documented_syncs_after_warmup():
     for result in run_ranks(run_all, 2, timeout=300):
-        for (layout, mode, grouped), (counts, sources) in result.items():
-            where = f"{layout}, nonfinite={mode}, {'per-group' if grouped else 'uniform'}"
-            assert sources == ["comm_hook"] * 3, (where, sources)  # the hooks' path is the one measured
+        assert len(result) == 24  # 3 layouts x 3 modes x 2 group layouts with the hook, and DDP's default path
+        for (layout, mode, grouped, path), (counts, sources) in result.items():
+            where = f"{layout}, nonfinite={mode}, {'per-group' if grouped else 'uniform'}, comm_hook {path}"
+            assert sources == [PATHS[path][1]] * 3, (where, sources)  # the path meant is the one measured
             built = {k: v for k, v in counts.items() if k in BUILDERS}
             assert not built, f"{where}: tensors built from host data on the per-step path: {built}"
             syncs = {k: v for k, v in counts.items() if k in SYNCS}
             if mode == "ignore":  # torch semantics: never synchronises
                 assert not syncs, f"{where}: host syncs {syncs}"
-            else:  # the one documented sync per clip: the non-finite flag and which groups clip
+            else:  # the one documented sync per clip: the non-finite flag and which groups clip (streaks add none)
                 assert syncs == {"Tensor.tolist": 3}, f"{where}: host syncs {syncs}"

@@ -38,7 +38,7 @@ CONFIG = {"max_norm": 0.15, "groups": [{"name": "embed", "match": "embed.*", "ma
                                        {"name": "head", "match": "head.*", "max_norm": 0.16}]}
 GROUPS = ["embed", "head", "default"]
 FAMILIES = ["grad_norm", "clip_coef", "clip_threshold", "clipped", "nonfinite", "clip_rate"]
-EXPECTED_KEYS = ["grad_norm", "skipped"] + [f"{f}/{g}" for f in FAMILIES for g in GROUPS]
+EXPECTED_KEYS = ["grad_norm", "skipped", "nonfinite_streak", "spike_streak"] + [f"{f}/{g}" for f in FAMILIES for g in GROUPS]
 
 
 def ddp_training(config: dict, steps: int, inject=None, audit_patch=None) -> list[dict]:

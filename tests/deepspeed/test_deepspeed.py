@@ -36,7 +36,7 @@ from tests.helpers.deepspeed import (
 from tests.helpers.models import batch, global_batch, loss_fn, make_model
 from tests.helpers.reference import assign, reference_clip, reference_run, rel_err
 
-pytest.importorskip("deepspeed")
+import deepspeed  # noqa: E402,F401  (a dev dependency: missing, the tests fail)
 pytestmark = [pytest.mark.multiprocess, pytest.mark.usefixtures("deepspeed_ops")]
 
 ROOT = REPO
@@ -62,7 +62,6 @@ PARAM_RTOL = 2e-6  # parameters after fp32 steps vs float64, relative to each te
 
 def new_engine(stage: int, momentum: float = 0.0, **ds_extra: Any):
     """A fresh engine on the shared model, torch SGD as client optimizer (no DeepSpeed op to build)."""
-    import deepspeed
 
     model = make_model()
     optimizer = torch.optim.SGD(model.parameters(), lr=LR, momentum=momentum)

@@ -28,7 +28,7 @@ from tests.helpers.checks import assert_grad_close, assert_same_on_all_ranks
 from tests.helpers.deepspeed import close, count_clip_collectives, ds_config, error_of
 from tests.helpers.reference import reference_clip, rel_err
 
-pytest.importorskip("deepspeed")
+import deepspeed  # noqa: E402,F401  (a dev dependency: missing, the tests fail)
 pytestmark = [pytest.mark.multiprocess, pytest.mark.usefixtures("deepspeed_ops")]
 
 NUM_EXPERTS, EP_SIZE, IN, HIDDEN, SEQ, MICRO = 4, 2, 5, 8, 6, 4
@@ -82,7 +82,6 @@ def moe_batch(step: int, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
 def new_moe_engine(stage: int, k: int, **ds_extra: Any):
     """A fresh MoE engine; every local expert perturbed differently (DeepSpeed then broadcasts them
     within their expert-data-parallel group), so that no two experts hold the same weights."""
-    import deepspeed
     from deepspeed.moe.utils import split_params_into_different_moe_groups_for_optimizer
 
     torch.manual_seed(0)
@@ -397,7 +396,6 @@ class GatherNet(nn.Module):
 def gather_ranks() -> dict[str, Any]:
     """``param1.grad = [1]`` on both ranks, the expert's grad ``[rank + 1]`` (DeepSpeed's test: ``param2``
     with ``allreduce = False``), set after backward would have reduced them; then ``engine.step()``."""
-    import deepspeed
     from deepspeed.moe.utils import split_params_into_different_moe_groups_for_optimizer
     from deepspeed.runtime.utils import clip_grad_norm_ as deepspeed_clip
 
@@ -459,7 +457,6 @@ def test_deepspeed_test_gather_through_the_engine():
 
 # ------------------------------------------------------------------------ refusals
 def refusal_checks() -> dict[str, str | None]:
-    import deepspeed
     from deepspeed.moe.utils import split_params_into_different_moe_groups_for_optimizer
 
     out: dict[str, str | None] = {}

@@ -314,7 +314,7 @@ def fsdp_rank(group: int, rank: int, conn: Any, out_dir: str) -> None:
                 fully_shard(layer, mesh=mesh)
             fully_shard(model, mesh=mesh)
             # built BEFORE torchft's hook: distclip sets its own all-reduce hook, which torchft's then replaces
-            early = distclip.GradClipper(model, PROBES[0])
+            early = distclip.GradClipper(model, PROBES[0], comm_hook=True)
             replicate = ManagedProcessGroup(manager)
 
             def average_over_replica_groups(output: torch.Tensor) -> None:  # torchtitan's TorchFTManager hook
@@ -324,7 +324,7 @@ def fsdp_rank(group: int, rank: int, conn: Any, out_dir: str) -> None:
                 if isinstance(module, FSDPModule):
                     module.set_all_reduce_hook(average_over_replica_groups)
             # built AFTER it: distclip sees torchft's hook, keeps it, and measures after backward
-            attached = distclip.GradClipper(model, ATTACHED)
+            attached = distclip.GradClipper(model, ATTACHED, comm_hook=True)
             inner = torch.optim.SGD(model.parameters(), lr=0.5, momentum=0.9)
             optimizer = OptimizerWrapper(manager, inner)
             distclip_torchft.attach(attached, optimizer)

@@ -67,3 +67,35 @@ def cpu_kernel_flag_read(caller_file: str, args: tuple) -> bool:
 
     kernels = os.path.join(os.path.dirname(distclip.__file__), "core", "kernels.py")
     return caller_file == kernels and bool(args) and isinstance(args[0], torch.Tensor) and args[0].device.type == "cpu"
+
+
+def record_slots(clipper: Any, into: dict[str, torch.Tensor]) -> None:
+    """Keep, in ``into``, this rank's float64 partials (``"partials"``) and the reduced float64 slots (``"slots"``)
+    of every clip of ``clipper`` (both wrapped in this process only; the reduction for every clipper of it)."""
+    import distclip.core.measure as measure_module
+
+    adapter = clipper.adapter
+    local_partials = adapter.local_partials
+
+    def recorded(*args: Any) -> tuple[torch.Tensor, str]:
+        partials, source = local_partials(*args)
+        into["partials"] = partials.clone()
+        return partials, source
+
+    adapter.local_partials = recorded
+    reduce_slots = getattr(measure_module.reduce_slots, "unwrapped", measure_module.reduce_slots)
+
+    def reduced(partials: torch.Tensor, *args: Any) -> torch.Tensor:
+        out = reduce_slots(partials, *args)
+        into["slots"] = out.clone()
+        return out
+
+    reduced.unwrapped = reduce_slots  # type: ignore[attr-defined]
+    measure_module.reduce_slots = reduced
+
+
+def gathered_equal(t: torch.Tensor) -> bool:
+    """Whether every rank holds bitwise this tensor (one all_gather)."""
+    gathered = [torch.empty_like(t) for _ in range(dist.get_world_size())]
+    dist.all_gather(gathered, t)
+    return all(torch.equal(g, t) for g in gathered)

@@ -105,7 +105,7 @@ def train_and_record(
 
     rank = dist.get_rank()
     model, target, unmanaged = build()
-    clipper = distclip.GradClipper(target, {**config, **clip_options})
+    clipper = distclip.GradClipper(target, {"comm_hook": True, **config, **clip_options})  # the hook, where it exists
     post_backward = distclip.GradClipper(target, {**config, **clip_options, "comm_hook": False})
     opt = torch.optim.SGD(model.parameters(), lr=LR)
     p = float(config["norm_type"])

@@ -87,16 +87,18 @@ def sweep(build_clipper: Callable[[dict[str, Any]], Any], config_list: Sequence[
 
 def check_sweep(name: str, results: list[dict[str, Any]], config_list: Sequence[dict[str, Any]],
                 reference_grads: dict[str, torch.Tensor], model_tol: float = 1e-5,
-                rename: Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]] = lambda g: g) -> None:
-    """Every rank's sweep: one collective per clip; norms and clipped gradients equal the float64
-    reference of the gradients the ranks hold (1e-6) and of the single-process model (``model_tol``)."""
+                rename: Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]] = lambda g: g,
+                collectives: int = 1) -> None:
+    """Every rank's sweep: ``collectives`` per clip (one; none where every counted gradient is a copy every
+    rank holds whole); norms and clipped gradients equal the float64 reference of the gradients the ranks
+    hold (1e-6) and of the single-process model (``model_tol``)."""
     clipped_somewhere = unclipped_somewhere = False
     for rank, result in enumerate(results):
         held = rename(result["held"])
         assert set(held) == set(reference_grads), (name, sorted(set(held) ^ set(reference_grads)))
         for config, rec in zip(config_list, result["records"]):
             where = (name, rank, config)
-            assert rec["collectives"] == 1, (*where, rec["collectives"])
+            assert rec["collectives"] == collectives, (*where, rec["collectives"])
             grads = rename(rec["grads"])
             for ref, tol in ((reference_clip(held, config), 1e-6),  # the gradients the ranks hold
                              (reference_clip(reference_grads, config), model_tol)):  # the one-process model

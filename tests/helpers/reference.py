@@ -27,7 +27,11 @@ def assign(name: str, groups: list[dict[str, Any]]) -> str:
 
 
 def reference_clip(grads: dict[str, torch.Tensor], config: dict[str, Any]) -> dict[str, Any]:
-    """Total norm, per-group norms and the clipped gradients (float64), per the distclip semantics."""
+    """Total norm, per-group norms and the clipped gradients (float64), per the distclip semantics.
+
+    Group roles: a group written with ``max_norm: None`` is measured and never clipped (its gradients
+    are returned as they are); one with ``in_total: False`` is left out of the total norm.
+    """
     p = float(config.get("norm_type", 2.0))
     max_norm = float(config.get("max_norm", 1.0))
     groups = config.get("groups", [])
@@ -35,17 +39,20 @@ def reference_clip(grads: dict[str, torch.Tensor], config: dict[str, Any]) -> di
     for name in grads:
         members[assign(name, groups)].append(name)
     spec = {g["name"]: g for g in groups}
-    group_norms, clipped = {}, {}
+    group_norms, clipped, coefs = {}, {}, {}
     for gname, names in members.items():
-        gp = float(spec.get(gname, {}).get("norm_type", p))
-        gmax = float(spec.get(gname, {}).get("max_norm", max_norm))
+        own = spec.get(gname, {})
+        gp = float(own.get("norm_type", p))
         n = norm64([grads[k] for k in names], gp)
         group_norms[gname] = n
-        coef = min(1.0, gmax / (n + 1e-6))
+        never = "max_norm" in own and own["max_norm"] is None
+        coef = 1.0 if never else min(1.0, float(own.get("max_norm", max_norm)) / (n + 1e-6))
+        coefs[gname] = coef
         for k in names:
             clipped[k] = grads[k].double() * coef
-    total = norm64(list(grads.values()), p)
-    return {"total": total, "groups": group_norms, "clipped": clipped}
+    in_total = [k for gname, names in members.items() if spec.get(gname, {}).get("in_total", True) for k in names]
+    total = norm64([grads[k] for k in in_total], p)
+    return {"total": total, "groups": group_norms, "clipped": clipped, "coefs": coefs}
 
 
 def rel_err(a: float, b: float) -> float:
@@ -57,10 +64,11 @@ def reference_run(config: dict[str, Any], world: int, steps: int, lr: float,
                   step_loss: Callable[[torch.nn.Module, int], torch.Tensor] | None = None) -> list[dict[str, Any]]:
     """``steps`` of clip + SGD in one process, float64, on all ranks' batches concatenated.
 
-    ``make_model(dtype)`` builds the model (default: :func:`tests.helpers.models.make_model`);
+    Only trainable parameters (``requires_grad``) are clipped and recorded: frozen ones (a LoRA
+    model's base weights) have no gradient. ``make_model(dtype)`` builds the model (default: :func:`tests.helpers.models.make_model`);
     ``step_loss(model, step)`` is the loss of one step (default: :func:`tests.helpers.models.loss_fn` on
     :func:`tests.helpers.models.global_batch`). Per step: the :func:`reference_clip` result plus ``params``
-    (every parameter after the step).
+    (every trainable parameter after the step).
     """
     from tests.helpers import models
 
@@ -70,10 +78,11 @@ def reference_run(config: dict[str, Any], world: int, steps: int, lr: float,
     out = []
     for step in range(steps):
         step_loss(model, step).backward()
-        ref = reference_clip({n: p.grad for n, p in model.named_parameters()}, config)
-        for n, p in model.named_parameters():
+        trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+        ref = reference_clip({n: p.grad for n, p in trainable}, config)
+        for n, p in trainable:
             p.grad.copy_(ref["clipped"][n])
         opt.step()
         opt.zero_grad()
-        out.append({**ref, "params": {n: p.detach().clone() for n, p in model.named_parameters()}})
+        out.append({**ref, "params": {n: p.detach().clone() for n, p in trainable}})
     return out

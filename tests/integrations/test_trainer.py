@@ -16,7 +16,7 @@ from distclip.testing import run_ranks
 from tests.helpers.models import SEQ, VOCAB, make_model
 from tests.helpers.reference import reference_run, rel_err
 
-pytest.importorskip("transformers")
+import transformers  # noqa: E402,F401  (a dev dependency: missing, the tests fail)
 from transformers import Trainer, TrainingArguments  # noqa: E402  (imported before the ranks fork: faster)
 
 pytestmark = pytest.mark.multiprocess

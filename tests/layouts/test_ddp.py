@@ -148,7 +148,7 @@ def modified_after_backward():
     rank = dist.get_rank()
     model = make_model()
     ddp = DDP(model, bucket_cap_mb=0.002)
-    clipper = distclip.GradClipper(ddp, config_for(2.0, False))
+    clipper = distclip.GradClipper(ddp, {**config_for(2.0, False), "comm_hook": True})
     loss_fn(ddp, *batch(0, rank)).backward()
     for p in model.parameters():
         p.grad.mul_(0.25)
@@ -163,28 +163,38 @@ def test_hook_result_is_not_used_after_gradients_change():
         assert rel_err(total, expected) <= 1e-6
 
 
-def compressed_hook(inner_name: str):
+def compressed_hook(inner_name: str, comm_hook: bool | str):
     rank = dist.get_rank()
     model = make_model()
     ddp = DDP(model, bucket_cap_mb=0.002)
     inner = getattr(default_hooks, inner_name)
-    clipper = distclip.GradClipper(ddp, config_for(2.0, True), ddp_comm_hook=inner, ddp_comm_hook_state=None)
+    clipper = distclip.GradClipper(ddp, {**config_for(2.0, True), "comm_hook": comm_hook}, ddp_comm_hook=inner,
+                                   ddp_comm_hook_state=None)
     results = []
     for step in range(2):
         loss_fn(ddp, *batch(step, rank)).backward()
         expected = distclip.global_grad_norm(ddp)  # post-backward on the decompressed gradients
+        # the gradients went through the compression: fp16 / bf16 values (times the world's 1/2: exact)
+        low = {"fp16": torch.float16, "bf16": torch.bfloat16}[inner_name.split("_")[0]]
+        compressed = all(torch.equal(p.grad, p.grad.to(low).float()) for p in model.parameters())
         report = clipper.clip()
-        results.append((report.source, report.total_norm.item(), expected.item()))
+        results.append((report.source, report.total_norm.item(), expected.item(), compressed))
         ddp.zero_grad()
-    return results
+    return results, clipper.adapter.hook_status
 
 
 @pytest.mark.parametrize("inner", ["fp16_compress_hook", "bf16_compress_hook"])
 def test_hook_composes_with_compression(inner):
-    for results in run_ranks(compressed_hook, 2, inner):
-        for source, total, expected in results:
-            assert source == "comm_hook"
-            assert rel_err(total, expected) <= 1e-6
+    """Forced on, distclip's hook wraps the compression; under auto on gloo the compression hook is registered as
+    given (the gradients are still compressed) and the norm is measured after backward; DDP refuses bf16
+    compression without NCCL when registered alone, so there distclip's hook wraps it."""
+    auto = ("comm_hook", "refused") if inner == "bf16_compress_hook" else ("post_backward", "registered as given")
+    for comm_hook, (path, said) in ((True, ("comm_hook", "")), ("auto", auto)):
+        for results, status in run_ranks(compressed_hook, 2, inner, comm_hook):
+            for source, total, expected, compressed in results:
+                assert source == path and compressed, (comm_hook, source, compressed)
+                assert rel_err(total, expected) <= 1e-6
+            assert said in status, status
 
 
 def count_collectives(num_groups: int, comm_hook: bool):

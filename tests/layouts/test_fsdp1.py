@@ -159,7 +159,7 @@ def hybrid_hook_status():
     model, target, _ = build(HYBRID_LAYOUTS["hybrid_shard"])
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        clipper = distclip.GradClipper(target, {"max_norm": 1.0})
+        clipper = distclip.GradClipper(target, {"max_norm": 1.0, "comm_hook": True})
     ours = [str(w.message) for w in caught if "distclip" in str(w.message)]
     return clipper.adapter.hook_status, clipper.adapter.hook is None, ours
 
@@ -173,9 +173,10 @@ def hook_validity():
     """Cases where the comm-hook result must not (or may) be used; the norm is exact either way."""
     rank = dist.get_rank()
     out = {}
-    config = {"max_norm": 0.1, "norm_type": 2.0, "groups": GROUPS}
-    for case in ("accumulate_without_no_sync", "accumulate_with_no_sync", "modified_after_backward", "existing_comm_hook"):
-        model, target, _ = build(LAYOUTS["full_shard"])
+    config = {"max_norm": 0.1, "norm_type": 2.0, "groups": GROUPS, "comm_hook": True}
+    for case in ("accumulate_without_no_sync", "accumulate_with_no_sync", "modified_after_backward", "existing_comm_hook",
+                 "no_shard_paths_differ"):
+        model, target, _ = build(LAYOUTS["no_shard" if case == "no_shard_paths_differ" else "full_shard"])
         if case == "existing_comm_hook":  # FSDP allows one: distclip warns and measures after backward
             model.register_comm_hook(default_hooks.DefaultState(model.process_group), default_hooks.reduce_scatter_hook)
         with warnings.catch_warnings(record=True) as caught:
@@ -193,6 +194,9 @@ def hook_validity():
         elif case == "modified_after_backward":
             for p in model.parameters():
                 p.grad.mul_(0.25)
+        elif case == "no_shard_paths_differ" and rank == 1:  # same values, new versions: rank 1 measures after backward
+            for p in model.parameters():
+                p.grad.mul_(1.0)
         report = clipper.measure()
         assert_same_on_all_ranks(report.total_norm, *report.group_norms.values())
         out[case] = (report.source, report.total_norm.item(), {k: v.item() for k, v in report.group_norms.items()})
@@ -210,7 +214,9 @@ def test_hook_result_used_only_when_valid():
                 "accumulate_with_no_sync": ("comm_hook", accumulated["total"]),
                 "modified_after_backward": ("post_backward", 0.25 * single),
                 "existing_comm_hook": ("post_backward", single)}
-    for out in run_ranks(hook_validity, 2):
+    for rank, out in enumerate(run_ranks(hook_validity, 2)):
+        # NO_SHARD replicas split each unit alike on both paths: ranks on different paths count each element once
+        expected["no_shard_paths_differ"] = (["comm_hook", "post_backward"][rank], single)
         for case, (source, total) in expected.items():
             assert out[case][0] == source, (case, out[case])
             assert rel_err(out[case][1], total) <= 1e-6, (case, out[case][1], total)
@@ -227,7 +233,7 @@ def nan_on_one_rank(mode: str, layout: str, where: str):
     """
     rank = dist.get_rank()
     model, target, _ = build(LAYOUTS[layout])
-    clipper = distclip.GradClipper(target, {"max_norm": 0.1, "groups": GROUPS, "nonfinite": mode})
+    clipper = distclip.GradClipper(target, {"max_norm": 0.1, "groups": GROUPS, "nonfinite": mode, "comm_hook": True})
     opt = torch.optim.SGD(model.parameters(), lr=0.5)
     loss_fn(model, *batch(0, rank), scale=math.nan if (where == "loss" and rank == 1) else 1.0).backward()
     if where == "shard" and rank == 1:

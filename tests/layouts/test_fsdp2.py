@@ -139,9 +139,11 @@ def test_iterable_of_dtensor_parameters():
 def hook_validity():
     rank = dist.get_rank()
     out = {}
-    config = {"max_norm": 0.1, "norm_type": 2.0, "groups": GROUPS}
-    for case in ("accumulate_without_sync_off", "accumulate_with_sync_off", "modified_after_backward", "existing_hook"):
-        model, target, _ = build(LAYOUTS["one_d"])
+    config = {"max_norm": 0.1, "norm_type": 2.0, "groups": GROUPS, "comm_hook": True}
+    for case in ("accumulate_without_sync_off", "accumulate_with_sync_off", "modified_after_backward", "existing_hook",
+                 "hsdp_paths_differ"):
+        # hsdp_paths_differ: HSDP on a (2, 1) mesh, each parameter copied on both ranks (a Replicate dimension)
+        model, target, _ = build({"blocks": (2, 1), "root": (2, 1)} if case == "hsdp_paths_differ" else LAYOUTS["one_d"])
         if case == "existing_hook":  # FSDP allows one: distclip warns and measures after backward
             model.set_all_reduce_hook(lambda reduce_output: None)
         with warnings.catch_warnings(record=True) as caught:
@@ -159,6 +161,9 @@ def hook_validity():
         elif case == "modified_after_backward":
             for p in model.parameters():
                 p.grad.mul_(0.25)
+        elif case == "hsdp_paths_differ" and rank == 1:  # same values, new versions: rank 1 measures after backward
+            for p in model.parameters():
+                p.grad.mul_(1.0)
         report = clipper.measure()
         assert_same_on_all_ranks(report.total_norm, *report.group_norms.values())
         out[case] = (report.source, report.total_norm.item(), {k: v.item() for k, v in report.group_norms.items()})
@@ -175,7 +180,10 @@ def test_reduce_hook_result_used_only_when_valid():
                 "accumulate_with_sync_off": ("comm_hook", accumulated["total"]),
                 "modified_after_backward": ("post_backward", 0.25 * reference_norm(config, 2)),
                 "existing_hook": ("post_backward", reference_norm(config, 2))}
-    for out in run_ranks(hook_validity, 2):
+    for rank, out in enumerate(run_ranks(hook_validity, 2)):
+        # the copies are split alike on both paths (per FSDP parameter group): ranks on different paths count
+        # each element once
+        expected["hsdp_paths_differ"] = (["comm_hook", "post_backward"][rank], reference_norm(config, 2))
         for case, (source, total) in expected.items():
             assert out[case][0] == source, (case, out[case])
             assert rel_err(out[case][1], total) <= 1e-6, (case, out[case][1], total)
@@ -185,7 +193,7 @@ def nan_on_one_rank(mode: str, shape: tuple[int, ...]):
     """NaN in ONE element of rank 1's local shard after backward: same decision everywhere, no hang."""
     rank = dist.get_rank()
     model, target, _ = build({"blocks": shape, "root": shape})
-    clipper = distclip.GradClipper(target, {"max_norm": 0.1, "groups": GROUPS, "nonfinite": mode})
+    clipper = distclip.GradClipper(target, {"max_norm": 0.1, "groups": GROUPS, "nonfinite": mode, "comm_hook": True})
     opt = torch.optim.SGD(model.parameters(), lr=0.5)
     loss_fn(model, *batch(0, rank)).backward()
     if rank == 1:
@@ -232,7 +240,8 @@ def many_small_params(n: int):
     rank = dist.get_rank()
     model = ManySmall(n)
     fully_shard(model, mesh=mesh((2,)))
-    clipper = distclip.GradClipper(model, {"max_norm": 1.0, "groups": [{"name": "odd", "match": ["weights.1*"]}]})
+    clipper = distclip.GradClipper(model, {"max_norm": 1.0, "groups": [{"name": "odd", "match": ["weights.1*"]}],
+                                           "comm_hook": True})
     model(1.0 + rank).backward()  # rank r's gradient: (r + 1) * c_i; averaged: 1.5 * c_i
     start = time.perf_counter()
     with CommDebugMode() as comm:
@@ -278,7 +287,7 @@ def fp16_reduction():
     for block in model.blocks:
         fully_shard(block, mesh=mesh((4,)), mp_policy=policy)
     fully_shard(model, mesh=mesh((4,)), mp_policy=policy)
-    clipper = distclip.GradClipper(model, {"max_norm": 1.0, "groups": GROUPS})
+    clipper = distclip.GradClipper(model, {"max_norm": 1.0, "groups": GROUPS, "comm_hook": True})
     post_backward = distclip.GradClipper(model, {"max_norm": 1.0, "groups": GROUPS, "comm_hook": False})
     loss_fn(model, *batch(0, rank)).backward()
     report = clipper.measure()

@@ -159,7 +159,7 @@ def run_tp_ep_3d() -> dict[str, Any]:
     mesh = init_device_mesh("cpu", (1, TP, EP), mesh_dim_names=("dp", "tp", "ep"))
     model = ExpertParallelMoE(mesh)
     fully_shard(model, mesh=mesh["dp"])  # experts too: (dp, ep) DTensors in the root's group
-    hooked = distclip.GradClipper(model, CONFIGS_EP[3])  # p = 2, per group, comm_hook on
+    hooked = distclip.GradClipper(model, {**CONFIGS_EP[3], "comm_hook": True})  # p = 2, per group
     tokens, targets = data(0, 0)
     cross_entropy(model(tokens), targets).backward()
     report, collectives = count_collectives(hooked.measure)

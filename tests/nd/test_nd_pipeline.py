@@ -118,8 +118,8 @@ def run_fsdp_stages(mesh) -> dict[str, Any]:
     result["group_names"] = distclip.GradClipper(stage, CONFIGS_FSDP[-1], pipeline_group=mesh["pp"]).group_names
     # two steps with the FSDP2 all-reduce hook (norms computed inside each stage's reduction)
     stage = fsdp_stage(mesh)
-    clipper = distclip.GradClipper(stage, {"max_norm": 0.02, "norm_type": 2.0, "groups": LAST_STAGE_GROUPS},
-                                   pipeline_group=mesh["pp"])
+    clipper = distclip.GradClipper(stage, {"max_norm": 0.02, "norm_type": 2.0, "groups": LAST_STAGE_GROUPS,
+                                           "comm_hook": True}, pipeline_group=mesh["pp"])
     opt = torch.optim.SGD(stage.parameters(), lr=0.5)
     steps = []
     for step in range(2):
@@ -268,7 +268,7 @@ def tied_backward(mesh, module: nn.Module, ddp: DDP) -> None:
 
 def run_tied(mesh) -> dict[str, Any]:
     module, ddp = tied_stage(mesh)
-    hooked = distclip.GradClipper(ddp, CONFIGS_TIED[2], pipeline_group=mesh["pp"], tied=TIE)  # comm_hook on
+    hooked = distclip.GradClipper(ddp, {**CONFIGS_TIED[2], "comm_hook": True}, pipeline_group=mesh["pp"], tied=TIE)
     tied_backward(mesh, module, ddp)
     grads = lambda: {n: p.grad.detach().double().clone() for n, p in module.named_parameters()}  # noqa: E731
     report, collectives = count_collectives(hooked.measure)
@@ -277,7 +277,7 @@ def run_tied(mesh) -> dict[str, Any]:
                         lambda: [p.grad for p in module.parameters()], grads))
     # DDP stages without a hand-made sync: the norm is measured inside DDP's reduction, as post-backward
     plain_module, plain_ddp = tied_stage(mesh)
-    in_hook = distclip.GradClipper(plain_ddp, CONFIGS_TIED[3], pipeline_group=mesh["pp"])
+    in_hook = distclip.GradClipper(plain_ddp, {**CONFIGS_TIED[3], "comm_hook": True}, pipeline_group=mesh["pp"])
     run_chunks([(mesh["pp"].get_local_rank(), plain_ddp)], PP, pp_peer, *data(0, mesh["dp"].get_local_rank()))
     after = distclip.GradClipper(plain_ddp, {**CONFIGS_TIED[3], "comm_hook": False}, pipeline_group=mesh["pp"])
     result["ddp_stage_hook"] = (report_record(in_hook.measure()), report_record(after.measure()))
@@ -483,3 +483,36 @@ def test_setup_check_refuses_differing_stages_and_replicas():
         assert kind == "ConfigMismatchError" and "stage_layout" in message, message
         kind, message = r["tie_unknown_on_one_pipeline"]
         assert kind == "ConfigMismatchError" and "'embed.weight'] is not a trainable parameter" in message, message
+
+
+# ------------------------------------------------- the functional API keeps its clipper per stage list
+def run_functional_parameter_lists() -> dict[str, Any]:
+    """Stages given as parameter lists to the functional API: the second call reuses the clipper (no new
+    set-up exchange), and the norm equals the float64 norm over every stage."""
+    stage = split_net(dist.get_world_size(), 4)[dist.get_rank()]
+    tokens, targets = data(0, 0)
+    run_chunks([(dist.get_rank(), stage)], dist.get_world_size(), lambda s: s, tokens, targets)
+    built = []
+    original = distclip.GradClipper.__init__
+
+    def counted(self, *args, **kwargs):
+        built.append(1)
+        original(self, *args, **kwargs)
+
+    distclip.GradClipper.__init__ = counted
+    try:
+        norms = [distclip.global_grad_norm([list(stage.parameters())], pipeline_group=dist.group.WORLD).item()
+                 for _ in range(2)]
+    finally:
+        distclip.GradClipper.__init__ = original
+    return {"norms": norms, "built": len(built), "grads": {n: p.grad.double() for n, p in stage.named_parameters()}}
+
+
+def test_functional_api_keeps_the_clipper_of_parameter_list_stages():
+    results = run_ranks(run_functional_parameter_lists, 2, timeout=120)
+    grads = {n: g for r in results for n, g in r["grads"].items()}
+    expected = norm64(list(grads.values()), 2.0)
+    for r in results:
+        assert r["built"] == 1, r["built"]  # the second call reused the clipper
+        assert r["norms"][0] == r["norms"][1] == results[0]["norms"][0]
+        assert rel_err(r["norms"][0], expected) <= 1e-6

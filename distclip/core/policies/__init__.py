@@ -41,9 +41,12 @@ def build_policy(spec: PolicySpec, groups: Sequence[ClipGroup]) -> ClipPolicy:
 
 def policy_scope(config: ClipConfig, group: ClipGroup) -> tuple[str, PolicySpec]:
     """Which config section's ``policy`` governs ``group``: its own (explicit group), ``per_layer``'s
-    (per-layer groups), else the top-level one. The hidden group of a clipped subset is never clipped."""
+    (per-layer groups), else the top-level one. The hidden group of a clipped subset and measured-only groups
+    (``max_norm: null``) are never clipped: the fixed policy, at threshold inf, whatever the top-level policy."""
     if group.origin == "excluded":
         return "excluded", FixedPolicySpec()
+    if not group.clipped:
+        return "measured", FixedPolicySpec()
     if group.origin == "groups":
         own = next((g.policy for g in config.groups if g.name == group.name), None)
         if own is not None:
