@@ -461,7 +461,9 @@ def plot(results: dict[str, Any], path: Path, baseline: dict[str, Any] | None = 
     layouts = list(dict.fromkeys(r["layout"] for r in rows))
     worlds = sorted({r["world"] for r in rows})
     sizes = sorted({r["params"] for r in rows})
-    mid, top = sizes[len(sizes) // 2], worlds[-1]
+    mid = sizes[len(sizes) // 2]
+    common = sorted(set(worlds) & {r["world"] for r in baseline["setup"]}) if baseline is not None else worlds
+    top = (common or worlds)[-1]  # the largest world size both runs measured
     colors = {name: f"C{i}" for i, name in enumerate(layouts)}
     panels = [("setup_ms", "world", "params", mid, f"set-up CPU time, P = {mid} tensors", "ms"),
               ("setup_ms", "params", "world", top, f"set-up CPU time, W = {top}", "ms"),
