@@ -445,7 +445,7 @@ def print_tables(results: dict[str, Any]) -> None:
     print("\n== per-clip payload (a DDP model, per_parameter groups; 'mixed': one group in p = inf) ==")
     print(f"{'W':>6s} {'G':>6s} {'mixed':>5s} {'slots':>6s} {'collectives':>28s} {'sent B':>9s} {'received B':>11s}")
     for r in results["payload"]:
-        print(f"{r['world']:6d} {r['groups']:6d} {str(r['mixed_p']):>5s} {r['slots']:6d} {','.join(r['collectives']):>28s} "
+        print(f"{r['world']:6d} {r['groups']:6d} {r['mixed_p']!s:>5s} {r['slots']:6d} {','.join(r['collectives']):>28s} "
               f"{r['sent_bytes']:9d} {r['received_bytes']:11d}")
 
 
