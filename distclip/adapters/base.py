@@ -98,8 +98,9 @@ class GradAdapter:
         rank = dist.get_rank() if dist.is_initialized() else 0
         self.declarations = [declaration_of(p) for p in self.params]
         self.pieces = []
+        shared: dict[Any, Replicas | None] = {}  # per combination of declared groups: computed once
         for i, (name, p) in enumerate(zip(self.names, self.params)):
-            replicas, counted = declared_replicas(self.declarations[i], base, base_ranks, rank, name)
+            replicas, counted = declared_replicas(self.declarations[i], base, base_ranks, rank, name, shared)
             if not counted:
                 self.uncounted.add(i)
             self.pieces.append(LocalPiece(i, 0, p.numel(), i, replicas))

@@ -42,6 +42,7 @@ from ..compat import pytorch as _compat
 from .base import GradAdapter
 from .blocks import FIRST_BLOCK_BYTES, BlockPlan, block_bounds
 from .counting import Replicas, Segment, group_ranks
+from .declared import declared_groups
 from .hooks import ReductionHook
 
 CommHook = Callable[[Any, dist.GradBucket], torch.futures.Future]
@@ -65,8 +66,7 @@ class DDPAdapter(GradAdapter):
 
     def stage_size(self) -> int:
         """DDP's ranks times the declared groups beyond them (a grid: e.g. dp x tp)."""
-        extra = {tuple(sorted(g)) for d in self.declarations if d is not None
-                 for g in (*d.replicated, d.sharded) if g and not set(g) <= self._dp_ranks}
+        extra = [g for g in declared_groups(self.declarations) if not g <= self._dp_ranks]
         return len(self._dp_ranks) * math.prod(len(g) for g in extra)
 
     def bind(self, table: GroupTable, layout: SlotLayout) -> None:

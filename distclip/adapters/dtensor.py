@@ -71,9 +71,12 @@ class DTensorAdapter(GradAdapter):
         self.module = module
         self._rank = dist.get_rank()
         self._stages = stages
-        self._replica_cache: dict[tuple[int, tuple[Any, ...]], Replicas | None] = {}
+        self._replica_cache: dict[tuple[int, tuple[Any, ...]], Replicas | None] = {}  # (id(geometry), placements)
         self._geometries: dict[int, tuple[Any, MeshGeometry]] = {}  # id(mesh) -> (mesh, geometry)
+        self._layouts: dict[tuple[Any, ...], MeshGeometry] = {}  # mesh_identity -> geometry (shared by equal meshes)
+        self._offsets: dict[tuple[Any, ...], int | None] = {}  # (id(geometry), placements, shape) -> flat offset
         spans: dict[frozenset[int], tuple[frozenset[int], dist.ProcessGroup | None]] = {}
+        seen: set[int] = set()  # geometries whose span is in ``spans`` (two meshes may span equal sets: compare once)
         dtensor_pieces: list[LocalPiece] = []
         plain: list[int] = []
         for i, p in enumerate(self.params):
@@ -81,14 +84,16 @@ class DTensorAdapter(GradAdapter):
                 plain.append(i)
                 continue
             geometry = self.geometry(p.device_mesh)
-            if geometry.span not in spans:  # every rank of the mesh's instances holds a copy or a part
-                spans[geometry.span] = (geometry.span, geometry.root_group())
+            if id(geometry) not in seen and geometry.span not in spans:  # every rank of the mesh's instances
+                spans[geometry.span] = (geometry.span, geometry.root_group())  # holds a copy or a part
+            seen.add(id(geometry))
             piece = self._piece(i, p)
             if piece is not None:
                 dtensor_pieces.append(piece)
         world = frozenset(range(dist.get_world_size()))
         rank_sets = list(spans.values()) + ([(world, None)] if plain and stages is None else [])
-        self._span = frozenset().union(*(r for r, _ in rank_sets)) if rank_sets else world
+        self._span = rank_sets[0][0] if len(rank_sets) == 1 else frozenset().union(*(r for r, _ in rank_sets)) \
+            if rank_sets else world
         self.reduce_group = covering_group(rank_sets, "DTensor")
         self._plain = self._plain_pieces(plain)
         self.pieces = dtensor_pieces + self._plain
@@ -100,15 +105,19 @@ class DTensorAdapter(GradAdapter):
         """Plain parameters beside the DTensors: copies over the ranks of this (pipeline stage's) layout, unless
         declared (:func:`distclip.declare`): a declaration then says the whole layout (FSDP2 does not manage
         these tensors, so nothing else copies them), e.g. experts sharded over ep and replicated over dp."""
-        stage = sorted(self._stage_ranks())
-        copy = Replicas(("plain", tuple(stage)), stage.index(self._rank), len(stage))
         self.declarations = [None if isinstance(p, DTensor) else declaration_of(p) for p in self.params]
+        if not plain:
+            return []
+        stage = sorted(self._stage_ranks())
+        copy = Replicas(("plain", frozenset(stage)), stage.index(self._rank), len(stage))  # a set: its hash is kept
+        alone = frozenset({self._rank})
+        shared: dict[Any, Replicas | None] = {}  # per combination of declared groups: computed once
         pieces = []
         for i in plain:
             replicas: Replicas | None = copy
             if self.declarations[i] is not None:
-                replicas, counted = declared_replicas(self.declarations[i], None, frozenset({self._rank}), self._rank,
-                                                      self.names[i])
+                replicas, counted = declared_replicas(self.declarations[i], None, alone, self._rank, self.names[i],
+                                                      shared)
                 if not counted:
                     self.uncounted.add(i)
             pieces.append(LocalPiece(i, 0, self.params[i].numel(), i, replicas))
@@ -141,10 +150,15 @@ class DTensorAdapter(GradAdapter):
         self.pieces = ordered + [piece for piece in self.pieces if piece.param in by_param]
 
     def geometry(self, mesh: Any) -> MeshGeometry:
-        """The mesh's instances across the job, computed once per mesh object."""
+        """The mesh's instances across the job, computed once per mesh LAYOUT: slicing ``mesh["tp"]`` for every
+        layer makes a new mesh object each time, and a geometry per object would cost O(W) per parameter."""
         cached = self._geometries.get(id(mesh))
         if cached is None or cached[0] is not mesh:
-            cached = self._geometries[id(mesh)] = (mesh, MeshGeometry(mesh, self._rank, self._stages))
+            key = _compat.mesh_identity(mesh)
+            shared = self._layouts.get(key)
+            if shared is None:
+                shared = self._layouts[key] = MeshGeometry(mesh, self._rank, self._stages)
+            cached = self._geometries[id(mesh)] = (mesh, shared)
         return cached[1]
 
     def _stage_ranks(self) -> frozenset[int]:
@@ -162,7 +176,7 @@ class DTensorAdapter(GradAdapter):
         geometry = self.geometry(mesh)
         if geometry.coordinate is None:  # this rank holds no part of it
             return None
-        key = (id(mesh), tuple(t.placements))
+        key = (id(geometry), tuple(t.placements))
         if key not in self._replica_cache:
             if any(pl.is_partial() for pl in t.placements):
                 raise PartialGradientError(
@@ -171,7 +185,15 @@ class DTensorAdapter(GradAdapter):
                     "(or redistribute it to Shard/Replicate first)."
                 )
             self._replica_cache[key] = geometry.replicas(t.placements)
-        return LocalPiece(i, 0, _compat.local_tensor(t).numel(), i, self._replica_cache[key], _compat.dtensor_flat_offset(t))
+        return LocalPiece(i, 0, _compat.local_tensor(t).numel(), i, self._replica_cache[key], self._flat_offset(key, t))
+
+    def _flat_offset(self, key: tuple[Any, ...], t: DTensor) -> int | None:
+        """:func:`~distclip.compat.pytorch.dtensor_flat_offset`, once per (mesh layout, placements, global shape):
+        torch's shard arithmetic costs ~0.3 ms a tensor, and a model repeats a few shapes many times."""
+        full = (*key, tuple(t.shape))
+        if full not in self._offsets:
+            self._offsets[full] = _compat.dtensor_flat_offset(t)
+        return self._offsets[full]
 
     # ------------------------------------------------------------ gradients
     def _unlike(self) -> list[int]:
@@ -235,7 +257,7 @@ class DTensorAdapter(GradAdapter):
         return [g for g, _ in held], [i for _, i in held]
 
     def describe(self) -> dict[str, object]:
-        meshes = sorted({str(self.geometry(p.device_mesh).key[0]) for p in self.params if isinstance(p, DTensor)})
+        meshes = sorted({str(self.geometry(p.device_mesh).shape) for p in self.params if isinstance(p, DTensor)})
         declared = sum(d is not None for d in self.declarations)
         return {"adapter": self.kind, "num_params": len(self.params), "mesh_shapes": meshes,
                 **({"declared": declared} if declared else {})}

@@ -23,11 +23,6 @@ from ..compat import pytorch as _compat
 from .counting import Replicas
 
 
-def mesh_key(mesh: Any) -> tuple[tuple[int, ...], tuple[int, ...]]:
-    """(shape, ranks in order): equal for the same mesh on every rank that holds it."""
-    return tuple(mesh.mesh.shape), tuple(mesh.mesh.flatten().tolist())
-
-
 class PipelineStages:
     """Which pipeline stage each rank of the job holds (exchanged once at set-up: one int per rank).
 
@@ -49,9 +44,8 @@ class MeshGeometry:
 
     def __init__(self, mesh: Any, rank: int, stages: PipelineStages | None = None):
         self.mesh = mesh
-        self.key = mesh_key(mesh)
+        self.shape = tuple(mesh.mesh.shape)
         self.coordinate = mesh.get_coordinate()  # None: this rank is not in the mesh
-        self.ranks = frozenset(self.key[1])
         self.instances = _compat.mesh_instances(mesh)  # [K, *mesh.shape]
         self.span = frozenset(self.instances.flatten().tolist())  # every rank holding a part or a copy
         self.rank = rank
@@ -76,4 +70,5 @@ class MeshGeometry:
         holders = self.holders(placements)
         if len(holders) <= 1:
             return None
-        return Replicas(("holders", tuple(holders)), holders.index(self.rank), len(holders))
+        # a frozenset caches its hash: the replica set is a dict key once per piece (counted_segments)
+        return Replicas(("holders", frozenset(holders)), holders.index(self.rank), len(holders))

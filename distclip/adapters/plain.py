@@ -9,6 +9,7 @@ import torch
 import torch.distributed as dist
 
 from .base import GradAdapter
+from .declared import declared_groups
 
 
 class PlainAdapter(GradAdapter):
@@ -29,5 +30,4 @@ class PlainAdapter(GradAdapter):
 
     def stage_size(self) -> int:
         """1, times the declared groups (a grid: e.g. tp, or tp x ep)."""
-        groups = {tuple(sorted(g)) for d in self.declarations if d is not None for g in (*d.replicated, d.sharded) if g}
-        return math.prod(len(g) for g in groups) if groups else 1
+        return math.prod(len(g) for g in declared_groups(self.declarations))

@@ -377,6 +377,41 @@ def mesh_instances(mesh: Any) -> torch.Tensor:
     return full.reshape(-1, *tuple(mesh.mesh.shape))
 
 
+@_internal("DeviceMesh._layout / _rank_map (the mesh's CuTe layout over its root's ranks, torch >= 2.9)")
+def mesh_identity(mesh: Any) -> tuple[Any, ...]:
+    """A small key, equal for mesh objects that are the same layout over the same root (``mesh["tp"]`` sliced
+    twice gives two objects): O(dimensions) to compute and hash, where ``DeviceMesh.__eq__`` compares every rank.
+
+    Valid while ``mesh`` lives (it names the root's rank map by identity): hold the mesh with the key.
+    """
+    return id(mesh._rank_map), mesh._layout, mesh.device_type
+
+
+# ------------------------------------------------------------------ simulation (the scale bench)
+@_internal("torch.testing._internal.distributed.fake_pg (the 'fake' process-group backend)")
+def init_fake_process_group(rank: int, world_size: int) -> None:
+    """Join a simulated job of ``world_size`` ranks as ``rank``, in this one process (no other process exists).
+
+    torch's fake backend answers every collective at once without moving data (outputs keep what they
+    held); ``distclip.bench.scale`` uses it to run distclip's set-up as one rank of thousands.
+    """
+    from torch.testing._internal.distributed.fake_pg import FakeStore
+
+    dist.init_process_group("fake", store=FakeStore(), rank=rank, world_size=world_size)
+
+
+@_internal("DeviceMesh._unflatten (torchtitan's ParallelDims builds its meshes with it)")
+def unflatten_mesh(mesh: Any, sizes: Sequence[int], names: Sequence[str]) -> Any:
+    """A 1-D mesh split into named dimensions, as torchtitan 0.3's ``ParallelDims`` builds its world mesh."""
+    return mesh._unflatten(0, tuple(sizes), tuple(names))
+
+
+@_internal("DeviceMesh._flatten (torchtitan's dp_shard_cp, Accelerate's dp_cp)")
+def flatten_mesh(mesh: Any, name: str) -> Any:
+    """Dimensions of a mesh merged into one named dimension (torchtitan's FSDP mesh ``dp_shard_cp``)."""
+    return mesh._flatten(name)
+
+
 # ------------------------------------------------------------------ optimizers
 def runs_step_hooks(optimizer: Any) -> bool:
     """Whether ``optimizer`` ran ``Optimizer.__init__`` (which sets up its step hooks); a wrapper that skipped

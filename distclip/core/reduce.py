@@ -1,7 +1,9 @@
 """The one collective per clip, and the set-up exchange that checks every rank clips the same way.
 
-Both exchange fixed-size tensors only (no pickling, no numpy): the per-step vector of slots, and
-at set-up a few 60-bit hashes per rank; details are exchanged (as bytes) only when hashes differ.
+Both exchange fixed-size tensors only (no pickling, no numpy): per clip the vector of S slots (an
+all-reduce of S float64 whatever the world size W; :func:`reduce_slots` says how a layout mixing SUM
+and MAX slots stays O(S) too), and at set-up three 60-bit hashes per rank (an all-gather: 24 W bytes
+received, checked with tensor ops); details are exchanged (as bytes) only when hashes differ.
 """
 
 from __future__ import annotations
@@ -43,8 +45,11 @@ def collective_device(group: ProcessGroup | None, hint: torch.device | None) -> 
     return hint if hint is not None else torch.device("cpu")
 
 
+GATHER_LIMIT = 1 << 13  # float64 values a rank may receive in a mixed SUM/MAX clip (64 KiB); beyond: two all-reduces
+
+
 def reduce_slots(partials: torch.Tensor, layout: "SlotLayout | SlotsWithRows", group: ProcessGroup | None) -> torch.Tensor:
-    """Reduce the float64 slot vector across ``group`` in exactly ONE collective.
+    """Reduce the float64 slot vector across ``group`` in exactly ONE collective (two for a large mixed layout).
 
     ``layout`` says which slots are maxima (``any_max``, ``all_max``, ``max_mask``): a
     :class:`SlotLayout`, or one followed by row-wise slots (``SlotsWithRows``).
@@ -52,8 +57,10 @@ def reduce_slots(partials: torch.Tensor, layout: "SlotLayout | SlotsWithRows", g
     SUM for p-norm slots, MAX for infinity-norm slots. The result is bitwise identical on every
     rank. Non-finite values always propagate: SUM carries NaN and inf by itself; a MAX all-reduce
     may drop NaN, so infinity-norm slots carry a NaN flag alongside (NaN becomes 0 in the values,
-    +inf stays +inf); a layout mixing both kinds all-gathers the vector and folds it locally
-    in rank order instead.
+    +inf stays +inf). A layout mixing both kinds all-gathers the vector and folds it locally in rank
+    order, while the gathered ``world x slots`` values stay within :data:`GATHER_LIMIT`; beyond it
+    (thousands of ranks, or the thousands of row slots of row-wise clipping) it takes a SUM and a MAX
+    all-reduce of ``slots`` values each instead, so that no rank receives O(world x slots).
     """
     if group_size(group) == 1:
         return partials
@@ -61,16 +68,26 @@ def reduce_slots(partials: torch.Tensor, layout: "SlotLayout | SlotsWithRows", g
         dist.all_reduce(partials, op=dist.ReduceOp.SUM, group=group)
         return partials
     if layout.all_max:
-        nan = partials.isnan()
-        packed = torch.cat([torch.where(nan, 0.0, partials), nan.to(partials.dtype)])
-        dist.all_reduce(packed, op=dist.ReduceOp.MAX, group=group)
-        values, any_nan = packed.split(partials.numel())
-        return torch.where(any_nan > 0, math.nan, values)
+        return _max_all_reduce(partials, group)
     world = dist.get_world_size(group)
+    is_max = layout.max_mask(partials.device)
+    if world * partials.numel() > GATHER_LIMIT:
+        sums = torch.where(is_max, 0.0, partials)
+        dist.all_reduce(sums, op=dist.ReduceOp.SUM, group=group)
+        return torch.where(is_max, _max_all_reduce(torch.where(is_max, partials, 0.0), group), sums)
     gathered = partials.new_empty(world * partials.numel())
     _all_gather_into(gathered, partials, group)
     rows = gathered.view(world, partials.numel())
-    return torch.where(layout.max_mask(partials.device), rows.amax(dim=0), rows.sum(dim=0))
+    return torch.where(is_max, rows.amax(dim=0), rows.sum(dim=0))
+
+
+def _max_all_reduce(partials: torch.Tensor, group: ProcessGroup) -> torch.Tensor:
+    """MAX over the ranks, NaN kept: NaN travels as a flag beside the values (a MAX all-reduce may drop it)."""
+    nan = partials.isnan()
+    packed = torch.cat([torch.where(nan, 0.0, partials), nan.to(partials.dtype)])
+    dist.all_reduce(packed, op=dist.ReduceOp.MAX, group=group)
+    values, any_nan = packed.split(partials.numel())
+    return torch.where(any_nan > 0, math.nan, values)
 
 
 # ---------------------------------------------------------------- set-up exchange
@@ -106,6 +123,19 @@ def exchange_ints(group: ProcessGroup, values: Sequence[int]) -> torch.Tensor:
     return out.view(-1, mine.numel()).cpu()
 
 
+def exchange_int_rows(group: ProcessGroup, values: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """All-gather any number of int64 values per rank (two fixed-size collectives): a ``(world, width)`` CPU
+    tensor of the rows, zero-padded, and each rank's number of values (a ``(world,)`` tensor), rank order."""
+    sizes = exchange_ints(group, [len(values)])[:, 0]
+    width = max(int(sizes.max()), 1)
+    mine = torch.zeros(width, dtype=torch.int64)
+    mine[: len(values)] = torch.tensor(list(values), dtype=torch.int64)
+    mine = mine.to(collective_device(group, None))
+    out = mine.new_empty(len(sizes) * width)
+    _all_gather_into(out, mine, group)
+    return out.view(len(sizes), width).cpu(), sizes
+
+
 def exchange_bytes(group: ProcessGroup, payload: bytes) -> list[bytes]:
     """All-gather a byte string of any length per rank (two fixed-size collectives, no pickling)."""
     device = collective_device(group, None)
@@ -133,13 +163,17 @@ def check_consistency(group: ProcessGroup | None, fingerprint: str, summary: dic
     """
     if group_size(group) == 1:
         return
-    table = exchange_ints(group, [hash60(fingerprint), stage_key, hash60(stage_fingerprint)]).tolist()
-    first_of_stage: dict[int, int] = {}
-    for r, (_, key, _) in enumerate(table):
-        first_of_stage.setdefault(key, r)
-    bad = [r for r, (h, key, s) in enumerate(table) if h != table[0][0] or s != table[first_of_stage[key]][2]]
+    table = exchange_ints(group, [hash60(fingerprint), stage_key, hash60(stage_fingerprint)])
+    # tensor ops, not W Python rows: O(W) int64, whatever the world size
+    _, stage_of, counts = torch.unique(table[:, 1], return_inverse=True, return_counts=True)
+    first = torch.full((len(counts),), len(table), dtype=torch.int64).scatter_reduce_(
+        0, stage_of, torch.arange(len(table)), reduce="amin")  # the first rank of each stage key
+    differ = (table[:, 0] != table[0, 0]) | (table[:, 2] != table[first[stage_of], 2])
+    bad = differ.nonzero().flatten().tolist()
     if not bad:
         return
+    first_of_stage = {int(table[r, 1]): int(first[stage_of[r]]) for r in bad}
+    table = table.tolist()
     texts = exchange_bytes(group, json.dumps(summary, sort_keys=True, default=str).encode())
     summaries = [json.loads(t) for t in texts]
     failed = {r: s[SETUP_ERROR] for r, s in enumerate(summaries) if SETUP_ERROR in s}
