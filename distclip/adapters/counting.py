@@ -13,7 +13,8 @@ from __future__ import annotations
 
 from bisect import bisect_right
 from dataclasses import dataclass
-from itertools import accumulate
+from itertools import accumulate, repeat
+from operator import is_not
 from typing import Hashable, Iterable, Sequence
 
 import torch
@@ -131,6 +132,37 @@ def slice_segments(
             pieces.append(tensor.reshape(-1)[lo:hi])
         groups.append(group_of[param])
     return pieces, groups
+
+
+class Slicing:
+    """Segments of the local tensors and their groups, prepared once (at bind) for the per-step path.
+
+    :meth:`take` gives what :func:`slice_segments` gives. When the segments are the sources themselves,
+    in order from their first element (a plain model, DDP on one rank, every parameter whole), it
+    checks that with two C-level passes over the tensors (none missing, each as long as its segment)
+    and returns them as they are: no Python loop per tensor.
+    """
+
+    def __init__(self, segments: Sequence[Segment], group_of: Sequence[int]):
+        self.segments = [(source, lo, hi) for source, lo, hi, _ in segments]
+        self.groups = [group_of[param] for *_, param in segments]
+        self.ends = [hi for _, _, hi in self.segments]
+        self.in_order = all(source == k and lo == 0 for k, (source, lo, _) in enumerate(self.segments))
+
+    def take(self, tensors: Sequence[torch.Tensor | None]) -> tuple[list[torch.Tensor], list[int]]:
+        """The flattened ranges named by the segments (missing tensors skipped) and their groups."""
+        if self.in_order and len(tensors) == len(self.ends) and all(map(is_not, tensors, repeat(None))) \
+                and list(map(torch.Tensor.numel, tensors)) == self.ends:
+            return list(tensors), list(self.groups)
+        pieces: list[torch.Tensor] = []
+        groups: list[int] = []
+        for (source, lo, hi), group in zip(self.segments, self.groups):
+            tensor = tensors[source]
+            if tensor is None:
+                continue
+            pieces.append(tensor if lo == 0 and hi == tensor.numel() else tensor.reshape(-1)[lo:hi])
+            groups.append(group)
+        return pieces, groups
 
 
 def group_ranks(group: dist.ProcessGroup) -> frozenset[int]:

@@ -59,7 +59,8 @@ class Recorder:
         )
         coefs = decision.coefs
         if applied is not None:  # running counts on the device: no host sync
-            self.counters.update(clipped_mask(coefs[: len(names)], decision.finite, decision.skipped))
+            visible = coefs if coefs.shape[0] == len(names) else coefs[: len(names)]
+            self.counters.update(clipped_mask(visible, decision.finite, decision.skipped))
         report.clip_counts, report.clip_steps = self.counters.current(coefs.device), self.counters.steps
         return report
 

@@ -62,7 +62,7 @@ def reference_run(config: dict[str, Any], world: int, steps: int, lr: float,
     :func:`tests.helpers.models.global_batch`). Per step: the :func:`reference_clip` result plus ``params``
     (every parameter after the step).
     """
-    from tests import models
+    from tests.helpers import models
 
     model = (make_model or (lambda dtype: models.make_model(dtype=dtype)))(torch.float64)
     step_loss = step_loss or (lambda m, step: models.loss_fn(m, *models.global_batch(step, world)))

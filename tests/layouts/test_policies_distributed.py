@@ -294,7 +294,9 @@ def run_steps(kinds: list[str], first: int, last: int, load_dir: str | None, sav
     return out
 
 
-HOOK_RESUME_XFAIL = pytest.mark.xfail(strict=True, reason=(
+# not strict: whether the last bits differ depends on the values and the kernels (with the packed float64
+# terms of the small tensors, this model's first step happens to match bitwise)
+HOOK_RESUME_XFAIL = pytest.mark.xfail(strict=False, reason=(
     "known limitation: the first backward in a new process runs on DDP's initial buckets, the straight run's "
     "on the rebuilt ones; the comm hook slices and sums per bucket, so that step's float64 group norm (and the "
     "policy state fed by it) can differ in the last bit. Decisions and reported fp32 values matched in the "
