@@ -3,30 +3,38 @@
 torch's CPU norm kernels accumulate in fp32, one running sum per thread (p = 1, fractional p)
 or per vector lane (p = 2): on a 50M-element gradient they miss float64 by 16% (p = 1), and
 1,200 equal values already miss it by 1e-6. On CPU, :func:`power_sums` keeps every partial
-within 1e-6 (relative) of float64 on the same values. No fp32 sum in it runs over more than a
-few terms:
+within 1e-6 (relative) of float64 on the same values, at about the cost of torch's fp32 kernel
+(``python -m distclip.bench --targets``). No fp32 sum in it runs over more than a few terms:
 
-- fp32 at p = 2: torch's vectorised last-dim kernel on rows of ``ROW`` values (16 lanes of 16
-  terms, then 15 additions folding the lanes); the row results are squared (in fp32) and summed
-  in float64. Worst case over every input of equal values (all 2^23 mantissas tried): 6.6e-7;
-  random rows err by about 1e-7 each and cancel across rows. (The a-priori bound, for rows
-  built to round the same way at every step, is about 33 fp32 roundings of 2^-24: 2e-6.)
-- p = 1, and p = 2 in bf16/fp16: the terms in float64 (|x| and x^2 are exact there).
+- p = 2, fp32: torch's vectorised last-dim norm kernel on rows of ``ROW`` values (its vector
+  lanes, 16 with AVX-512, each add 16 terms, then the lanes are folded one by one); the row
+  results are squared (in fp32) and summed in float64. Worst case over every input of equal
+  values (all 2^23 mantissas tried, 16 lanes): 6.6e-7; random rows err by about 1e-7 each and
+  cancel across rows. (The a-priori bound, for rows built to round the same way at every step,
+  is about 33 fp32 roundings of 2^-24: 2e-6.)
+- p = 2, bf16/fp16: each chunk widened to fp32 (exact) in a cache-resident buffer, then the same
+  row kernel: its products x*x are exact there, so only its additions round (the same bound).
+- p = 1 (any dtype but fp64): each chunk's |x| in fp32 (exact), viewed as 16 rows and summed
+  column by column (torch's vectorised outer sum): every column sum adds 16 non-negative terms,
+  so in ANY order each term passes at most 15 fp32 roundings: 15 * 2^-24 = 8.9e-7 a priori. The
+  column sums are summed in float64.
 - any other p: the terms |x|^p in fp32 (``pow`` within 1 ulp each), summed in float64.
+- small tensors (and what is left after the last row or column): packed side by side into one
+  buffer, their terms taken in float64 (exact for p = 1, 2) and summed there.
 
-Large tensors are taken in chunks of ``CHUNK`` values, whose float64 terms fit in a core's L2
-cache; small tensors (and what is left after the last row) are packed side by side into one
-buffer: ``torch.cat`` of whole tensors grouped by their trailing shape (no view per tensor: a
-view costs more than copying a small tensor), written in the terms' dtype. fp64 tensors use
-torch's kernels, which accumulate in float64 (p >= 1; for p < 1 their final root could overflow,
-so they are packed or chunked too). The cache-sized scratch buffers are kept per thread between
-calls, and each list of shapes is routed once (:func:`_plan`, cached).
+Large tensors are taken in chunks of ``CHUNK`` values held in a core's L2 cache; small ones are
+packed by ``torch.cat`` of whole tensors grouped by their trailing shape (no view per tensor: a
+view costs more than copying a small tensor). fp64 tensors use torch's kernels, which accumulate
+in float64 (p >= 1; for p < 1 their final root could overflow, so they are packed or chunked
+too). The scratch buffers are kept per thread between calls, and each list of shapes is routed
+once (:func:`_plan`, cached).
 
-Over- and underflow: a partial built from fp32 terms is checked, and recomputed with its terms
-in float64 if it came out non-finite (a term above fp32's range: |x| > 2^64 at p = 2) or below
-2^-99 per element (fp32 subnormal terms would no longer be negligible; all-zero tensors
-included). Deciding that reads one flag per call, which on CPU synchronises with nothing.
-Every float64 path matches the float64 reference (abs, pow, sum) over the inputs' whole range.
+Over- and underflow: a partial built from fp32 terms or sums is checked, and recomputed with its
+terms in float64 if it came out non-finite (a term or sum above fp32's range: |x| > 2^64 at
+p = 2) or below 2^-99 per element (fp32 subnormal terms would no longer be negligible; all-zero
+tensors included). Deciding that reads one flag per call, which on CPU synchronises with
+nothing. Every float64 path matches the float64 reference (abs, pow, sum) over the inputs'
+whole range.
 
 On CUDA the kernels reduce in trees; there torch's foreach norm runs as it always has. The
 infinity norm (a max) is exact in any precision: large CPU tensors use ``aminmax``, a
@@ -50,11 +58,19 @@ from ..compat.pytorch import foreach_norm
 
 ACC_DTYPE = torch.float64
 
-ROW = 256  # fp32, p = 2: values per row of the last-dim kernel (16 lanes x 16 terms)
-ROWS_FROM = 1 << 14  # fp32, p = 2: from here the row kernel runs on the tensor itself (its tail is packed); below,
-# the tensor is packed whole with the small ones (float64 terms: exact, and one copy for all of them)
-LARGE = 1 << 16  # elements: from here a tensor is reduced on its own in chunks, smaller ones are packed
-CHUNK = 1 << 17  # elements per chunk of a large tensor and per packed batch: float64 terms of 1 MiB (L2-resident)
+
+def _lanes() -> int:
+    """fp32 lanes of torch's CPU vector type: 16 with AVX-512, else 8 (AVX2, NEON pairs)."""
+    return 16 if "AVX512" in str(torch.backends.cpu.get_cpu_capability()).upper() else 8
+
+
+ROW = 16 * _lanes()  # p = 2: values per row of the last-dim kernel (every lane adds 16 terms)
+COLUMN = 16  # p = 1: terms per column sum (at most 15 roundings each)
+BLOCKED_FROM = 1 << 14  # p = 1, 2: from here a tensor goes through the row / column kernels (its tail is packed);
+# below, it is packed whole with the small ones (float64 terms: exact, one copy for all of them)
+LARGE = 1 << 16  # other p: from here a tensor is reduced on its own in chunks, smaller ones are packed
+CHUNK = 1 << 17  # elements per chunk of a large tensor and per packed batch: in a core's L2 cache
+_KEEP = 1 << 22  # scratch buffers up to this many elements are kept between calls (larger ones are not)
 _MAX_GROUPS = 16  # packed pieces of at most this many distinct lengths are summed as matrices
 _SUBNORMAL_FLOOR = 2.0**-99  # per element: below this mean term, fp32 subnormal terms may matter
 _AMINMAX_FROM = 1 << 15  # p = inf on CPU: from this size aminmax, below it packed (a max per segment)
@@ -90,15 +106,19 @@ def power_sums(tensors: Sequence[torch.Tensor], p: float) -> torch.Tensor:
         return plan.run_max(plan.contiguous(tensors))
     if not on_cpu or (dtype == torch.float64 and p >= 1) or dtype not in _CPU_DTYPES:
         return _foreach_power_sums(tensors, p)
-    plan = _plan(_method(dtype, p), tuple(map(_SHAPE, tensors)))
+    plan = _plan(_method(dtype, p), tuple(map(_SHAPE, tensors)), dtype == torch.float32)
     return plan.run(plan.contiguous(tensors), p)
 
 
 def _method(dtype: torch.dtype, p: float) -> str:
-    """How the CPU takes the terms: 'rows' (fp32, p = 2), 'fp64' (exact terms), 'fp32' (pow in fp32)."""
-    if dtype == torch.float32 and p == 2:
+    """How the CPU takes the terms of large tensors: 'rows' (p = 2: the row kernel, on the tensor itself in
+    fp32, on fp32 copies of chunks in bf16/fp16), 'columns' (p = 1: column sums of |x| in fp32), 'fp64' (exact
+    terms: fp64 tensors), 'fp32' (pow in fp32: any other p)."""
+    if dtype != torch.float64 and p == 2:
         return "rows"
-    return "fp64" if dtype == torch.float64 or p in (1, 2) else "fp32"
+    if dtype != torch.float64 and p == 1:
+        return "columns"
+    return "fp64" if dtype == torch.float64 else "fp32"
 
 
 def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -169,7 +189,7 @@ class _Part:
 
     kind: str
     trailing: tuple[int, ...]
-    pieces: tuple[Piece, ...]
+    pieces: tuple[Piece, ...]  # for 'flat': ranges of contiguous tensors, or whole 1-D tensors (any strides)
     start: int
     end: int
 
@@ -179,8 +199,9 @@ class _Part:
             torch.cat([tensors[i] for i, _, _ in self.pieces], out=out.view(-1, *self.trailing))
         elif self.kind == "stack":
             torch.stack([tensors[i] for i, _, _ in self.pieces], out=out)
-        else:
-            torch.cat([_flat(tensors[i], start, n) for i, start, n in self.pieces], out=out)
+        else:  # ranges through flat views; whole 1-D tensors as they are
+            torch.cat([_flat(tensors[i], start, n) if start or n != tensors[i].numel() else tensors[i]
+                       for i, start, n in self.pieces], out=out)
 
 
 @dataclass(frozen=True)
@@ -201,25 +222,37 @@ class _Batch:
 
 
 @dataclass(frozen=True)
+class _Blocked:
+    """A large tensor through the row (p = 2) or column (p = 1) kernel: ``chunks`` of (first element, length)
+    (whole rows or columns), whose fp32 results go to ``[at, at + outputs)`` of the block buffer."""
+
+    tensor: int
+    chunks: tuple[tuple[int, int], ...]
+    at: int
+    outputs: int
+
+
+@dataclass(frozen=True)
 class _Plan:
     """How one list of tensor shapes is reduced on CPU.
 
-    Partials come out in this order: row kernel on whole tensors, chunks of large tensors, packed
-    small pieces (in each batch's buffer order).
+    Partials come out in this order: one per blocked tensor (row or column kernel), chunks of
+    large tensors, packed small pieces (in each batch's buffer order).
     """
 
     method: str
     num_tensors: int
-    direct: tuple[tuple[int, int], ...]  # 'rows': (tensor, rows), the kernel on the tensor itself
-    direct_segments: _Segments  # rows of each of those
-    chunked: tuple[int, ...]  # large tensors, one partial per chunk (for 'max': one aminmax each)
-    small_batches: tuple[_Batch, ...]  # small tensors and row tails
-    viewed: tuple[int, ...]  # the tensors read through flat views (row kernel, chunks): must be contiguous
+    blocked: tuple[_Blocked, ...]  # 'rows' and 'columns': the large tensors
+    block_outputs: int  # fp32 results of the row / column kernel in all
+    block_segments: _Segments  # the results of each blocked tensor
+    chunked: tuple[int, ...]  # 'fp32' / 'fp64' large tensors, one partial per chunk (for 'max': one aminmax each)
+    small_batches: tuple[_Batch, ...]  # small tensors and the tails of blocked ones
+    viewed: tuple[int, ...]  # the tensors read through flat views (blocked, chunked): must be contiguous
     partial_of: torch.Tensor  # the tensor of each partial
     one_partial_each: bool  # partial_of is 0, 1, 2, ...: the partials are the result
     sources: tuple[Piece, ...]  # the values of each partial
-    bounds: tuple[torch.Tensor, torch.Tensor] | None  # per partial, the range it is trusted in: from the
-    # least sum at which fp32 subnormal terms are negligible (0 for float64 terms) to float64's max;
+    bounds: tuple[torch.Tensor, torch.Tensor] | None  # per partial of fp32 terms or sums (the first ones), the
+    # range it is trusted in: from the least sum at which fp32 subnormal terms are negligible to float64's max;
     # None when no partial has fp32 terms
 
     def contiguous(self, tensors: list[torch.Tensor]) -> list[torch.Tensor]:
@@ -234,8 +267,8 @@ class _Plan:
 
     def run(self, tensors: list[torch.Tensor], p: float) -> torch.Tensor:
         parts = []
-        if self.direct:
-            parts.append(self._direct_row_sums(tensors))
+        if self.blocked:
+            parts.append(self._blocked_sums(tensors))
         in_fp32 = self.method == "fp32"
         for i in self.chunked:
             parts.append(torch.stack([_terms(c, p, in_fp32).sum() for c in tensors[i].view(-1).split(CHUNK)]))
@@ -244,8 +277,9 @@ class _Plan:
         if not parts:
             return torch.zeros(self.num_tensors, dtype=ACC_DTYPE)
         partials = torch.cat(parts) if len(parts) > 1 else parts[0]
-        if self.bounds is not None:
-            self._recheck(partials, tensors, p)
+        if self.bounds is not None:  # the partials of fp32 terms or sums come first
+            floor = self.bounds[0]
+            self._recheck(partials if floor.numel() == partials.numel() else partials[: floor.numel()], tensors, p)
         if self.one_partial_each:
             return partials
         return torch.zeros(self.num_tensors, dtype=ACC_DTYPE).index_add_(0, self.partial_of, partials)
@@ -267,20 +301,40 @@ class _Plan:
             return partials
         return torch.zeros(self.num_tensors, dtype=ACC_DTYPE).index_copy_(0, self.partial_of, partials)
 
-    def _direct_row_sums(self, tensors: list[torch.Tensor]) -> torch.Tensor:
-        """fp32, p = 2: per tensor, the float64 sum of its rows' squared fp32 norms."""
-        rows = [m for _, m in self.direct]
-        norms = _buffer(torch.float32, sum(rows))
-        for (i, m), out in zip(self.direct, norms.split(rows)):
-            torch.linalg.vector_norm(_rows(tensors[i], m), 2, dim=1, out=out)
-        squares = torch.pow(norms, 2, out=_buffer(ACC_DTYPE, norms.numel()))  # squared in fp32 (+2^-24), one pass
-        return self.direct_segments.sums(squares)
+    def _blocked_sums(self, tensors: list[torch.Tensor]) -> torch.Tensor:
+        """Per blocked tensor, the float64 sum of its rows' squared fp32 norms (p = 2) or of its fp32 column
+        sums of |x| (p = 1)."""
+        results = _buffer(torch.float32, self.block_outputs, "blocks")
+        rows = self.method == "rows"
+        for block in self.blocked:
+            t = tensors[block.tensor]
+            out = results[block.at : block.at + block.outputs]
+            if rows and t.dtype == torch.float32:  # the kernel on the tensor itself: one view, no copy
+                torch.linalg.vector_norm(_rows(t, block.outputs), 2, dim=1, out=out)
+                continue
+            flat, at = t.view(-1), 0
+            for start, n in block.chunks:  # a cache-resident fp32 copy of each chunk (|x| for p = 1)
+                chunk = flat[start : start + n]
+                if rows:
+                    wide = _buffer(torch.float32, n).copy_(chunk)
+                    torch.linalg.vector_norm(wide.view(-1, ROW), 2, dim=1, out=out[at : at + n // ROW])
+                    at += n // ROW
+                else:
+                    wide = torch.abs(chunk, out=_buffer(torch.float32, n)) if t.dtype == torch.float32 \
+                        else _buffer(torch.float32, n).copy_(chunk).abs_()
+                    torch.sum(wide.view(COLUMN, -1), 0, out=out[at : at + n // COLUMN])
+                    at += n // COLUMN
+        if rows:  # squared in fp32 (+2^-24), written as float64: one pass
+            results = torch.pow(results, 2, out=_buffer(ACC_DTYPE, self.block_outputs, "blocks"))
+        else:
+            results = _buffer(ACC_DTYPE, self.block_outputs, "blocks").copy_(results)
+        return self.block_segments.sums(results)
 
     def _recheck(self, partials: torch.Tensor, tensors: list[torch.Tensor], p: float) -> None:
         """Recompute with float64 terms the partials of fp32 terms that overflowed or may have underflowed.
 
-        A partial is fine within [floor, float64 max]; the others (a NaN too) are recomputed. Partials
-        with float64 terms have floor 0: they are recomputed (to the same value) only when non-finite.
+        A partial is fine within [floor, float64 max]; the others (a NaN too) are recomputed. (Partials of
+        float64 terms are not checked: recomputed, a non-finite one would come out the same.)
         """
         floor, ceiling = self.bounds
         ok = partials.clamp(floor, ceiling) == partials
@@ -309,7 +363,7 @@ def _batches(pieces: list[tuple[Piece, tuple[int, ...] | None]]) -> list[_Batch]
     """
     def order(entry: tuple[Piece, tuple[int, ...] | None]) -> tuple:
         (_, _, n), shape = entry
-        if shape is None:
+        if shape is None or len(shape) == 1:  # ranges and 1-D tensors: one flat cat
             return (2, (), n)
         return (0, tuple(shape[1:]), n) if len(shape) else (1, (), n)
 
@@ -326,9 +380,9 @@ def _batches(pieces: list[tuple[Piece, tuple[int, ...] | None]]) -> list[_Batch]
     for group in groups:
         parts: list[_Part] = []
         at = 0
-        for entry in group:
-            piece, shape = entry
-            kind, trailing = ("flat", ()) if shape is None else ("cat", tuple(shape[1:])) if len(shape) else ("stack", ())
+        for piece, shape in group:
+            kind, trailing = (("flat", ()) if shape is None or len(shape) == 1 else
+                              ("cat", tuple(shape[1:])) if len(shape) else ("stack", ()))
             n = piece[2]
             if parts and parts[-1].kind == kind and parts[-1].trailing == trailing:
                 last = parts[-1]
@@ -341,36 +395,50 @@ def _batches(pieces: list[tuple[Piece, tuple[int, ...] | None]]) -> list[_Batch]
     return out
 
 
-@lru_cache(maxsize=1024)  # one plan per list of shapes: per bucket for the comm hooks
-def _plan(method: str, shapes: tuple[torch.Size, ...]) -> _Plan:
+def _blocks(method: str, i: int, n: int, dtype_is_fp32: bool, at: int) -> _Blocked:
+    """Tensor ``i`` of ``n`` elements through the row / column kernel: its whole rows (columns), in chunks."""
+    unit = ROW if method == "rows" else COLUMN
+    covered = n // unit * unit
+    if method == "rows" and dtype_is_fp32:  # the kernel reads the tensor itself
+        return _Blocked(i, ((0, covered),), at, covered // ROW)
+    step = CHUNK // unit * unit
+    chunks = tuple((j, min(step, covered - j)) for j in range(0, covered, step))  # whole rows / columns each
+    return _Blocked(i, chunks, at, covered // unit)
+
+
+@lru_cache(maxsize=1024)  # one plan per list of shapes (and dtype): per bucket for the comm hooks
+def _plan(method: str, shapes: tuple[torch.Size, ...], fp32: bool = True) -> _Plan:
     """Route every tensor, once per list of shapes (cached: the per-step path builds no tensors)."""
     numels = [math.prod(s) for s in shapes]
-    direct, chunked, small = [], [], []
+    blocked: list[_Blocked] = []
+    chunked, small = [], []
+    at = 0
     for i, (n, shape) in enumerate(zip(numels, shapes)):
-        m = n // ROW if method == "rows" and n >= ROWS_FROM else 0
-        if m:
-            direct.append((i, m))
-            if n % ROW:
-                small.append(((i, m * ROW, n % ROW), None))
-        elif n >= (_AMINMAX_FROM if method == "max" else LARGE):
+        if method in ("rows", "columns") and n >= BLOCKED_FROM:
+            block = _blocks(method, i, n, fp32, at)
+            blocked.append(block)
+            at += block.outputs
+            covered = sum(k for _, k in block.chunks)
+            if n > covered:
+                small.append(((i, covered, n - covered), None))
+        elif method not in ("rows", "columns") and n >= (_AMINMAX_FROM if method == "max" else LARGE):
             chunked.append(i)
         elif n:
             small.append(((i, 0, n), tuple(shape)))
     small_batches = _batches(small)
-    sources: list[Piece] = [(i, 0, m * ROW) for i, m in direct]
-    checked = [True] * len(sources)  # row partials come from fp32 squares
+    sources: list[Piece] = [(b.tensor, 0, sum(k for _, k in b.chunks)) for b in blocked]
+    checked = [True] * len(sources)  # blocked partials come from fp32 squares or sums
     for i in chunked:
         step = numels[i] if method == "max" else CHUNK
         sources += [(i, j, min(step, numels[i] - j)) for j in range(0, numels[i], step)]
     sources += [piece for b in small_batches for piece in b.pieces]
-    checked += [method == "fp32"] * (len(sources) - len(checked))
-    floor = [n * _SUBNORMAL_FLOOR if fp32 else 0.0 for (_, _, n), fp32 in zip(sources, checked)]
+    checked += [method == "fp32"] * (len(sources) - len(checked))  # a prefix: blocked first, or all
+    floor = [n * _SUBNORMAL_FLOOR for (_, _, n), fp32_terms in zip(sources, checked) if fp32_terms]
     partial_of = [i for i, _, _ in sources]
     return _Plan(
-        method, len(numels), tuple(direct), _Segments.of([m for _, m in direct]), tuple(chunked),
-        tuple(small_batches), tuple(dict.fromkeys([i for i, _ in direct] + chunked)),
-        torch.tensor(partial_of, dtype=torch.long),
-        partial_of == list(range(len(numels))), tuple(sources),
+        method, len(numels), tuple(blocked), at, _Segments.of([b.outputs for b in blocked]), tuple(chunked),
+        tuple(small_batches), tuple(dict.fromkeys([b.tensor for b in blocked] + chunked)),
+        torch.tensor(partial_of, dtype=torch.long), partial_of == list(range(len(numels))), tuple(sources),
         _bounds(floor) if any(checked) and method != "max" else None,
     )
 
@@ -381,17 +449,21 @@ def _bounds(floor: list[float]) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 # ---------------------------------------------------------------- CPU kernels
-_scratch = threading.local()  # per thread: cache-sized buffers reused by every call
+_scratch = threading.local()  # per thread: scratch buffers reused by every call
 
 
-def _buffer(dtype: torch.dtype, n: int) -> torch.Tensor:
-    """n elements of this thread's scratch buffer of ``dtype`` (a fresh tensor above CHUNK)."""
-    if n > CHUNK:
+def _buffer(dtype: torch.dtype, n: int, use: str = "terms") -> torch.Tensor:
+    """n elements of this thread's scratch buffer of ``dtype`` for ``use`` ('terms': chunks and packed pieces,
+    CHUNK elements; 'blocks': the row / column kernel's results). Kept between calls up to _KEEP elements
+    (grown as needed); a fresh tensor above."""
+    if n > max(CHUNK, _KEEP if use == "blocks" else 0):
         return torch.empty(n, dtype=dtype)
     buffers = _scratch.__dict__.setdefault("buffers", {})
-    if dtype not in buffers:
-        buffers[dtype] = torch.empty(CHUNK, dtype=dtype)
-    return buffers[dtype][:n]
+    key = (dtype, use)
+    buffer = buffers.get(key)
+    if buffer is None or buffer.numel() < n:
+        buffer = buffers[key] = torch.empty(max(n, CHUNK if use == "terms" else n), dtype=dtype)
+    return buffer[:n]
 
 
 def _terms(values: torch.Tensor, p: float, in_fp32: bool) -> torch.Tensor:
