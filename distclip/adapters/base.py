@@ -87,8 +87,9 @@ class GradAdapter:
         self._counted: list[Segment] = counted_segments([p for p in self.pieces if p.param not in self.uncounted])
         self._scaled: list[Segment] = [(p.source, p.start, p.start + p.numel, p.param) for p in self.pieces if p.numel]
         # the per-step path, prepared once: which ranges to count and to scale, and their groups
-        self._counting = Slicing(self._counted, self.group_of)
-        self._scaling = Slicing(self._scaled, self.group_of)
+        numels = self._source_numels()
+        self._counting = Slicing(self._counted, self.group_of, numels)
+        self._scaling = Slicing(self._scaled, self.group_of, numels)
         self._scaled_by_group = [[k for k, g in enumerate(self._scaling.groups) if g == group]
                                  for group in range(layout.num_groups)]
         self._dtensor_params = any(_compat.is_dtensor(p) for p in self.params)
@@ -143,6 +144,13 @@ class GradAdapter:
         if not getattr(self, "_dtensor_params", True):  # plain parameters have plain gradients (set at bind)
             return [p.grad for p in self.params]
         return [None if p.grad is None else _compat.local_tensor(p.grad) for p in self.params]
+
+    def _source_numels(self) -> list[int] | None:
+        """The element count of each :meth:`local_grads` entry, when known at bind (each parameter's local part,
+        for layouts that keep this class's ``local_grads``); None otherwise."""
+        if type(self).local_grads is not GradAdapter.local_grads:
+            return None
+        return [_compat.local_tensor(p).numel() for p in self.params]
 
     def counted_pieces(self) -> tuple[list[torch.Tensor], list[int]]:
         """The gradient pieces this rank counts (disjoint across the job) and their group indices."""

@@ -137,24 +137,43 @@ def slice_segments(
 class Slicing:
     """Segments of the local tensors and their groups, prepared once (at bind) for the per-step path.
 
-    :meth:`take` gives what :func:`slice_segments` gives. When the segments are the sources themselves,
-    in order from their first element (a plain model, DDP on one rank, every parameter whole), it
-    checks that with two C-level passes over the tensors (none missing, each as long as its segment)
-    and returns them as they are: no Python loop per tensor.
+    :meth:`take` gives what :func:`slice_segments` gives. When the tensors' sizes are known at bind
+    (``numels``: each source's element count), the segments are laid out as runs: consecutive
+    sources taken whole (a list slice, no Python step per tensor) and ranges (one view each, e.g.
+    the ends of a DDP rank's share). A call checks the sizes in one C-level pass and that no tensor
+    is missing; otherwise (or without ``numels``) each segment is looked at in turn.
     """
 
-    def __init__(self, segments: Sequence[Segment], group_of: Sequence[int]):
+    def __init__(self, segments: Sequence[Segment], group_of: Sequence[int], numels: Sequence[int] | None = None):
         self.segments = [(source, lo, hi) for source, lo, hi, _ in segments]
         self.groups = [group_of[param] for *_, param in segments]
-        self.ends = [hi for _, _, hi in self.segments]
-        self.in_order = all(source == k and lo == 0 for k, (source, lo, _) in enumerate(self.segments))
+        self.numels = list(numels) if numels is not None else None
+        self.runs: list[tuple[int, int, int]] = []  # (source, lo, hi): a range; (first, last + 1, -1): whole sources
+        if self.numels is not None:
+            for source, lo, hi in self.segments:
+                if lo == 0 and hi == self.numels[source]:
+                    last = self.runs[-1] if self.runs else None
+                    if last is not None and last[2] == -1 and last[1] == source:
+                        self.runs[-1] = (last[0], source + 1, -1)
+                    else:
+                        self.runs.append((source, source + 1, -1))
+                else:
+                    self.runs.append((source, lo, hi))
 
     def take(self, tensors: Sequence[torch.Tensor | None]) -> tuple[list[torch.Tensor], list[int]]:
         """The flattened ranges named by the segments (missing tensors skipped) and their groups."""
-        if self.in_order and len(tensors) == len(self.ends) and all(map(is_not, tensors, repeat(None))) \
-                and list(map(torch.Tensor.numel, tensors)) == self.ends:
-            return list(tensors), list(self.groups)
-        pieces: list[torch.Tensor] = []
+        if self.numels is not None and all(map(is_not, tensors, repeat(None))) \
+                and list(map(torch.Tensor.numel, tensors)) == self.numels:
+            if len(self.runs) == 1 and self.runs[0] == (0, len(tensors), -1):  # every tensor whole, in order
+                return list(tensors), list(self.groups)
+            pieces: list[torch.Tensor] = []
+            for a, b, c in self.runs:
+                if c == -1:
+                    pieces += tensors[a:b]
+                else:
+                    pieces.append(tensors[a].reshape(-1)[b:c])
+            return pieces, list(self.groups)
+        pieces = []
         groups: list[int] = []
         for (source, lo, hi), group in zip(self.segments, self.groups):
             tensor = tensors[source]
