@@ -215,7 +215,8 @@ class _Batch:
 
     def gather(self, tensors: list[torch.Tensor], into: torch.Tensor) -> torch.Tensor:
         """The pieces in order, in ``into`` (a buffer of their dtype, of at least ``size`` elements)."""
-        into = into[: self.size]
+        if into.numel() != self.size:
+            into = into[: self.size]
         for part in self.parts:
             part.copy(tensors, into)
         return into
@@ -250,6 +251,7 @@ class _Plan:
     viewed: tuple[int, ...]  # the tensors read through flat views (blocked, chunked): must be contiguous
     partial_of: torch.Tensor  # the tensor of each partial
     one_partial_each: bool  # partial_of is 0, 1, 2, ...: the partials are the result
+    position: torch.Tensor | None  # when each tensor has exactly one partial: where it is (a permutation)
     sources: tuple[Piece, ...]  # the values of each partial
     bounds: tuple[torch.Tensor, torch.Tensor] | None  # per partial of fp32 terms or sums (the first ones), the
     # range it is trusted in: from the least sum at which fp32 subnormal terms are negligible to float64's max;
@@ -282,6 +284,8 @@ class _Plan:
             self._recheck(partials if floor.numel() == partials.numel() else partials[: floor.numel()], tensors, p)
         if self.one_partial_each:
             return partials
+        if self.position is not None:
+            return partials.index_select(0, self.position)
         return torch.zeros(self.num_tensors, dtype=ACC_DTYPE).index_add_(0, self.partial_of, partials)
 
     def run_max(self, tensors: list[torch.Tensor]) -> torch.Tensor:
@@ -299,6 +303,8 @@ class _Plan:
         partials = (torch.cat(parts) if len(parts) > 1 else parts[0]).to(ACC_DTYPE)
         if self.one_partial_each:
             return partials
+        if self.position is not None:
+            return partials.index_select(0, self.position)
         return torch.zeros(self.num_tensors, dtype=ACC_DTYPE).index_copy_(0, self.partial_of, partials)
 
     def _blocked_sums(self, tensors: list[torch.Tensor]) -> torch.Tensor:
@@ -438,9 +444,20 @@ def _plan(method: str, shapes: tuple[torch.Size, ...], fp32: bool = True) -> _Pl
     return _Plan(
         method, len(numels), tuple(blocked), at, _Segments.of([b.outputs for b in blocked]), tuple(chunked),
         tuple(small_batches), tuple(dict.fromkeys([b.tensor for b in blocked] + chunked)),
-        torch.tensor(partial_of, dtype=torch.long), partial_of == list(range(len(numels))), tuple(sources),
+        torch.tensor(partial_of, dtype=torch.long), partial_of == list(range(len(numels))), _position(partial_of),
+        tuple(sources),
         _bounds(floor) if any(checked) and method != "max" else None,
     )
+
+
+def _position(partial_of: list[int]) -> torch.Tensor | None:
+    """Where each tensor's partial is, when every tensor has exactly one (else None)."""
+    if sorted(partial_of) != list(range(len(partial_of))):
+        return None
+    position = [0] * len(partial_of)
+    for k, i in enumerate(partial_of):
+        position[i] = k
+    return torch.tensor(position, dtype=torch.long)
 
 
 def _bounds(floor: list[float]) -> tuple[torch.Tensor, torch.Tensor]:

@@ -100,7 +100,7 @@ class SlotLayout:
         """Per-group norms (float64) from the reduced slot vector, each in its group's p."""
         p = self.constant("group_p", reduced.device, self.group_norm_types, ACC_DTYPE)
         if self.group_slots == tuple(range(self.num_groups)):  # every group in the config's p: the first slots
-            values = reduced[: self.num_groups]
+            values = reduced if reduced.numel() == self.num_groups else reduced[: self.num_groups]
         else:
             values = reduced.index_select(0, self.constant("group_slots", reduced.device, self.group_slots, torch.long))
         if not any(math.isinf(q) for q in self.group_norm_types):  # _root without the inf branch: the same values
@@ -126,7 +126,7 @@ class SlotLayout:
 
     def total_norm(self, reduced: torch.Tensor) -> torch.Tensor:
         """The global norm (float64) in the config's p over every group."""
-        values = reduced[: self.num_groups]
+        values = reduced if reduced.numel() == self.num_groups else reduced[: self.num_groups]
         p = self.total_norm_type
         if math.isinf(p):
             return values.max() if values.numel() else values.new_zeros(())
