@@ -7,11 +7,13 @@ import types
 import warnings
 import weakref
 from collections import OrderedDict
+from operator import attrgetter
 from typing import Any
 
 import torch
 
 from .clipper import GradClipper
+from .compat import pytorch as _compat
 from .compat.pytorch import outside_compile
 
 _MAX_CACHED = 16  # clippers kept for parameter lists (modules keep one per settings in a weak dict)
@@ -21,8 +23,27 @@ _by_params: "OrderedDict[tuple[Any, ...], tuple[list[weakref.ref], GradClipper]]
 
 
 def _signature(module: torch.nn.Module) -> tuple[Any, ...]:
-    """Which tensors the module trains right now: changes when layers are (un)frozen or a Parameter is replaced."""
-    return tuple((id(p), p.requires_grad) for p in module.parameters())
+    """Which tensors the module trains right now: changes when layers are (un)frozen or a Parameter is replaced.
+
+    The parameters of ``module.parameters()``, found without building their names (a fraction of the cost).
+    """
+    params = _compat.module_parameters(module)
+    return tuple(map(id, params)), tuple(map(_REQUIRES_GRAD, params))
+
+
+_REQUIRES_GRAD = attrgetter("requires_grad")
+
+
+def _key(settings: dict[str, Any], layout: dict[str, Any]) -> Any:
+    """The cache key of a call's settings: (name, type, value) triples when every value is a plain scalar (the
+    usual call: no repr per call), else their repr (lists, dicts, tensors: compared by what they hold)."""
+    places = tuple(sorted((k, id(v) if k != "tied" else repr(v)) for k, v in layout.items()))
+    if all(type(v) in _SCALARS and v == v for v in settings.values()):  # NaN != NaN: not a usable key
+        return tuple(sorted((k, type(v), v) for k, v in settings.items())), places
+    return repr(sorted(settings.items())) + repr(places)
+
+
+_SCALARS = frozenset({bool, int, float, str, type(None)})
 
 
 LAYOUT_KEYWORDS = ("pipeline_group", "tied", "params")  # GradClipper arguments, not config settings
@@ -46,7 +67,7 @@ def _clipper(model_or_params: Any, settings: dict[str, Any], layout: dict[str, A
     """
     settings = {"comm_hook": False, **settings}
     layout = layout or {}
-    key = repr(sorted(settings.items())) + repr(sorted((k, id(v) if k != "tied" else repr(v)) for k, v in layout.items()))
+    key = _key(settings, layout)
     if layout.get("pipeline_group") is not None:  # this rank's stage(s): a module, a PipelineStage, or a list
         stages = model_or_params if isinstance(model_or_params, (list, tuple)) else [model_or_params]
         modules = [getattr(s, "submod", s) for s in stages]

@@ -26,6 +26,7 @@ Glossary (one word per idea, used across the adapters):
 
 from __future__ import annotations
 
+from operator import attrgetter
 from typing import Any, Sequence
 
 import torch
@@ -38,8 +39,8 @@ from ..core.norms import SlotLayout, combine_partials, local_partials
 from ..core.reduce import ProcessGroup, collective_device
 from ..core.rowwise import Span, RowPlan
 from ..compat import pytorch as _compat
-from .counting import (LocalPiece, Replicas, Segment, counted_segments, flat_range, group_ranks, segment_offsets,
-                       slice_segments)
+from .counting import (LocalPiece, Replicas, Segment, Slicing, counted_segments, flat_range, group_ranks,
+                       segment_offsets, slice_segments)
 from .declared import Declaration, census_payload, check_census, declaration_of, declared_replicas
 from .hooks import ReductionHook
 
@@ -86,6 +87,13 @@ class GradAdapter:
             self.params_by_group[g].append(i)
         self._counted: list[Segment] = counted_segments([p for p in self.pieces if p.param not in self.uncounted])
         self._scaled: list[Segment] = [(p.source, p.start, p.start + p.numel, p.param) for p in self.pieces if p.numel]
+        # the per-step path, prepared once: which ranges to count and to scale, and their groups
+        numels = self._source_numels()
+        self._counting = Slicing(self._counted, self.group_of, numels)
+        self._scaling = Slicing(self._scaled, self.group_of, numels)
+        self._scaled_by_group = [[k for k, g in enumerate(self._scaling.groups) if g == group]
+                                 for group in range(layout.num_groups)]
+        self._dtensor_params = any(_compat.is_dtensor(p) for p in self.params)
 
     def tensor_names(self) -> dict[int, str]:
         """``id(tensor) -> canonical name`` for the parameter tensors a user may pass to pick parameters."""
@@ -135,11 +143,20 @@ class GradAdapter:
     # ------------------------------------------------------------------ COUNT
     def local_grads(self) -> list[torch.Tensor | None]:
         """The local gradient tensor of each piece source (default: each parameter's ``.grad``, local part)."""
+        if not getattr(self, "_dtensor_params", True):  # plain parameters have plain gradients (set at bind)
+            return [p.grad for p in self.params]
         return [None if p.grad is None else _compat.local_tensor(p.grad) for p in self.params]
+
+    def _source_numels(self) -> list[int] | None:
+        """The element count of each :meth:`local_grads` entry, when known at bind (each parameter's local part,
+        for layouts that keep this class's ``local_grads``); None otherwise."""
+        if type(self).local_grads is not GradAdapter.local_grads:
+            return None
+        return [_compat.local_tensor(p).numel() for p in self.params]
 
     def counted_pieces(self) -> tuple[list[torch.Tensor], list[int]]:
         """The gradient pieces this rank counts (disjoint across the job) and their group indices."""
-        return slice_segments(self.local_grads(), self._counted, self.group_of)
+        return self._counting.take(self.local_grads())
 
     def local_partials(self, skip_groups: frozenset[int] = frozenset()) -> tuple[torch.Tensor, str]:
         """This rank's slot vector and where it came from (``comm_hook`` or ``post_backward``).
@@ -231,7 +248,11 @@ class GradAdapter:
     # ------------------------------------------------------------------ APPLY
     def scaled_grads(self) -> list[list[torch.Tensor]]:
         """Per group, the local gradient tensors the group's coefficient multiplies."""
-        pieces, groups = slice_segments(self.local_grads(), self._scaled, self.group_of)
+        pieces, groups = self._scaling.take(self.local_grads())
+        if len(pieces) == len(self._scaling.groups):  # every piece present: the groups' positions are known
+            if len(self._scaled_by_group) == 1:
+                return [pieces]
+            return [[pieces[k] for k in ks] for ks in self._scaled_by_group]
         out: list[list[torch.Tensor]] = [[] for _ in range(self.layout.num_groups)]
         for t, g in zip(pieces, groups):
             out[g].append(t)
@@ -246,15 +267,16 @@ class GradAdapter:
         """
         per_group = self.scaled_grads()
         if host_coefs is not None:
-            tensors = [t for g in groups for t in per_group[g]]
+            tensors = [t for g in groups for t in per_group[g]] if len(groups) > 1 else per_group[groups[0]]
             scalars = [host_coefs[g] for g in groups for _ in per_group[g]]
-            for same_kind, indices in _compat.group_by_device_and_dtype(tensors).values():
-                _compat.foreach_mul_(same_kind, [scalars[i] for i in indices])
+            for same_kind, indices in _on_each_device(tensors):
+                _compat.foreach_mul_(same_kind, scalars if indices is None else [scalars[i] for i in indices])
             return
         for g in groups:
             if per_group[g]:
-                for (device, _), (same_kind, _) in _compat.group_by_device_and_dtype(per_group[g]).items():
-                    _compat.foreach_mul_(same_kind, coefs[g].to(device))
+                coef = coefs[g]
+                for same_kind, _ in _on_each_device(per_group[g]):
+                    _compat.foreach_mul_(same_kind, coef.to(same_kind[0].device))
 
     def zero(self, groups: Sequence[int]) -> None:
         """Zero the local gradients of these groups (the step still runs)."""
@@ -325,6 +347,19 @@ class GradAdapter:
         """What the set-up consistency check compares across ranks (beyond config and groups)."""
         declared = sum(d is not None for d in self.declarations)
         return {"adapter": self.kind, "num_params": len(self.names), **({"declared": declared} if declared else {})}
+
+
+def _on_each_device(tensors: list[torch.Tensor]) -> list[tuple[list[torch.Tensor], list[int] | None]]:
+    """The tensors per device (and, off the CPU, per dtype, for the foreach fast paths), with their indices
+    (None: all of them, in order). CPU tensors of any dtypes are one list: a CPU foreach op runs per tensor."""
+    if not tensors:
+        return []
+    if all(map(_IS_CPU, tensors)):
+        return [(tensors, None)]
+    return [(same_kind, indices) for same_kind, indices in _compat.group_by_device_and_dtype(tensors).values()]
+
+
+_IS_CPU = attrgetter("is_cpu")
 
 
 def _in_place_range(tensor: torch.Tensor | None, lo: int, hi: int) -> torch.Tensor | None:

@@ -13,7 +13,8 @@ from __future__ import annotations
 
 from bisect import bisect_right
 from dataclasses import dataclass
-from itertools import accumulate
+from itertools import accumulate, repeat
+from operator import is_not
 from typing import Hashable, Iterable, Sequence
 
 import torch
@@ -131,6 +132,56 @@ def slice_segments(
             pieces.append(tensor.reshape(-1)[lo:hi])
         groups.append(group_of[param])
     return pieces, groups
+
+
+class Slicing:
+    """Segments of the local tensors and their groups, prepared once (at bind) for the per-step path.
+
+    :meth:`take` gives what :func:`slice_segments` gives. When the tensors' sizes are known at bind
+    (``numels``: each source's element count), the segments are laid out as runs: consecutive
+    sources taken whole (a list slice, no Python step per tensor) and ranges (one view each, e.g.
+    the ends of a DDP rank's share). A call checks the sizes in one C-level pass and that no tensor
+    is missing; otherwise (or without ``numels``) each segment is looked at in turn.
+    """
+
+    def __init__(self, segments: Sequence[Segment], group_of: Sequence[int], numels: Sequence[int] | None = None):
+        self.segments = [(source, lo, hi) for source, lo, hi, _ in segments]
+        self.groups = [group_of[param] for *_, param in segments]
+        self.numels = list(numels) if numels is not None else None
+        self.runs: list[tuple[int, int, int]] = []  # (source, lo, hi): a range; (first, last + 1, -1): whole sources
+        if self.numels is not None:
+            for source, lo, hi in self.segments:
+                if lo == 0 and hi == self.numels[source]:
+                    last = self.runs[-1] if self.runs else None
+                    if last is not None and last[2] == -1 and last[1] == source:
+                        self.runs[-1] = (last[0], source + 1, -1)
+                    else:
+                        self.runs.append((source, source + 1, -1))
+                else:
+                    self.runs.append((source, lo, hi))
+
+    def take(self, tensors: Sequence[torch.Tensor | None]) -> tuple[list[torch.Tensor], list[int]]:
+        """The flattened ranges named by the segments (missing tensors skipped) and their groups."""
+        if self.numels is not None and all(map(is_not, tensors, repeat(None))) \
+                and list(map(torch.Tensor.numel, tensors)) == self.numels:
+            if len(self.runs) == 1 and self.runs[0] == (0, len(tensors), -1):  # every tensor whole, in order
+                return list(tensors), list(self.groups)
+            pieces: list[torch.Tensor] = []
+            for a, b, c in self.runs:
+                if c == -1:
+                    pieces += tensors[a:b]
+                else:
+                    pieces.append(tensors[a].reshape(-1)[b:c])
+            return pieces, list(self.groups)
+        pieces = []
+        groups: list[int] = []
+        for (source, lo, hi), group in zip(self.segments, self.groups):
+            tensor = tensors[source]
+            if tensor is None:
+                continue
+            pieces.append(tensor if lo == 0 and hi == tensor.numel() else tensor.reshape(-1)[lo:hi])
+            groups.append(group)
+        return pieces, groups
 
 
 def group_ranks(group: dist.ProcessGroup) -> frozenset[int]:

@@ -207,8 +207,9 @@ class DTensorAdapter(GradAdapter):
         return out
 
     def counted_pieces(self) -> tuple[list[torch.Tensor], list[int]]:
-        segments = self._counted if not self._unlike() else self._counted_for_grads()
-        return slice_segments(self.local_grads(), segments, self.group_of)
+        if not self._unlike():
+            return self._counting.take(self.local_grads())
+        return slice_segments(self.local_grads(), self._counted_for_grads(), self.group_of)
 
     def _counted_for_grads(self) -> list[Segment]:
         """Counted ranges from the gradients' own placements."""

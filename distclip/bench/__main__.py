@@ -27,7 +27,8 @@ except ImportError:
 
 from .cases import BACKENDS, VARIANTS
 from .suites import bench_backend, bench_bandwidth, bench_kernels, bench_scaling
-from .table import print_backend_table, print_bandwidth, print_kernels, print_scaling
+from .table import print_backend_table, print_bandwidth, print_kernels, print_scaling, print_targets
+from .targets import bench_targets
 
 
 def parse_size(text: str) -> int:
@@ -59,6 +60,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--bandwidth-mb", type=float, default=256, help="gradient megabytes for the bandwidth suite (0 to skip)")
     parser.add_argument("--kernels", type=float, default=1.0,
                         help="size of the norm-kernel suite (1: 50M fp32, 16M bf16, 24 x 2M fp32; 0 to skip)")
+    parser.add_argument("--targets", type=float, default=1.0,
+                        help="size of the speed-targets suite (1: kernels on 9 x 1M + 9 x 1K, clip_grad_norm_ on DDP at "
+                             "10M parameters, 48 tiny tensors, 20k small tensors; 0 to skip)")
+    parser.add_argument("--targets-repeats", type=int, default=15, help="turns per figure of the speed-targets suite")
+    parser.add_argument("--targets-json", default=None,
+                        help="where to write the speed-targets table for the docs (default: targets.json beside --json)")
     parser.add_argument("--json", default="bench-results/bench.json", help="where to write the results")
     parser.add_argument("--nproc", type=int, default=2, help="ranks to start when not launched by torchrun")
     return parser.parse_args(argv)
@@ -122,6 +129,20 @@ def save(results: dict[str, object], path: str) -> None:
     out.write_text(json.dumps(results, indent=2, default=str))
 
 
+def save_targets(targets: dict[str, object], info: dict[str, object], path: str) -> None:
+    """The speed-targets table as the docs' ``{distclip-bench}`` directive reads it: machine, date, note, flat rows."""
+    import datetime
+
+    load = targets.get("load_1min") or []
+    described = (f"{info.get('processor')}, {info.get('cpu_count')} CPUs, {info.get('world_size')} ranks "
+                 f"({info.get('backend')}), {info.get('threads_per_rank')} thread(s) per rank, torch {info.get('torch')}"
+                 + (f", {info['gpu']}" if info.get("gpu") else ""))
+    save({"machine": described, "date": datetime.date.today().isoformat(),
+          "note": "1-minute load average " + " -> ".join(f"{x:.2f}" for x in load) if load else "",
+          "rows": targets["rows"]}, path)
+    print(f"speed targets written to {path}")
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     args = parse_args(argv)
@@ -135,7 +156,7 @@ def main(argv: list[str] | None = None) -> int:
     device = init_distributed()
     rank = dist.get_rank()
     results: dict[str, object] = {"machine": machine(), "args": vars(args), "backends": [], "scaling": None, "bandwidth": None,
-                                 "kernels": None}
+                                 "kernels": None, "targets": None}
     for backend in [b for b in args.backends.split(",") if b]:
         if backend not in BACKENDS:
             raise SystemExit(f"unknown backend {backend!r}; choose from {list(BACKENDS)}")
@@ -157,6 +178,11 @@ def main(argv: list[str] | None = None) -> int:
         results["kernels"] = bench_kernels(args.kernels, device)
         if rank == 0:
             print_kernels(results["kernels"], results["machine"])
+    if args.targets > 0:
+        results["targets"] = bench_targets(args.targets, args.targets_repeats, device)
+        if rank == 0:
+            print_targets(results["targets"], results["machine"])
+            save_targets(results["targets"], results["machine"], args.targets_json or str(Path(args.json).with_name("targets.json")))
     if rank == 0:
         save(results, args.json)
         print(f"\nresults written to {args.json}  (variants: {VARIANTS})")

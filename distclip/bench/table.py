@@ -60,3 +60,22 @@ def print_kernels(rows: list[dict[str, Any]], machine: dict[str, Any]) -> None:
               f"{r['median_pair_ratio']:11.2f} {r['torch_err']:10.1e} {r['distclip_err']:13.1e}")
     print("(err: worst relative error of a tensor's sum |t|^p against float64 on the same values; "
           "pair ratio: median of distclip/torch over the runs)")
+
+
+def print_targets(targets: dict[str, Any], machine: dict[str, Any]) -> None:
+    load = targets.get("load_1min") or []
+    print(f"\n== speed targets: distclip vs the native alternative, same run, in turns ({machine['threads_per_rank']} "
+          f"thread(s) per rank; 1-min load {' -> '.join(f'{x:.2f}' for x in load)}) ==")
+    header = f"{'target':44s} {'case':44s} {'distclip':>10s} {'native':>10s} {'vs native':>10s} {'paired':>9s} " \
+             f"{'goal':>24s} {'met':>4s} {'err':>8s}"
+    print(header)
+    print("-" * len(header))
+    for r in targets["rows"]:
+        unit = r["unit"]
+        vs = f"{r['vs_native']:.2f}x" if r["compare"] == "ratio" else f"{r['vs_native']:+.3f}{unit}"
+        paired = f"{r['paired_vs_native']:.2f}x" if r["compare"] == "ratio" else f"{r['paired_vs_native']:+.3f}{unit}"
+        print(f"{r['target'][:44]:44s} {r['case'][:44]:44s} {r['distclip']:8.3f}{unit:>2s} {r['native']:8.3f}{unit:>2s} "
+              f"{vs:>10s} {paired:>9s} {r['goal']:>24s} {'yes' if r['met'] else 'NO':>4s} "
+              f"{_fmt(r.get('max_rel_err'), '.1e'):>8s}")
+    print("(best of the turns; paired: median over the turns of distclip/native, or of distclip - native; "
+          "err: worst relative error of a tensor's sum |t|^p against float64)")

@@ -329,6 +329,21 @@ def _is_dtensor(t: Any) -> bool:
     return isinstance(t, _dtensor_class())
 
 
+is_dtensor = _is_dtensor  # public name for the layers above
+
+
+def module_parameters(module: torch.nn.Module) -> list[torch.nn.Parameter]:
+    """The tensors of ``module.parameters()`` (each once), from the modules' own dictionaries: a fraction of
+    the generator's cost, which builds every name (``Module._modules`` / ``_parameters``, torch 2.13)."""
+    modules, seen = [module], {id(module)}
+    for m in modules:  # breadth first; the list grows as it is read
+        for child in m._modules.values():
+            if child is not None and id(child) not in seen:
+                seen.add(id(child))
+                modules.append(child)
+    return list(dict.fromkeys(p for m in modules for p in m._parameters.values() if p is not None))
+
+
 def local_tensor(t: torch.Tensor) -> torch.Tensor:
     """This rank's part of a DTensor (no autograd, no communication); a plain tensor as it is."""
     return t._local_tensor if _is_dtensor(t) else t

@@ -27,11 +27,14 @@ class ClipCounters:
 
     def update(self, clipped: torch.Tensor) -> None:
         """Count one clip; ``clipped`` is the bool [G] mask of the groups it scaled down."""
-        hits = clipped.long()
-        if self.clipped is None or self.clipped.device != hits.device:
-            self.clipped = torch.zeros_like(hits) if self.clipped is None else self.clipped.to(hits.device)
-        self.clipped = self.clipped + hits
+        if clipped.dtype != torch.bool:
+            clipped = clipped.long()
+        if self.clipped is None or self.clipped.device != clipped.device:
+            self.clipped = (torch.zeros(clipped.shape, dtype=torch.long, device=clipped.device) if self.clipped is None
+                            else self.clipped.to(clipped.device))
+        self.clipped = self.clipped + clipped  # int64 + bool: int64
         if self.track_streaks:
+            hits = clipped.long()
             if self.streaks is None or self.streaks.device != hits.device:
                 self.streaks = torch.zeros((2, self.num_groups), dtype=torch.long, device=hits.device)
             self.streaks = (self.streaks + 1) * torch.stack([hits, 1 - hits])

@@ -3,31 +3,43 @@
 torch's CPU norm kernels accumulate in fp32, one running sum per thread (p = 1, fractional p)
 or per vector lane (p = 2): on a 50M-element gradient they miss float64 by 16% (p = 1), and
 1,200 equal values already miss it by 1e-6. On CPU, :func:`power_sums` keeps every partial
-within 1e-6 (relative) of float64 on the same values, at about the cost of torch's fp32 kernel.
-No fp32 sum in it runs over more than a few terms:
+within 1e-6 (relative) of float64 on the same values, at about the cost of torch's fp32 kernel
+(``python -m distclip.bench --targets``). No fp32 sum in it runs over more than a few terms:
 
-- fp32 at p = 2: torch's vectorised last-dim kernel on rows of ``ROW`` values (16 lanes of 16
-  terms, then 15 additions folding the lanes); the row results are squared (in fp32) and summed
-  in float64. Worst case over every input of equal values (all 2^23 mantissas tried): 6.6e-7;
-  random rows err by about 1e-7 each and cancel across rows. (The a-priori bound, for rows
-  built to round the same way at every step, is about 33 fp32 roundings of 2^-24: 2e-6.)
-- p = 1, and p = 2 in bf16/fp16: the terms in float64 (|x| and x^2 are exact there).
+- p = 2, fp32: torch's vectorised last-dim norm kernel on rows of ``ROW`` values (its vector
+  lanes, 16 with AVX-512, each add 16 terms, then the lanes are folded one by one); the row
+  results are squared (in fp32) and summed in float64. Worst case over every input of equal
+  values (all 2^23 mantissas tried, 16 lanes): 6.6e-7; random rows err by about 1e-7 each and
+  cancel across rows. (The a-priori bound, for rows built to round the same way at every step,
+  is about 33 fp32 roundings of 2^-24: 2e-6.)
+- p = 2, bf16/fp16: each chunk widened to fp32 (exact) in a cache-resident buffer, then the same
+  row kernel: its products x*x are exact there, so only its additions round (the same bound).
+- p = 1 (any dtype but fp64): each chunk's |x| in fp32 (exact), viewed as 16 rows and summed
+  column by column (torch's vectorised outer sum): every column sum adds 16 non-negative terms,
+  so in ANY order each term passes at most 15 fp32 roundings: 15 * 2^-24 = 8.9e-7 a priori. The
+  column sums are summed in float64.
 - any other p: the terms |x|^p in fp32 (``pow`` within 1 ulp each), summed in float64.
+- small tensors (and what is left after the last row or column): packed side by side into one
+  buffer, their terms taken in float64 (exact for p = 1, 2) and summed there.
 
-Large tensors are taken in chunks of ``CHUNK`` values held in cache; small tensors (and what
-is left after the last row) are packed into one buffer; fp64 tensors use torch's kernels, which
-accumulate in float64 (p >= 1; for p < 1 their final root could overflow, so they are packed or
-chunked too). The cache-sized scratch buffers (12 MB) are kept per thread between calls.
+Large tensors are taken in chunks of ``CHUNK`` values held in a core's L2 cache; small ones are
+packed by ``torch.cat`` of whole tensors grouped by their trailing shape (no view per tensor: a
+view costs more than copying a small tensor). fp64 tensors use torch's kernels, which accumulate
+in float64 (p >= 1; for p < 1 their final root could overflow, so they are packed or chunked
+too). The scratch buffers are kept per thread between calls, and each list of shapes is routed
+once (:func:`_plan`, cached).
 
-Over- and underflow: a partial built from fp32 terms is checked, and recomputed with its terms
-in float64 if it came out non-finite (a term above fp32's range: |x| > 2^64 at p = 2) or below
-2^-99 per element (fp32 subnormal terms would no longer be negligible; all-zero tensors
-included). Deciding that reads one flag per call, which on CPU synchronises with nothing.
-Every float64 path matches the float64 reference (abs, pow, sum) over the inputs' whole range.
+Over- and underflow: a partial built from fp32 terms or sums is checked, and recomputed with its
+terms in float64 if it came out non-finite (a term or sum above fp32's range: |x| > 2^64 at
+p = 2) or below 2^-99 per element (fp32 subnormal terms would no longer be negligible; all-zero
+tensors included). Deciding that reads one flag per call, which on CPU synchronises with
+nothing. Every float64 path matches the float64 reference (abs, pow, sum) over the inputs'
+whole range.
 
 On CUDA the kernels reduce in trees; there torch's foreach norm runs as it always has. The
 infinity norm (a max) is exact in any precision: large CPU tensors use ``aminmax``, a
-vectorised kernel several times faster than torch's norm.
+vectorised kernel several times faster than torch's norm, and small ones are packed and
+reduced per segment like the power sums.
 """
 
 from __future__ import annotations
@@ -36,24 +48,36 @@ import math
 import threading
 from dataclasses import dataclass
 from functools import lru_cache
+from itertools import repeat
+from operator import attrgetter, is_
 from typing import Sequence
 
 import torch
 
-from ..compat.pytorch import flatten_dense_tensors, foreach_norm
+from ..compat.pytorch import foreach_norm
 
 ACC_DTYPE = torch.float64
 
-ROW = 256  # fp32, p = 2: values per row of the last-dim kernel (16 lanes x 16 terms)
-LARGE = 1 << 16  # elements: from here a tensor is reduced on its own, smaller ones are packed
-ROWS_ALONE = 1 << 14  # fp32, p = 2: from here the row kernel runs on the tensor itself (no packing copy)
-ROWS_FROM = 1 << 12  # fp32, p = 2: below this a tensor is packed whole with the small ones (float64 terms:
-# exact, and one C++ flatten for all of them instead of a rows part and a tail per tensor)
-CHUNK = 1 << 20  # elements per cache-resident chunk of a large tensor, and per packed batch
+
+def _lanes() -> int:
+    """fp32 lanes of torch's CPU vector type: 16 with AVX-512, else 8 (AVX2, NEON pairs)."""
+    return 16 if "AVX512" in str(torch.backends.cpu.get_cpu_capability()).upper() else 8
+
+
+ROW = 16 * _lanes()  # p = 2: values per row of the last-dim kernel (every lane adds 16 terms)
+COLUMN = 16  # p = 1: terms per column sum (at most 15 roundings each)
+BLOCKED_FROM = 1 << 14  # p = 1, 2: from here a tensor goes through the row / column kernels (its tail is packed);
+# below, it is packed whole with the small ones (float64 terms: exact, one copy for all of them)
+LARGE = 1 << 16  # other p: from here a tensor is reduced on its own in chunks, smaller ones are packed
+CHUNK = 1 << 17  # elements per chunk of a large tensor and per packed batch: in a core's L2 cache
+_KEEP = 1 << 22  # scratch buffers up to this many elements are kept between calls (larger ones are not)
 _MAX_GROUPS = 16  # packed pieces of at most this many distinct lengths are summed as matrices
 _SUBNORMAL_FLOOR = 2.0**-99  # per element: below this mean term, fp32 subnormal terms may matter
-_AMINMAX_FROM = 1 << 15  # p = inf on CPU: from this size aminmax, below it torch's foreach norm
+_AMINMAX_FROM = 1 << 15  # p = inf on CPU: from this size aminmax, below it packed (a max per segment)
 _CPU_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)  # others: torch's foreach norm
+
+_DTYPE = attrgetter("dtype")
+_SHAPE = attrgetter("shape")
 
 
 @torch.no_grad()
@@ -66,26 +90,35 @@ def power_sums(tensors: Sequence[torch.Tensor], p: float) -> torch.Tensor:
     """
     if not p > 0:
         raise ValueError(f"power_sums needs p > 0 (or inf), got {p!r}")
-    tensors = list(tensors)
+    if not isinstance(tensors, list):
+        tensors = list(tensors)
     if not tensors:
         return torch.zeros(0, dtype=ACC_DTYPE)
     dtype = tensors[0].dtype
-    if any(t.dtype != dtype for t in tensors):
+    if not all(map(is_, repeat(dtype), map(_DTYPE, tensors))):
         raise ValueError("power_sums needs tensors of one dtype; group them by dtype first "
                          f"(got {sorted({str(t.dtype) for t in tensors})})")
-    if math.isinf(p):
-        return _max_abs(tensors)  # exact in any precision
-    if tensors[0].device.type != "cpu" or (dtype == torch.float64 and p >= 1) or dtype not in _CPU_DTYPES:
+    on_cpu = tensors[0].device.type == "cpu"
+    if math.isinf(p):  # exact in any precision
+        if not on_cpu or dtype not in _CPU_DTYPES:
+            return _max_abs(tensors)
+        plan = _plan("max", tuple(map(_SHAPE, tensors)))
+        return plan.run_max(plan.contiguous(tensors))
+    if not on_cpu or (dtype == torch.float64 and p >= 1) or dtype not in _CPU_DTYPES:
         return _foreach_power_sums(tensors, p)
-    tensors = [t if t.is_contiguous() else t.contiguous() for t in tensors]
-    return _plan(_method(dtype, p), tuple(t.numel() for t in tensors)).run(tensors, p)
+    plan = _plan(_method(dtype, p), tuple(map(_SHAPE, tensors)), dtype == torch.float32)
+    return plan.run(plan.contiguous(tensors), p)
 
 
 def _method(dtype: torch.dtype, p: float) -> str:
-    """How the CPU takes the terms: 'rows' (fp32, p = 2), 'fp64' (exact terms), 'fp32' (pow in fp32)."""
-    if dtype == torch.float32 and p == 2:
+    """How the CPU takes the terms of large tensors: 'rows' (p = 2: the row kernel, on the tensor itself in
+    fp32, on fp32 copies of chunks in bf16/fp16), 'columns' (p = 1: column sums of |x| in fp32), 'fp64' (exact
+    terms: fp64 tensors), 'fp32' (pow in fp32: any other p)."""
+    if dtype != torch.float64 and p == 2:
         return "rows"
-    return "fp64" if dtype == torch.float64 or p in (1, 2) else "fp32"
+    if dtype != torch.float64 and p == 1:
+        return "columns"
+    return "fp64" if dtype == torch.float64 else "fp32"
 
 
 def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -100,22 +133,11 @@ def _foreach_power_sums(tensors: list[torch.Tensor], p: float) -> torch.Tensor:
 
 
 def _max_abs(tensors: list[torch.Tensor]) -> torch.Tensor:
-    """max |t| per tensor, 0 for an empty one (foreach raises on those: max has no identity).
-
-    On CPU torch's infinity-norm kernel is an unvectorised reduction several times slower than
-    ``aminmax``, so large tensors use max|t| = max(max t, -min t) (NaN propagates).
-    """
+    """max |t| per tensor off the CPU (and for dtypes the CPU plan does not take), 0 for an empty one
+    (foreach raises on those: max has no identity)."""
     dtype = _acc_dtype(tensors[0].dtype)
-    on_cpu = tensors[0].device.type == "cpu"
     values = [tensors[0].new_zeros((), dtype=dtype)] * len(tensors)
-    small = []
-    for i, t in enumerate(tensors):
-        n = t.numel()
-        if on_cpu and n >= _AMINMAX_FROM:
-            low, high = torch.aminmax(t)
-            values[i] = torch.maximum(high, -low).to(dtype)
-        elif n:
-            small.append(i)
+    small = [i for i, t in enumerate(tensors) if t.numel()]
     if small:
         for i, v in zip(small, foreach_norm([tensors[i] for i in small], math.inf, dtype=dtype)):
             values[i] = v
@@ -128,9 +150,9 @@ Piece = tuple[int, int, int]  # a tensor, its first element taken, and how many
 
 @dataclass(frozen=True)
 class _Segments:
-    """Consecutive segments of a flat buffer, sorted by length: (count, length) groups if few."""
+    """Consecutive segments of a flat buffer: (count, length) groups if few distinct runs."""
 
-    groups: tuple[tuple[int, int], ...] | None  # None: too many distinct lengths, see ``lengths``
+    groups: tuple[tuple[int, int], ...] | None  # None: too many distinct runs, see ``lengths``
     lengths: torch.Tensor
 
     @classmethod
@@ -144,97 +166,189 @@ class _Segments:
         kept = tuple((c, n) for c, n in groups) if len(groups) <= _MAX_GROUPS else None
         return cls(kept, torch.tensor(lengths, dtype=torch.long))
 
-    def sums(self, values: torch.Tensor) -> torch.Tensor:
-        """float64 sum of each segment: a matrix row sum per group (vectorised), else segment_reduce."""
+    def sums(self, values: torch.Tensor, reduce: str = "sum") -> torch.Tensor:
+        """Each segment's sum (``reduce='sum'``) or max (``'max'``): a matrix reduction per group (vectorised),
+        else segment_reduce."""
         if self.groups is None:
-            return torch.segment_reduce(values, "sum", lengths=self.lengths)
+            return torch.segment_reduce(values, reduce, lengths=self.lengths)
         parts, at = [], 0
         for count, n in self.groups:
-            parts.append(values[at : at + count * n].view(count, n).sum(1))
+            block = values[at : at + count * n].view(count, n)
+            parts.append(block.sum(1) if reduce == "sum" else block.amax(1))
             at += count * n
         return torch.cat(parts) if len(parts) > 1 else parts[0]
+
+
+@dataclass(frozen=True)
+class _Part:
+    """Pieces copied by one call into ``[start, end)`` of a packed buffer.
+
+    ``kind``: 'cat' (whole tensors sharing ``shape[1:]``, concatenated along their first dimension: no
+    view per tensor), 'stack' (whole 0-dim tensors), 'flat' (ranges of tensors, through flat views).
+    """
+
+    kind: str
+    trailing: tuple[int, ...]
+    pieces: tuple[Piece, ...]  # for 'flat': ranges of contiguous tensors, or whole 1-D tensors (any strides)
+    start: int
+    end: int
+
+    def copy(self, tensors: list[torch.Tensor], into: torch.Tensor) -> None:
+        out = into[self.start : self.end]
+        if self.kind == "cat":
+            torch.cat([tensors[i] for i, _, _ in self.pieces], out=out.view(-1, *self.trailing))
+        elif self.kind == "stack":
+            torch.stack([tensors[i] for i, _, _ in self.pieces], out=out)
+        else:  # ranges through flat views; whole 1-D tensors as they are
+            torch.cat([_flat(tensors[i], start, n) if start or n != tensors[i].numel() else tensors[i]
+                       for i, start, n in self.pieces], out=out)
 
 
 @dataclass(frozen=True)
 class _Batch:
     """Pieces of tensors packed side by side (at most CHUNK elements in all)."""
 
-    pieces: tuple[Piece, ...]
+    pieces: tuple[Piece, ...]  # in buffer order
+    parts: tuple[_Part, ...]
     segments: _Segments
     size: int
 
-    def gather(self, tensors: list[torch.Tensor], into: torch.Tensor | None = None) -> torch.Tensor:
-        """The pieces in order, in ``into`` (a buffer of their dtype) or in a fresh flat tensor."""
-        if into is None:  # flatten_dense_tensors flattens whole tensors in C++: cheaper for many small ones
-            return flatten_dense_tensors([tensors[i] if not start and n == tensors[i].numel()
-                                           else _flat(tensors[i], start, n) for i, start, n in self.pieces])
-        return torch.cat([_flat(tensors[i], start, n) for i, start, n in self.pieces], out=into)
+    def gather(self, tensors: list[torch.Tensor], into: torch.Tensor) -> torch.Tensor:
+        """The pieces in order, in ``into`` (a buffer of their dtype, of at least ``size`` elements)."""
+        if into.numel() != self.size:
+            into = into[: self.size]
+        for part in self.parts:
+            part.copy(tensors, into)
+        return into
+
+
+@dataclass(frozen=True)
+class _Blocked:
+    """A large tensor through the row (p = 2) or column (p = 1) kernel: ``chunks`` of (first element, length)
+    (whole rows or columns), whose fp32 results go to ``[at, at + outputs)`` of the block buffer."""
+
+    tensor: int
+    chunks: tuple[tuple[int, int], ...]
+    at: int
+    outputs: int
 
 
 @dataclass(frozen=True)
 class _Plan:
-    """How one list of tensor sizes is reduced on CPU.
+    """How one list of tensor shapes is reduced on CPU.
 
-    Partials come out in this order: row kernel on whole tensors, row kernel on packed medium
-    tensors (one partial per piece), chunks of large tensors, packed small pieces.
+    Partials come out in this order: one per blocked tensor (row or column kernel), chunks of
+    large tensors, packed small pieces (in each batch's buffer order).
     """
 
     method: str
     num_tensors: int
-    direct: tuple[tuple[int, int], ...]  # 'rows': (tensor, rows), the kernel on the tensor itself
-    direct_segments: _Segments  # rows of each of those
-    row_batches: tuple[_Batch, ...]  # 'rows': the row-aligned parts of medium tensors; segments in rows
-    chunked: tuple[int, ...]  # large tensors, one partial per chunk
-    small_batches: tuple[_Batch, ...]  # small tensors and row tails
+    blocked: tuple[_Blocked, ...]  # 'rows' and 'columns': the large tensors
+    block_outputs: int  # fp32 results of the row / column kernel in all
+    block_segments: _Segments  # the results of each blocked tensor
+    chunked: tuple[int, ...]  # 'fp32' / 'fp64' large tensors, one partial per chunk (for 'max': one aminmax each)
+    small_batches: tuple[_Batch, ...]  # small tensors and the tails of blocked ones
+    viewed: tuple[int, ...]  # the tensors read through flat views (blocked, chunked): must be contiguous
     partial_of: torch.Tensor  # the tensor of each partial
     one_partial_each: bool  # partial_of is 0, 1, 2, ...: the partials are the result
+    position: torch.Tensor | None  # when each tensor has exactly one partial: where it is (a permutation)
     sources: tuple[Piece, ...]  # the values of each partial
-    bounds: tuple[torch.Tensor, torch.Tensor] | None  # per partial, the range it is trusted in: from the
-    # least sum at which fp32 subnormal terms are negligible (0 for float64 terms) to float64's max;
+    bounds: tuple[torch.Tensor, torch.Tensor] | None  # per partial of fp32 terms or sums (the first ones), the
+    # range it is trusted in: from the least sum at which fp32 subnormal terms are negligible to float64's max;
     # None when no partial has fp32 terms
+
+    def contiguous(self, tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+        """The tensors, those read through flat views made contiguous (the packed ones are copied by ``cat``,
+        which reads any strides)."""
+        if all(tensors[i].is_contiguous() for i in self.viewed):
+            return tensors
+        out = list(tensors)
+        for i in self.viewed:
+            out[i] = out[i].contiguous()
+        return out
 
     def run(self, tensors: list[torch.Tensor], p: float) -> torch.Tensor:
         parts = []
-        if self.direct:
-            parts.append(self._direct_row_sums(tensors))
-        for batch in self.row_batches:
-            packed = batch.gather(tensors, into=_buffer(torch.float32, batch.size)).view(-1, ROW)
-            parts.append(batch.segments.sums(torch.linalg.vector_norm(packed, 2, dim=1).to(ACC_DTYPE).square_()))
+        if self.blocked:
+            parts.append(self._blocked_sums(tensors))
         in_fp32 = self.method == "fp32"
         for i in self.chunked:
             parts.append(torch.stack([_terms(c, p, in_fp32).sum() for c in tensors[i].view(-1).split(CHUNK)]))
         for batch in self.small_batches:
-            parts.append(batch.segments.sums(_terms(batch.gather(tensors), p, in_fp32)))
+            parts.append(batch.segments.sums(_packed_terms(batch, tensors, p, in_fp32)))
         if not parts:
             return torch.zeros(self.num_tensors, dtype=ACC_DTYPE)
         partials = torch.cat(parts) if len(parts) > 1 else parts[0]
-        if self.bounds is not None:
-            self._recheck(partials, tensors, p)
+        if self.bounds is not None:  # the partials of fp32 terms or sums come first
+            floor = self.bounds[0]
+            self._recheck(partials if floor.numel() == partials.numel() else partials[: floor.numel()], tensors, p)
         if self.one_partial_each:
             return partials
+        if self.position is not None:
+            return partials.index_select(0, self.position)
         return torch.zeros(self.num_tensors, dtype=ACC_DTYPE).index_add_(0, self.partial_of, partials)
 
-    def _direct_row_sums(self, tensors: list[torch.Tensor]) -> torch.Tensor:
-        """fp32, p = 2: per tensor, the float64 sum of its rows' squared fp32 norms."""
-        rows = [m for _, m in self.direct]
-        norms = _buffer(torch.float32, sum(rows))
-        for (i, m), out in zip(self.direct, norms.split(rows)):
-            torch.linalg.vector_norm(_rows(tensors[i], m), 2, dim=1, out=out)
-        squares = torch.pow(norms, 2, out=_buffer(ACC_DTYPE, norms.numel()))  # squared in fp32 (+2^-24), one pass
-        return self.direct_segments.sums(squares)
+    def run_max(self, tensors: list[torch.Tensor]) -> torch.Tensor:
+        """p = inf: max |t| per tensor (exact: float64 holds every value), 0 for an empty one."""
+        acc = _acc_dtype(tensors[0].dtype)
+        parts = []
+        for i in self.chunked:  # max|t| = max(max t, -min t); NaN propagates
+            low, high = torch.aminmax(tensors[i])
+            parts.append(torch.maximum(high, -low).to(acc).reshape(1))
+        for batch in self.small_batches:  # |x| and the max are exact in the tensors' own dtype
+            packed = batch.gather(tensors, _buffer(tensors[0].dtype, batch.size)).abs_()
+            parts.append(batch.segments.sums(packed, "max").to(acc))
+        if not parts:
+            return torch.zeros(self.num_tensors, dtype=ACC_DTYPE)
+        partials = (torch.cat(parts) if len(parts) > 1 else parts[0]).to(ACC_DTYPE)
+        if self.one_partial_each:
+            return partials
+        if self.position is not None:
+            return partials.index_select(0, self.position)
+        return torch.zeros(self.num_tensors, dtype=ACC_DTYPE).index_copy_(0, self.partial_of, partials)
+
+    def _blocked_sums(self, tensors: list[torch.Tensor]) -> torch.Tensor:
+        """Per blocked tensor, the float64 sum of its rows' squared fp32 norms (p = 2) or of its fp32 column
+        sums of |x| (p = 1)."""
+        results = _buffer(torch.float32, self.block_outputs, "blocks")
+        rows = self.method == "rows"
+        for block in self.blocked:
+            t = tensors[block.tensor]
+            out = results[block.at : block.at + block.outputs]
+            if rows and t.dtype == torch.float32:  # the kernel on the tensor itself: one view, no copy
+                torch.linalg.vector_norm(_rows(t, block.outputs), 2, dim=1, out=out)
+                continue
+            flat, at = t.view(-1), 0
+            for start, n in block.chunks:  # a cache-resident fp32 copy of each chunk (|x| for p = 1)
+                chunk = flat[start : start + n]
+                if rows:
+                    wide = _buffer(torch.float32, n).copy_(chunk)
+                    torch.linalg.vector_norm(wide.view(-1, ROW), 2, dim=1, out=out[at : at + n // ROW])
+                    at += n // ROW
+                else:
+                    wide = torch.abs(chunk, out=_buffer(torch.float32, n)) if t.dtype == torch.float32 \
+                        else _buffer(torch.float32, n).copy_(chunk).abs_()
+                    torch.sum(wide.view(COLUMN, -1), 0, out=out[at : at + n // COLUMN])
+                    at += n // COLUMN
+        if rows:  # squared in fp32 (+2^-24), written as float64: one pass
+            results = torch.pow(results, 2, out=_buffer(ACC_DTYPE, self.block_outputs, "blocks"))
+        else:
+            results = _buffer(ACC_DTYPE, self.block_outputs, "blocks").copy_(results)
+        return self.block_segments.sums(results)
 
     def _recheck(self, partials: torch.Tensor, tensors: list[torch.Tensor], p: float) -> None:
         """Recompute with float64 terms the partials of fp32 terms that overflowed or may have underflowed.
 
-        A partial is fine within [floor, float64 max]; the others (a NaN too) are recomputed. Partials
-        with float64 terms have floor 0: they are recomputed (to the same value) only when non-finite.
+        A partial is fine within [floor, float64 max]; the others (a NaN too) are recomputed. (Partials of
+        float64 terms are not checked: recomputed, a non-finite one would come out the same.)
         """
         floor, ceiling = self.bounds
         ok = partials.clamp(floor, ceiling) == partials
         if not ok.all():  # rare; on CPU, reading the flag synchronises with nothing
             for k in ok.logical_not_().nonzero().flatten().tolist():
-                i, start, n = self.sources[k]
-                partials[k] = sum(_terms(c, p, in_fp32=False).sum() for c in _flat(tensors[i], start, n).split(CHUNK))
+                i, start, n = self.sources[k]  # a packed tensor may be strided: reshape copies it then
+                values = _flat(tensors[i], start, n) if i in self.viewed else tensors[i].reshape(-1)[start : start + n]
+                partials[k] = sum(_terms(c, p, in_fp32=False).sum() for c in values.split(CHUNK))
 
 
 def _rows(t: torch.Tensor, m: int) -> torch.Tensor:
@@ -247,52 +361,103 @@ def _flat(t: torch.Tensor, start: int, n: int) -> torch.Tensor:
     return t.as_strided((n,), (1,), t.storage_offset() + start)
 
 
-def _batches(pieces: list[tuple[Piece, int]], segment_unit: int = 1) -> list[_Batch]:
-    """(piece, elements) sorted by size (equal sizes side by side), in batches of at most CHUNK elements."""
-    groups: list[list[tuple[Piece, int]]] = []
+def _batches(pieces: list[tuple[Piece, tuple[int, ...] | None]]) -> list[_Batch]:
+    """(piece, shape of a whole tensor or None for a range) in batches of at most CHUNK elements.
+
+    In a batch the pieces are ordered by how they are copied (whole tensors by trailing shape, then
+    ranges) and by length within that, so that equal lengths sit side by side (summed as a matrix).
+    """
+    def order(entry: tuple[Piece, tuple[int, ...] | None]) -> tuple:
+        (_, _, n), shape = entry
+        if shape is None or len(shape) == 1:  # ranges and 1-D tensors: one flat cat
+            return (2, (), n)
+        return (0, tuple(shape[1:]), n) if len(shape) else (1, (), n)
+
+    groups: list[list[tuple[Piece, tuple[int, ...] | None]]] = []
     total = 0
-    for piece, n in sorted(pieces, key=lambda q: q[1]):
+    for entry in sorted(pieces, key=order):
+        n = entry[0][2]
         if not groups or total + n > CHUNK:
             groups.append([])
             total = 0
-        groups[-1].append((piece, n))
+        groups[-1].append(entry)
         total += n
-    return [_Batch(tuple(q for q, _ in g), _Segments.of([n // segment_unit for _, n in g]), sum(n for _, n in g))
-            for g in groups]
-
-
-@lru_cache(maxsize=1024)  # one plan per list of sizes: per bucket for the comm hooks
-def _plan(method: str, numels: tuple[int, ...]) -> _Plan:
-    """Route every tensor, once per list of sizes (cached: the per-step path builds no tensors)."""
-    direct, medium, chunked, small = [], [], [], []
-    for i, n in enumerate(numels):
-        m = n // ROW if method == "rows" and n >= ROWS_FROM else 0
-        if m:
-            if n >= ROWS_ALONE:
-                direct.append((i, m))
+    out = []
+    for group in groups:
+        parts: list[_Part] = []
+        at = 0
+        for piece, shape in group:
+            kind, trailing = (("flat", ()) if shape is None or len(shape) == 1 else
+                              ("cat", tuple(shape[1:])) if len(shape) else ("stack", ()))
+            n = piece[2]
+            if parts and parts[-1].kind == kind and parts[-1].trailing == trailing:
+                last = parts[-1]
+                parts[-1] = _Part(kind, trailing, last.pieces + (piece,), last.start, at + n)
             else:
-                medium.append(((i, 0, m * ROW), m * ROW))
-            if n % ROW:
-                small.append(((i, m * ROW, n % ROW), n % ROW))
-        elif n >= LARGE:
+                parts.append(_Part(kind, trailing, (piece,), at, at + n))
+            at += n
+        ordered = tuple(piece for piece, _ in group)
+        out.append(_Batch(ordered, tuple(parts), _Segments.of([n for _, _, n in ordered]), at))
+    return out
+
+
+def _blocks(method: str, i: int, n: int, dtype_is_fp32: bool, at: int) -> _Blocked:
+    """Tensor ``i`` of ``n`` elements through the row / column kernel: its whole rows (columns), in chunks."""
+    unit = ROW if method == "rows" else COLUMN
+    covered = n // unit * unit
+    if method == "rows" and dtype_is_fp32:  # the kernel reads the tensor itself
+        return _Blocked(i, ((0, covered),), at, covered // ROW)
+    step = CHUNK // unit * unit
+    chunks = tuple((j, min(step, covered - j)) for j in range(0, covered, step))  # whole rows / columns each
+    return _Blocked(i, chunks, at, covered // unit)
+
+
+@lru_cache(maxsize=1024)  # one plan per list of shapes (and dtype): per bucket for the comm hooks
+def _plan(method: str, shapes: tuple[torch.Size, ...], fp32: bool = True) -> _Plan:
+    """Route every tensor, once per list of shapes (cached: the per-step path builds no tensors)."""
+    numels = [math.prod(s) for s in shapes]
+    blocked: list[_Blocked] = []
+    chunked, small = [], []
+    at = 0
+    for i, (n, shape) in enumerate(zip(numels, shapes)):
+        if method in ("rows", "columns") and n >= BLOCKED_FROM:
+            block = _blocks(method, i, n, fp32, at)
+            blocked.append(block)
+            at += block.outputs
+            covered = sum(k for _, k in block.chunks)
+            if n > covered:
+                small.append(((i, covered, n - covered), None))
+        elif method not in ("rows", "columns") and n >= (_AMINMAX_FROM if method == "max" else LARGE):
             chunked.append(i)
         elif n:
-            small.append(((i, 0, n), n))
-    row_batches, small_batches = _batches(medium, ROW), _batches(small)
-    sources: list[Piece] = [(i, 0, m * ROW) for i, m in direct]
-    sources += [piece for b in row_batches for piece in b.pieces]
-    checked = [True] * len(sources)  # row partials come from fp32 squares
+            small.append(((i, 0, n), tuple(shape)))
+    small_batches = _batches(small)
+    sources: list[Piece] = [(b.tensor, 0, sum(k for _, k in b.chunks)) for b in blocked]
+    checked = [True] * len(sources)  # blocked partials come from fp32 squares or sums
     for i in chunked:
-        sources += [(i, j, min(CHUNK, numels[i] - j)) for j in range(0, numels[i], CHUNK)]
+        step = numels[i] if method == "max" else CHUNK
+        sources += [(i, j, min(step, numels[i] - j)) for j in range(0, numels[i], step)]
     sources += [piece for b in small_batches for piece in b.pieces]
-    checked += [method == "fp32"] * (len(sources) - len(checked))
-    floor = [n * _SUBNORMAL_FLOOR if fp32 else 0.0 for (_, _, n), fp32 in zip(sources, checked)]
+    checked += [method == "fp32"] * (len(sources) - len(checked))  # a prefix: blocked first, or all
+    floor = [n * _SUBNORMAL_FLOOR for (_, _, n), fp32_terms in zip(sources, checked) if fp32_terms]
     partial_of = [i for i, _, _ in sources]
     return _Plan(
-        method, len(numels), tuple(direct), _Segments.of([m for _, m in direct]), tuple(row_batches),
-        tuple(chunked), tuple(small_batches), torch.tensor(partial_of, dtype=torch.long),
-        partial_of == list(range(len(numels))), tuple(sources), _bounds(floor) if any(checked) else None,
+        method, len(numels), tuple(blocked), at, _Segments.of([b.outputs for b in blocked]), tuple(chunked),
+        tuple(small_batches), tuple(dict.fromkeys([b.tensor for b in blocked] + chunked)),
+        torch.tensor(partial_of, dtype=torch.long), partial_of == list(range(len(numels))), _position(partial_of),
+        tuple(sources),
+        _bounds(floor) if any(checked) and method != "max" else None,
     )
+
+
+def _position(partial_of: list[int]) -> torch.Tensor | None:
+    """Where each tensor's partial is, when every tensor has exactly one (else None)."""
+    if sorted(partial_of) != list(range(len(partial_of))):
+        return None
+    position = [0] * len(partial_of)
+    for k, i in enumerate(partial_of):
+        position[i] = k
+    return torch.tensor(position, dtype=torch.long)
 
 
 def _bounds(floor: list[float]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -301,17 +466,21 @@ def _bounds(floor: list[float]) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 # ---------------------------------------------------------------- CPU kernels
-_scratch = threading.local()  # per thread: cache-sized buffers reused by every call
+_scratch = threading.local()  # per thread: scratch buffers reused by every call
 
 
-def _buffer(dtype: torch.dtype, n: int) -> torch.Tensor:
-    """n elements of this thread's scratch buffer of ``dtype`` (a fresh tensor above CHUNK)."""
-    if n > CHUNK:
+def _buffer(dtype: torch.dtype, n: int, use: str = "terms") -> torch.Tensor:
+    """n elements of this thread's scratch buffer of ``dtype`` for ``use`` ('terms': chunks and packed pieces,
+    CHUNK elements; 'blocks': the row / column kernel's results). Kept between calls up to _KEEP elements
+    (grown as needed); a fresh tensor above."""
+    if n > max(CHUNK, _KEEP if use == "blocks" else 0):
         return torch.empty(n, dtype=dtype)
     buffers = _scratch.__dict__.setdefault("buffers", {})
-    if dtype not in buffers:
-        buffers[dtype] = torch.empty(CHUNK, dtype=dtype)
-    return buffers[dtype][:n]
+    key = (dtype, use)
+    buffer = buffers.get(key)
+    if buffer is None or buffer.numel() < n:
+        buffer = buffers[key] = torch.empty(max(n, CHUNK if use == "terms" else n), dtype=dtype)
+    return buffer[:n]
 
 
 def _terms(values: torch.Tensor, p: float, in_fp32: bool) -> torch.Tensor:
@@ -328,6 +497,23 @@ def _terms(values: torch.Tensor, p: float, in_fp32: bool) -> torch.Tensor:
             narrow.copy_(values).abs_()
         return torch.pow(narrow, p, out=wide)  # computed in fp32, written as float64: one pass
     wide.copy_(values)
+    return _exact_terms(wide, p)
+
+
+def _packed_terms(batch: _Batch, tensors: list[torch.Tensor], p: float, in_fp32: bool) -> torch.Tensor:
+    """|piece|^p in float64 for every piece of ``batch``, side by side (in scratch): :func:`_terms` on the
+    packed pieces."""
+    dtype = tensors[0].dtype
+    raw = batch.gather(tensors, _buffer(dtype, batch.size))  # packed in the tensors' dtype (a cast in cat is slow)
+    wide = _buffer(ACC_DTYPE, batch.size)
+    if in_fp32:
+        narrow = raw if dtype == torch.float32 else _buffer(torch.float32, batch.size).copy_(raw)
+        return torch.pow(narrow.abs_(), p, out=wide)
+    return _exact_terms(wide if dtype == ACC_DTYPE else wide.copy_(raw), p)
+
+
+def _exact_terms(wide: torch.Tensor, p: float) -> torch.Tensor:
+    """|wide|^p in place (float64)."""
     if p == 2:
         return wide.square_()
     wide.abs_()

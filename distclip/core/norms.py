@@ -10,6 +10,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 from functools import cached_property
+from itertools import repeat
+from operator import attrgetter, is_
 from typing import Hashable, Sequence
 
 import torch
@@ -90,13 +92,25 @@ class SlotLayout:
             cached = self._constants[key] = torch.tensor(key[2], dtype=torch.long, device=device)
         return cached
 
+    @cached_property
+    def group_slots(self) -> tuple[int, ...]:
+        """The slot of each group in its own p."""
+        position = {slot: s for s, slot in enumerate(self.slots)}
+        return tuple(position[(g, p)] for g, p in enumerate(self.group_norm_types))
+
     def group_norms(self, reduced: torch.Tensor) -> torch.Tensor:
         """Per-group norms (float64) from the reduced slot vector, each in its group's p."""
-        position = {slot: s for s, slot in enumerate(self.slots)}
-        index = self.constant("group_slots", reduced.device,
-                              [position[(g, p)] for g, p in enumerate(self.group_norm_types)], torch.long)
         p = self.constant("group_p", reduced.device, self.group_norm_types, ACC_DTYPE)
-        return _root(reduced.index_select(0, index), p)
+        if self.group_slots == tuple(range(self.num_groups)):  # every group in the config's p: the first slots
+            values = reduced if reduced.numel() == self.num_groups else reduced[: self.num_groups]
+        else:
+            values = reduced.index_select(0, self.constant("group_slots", reduced.device, self.group_slots, torch.long))
+        if not any(math.isinf(q) for q in self.group_norm_types):  # _root without the inf branch: the same values
+            inverse = self._constants.get(("group_inverse_p", reduced.device))
+            if inverse is None:
+                inverse = self._constants[("group_inverse_p", reduced.device)] = 1.0 / p
+            return values.pow(inverse)
+        return _root(values, p)
 
     def unscale(self, partials: torch.Tensor, scale: float | torch.Tensor) -> torch.Tensor:
         """Partials of gradients that still carry a factor ``scale`` (e.g. an fp16 loss scale), divided out.
@@ -115,7 +129,7 @@ class SlotLayout:
     def total_norm(self, reduced: torch.Tensor) -> torch.Tensor:
         """The global norm (float64) in the config's p over every group in the total (``in_total``): a group
         left out adds nothing to it (a mask, not an index: the same ops, no sync)."""
-        values = reduced[: self.num_groups]
+        values = reduced if reduced.numel() == self.num_groups else reduced[: self.num_groups]
         if self.in_total:
             values = torch.where(self.constant("in_total", values.device, self.in_total, torch.bool), values, 0.0)
         p = self.total_norm_type
@@ -141,30 +155,47 @@ def local_partials(
     of tensors, independent of the number of groups, no host synchronisation. Empty tensors
     contribute nothing.
     """
-    out = torch.zeros(layout.num_slots, dtype=ACC_DTYPE, device=device)
     if not tensors:
-        return out
+        return torch.zeros(layout.num_slots, dtype=ACC_DTYPE, device=device)
+    out = None  # the first contribution is the vector itself (0 + x is x: nothing to add)
     for pass_index, (p, slot_of_group) in enumerate(layout.passes):
         if pass_index == 0:  # the config's p: slot g is group g, for every group
-            chosen, slot_ids = list(tensors), list(group_ids)
+            chosen, slot_ids = tensors, group_ids
         else:  # a p that only some groups use
             picked = [(t, slot_of_group[g]) for t, g in zip(tensors, group_ids) if slot_of_group[g] >= 0]
             chosen, slot_ids = [t for t, _ in picked], [s for _, s in picked]
         if not chosen:
             continue
-        grouped = group_tensors_by_device_and_dtype([chosen], with_indices=True)
-        for (dev, dtype), ([same_kind], indices) in grouped.items():
+        for same_kind, ids in _by_device_and_dtype(chosen, slot_ids):
             values = power_sums(same_kind, p)  # float64: sum |t|^p, or max |t| for p = inf
-            ids = slot_ids if len(grouped) == 1 else [slot_ids[i] for i in indices]
             index = layout.slot_index(ids, values.device)
             contrib = torch.zeros(layout.num_slots, dtype=ACC_DTYPE, device=values.device)
             if math.isinf(p):
                 contrib.scatter_reduce_(0, index, values, reduce="amax")
+                if out is None:
+                    out = torch.zeros(layout.num_slots, dtype=ACC_DTYPE, device=device)
                 out = torch.maximum(out, contrib.to(device))
             else:
                 contrib.index_add_(0, index, values)
-                out = out + contrib.to(device)
-    return out
+                contrib = contrib.to(device)
+                out = contrib if out is None else out + contrib
+    return out if out is not None else torch.zeros(layout.num_slots, dtype=ACC_DTYPE, device=device)
+
+
+def _by_device_and_dtype(tensors: Sequence[torch.Tensor], ids: Sequence[int]) -> list[tuple[list[torch.Tensor], Sequence[int]]]:
+    """The tensors of each (device, dtype) with their slot ids: one kind (the usual case) is checked in C-level
+    passes, several are grouped by torch's helper."""
+    first = tensors[0]
+    if all(map(_IS_CPU, tensors)) and all(map(is_, repeat(first.dtype), map(_DTYPE, tensors))):
+        return [(tensors if isinstance(tensors, list) else list(tensors), ids)]
+    grouped = group_tensors_by_device_and_dtype([list(tensors)], with_indices=True)
+    if len(grouped) == 1:
+        return [(same_kind, ids) for [same_kind], _ in grouped.values()]
+    return [(same_kind, [ids[i] for i in indices]) for [same_kind], indices in grouped.values()]
+
+
+_IS_CPU = attrgetter("is_cpu")
+_DTYPE = attrgetter("dtype")
 
 
 def piece_sums(tensors: Sequence[torch.Tensor], p: float, layout: SlotLayout, device: torch.device) -> torch.Tensor:

@@ -53,7 +53,7 @@ class Recorder:
             total_norm=decision.total_norm.float(),
             group_norms=dict(zip(names, decision.group_norms.float())),
             coefs=dict(zip(names, decision.coefs)),
-            thresholds=dict(zip(names, decision.thresholds.float())),
+            thresholds=self._thresholds(decision.thresholds),
             skipped=decision.skipped,
             finite=decision.finite,
             source=measured.source,
@@ -67,9 +67,17 @@ class Recorder:
             report.nonfinite_where = dict(attribution.where)
         coefs = decision.coefs
         if applied is not None:  # running counts on the device: no host sync
-            self.counters.update(clipped_mask(coefs[: len(names)], decision.finite, decision.skipped))
+            visible = coefs if coefs.shape[0] == len(names) else coefs[: len(names)]
+            self.counters.update(clipped_mask(visible, decision.finite, decision.skipped))
         report.clip_counts, report.clip_steps = self.counters.current(coefs.device), self.counters.steps
         return report
+
+    def _thresholds(self, thresholds: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Per group, its threshold (fp32); converted once while the policy hands over the same tensor (fixed)."""
+        cached = getattr(self, "_last_thresholds", None)
+        if cached is None or cached[0] is not thresholds:
+            cached = self._last_thresholds = (thresholds, dict(zip(self.group_names, thresholds.float())))
+        return dict(cached[1])
 
     def publish(self, report: ClipReport, decision: Decision, applied: Applied, step: int,
                 audit: ClipAudit | None = None, before: torch.Tensor | None = None) -> None:

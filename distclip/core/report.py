@@ -127,4 +127,4 @@ def clipped_mask(coefs: torch.Tensor, finite: torch.Tensor | None, skipped: bool
     mask = coefs < 1.0
     if finite is not None:
         mask = mask & finite
-    return mask & (not skipped)
+    return mask & False if skipped else mask

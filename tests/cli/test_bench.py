@@ -18,7 +18,8 @@ def test_bench_runs_and_writes_json(tmp_path):
     out = tmp_path / "bench.json"
     cmd = [sys.executable, "-m", "distclip.bench", "--backends", "ddp,deepspeed-zero2", "--params", "200K",
            "--layers", "4", "--steps", "2",
-           "--warmup", "1", "--scaling", "50,200", "--bandwidth-mb", "4", "--kernels", "0.001", "--json", str(out)]
+           "--warmup", "1", "--scaling", "50,200", "--bandwidth-mb", "4", "--kernels", "0.001", "--targets", "0.001",
+           "--targets-repeats", "2", "--json", str(out)]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "== ddp:" in proc.stdout and "vs native" in proc.stdout
@@ -39,6 +40,23 @@ def test_bench_runs_and_writes_json(tmp_path):
     assert {(r["case"], r["p"]) for r in kernels} >= {("1 x 50K fp32", 1.0), ("24 x 2K fp32", 3.5)}
     assert all(r["ratio"] > 0 and r["distclip_err"] <= 1e-6 for r in kernels)
     assert "local norm kernels" in proc.stdout
+    # the speed targets: the four figures in one run, each against torch in the same run, and a docs table
+    assert "speed targets" in proc.stdout
+    targets = results["targets"]
+    cases = {(r["target"].split(" ")[0], r["case"]) for r in targets["rows"]}
+    for dtype in ("fp32", "bf16"):
+        for p in ("1", "2", "inf"):
+            assert ("exact", f"9 x 1K + 9 x 1K {dtype}, p={p}") in cases  # 9 x 1M at --targets 1
+    assert any(t == "clip_grad_norm_" and "ranks (gloo)" in c for t, c in cases)
+    assert sum(t == "per-clip" and c.startswith("48 tensors") for t, c in cases) == 2
+    assert any(t == "one" and c.startswith("20 tensors") for t, c in cases)
+    for row in targets["rows"]:
+        assert row["distclip"] > 0 and row["native"] > 0 and row["compare"] in ("ratio", "added"), row
+        assert isinstance(row["met"], bool) and row["goal"]
+        if row["target"].startswith("exact"):
+            assert row["max_rel_err"] <= 1e-6, row  # exactness holds at any size; speed is not asserted
+    docs = json.loads((tmp_path / "targets.json").read_text())  # beside --json, as the docs' table reads it
+    assert docs["rows"] == targets["rows"] and docs["machine"] and docs["date"] and "load" in docs["note"]
 
 
 def test_bench_nd_rows(tmp_path):

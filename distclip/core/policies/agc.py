@@ -21,6 +21,7 @@ from .base import ClipPolicy
 class AGCPolicy(ClipPolicy):
     kind = "agc"
     rowwise = True  # the clipper clips these groups row-wise, never by a group coefficient
+    learns = False
 
     def __init__(self, spec: AGCPolicySpec, groups: Sequence[ClipGroup]):
         super().__init__(spec, groups, const={"clip_factor": torch.full((len(groups),), spec.clip_factor,

@@ -127,6 +127,8 @@ class ClipPolicy(Stateful):
     ``version``; loading another kind, version or group count raises :class:`ConfigError`.
     """
 
+    learns = True  # False: ``update`` does nothing (stateless policies), so the clipper need not prepare its inputs
+
     def __init__(self, spec: Any, groups: Sequence[ClipGroup], state: dict[str, torch.Tensor] | None = None,
                  const: dict[str, torch.Tensor] | None = None):
         self.spec = spec

@@ -29,6 +29,7 @@ class PolicySet:
             raise ValueError(f"PolicySet: every group must be covered by exactly one policy, got indices {covered}")
         self.members = [(policy, list(indices)) for policy, indices in members]
         self._whole = len(self.members) == 1 and self.members[0][1] == list(range(len(self.groups)))
+        self.learns = any(getattr(policy, "learns", True) for policy, _ in self.members)  # False: update is a no-op
         self._index: dict[torch.device, list[torch.Tensor]] = {}
 
     @property
@@ -56,6 +57,8 @@ class PolicySet:
         self, group_norms: torch.Tensor, total_norm: torch.Tensor, coefs: torch.Tensor, accepted: torch.Tensor
     ) -> None:
         """Each policy learns from its groups; a step with a non-finite norm in ANY group teaches none of them."""
+        if not self.learns:  # stateless policies only (fixed, agc): nothing to compute
+            return
         accepted = accepted.to(group_norms.device) & torch.isfinite(group_norms).all() & torch.isfinite(total_norm)
         if self._whole:
             self.members[0][0].update(group_norms, total_norm, coefs, accepted)
