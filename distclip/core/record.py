@@ -11,6 +11,7 @@ from typing import Sequence
 
 import torch
 
+from ..compat.pytorch import version
 from .attribution import Attribution
 from .audit import Applied, ClipAudit
 from .contract import GradAdapter
@@ -37,6 +38,7 @@ class Recorder:
         self.counters = counters
         self.log = log
         self.audit = audit
+        self._last_thresholds: tuple[torch.Tensor, int, dict[str, torch.Tensor]] | None = None
 
     def audit_before(self, step: int) -> tuple[ClipAudit | None, torch.Tensor | None]:
         """The audit when it is due at clip ``step``, and (when it measures) the partials before APPLY."""
@@ -73,11 +75,13 @@ class Recorder:
         return report
 
     def _thresholds(self, thresholds: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Per group, its threshold (fp32); converted once while the policy hands over the same tensor (fixed)."""
-        cached = getattr(self, "_last_thresholds", None)
-        if cached is None or cached[0] is not thresholds:
-            cached = self._last_thresholds = (thresholds, dict(zip(self.group_names, thresholds.float())))
-        return dict(cached[1])
+        """Per group, its threshold (fp32); converted once while the policy hands over the same, unchanged tensor
+        (fixed thresholds), again after any in-place write to it (its version counter moves)."""
+        cached = self._last_thresholds
+        if cached is None or cached[0] is not thresholds or cached[1] != version(thresholds):
+            cached = self._last_thresholds = (thresholds, version(thresholds),
+                                              dict(zip(self.group_names, thresholds.float())))
+        return dict(cached[2])
 
     def publish(self, report: ClipReport, decision: Decision, applied: Applied, step: int,
                 audit: ClipAudit | None = None, before: torch.Tensor | None = None) -> None:
