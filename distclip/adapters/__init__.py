@@ -7,15 +7,15 @@ from typing import Any, Iterable
 import torch
 from torch.nn.parallel import DistributedDataParallel
 
-from ..compat import torchft as _torchft
-from ..errors import UnsupportedModelError
-from ..core.names import canonical_name, named_trainable_parameters
 from ..compat import pytorch as _compat
+from ..compat import torchft as _torchft
+from ..core.names import canonical_name, named_trainable_parameters
+from ..errors import UnsupportedModelError
 from .base import GradAdapter
 from .ddp import DDPAdapter
 from .mesh_geometry import PipelineStages
-from .zero import deepspeed_adapter, is_deepspeed_engine  # imports no DeepSpeed
 from .plain import PlainAdapter
+from .zero import deepspeed_adapter, is_deepspeed_engine  # imports no DeepSpeed
 
 __all__ = ["GradAdapter", "PlainAdapter", "DDPAdapter", "adapter_for", "UnsupportedModelError"]
 

@@ -32,15 +32,24 @@ from typing import Any, Sequence
 import torch
 import torch.distributed as dist
 
+from ..compat import pytorch as _compat
 from ..core.config import ConfigError
 from ..core.groups import GroupTable
 from ..core.hook_choice import ReductionVenue
 from ..core.norms import SlotLayout, combine_partials, local_partials
 from ..core.reduce import ProcessGroup, collective_device
-from ..core.rowwise import Span, RowPlan
-from ..compat import pytorch as _compat
-from .counting import (LocalPiece, Replicas, Segment, Slicing, counted_segments, flat_range, group_ranks,
-                       segment_offsets, slice_segments)
+from ..core.rowwise import RowPlan, Span
+from .counting import (
+    LocalPiece,
+    Replicas,
+    Segment,
+    Slicing,
+    counted_segments,
+    flat_range,
+    group_ranks,
+    segment_offsets,
+    slice_segments,
+)
 from .declared import Declaration, census_payload, check_census, declaration_of, declared_replicas
 from .hooks import ReductionHook
 

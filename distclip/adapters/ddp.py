@@ -34,11 +34,11 @@ import torch.distributed as dist
 from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 from torch.nn.parallel import DistributedDataParallel
 
+from ..compat import pytorch as _compat
 from ..core.groups import GroupTable
 from ..core.hook_choice import ReductionVenue
 from ..core.names import named_trainable_parameters
 from ..core.norms import SlotLayout
-from ..compat import pytorch as _compat
 from .base import GradAdapter
 from .blocks import FIRST_BLOCK_BYTES, BlockPlan, block_bounds
 from .counting import Replicas, Segment, group_ranks

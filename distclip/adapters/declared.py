@@ -33,9 +33,9 @@ import torch
 import torch.distributed as dist
 from torch.utils.weak import WeakIdKeyDictionary
 
+from ..compat import pytorch as _compat
 from ..core.errors import UsageError
 from ..core.reduce import exchange_bytes, exchange_int_rows, hash60
-from ..compat import pytorch as _compat
 from .counting import Replicas
 
 # Keyed by identity: a WeakKeyDictionary compares tensors with ``==`` on lookup (elementwise: an error)

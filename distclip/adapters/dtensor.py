@@ -41,21 +41,26 @@ import torch
 import torch.distributed as dist
 from torch.distributed.tensor import DTensor
 
-from ..errors import ConfigError, PartialGradientError, UnsupportedLayoutError
+from ..compat import pytorch as _compat
 from ..core.groups import GroupTable
 from ..core.hook_choice import ReductionVenue
 from ..core.norms import SlotLayout, local_partials
 from ..core.rowwise import RowPlan
-from ..compat import pytorch as _compat
+from ..errors import ConfigError, PartialGradientError, UnsupportedLayoutError
 from .base import GradAdapter
-from .counting import (LocalPiece, Replicas, Segment, cast_is_exact, counted_segments, covering_group, group_ranks,
-                       slice_segments)
+from .counting import (
+    LocalPiece,
+    Replicas,
+    Segment,
+    cast_is_exact,
+    counted_segments,
+    covering_group,
+    group_ranks,
+    slice_segments,
+)
 from .declared import declaration_of, declared_replicas
 from .hooks import ReductionHook
 from .mesh_geometry import MeshGeometry, PipelineStages
-
-
-
 
 local_tensor = _compat.local_tensor  # kept importable from here
 

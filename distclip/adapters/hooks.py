@@ -31,8 +31,8 @@ from typing import Any, Hashable
 
 import torch
 
-from ..core.norms import SlotLayout, combine_partials
 from ..compat import pytorch as _compat
+from ..core.norms import SlotLayout, combine_partials
 
 
 class ReductionHook:

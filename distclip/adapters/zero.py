@@ -56,13 +56,13 @@ from typing import TYPE_CHECKING, Any, Sequence
 import torch
 import torch.distributed as dist
 
-from ..errors import ConfigError, UnsupportedDeepSpeedSetup
+from ..compat import deepspeed as ds_compat
+from ..compat import pytorch as _compat
 from ..core.groups import GroupTable
 from ..core.names import named_trainable_parameters
 from ..core.norms import SlotLayout
-from ..core.rowwise import PieceMap, Span, RowPlan
-from ..compat import deepspeed as ds_compat
-from ..compat import pytorch as _compat
+from ..core.rowwise import PieceMap, RowPlan, Span
+from ..errors import ConfigError, UnsupportedDeepSpeedSetup
 from .base import GradAdapter
 from .counting import LocalPiece, Replicas, group_ranks
 

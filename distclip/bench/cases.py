@@ -16,10 +16,9 @@ from typing import Any, Callable
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.distributed.tensor.debug import CommDebugMode
 
 import distclip
-
-from torch.distributed.tensor.debug import CommDebugMode
 
 MAX_NORM = 1e-3  # small enough that every variant really clips (the expensive case)
 

@@ -146,8 +146,8 @@ def _small_params(n: int, device: torch.device) -> list[nn.Parameter]:
 
 def _fsdp2_model(n: int, device: torch.device) -> nn.Module | None:
     try:
-        from torch.distributed.fsdp import fully_shard
         from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import fully_shard
     except ImportError:
         return None
     module = ManySmall(_small_params(n, device))

@@ -33,11 +33,10 @@ from typing import Any, Sequence
 
 import yaml
 
-from ..core.config import ClipConfig, DEFAULT_GROUP, load_config
+from ..core.config import DEFAULT_GROUP, ClipConfig, load_config
 from ..errors import ClipLogError, ConfigError, SuggestError
 from .clip_log import ClipLog, read_clip_log
 from .output import fail
-
 
 WARMUP_FRACTION = 0.1
 MIN_NORMS = 5  # fewer usable norms than this per group is not a basis for a threshold

@@ -44,8 +44,8 @@ from .policies import PolicySet, SpikeDetector, build_policies, build_spike_dete
 from .record import Recorder
 from .reduce import check_consistency, exchange_bytes, share_setup_failure
 from .report import ClipReport
-from .sinks import MetricsLog
 from .rowwise import bind_rows
+from .sinks import MetricsLog
 
 STATE_VERSION = 3  # 3: the bad-step streaks; versions 1 and 2 still load (streaks start at 0)
 

@@ -23,7 +23,8 @@ import yaml
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, model_validator
 
 from ..errors import ConfigError
-from .presets import NAME as _PRESET_NAME, preset_file, preset_hint, preset_names, unknown_preset
+from .presets import NAME as _PRESET_NAME
+from .presets import preset_file, preset_hint, preset_names, unknown_preset
 
 ENV_VAR = "DISTCLIP_CONFIG"
 DEFAULT_GROUP = "default"
@@ -183,7 +184,7 @@ class _RoleSpec(_Section):
     @property
     def measured_only(self) -> bool:
         """``max_norm: null`` was written: the groups are measured and reported, never clipped."""
-        return "max_norm" in self.model_fields_set and getattr(self, "max_norm") is None
+        return "max_norm" in self.model_fields_set and self.max_norm is None
 
     @model_validator(mode="after")
     def _no_policy_when_measured_only(self) -> "_RoleSpec":

@@ -5,8 +5,7 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-from ..errors import (ClipAuditError, ConfigError, MissingExtraError, NonFiniteGradientError,  # noqa: F401
-                      StateDictError, UsageError)
+from ..errors import ClipAuditError, ConfigError, MissingExtraError, NonFiniteGradientError, StateDictError, UsageError  # noqa: F401
 
 
 def require_extra(module: str, extra: str, feature: str) -> Any:

@@ -15,7 +15,7 @@ import torch
 from .contract import GradAdapter
 from .norms import SlotLayout
 from .reduce import reduce_slots
-from .rowwise import SlotsWithRows, RowPlan
+from .rowwise import RowPlan, SlotsWithRows
 
 __all__ = ["Measurement", "SlotPlan", "measure"]
 

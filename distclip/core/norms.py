@@ -17,7 +17,6 @@ from typing import Hashable, Sequence
 import torch
 
 from ..compat.pytorch import group_tensors_by_device_and_dtype
-
 from .groups import ClipGroup
 from .kernels import power_sums
 

@@ -40,15 +40,15 @@ from typing import Any, Iterable, Mapping
 
 import torch
 
+from ..clipper import GradClipper
 from ..compat import accelerate as accelerate_compat
 from ..compat import pytorch as torch_compat
 from ..compat.deepspeed import is_engine as is_deepspeed_engine
-from ..errors import UnsupportedModelError
-from ..clipper import GradClipper
-from ..core.report import ClipReport
 from ..core.config import ClipConfig, load_config
 from ..core.names import canonical_name
+from ..core.report import ClipReport
 from ..core.sinks import CallbackSink, MetricsLog
+from ..errors import UnsupportedModelError
 
 __all__ = ["enable", "disable", "last_report", "log_to_trackers", "AccelerateClipping"]
 

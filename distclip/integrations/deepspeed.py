@@ -32,8 +32,8 @@ from typing import Any, Mapping
 import torch
 
 from ..adapters.zero import DeepSpeedAdapter, Zero0Adapter, Zero3Adapter, deepspeed_adapter
-from ..compat import deepspeed as ds_compat
 from ..clipper import GradClipper
+from ..compat import deepspeed as ds_compat
 from ..core.config import ClipConfig, load_config
 from ..core.reduce import share_setup_failure
 from ..errors import UnsupportedDeepSpeedSetup

@@ -27,9 +27,9 @@ from typing import Any, Mapping
 
 from transformers import TrainerCallback
 
-from . import accelerate as distclip_accelerate
 from ..compat import transformers as transformers_compat
 from ..core.config import ClipConfig
+from . import accelerate as distclip_accelerate
 
 __all__ = ["enable", "GroupNormLogger"]
 

@@ -41,12 +41,12 @@ from typing import Any, Mapping
 
 import torch
 
+from ..clipper import GradClipper
 from ..compat import pytorch as _compat
 from ..compat.deepspeed import is_engine as is_deepspeed_engine
-from ..clipper import GradClipper
-from ..core.report import ClipReport
 from ..core.config import ClipConfig, ConfigError, load_config
 from ..core.errors import UsageError, require_extra
+from ..core.report import ClipReport
 
 pl = require_extra("lightning.pytorch", "lightning", "distclip.lightning")
 _Callback: Any = pl.Callback  # a base class only known at run time
