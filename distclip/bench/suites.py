@@ -186,12 +186,14 @@ def bench_scaling(sizes: list[int], args: argparse.Namespace, device: torch.devi
 
     for n in sizes:
         params = _small_params(n, device)
-        run("torch clip_grad_norm_ (plain)", n, lambda: torch.nn.utils.clip_grad_norm_(params, MAX_NORM))
+        # loop variables bound as default arguments: each lambda keeps its own iteration's values
+        run("torch clip_grad_norm_ (plain)", n, lambda params=params: torch.nn.utils.clip_grad_norm_(params, MAX_NORM))
         clipper = distclip.GradClipper(params, max_norm=MAX_NORM, check_consistency=False)
         run("distclip (plain)", n, clipper.clip)
         module = _fsdp2_model(n, device)
         if module is not None:
-            run("torch clip_grad_norm_ (FSDP2)", n, lambda: torch.nn.utils.clip_grad_norm_(module.parameters(), MAX_NORM))
+            run("torch clip_grad_norm_ (FSDP2)", n,
+                lambda module=module: torch.nn.utils.clip_grad_norm_(module.parameters(), MAX_NORM))
             fsdp2 = distclip.GradClipper(module, max_norm=MAX_NORM)
             if fsdp2.adapter.kind != "plain":  # an FSDP2 adapter is available
                 run("distclip (FSDP2)", n, fsdp2.clip)
@@ -264,8 +266,10 @@ def bench_kernels(scale: float, device: torch.device, repeats: int = 7) -> list[
         tensors = [torch.randn(n, generator=gen).to(device=device, dtype=KERNEL_DTYPES[dtype]) for _ in range(count)]
         for p in KERNEL_PS:
             exact = [t.double().abs_().pow_(p).sum() for t in tensors]  # the float64 reference
-            kernels = {"torch": lambda: torch.stack(foreach_norm(tensors, p, dtype=torch.float32)).double().pow(p),
-                       "distclip": lambda: power_sums(tensors, p)}
+            kernels = {  # tensors and p bound as default arguments (this iteration's)
+                "torch": lambda tensors=tensors, p=p: torch.stack(
+                    foreach_norm(tensors, p, dtype=torch.float32)).double().pow(p),
+                "distclip": lambda tensors=tensors, p=p: power_sums(tensors, p)}
             times: dict[str, list[float]] = {k: [] for k in kernels}
             errors = {k: _worst_rel_err(fn(), exact) for k, fn in kernels.items()}  # also a warm-up
             for r in range(repeats):
@@ -281,7 +285,7 @@ def bench_kernels(scale: float, device: torch.device, repeats: int = 7) -> list[
                          "median_pair_ratio": _max_over_ranks(statistics.median(
                              o / t for o, t in zip(times["distclip"], times["torch"]))),
                          "torch_err": errors["torch"], "distclip_err": errors["distclip"]})
-        del tensors
+        del tensors, kernels  # the lambdas hold the tensors too: free both before the next case
     return rows
 
 

@@ -109,8 +109,8 @@ def kernel_rows(scale: float, repeats: int, device: torch.device) -> list[dict[s
             tensors = [torch.randn(n, generator=gen).to(device=device, dtype=dtype) for n in sizes]
             for p in KERNEL_PS:
                 exact = torch.stack([_reference(t, p) for t in tensors])
-                fns = {"distclip": lambda: power_sums(tensors, p),
-                       "native": lambda: torch.stack(foreach_norm(tensors, p, dtype=torch.float32))}
+                fns = {"distclip": lambda tensors=tensors, p=p: power_sums(tensors, p),  # this iteration's values
+                       "native": lambda tensors=tensors, p=p: torch.stack(foreach_norm(tensors, p, dtype=torch.float32))}
                 times = _turns(fns, repeats, device)
                 error = _worst_rel_err(power_sums(tensors, p), exact)
                 best = min(times["distclip"]) / min(times["native"])
@@ -118,7 +118,7 @@ def kernel_rows(scale: float, repeats: int, device: torch.device) -> list[dict[s
                 rows.append(_row("exact local norm vs torch's fp32 foreach norm", f"{mix} {dname}, p={_p(p)}",
                                  times["distclip"], times["native"], "ms", 1e3, f"<= {GOALS['kernels']}x, err <= 1e-6",
                                  max(best, paired) <= GOALS["kernels"] and error <= 1e-6, error))
-            del tensors
+            del tensors, fns  # the lambdas hold the tensors too: free both before the next dtype
     return rows
 
 
@@ -159,7 +159,6 @@ def ddp_row(params: int, repeats: int, device: torch.device, layers: int = 24) -
     row = _row("clip_grad_norm_ vs torch's on DDP", f"{count / 1e6:.1f}M params, {len(listed)} tensors, "
                f"{dist.get_world_size()} ranks ({dist.get_backend()})", times["distclip"], times["native"], "ms", 1e3,
                f"<= {GOALS['ddp']}x", max(best, paired) <= GOALS["ddp"])
-    del model
     return row
 
 
