@@ -38,10 +38,11 @@ from .errors import (
 )
 from .functional import clip_grad_norm_, global_grad_norm
 
-# The integrations' import paths and distclip.presets (the configs shipped in the package), loaded on first use (distclip.deepspeed.attach(engine, config) works
-# after a plain `import distclip`); none imports its framework until it is used.
-_SUBMODULES = ("accelerate", "deepspeed", "hf_trainer", "lightning", "mpi", "olmo_core", "presets", "testing", "torchft",
-               "torchtitan")
+# The integrations' import paths and distclip.presets (the configs shipped in the package), loaded on first use
+# (distclip.deepspeed.attach(engine, config) works after a plain `import distclip`); none imports its framework until
+# it is used.
+_SUBMODULES = ("accelerate", "deepspeed", "hf_trainer", "lightning", "mpi", "olmo_core", "presets", "testing",
+               "torchft", "torchtitan")
 
 
 def __getattr__(name: str) -> Any:

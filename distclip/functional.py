@@ -98,7 +98,8 @@ def _clipper(model_or_params: Any, settings: dict[str, Any], layout: dict[str, A
         if not model_or_params:
             warnings.warn("`parameters` is an empty generator, no gradient clipping will occur.", stacklevel=4)
     else:
-        model_or_params = list(model_or_params) if not isinstance(model_or_params, (str, bytes, dict)) else model_or_params
+        if not isinstance(model_or_params, (str, bytes, dict)):
+            model_or_params = list(model_or_params)
     if not isinstance(model_or_params, list) or not all(_is_tensor_or_named(x) for x in model_or_params):
         return GradClipper(model_or_params, settings, **layout)  # raises the clear error for what it is
     return _by_tensors(key, model_or_params, lambda: GradClipper(model_or_params, settings, **layout))

@@ -1,4 +1,5 @@
-"""Pick the adapter for whatever the user passed: plain module or parameters, DDP (torch's or torchft's), FSDP1, FSDP2 / DTensor, DeepSpeed engine."""
+"""Pick the adapter for whatever the user passed: plain module or parameters, DDP (torch's or torchft's), FSDP1,
+FSDP2 / DTensor, DeepSpeed engine."""
 
 from __future__ import annotations
 
@@ -35,7 +36,8 @@ def adapter_for(obj: Any, pipeline_group: Any = None, tied: Any = None) -> GradA
 
         return PipelineAdapter(obj, pipeline_group, tied)
     if tied:
-        raise UnsupportedModelError("distclip: tied= declares weights tied across pipeline stages; pass pipeline_group too")
+        raise UnsupportedModelError(
+            "distclip: tied= declares weights tied across pipeline stages; pass pipeline_group too")
     if _is_pipeline_stage(obj) or (isinstance(obj, (list, tuple)) and obj and all(
             _is_pipeline_stage(s) or isinstance(s, torch.nn.Module) for s in obj)):
         raise UnsupportedModelError(

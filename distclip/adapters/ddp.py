@@ -127,7 +127,8 @@ class DDPAdapter(GradAdapter):
             self.ddp.register_comm_hook(self.ddp.process_group if inner_state is None else inner_state, inner)
         except (TypeError, ValueError, RuntimeError) as err:
             if self.enable_reduction_hook(inner, inner_state):
-                self.hook_status = f"{self.hook_status} (DDP refused ddp_comm_hook alone: {err}; distclip's hook wraps it)"
+                self.hook_status = (f"{self.hook_status} (DDP refused ddp_comm_hook alone: {err}; "
+                                    "distclip's hook wraps it)")
             return
         self.hook_status = f"{reason}; ddp_comm_hook registered as given"
 

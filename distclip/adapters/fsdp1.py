@@ -139,7 +139,8 @@ class FSDP1Adapter(GradAdapter):
     # ----------------------------------------------------------------- layout
     @staticmethod
     def _unit_span(unit: _compat.FSDP1Unit) -> tuple[frozenset[int], dist.ProcessGroup | None]:
-        """Every rank holding part of this unit's gradient (the same set on each of them), and its group if one exists."""
+        """Every rank holding part of this unit's gradient (the same set on each of them), and its group if one
+        exists."""
         if unit.strategy not in HYBRID:
             return group_ranks(unit.process_group), unit.process_group
         if unit.device_mesh is not None:

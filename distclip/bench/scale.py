@@ -316,7 +316,8 @@ def _set_grads(model: Any) -> None:
         p.grad = torch.ones_like(p)
 
 
-def measure_setup(layout_name: str, world: int, params: int, config: dict[str, Any], repeats: int = 3) -> dict[str, Any]:
+def measure_setup(layout_name: str, world: int, params: int, config: dict[str, Any],
+                  repeats: int = 3) -> dict[str, Any]:
     """Set-up time, memory and bytes, and the per-clip collectives, of one layout at (W, P)."""
     with fake_world(world):
         layout = LAYOUTS[layout_name](world, params)
@@ -353,7 +354,8 @@ def measure_setup(layout_name: str, world: int, params: int, config: dict[str, A
             "layout": layout_name, "world": world, "params": params, "groups": len(clipper.group_names),
             "setup_ms": min(times) * 1e3, "setup_peak_kib": (peak - before) / 1024,
             "setup_kept_kib": (kept - before) / 1024,
-            "setup_sent_bytes": sum(c["sent"] for c in setup), "setup_received_bytes": sum(c["received"] for c in setup),
+            "setup_sent_bytes": sum(c["sent"] for c in setup),
+            "setup_received_bytes": sum(c["received"] for c in setup),
             "setup_collectives": len(setup), "slots": slots,
             "clip_collectives": [c["op"] for c in clip], "clip_sent_bytes": sum(c["sent"] for c in clip),
             "clip_received_bytes": sum(c["received"] for c in clip),
@@ -432,12 +434,14 @@ def run(worlds: list[int], sizes: list[int], layouts: list[str], payload_worlds:
 def print_tables(results: dict[str, Any]) -> None:
     rows = results["setup"]
     print("\n== set-up of GradClipper on one simulated rank (CPU ms, best of up to 3; memory: tracemalloc peak) ==")
-    header = f"{'layout':10s} {'W':>6s} {'P':>6s} {'ms':>9s} {'peak KiB':>10s} {'kept KiB':>9s} {'recv KiB':>9s} {'colls':>5s} {'slots':>5s}"
+    header = (f"{'layout':10s} {'W':>6s} {'P':>6s} {'ms':>9s} {'peak KiB':>10s} {'kept KiB':>9s} {'recv KiB':>9s} "
+              f"{'colls':>5s} {'slots':>5s}")
     print(header)
     print("-" * len(header))
     for r in rows:
         print(f"{r['layout']:10s} {r['world']:6d} {r['params']:6d} {r['setup_ms']:9.1f} {r['setup_peak_kib']:10.0f} "
-              f"{r['setup_kept_kib']:9.0f} {r['setup_received_bytes'] / 1024:9.1f} {r['setup_collectives']:5d} {r['slots']:5d}")
+              f"{r['setup_kept_kib']:9.0f} {r['setup_received_bytes'] / 1024:9.1f} {r['setup_collectives']:5d} "
+              f"{r['slots']:5d}")
     print("\n== growth exponents (log-log slopes; 1 = linear, 2 = quadratic; 'diagonal': W and P grown together) ==")
     for name, keys in results["growth"].items():
         print(f"{name:10s} " + "  ".join(f"{key}: " + ", ".join(f"{k} {v:.2f}" for k, v in s.items())
@@ -445,8 +449,8 @@ def print_tables(results: dict[str, Any]) -> None:
     print("\n== per-clip payload (a DDP model, per_parameter groups; 'mixed': one group in p = inf) ==")
     print(f"{'W':>6s} {'G':>6s} {'mixed':>5s} {'slots':>6s} {'collectives':>28s} {'sent B':>9s} {'received B':>11s}")
     for r in results["payload"]:
-        print(f"{r['world']:6d} {r['groups']:6d} {r['mixed_p']!s:>5s} {r['slots']:6d} {','.join(r['collectives']):>28s} "
-              f"{r['sent_bytes']:9d} {r['received_bytes']:11d}")
+        print(f"{r['world']:6d} {r['groups']:6d} {r['mixed_p']!s:>5s} {r['slots']:6d} "
+              f"{','.join(r['collectives']):>28s} {r['sent_bytes']:9d} {r['received_bytes']:11d}")
 
 
 def plot(results: dict[str, Any], path: Path, baseline: dict[str, Any] | None = None) -> None:
@@ -541,7 +545,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--payload-worlds", default="8,64,512,4096,16384")
     parser.add_argument("--payload-groups", default="1,16,256")
     parser.add_argument("--budget", type=float, default=60.0,
-                        help="CPU seconds: skip a set-up whose time, projected linearly from the previous world size, is over this")
+                        help="CPU seconds: skip a set-up whose time, projected linearly from the previous world size, "
+                             "is over this")
     parser.add_argument("--json", default="bench-results/scale.json")
     parser.add_argument("--plot", default="", help="write the curves as a PNG here")
     parser.add_argument("--baseline", default="", help="an earlier run's JSON, drawn dashed in the plot")

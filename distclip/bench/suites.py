@@ -202,7 +202,8 @@ def bench_scaling(sizes: list[int], args: argparse.Namespace, device: torch.devi
         measured = [(n, t) for n, t in times.items() if t is not None]
         out["series"][name] = {
             "seconds": {str(n): t for n, t in times.items()},
-            "growth_exponent": growth_exponent([n for n, _ in measured], [t for _, t in measured]) if len(measured) > 1 else math.nan,
+            "growth_exponent": (growth_exponent([n for n, _ in measured], [t for _, t in measured])
+                                if len(measured) > 1 else math.nan),
         }
     return out
 

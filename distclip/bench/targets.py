@@ -53,7 +53,8 @@ def bench_targets(scale: float, repeats: int, device: torch.device) -> dict[str,
 
 
 # ---------------------------------------------------------------- timing
-def _turns(fns: dict[str, Callable[[], Any]], repeats: int, device: torch.device, barrier: bool = False) -> dict[str, list[float]]:
+def _turns(fns: dict[str, Callable[[], Any]], repeats: int, device: torch.device,
+           barrier: bool = False) -> dict[str, list[float]]:
     """Seconds per call of each function, taking turns (who goes first alternates); the slowest rank of each turn."""
     for fn in fns.values():  # warm-up: plans, scratch buffers, clippers
         fn()
@@ -109,8 +110,9 @@ def kernel_rows(scale: float, repeats: int, device: torch.device) -> list[dict[s
             tensors = [torch.randn(n, generator=gen).to(device=device, dtype=dtype) for n in sizes]
             for p in KERNEL_PS:
                 exact = torch.stack([_reference(t, p) for t in tensors])
-                fns = {"distclip": lambda tensors=tensors, p=p: power_sums(tensors, p),  # this iteration's values
-                       "native": lambda tensors=tensors, p=p: torch.stack(foreach_norm(tensors, p, dtype=torch.float32))}
+                fns = {  # tensors and p bound as default arguments (this iteration's)
+                    "distclip": lambda tensors=tensors, p=p: power_sums(tensors, p),
+                    "native": lambda tensors=tensors, p=p: torch.stack(foreach_norm(tensors, p, dtype=torch.float32))}
                 times = _turns(fns, repeats, device)
                 error = _worst_rel_err(power_sums(tensors, p), exact)
                 best = min(times["distclip"]) / min(times["native"])
@@ -172,7 +174,8 @@ class _Tiny(nn.Module):
 
 
 def overhead_rows(repeats: int, device: torch.device) -> list[dict[str, Any]]:
-    """Per-clip time on 48 tiny tensors: distclip's functional and GradClipper against torch's clip (each rank alone)."""
+    """Per-clip time on 48 tiny tensors: distclip's functional and GradClipper against torch's clip
+    (each rank alone)."""
     torch.manual_seed(0)
     model = _Tiny().to(device)
     listed = list(model.parameters())

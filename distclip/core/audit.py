@@ -167,7 +167,8 @@ def _mismatch_message(step: int, rows: list[list[int]], agreed: tuple[int, int],
         return f"{d['action']} of groups {d['groups']} with coefficients {coefs}"
 
     for r in differ[:4]:
-        lines.append(f"  rank {r} applied {applied(r)}; rank {reference} (and those agreeing) applied {applied(reference)}")
+        lines.append(f"  rank {r} applied {applied(r)}; rank {reference} (and those agreeing) applied "
+                     f"{applied(reference)}")
     for r in broken[:4]:
         d = details[r] if len(details) > 1 else details[0]
         found = ", ".join(f"{n} by {v:.6g} (coefficient {d['coefs'][n]:.6g})" for n, v in d["measured"].items())

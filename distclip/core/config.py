@@ -394,9 +394,9 @@ def _parse_path(value: Any) -> str:
     return value
 
 
-_COMM_HOOK_RULE = ("must be auto (the default: the norm inside the gradient reduction where gradients are reduced by NCCL on "
-                   "CUDA, after backward elsewhere), true (always inside the reduction, where the layout allows it) "
-                   "or false (always after backward)")
+_COMM_HOOK_RULE = ("must be auto (the default: the norm inside the gradient reduction where gradients are reduced by "
+                   "NCCL on CUDA, after backward elsewhere), true (always inside the reduction, where the layout "
+                   "allows it) or false (always after backward)")
 _TRUE_WORDS, _FALSE_WORDS = {"true", "yes", "on", "1"}, {"false", "no", "off", "0"}
 
 
@@ -596,7 +596,8 @@ def _with_roles(config: ClipConfig, data: dict[str, Any]) -> dict[str, Any]:
     return data
 
 
-def load_config(spec: "ClipConfig | Mapping[str, Any] | str | os.PathLike | None" = None, **overrides: Any) -> ClipConfig:
+def load_config(spec: "ClipConfig | Mapping[str, Any] | str | os.PathLike | None" = None,
+                **overrides: Any) -> ClipConfig:
     """Resolve a config from an object, a mapping, a string, a path, or (when None) ``$DISTCLIP_CONFIG``.
 
     A string is resolved by :func:`config_from_string` (an existing file, then a preset name such as

@@ -47,7 +47,8 @@ class ClipCounters:
         return self.clipped
 
     def state_dict(self) -> dict[str, Any]:
-        clipped = torch.zeros(self.num_groups, dtype=torch.long) if self.clipped is None else self.clipped.detach().cpu()
+        clipped = (torch.zeros(self.num_groups, dtype=torch.long) if self.clipped is None
+                   else self.clipped.detach().cpu())
         return {"steps": self.steps, "clipped": clipped.clone()}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
@@ -103,6 +104,6 @@ class BadStepStreaks:
         if not (isinstance(state, Mapping) and set(state) == {"nonfinite", "spike"}
                 and all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in values)):
             raise StateDictError(
-                "distclip state's 'streaks' must be {'nonfinite': int >= 0, 'spike': int >= 0} as GradClipper.state_dict() "
-                f"writes it; got {state!r}")
+                "distclip state's 'streaks' must be {'nonfinite': int >= 0, 'spike': int >= 0} as "
+                f"GradClipper.state_dict() writes it; got {state!r}")
         self.nonfinite, self.spike = values

@@ -61,7 +61,8 @@ class Decision:
     skipped: bool = False
     skip_reason: str | None = None  # nonfinite | overflow | spike
     nonfinite_seen: bool = False  # the host has read that a norm is non-finite (what attribution runs on)
-    stop: str | None = None  # raise on every rank after recording: error (nonfinite: error), nonfinite or spike (streak)
+    # raise on every rank after recording: error (nonfinite: error), nonfinite or spike (streak)
+    stop: str | None = None
     streaks: tuple[int, int] = (0, 0)  # non-finite steps, spike skips in a row (this clip included)
 
 

@@ -1,4 +1,5 @@
-"""Raising :class:`~distclip.MissingExtraError` for optional packages; the error types live in :mod:`distclip.errors`."""
+"""Raising :class:`~distclip.MissingExtraError` for optional packages; the error types live in
+:mod:`distclip.errors`."""
 
 from __future__ import annotations
 

@@ -39,7 +39,9 @@ def collective_device(group: ProcessGroup | None, hint: torch.device | None) -> 
     if group is not None:
         backend = str(dist.get_backend(group)).lower()
         if "nccl" in backend:
-            return hint if hint is not None and hint.type == "cuda" else torch.device("cuda", torch.cuda.current_device())
+            if hint is not None and hint.type == "cuda":
+                return hint
+            return torch.device("cuda", torch.cuda.current_device())
         if "gloo" in backend:
             return torch.device("cpu")
     return hint if hint is not None else torch.device("cpu")
@@ -48,7 +50,8 @@ def collective_device(group: ProcessGroup | None, hint: torch.device | None) -> 
 GATHER_LIMIT = 1 << 13  # float64 values a rank may receive in a mixed SUM/MAX clip (64 KiB); beyond: two all-reduces
 
 
-def reduce_slots(partials: torch.Tensor, layout: "SlotLayout | SlotsWithRows", group: ProcessGroup | None) -> torch.Tensor:
+def reduce_slots(partials: torch.Tensor, layout: "SlotLayout | SlotsWithRows",
+                 group: ProcessGroup | None) -> torch.Tensor:
     """Reduce the float64 slot vector across ``group`` in exactly ONE collective (two for a large mixed layout).
 
     ``layout`` says which slots are maxima (``any_max``, ``all_max``, ``max_mask``): a

@@ -184,7 +184,8 @@ class RowPlan:
         clipped = max_norm / grad_norm.clamp(min=GRAD_NORM_FLOOR)
         return torch.where(grad_norm < max_norm, torch.ones_like(clipped), clipped)
 
-    def add_group_sums(self, slots: torch.Tensor, row_partials: torch.Tensor, groups: frozenset[int], p: float) -> torch.Tensor:
+    def add_group_sums(self, slots: torch.Tensor, row_partials: torch.Tensor, groups: frozenset[int],
+                       p: float) -> torch.Tensor:
         """``slots`` with slot ``g`` of each of ``groups`` (whose norm is in ``p``, the config's p: slot g) given
         the sum (max for p = inf) of its rows' gradient sums: the same elements, so these group norms need no
         pass over the gradients of their own."""
@@ -312,7 +313,8 @@ class PieceMap:
                 out.index_add_(0, plan.index, values if p == 1 else values.pow(p))
         return out
 
-    def _count_plan(self, present: tuple[tuple[int, torch.dtype, torch.device], ...], device: torch.device) -> _CountPlan:
+    def _count_plan(self, present: tuple[tuple[int, torch.dtype, torch.device], ...],
+                    device: torch.device) -> _CountPlan:
         if len(self._count_plans) > 64:  # bounded: the present spans change rarely
             self._count_plans.clear()
         alone: list[Member] = []
@@ -334,7 +336,8 @@ class PieceMap:
         return _CountPlan(tuple(batches), torch.tensor(row_index, dtype=torch.long, device=device))
 
     @staticmethod
-    def _norms(plan: _CountPlan, tensors: Sequence[torch.Tensor | None], p: float, device: torch.device) -> torch.Tensor:
+    def _norms(plan: _CountPlan, tensors: Sequence[torch.Tensor | None], p: float,
+               device: torch.device) -> torch.Tensor:
         """The norm of every part, in the plan's order (float64 on ``device``)."""
         chunks: list[torch.Tensor] = []
         for batch in plan.batches:
@@ -344,12 +347,15 @@ class PieceMap:
                     chunks.append(torch.linalg.vector_norm(block, p, dim=1, dtype=_row_dtype(block.dtype)))
             elif batch.kind == "stacked":
                 block = torch.cat([tensors[s].reshape(-1)[start:stop] for s, start, stop, _, _ in batch.members])
-                chunks.append(torch.linalg.vector_norm(block.view(-1, batch.row), p, dim=1, dtype=_row_dtype(batch.dtype)))
+                chunks.append(torch.linalg.vector_norm(block.view(-1, batch.row), p, dim=1,
+                                                       dtype=_row_dtype(batch.dtype)))
             else:  # whole small parameters: distclip's exact partial sums, then the root
                 parts = [tensors[s].reshape(-1)[start:stop] for s, start, stop, _, _ in batch.members]
                 sums = power_sums(parts, p)
                 chunks.append(sums if math.isinf(p) else sums.pow(1.0 / p))
-        return torch.cat([c.to(device, ACC_DTYPE) for c in chunks]) if len(chunks) > 1 else chunks[0].to(device, ACC_DTYPE)
+        if len(chunks) > 1:
+            return torch.cat([c.to(device, ACC_DTYPE) for c in chunks])
+        return chunks[0].to(device, ACC_DTYPE)
 
     # ------------------------------------------------------------------ applying
     def scale_(self, tensors: Sequence[torch.Tensor | None], coefs: torch.Tensor) -> None:
@@ -407,7 +413,8 @@ class PieceMap:
                     key, part = (device, 0, 0), (s, start, stop, 0, whole)  # one coefficient
                 members.setdefault(key, []).append(part)
                 row_index.setdefault(key, []).extend(range(first_row, first_row + max(rows, 1)))
-        return tuple(_ScaleGroup(device, ndim, rows, tuple(m), torch.tensor(row_index[key], dtype=torch.long, device=device))
+        return tuple(_ScaleGroup(device, ndim, rows, tuple(m),
+                                 torch.tensor(row_index[key], dtype=torch.long, device=device))
                      for key, m in members.items() for device, ndim, rows in [key])
 
 

@@ -55,7 +55,8 @@ __all__ = ["enable", "disable", "last_report", "log_to_trackers", "AccelerateCli
 DDP_TYPES = frozenset({"NO", "MULTI_CPU", "MULTI_GPU", "MULTI_NPU", "MULTI_MLU", "MULTI_SDAA", "MULTI_MUSA",
                        "MULTI_XPU", "MULTI_HPU", "MULTI_NEURON"})
 FSDP_MODULE = "distclip.adapters.fsdp1"  # distclip's FSDP1/FSDP2 adapters (adapter_for picks them)
-DEEPSPEED_MODULE = "distclip.integrations.deepspeed"  # attach(engine, config) -> GradClipper, clip inside DeepSpeed's step
+# attach(engine, config) -> GradClipper, clip inside DeepSpeed's step
+DEEPSPEED_MODULE = "distclip.integrations.deepspeed"
 
 
 def enable(accelerator: Any, config: ClipConfig | Mapping[str, Any] | str | os.PathLike | None = None,

@@ -70,9 +70,10 @@ class DistclipCallback(_Callback):
 
     def __init__(self, config: ClipConfig | Mapping[str, Any] | str | os.PathLike | None = None, *,
                  log_every_n_steps: int | None = None, **overrides: Any):
-        if log_every_n_steps is not None and (isinstance(log_every_n_steps, bool) or not isinstance(log_every_n_steps, int)
-                                              or log_every_n_steps < 0):
-            raise ConfigError(f"DistclipCallback(log_every_n_steps={log_every_n_steps!r}): expected None or an int >= 0")
+        if log_every_n_steps is not None and (isinstance(log_every_n_steps, bool)
+                                              or not isinstance(log_every_n_steps, int) or log_every_n_steps < 0):
+            raise ConfigError(
+                f"DistclipCallback(log_every_n_steps={log_every_n_steps!r}): expected None or an int >= 0")
         self.config = load_config(config, **overrides)
         self.log_every_n_steps = log_every_n_steps
         self.clipper: GradClipper | None = None

@@ -26,8 +26,9 @@ POLICIES: dict[str, type[ClipPolicy]] = {
 }
 
 __all__ = [
-    "EPS", "POLICIES", "AGCPolicy", "AdaGCPolicy", "AutoClipPolicy", "ClipPolicy", "FixedPolicy", "PolicySet", "SpikeDetector",
-    "Stateful", "ZClipPolicy", "build_policies", "build_policy", "build_spike_detector", "clip_coefficients",
+    "EPS", "POLICIES", "AGCPolicy", "AdaGCPolicy", "AutoClipPolicy", "ClipPolicy", "FixedPolicy", "PolicySet",
+    "SpikeDetector", "Stateful", "ZClipPolicy", "build_policies", "build_policy", "build_spike_detector",
+    "clip_coefficients",
 ]
 
 
