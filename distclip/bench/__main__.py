@@ -15,6 +15,7 @@ import subprocess
 import sys
 import warnings
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -133,7 +134,7 @@ def save(results: dict[str, object], path: str) -> None:
     out.write_text(json.dumps(results, indent=2, default=str))
 
 
-def save_targets(targets: dict[str, object], info: dict[str, object], path: str) -> None:
+def save_targets(targets: dict[str, Any], info: dict[str, Any], path: str) -> None:
     """The speed-targets table as the docs' ``{distclip-bench}`` directive reads it: machine, date, note, flat rows."""
     import datetime
 
@@ -160,14 +161,14 @@ def main(argv: list[str] | None = None) -> int:
     quiet()
     device = init_distributed()
     rank = dist.get_rank()
-    results: dict[str, object] = {"machine": machine(), "args": vars(args), "backends": [], "scaling": None,
-                                 "bandwidth": None, "kernels": None, "targets": None}
+    results: dict[str, Any] = {"machine": machine(), "args": vars(args), "backends": [], "scaling": None,
+                              "bandwidth": None, "kernels": None, "targets": None}
     for backend in [b for b in args.backends.split(",") if b]:
         if backend not in BACKENDS:
             raise SystemExit(f"unknown backend {backend!r}; choose from {list(BACKENDS)}")
         for size in [parse_size(s) for s in args.params.split(",")]:
             rows = bench_backend(backend, size, args, device)
-            results["backends"].append({"backend": backend, "params": size, "rows": rows})  # type: ignore[union-attr]
+            results["backends"].append({"backend": backend, "params": size, "rows": rows})
             if rank == 0:
                 print_backend_table(backend, size, rows, results["machine"])
                 save(results, args.json)

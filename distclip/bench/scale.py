@@ -76,11 +76,12 @@ class Exchanges:
             if not any(rule(out, mine, group, index) for rule in self.rules):
                 out.view(-1, mine.numel()).copy_(mine.reshape(1, -1))
 
-        def all_reduce(tensor: torch.Tensor, op: Any = None, group: Any = None, **kwargs: Any) -> Any:
+        def all_reduce(tensor: torch.Tensor, op: Any = None, group: Any = None, async_op: bool = False) -> Any:
             self.log.append({"op": f"all_reduce_{str(op).split('.')[-1].lower() if op is not None else 'sum'}",
                              "sent": tensor.numel() * tensor.element_size(),
                              "received": tensor.numel() * tensor.element_size(), "dtype": str(tensor.dtype)})
-            return saved["all_reduce"](tensor, op=op if op is not None else dist.ReduceOp.SUM, group=group, **kwargs)
+            return saved["all_reduce"](tensor, op=op if op is not None else dist.ReduceOp.SUM, group=group,
+                                       async_op=async_op)
 
         for n in ("all_gather_single", "all_gather_into_tensor"):
             if n in saved:
@@ -124,7 +125,7 @@ class Model(nn.Module):
 
     def __init__(self, count: int, first: int = 0):
         super().__init__()
-        self.layers = nn.ModuleDict({str(first + i): Leaf() for i in range(count)})
+        self.layers: nn.ModuleDict = nn.ModuleDict({str(first + i): Leaf() for i in range(count)})
 
 
 CONFIG = {  # four explicit groups and the default one: G = 5 (every group in p = 2)
@@ -169,15 +170,15 @@ def _local_shape(shape: tuple[int, ...], mesh: Any, placements: list[Any]) -> tu
     return tuple(local)
 
 
-def _dtensor_params(model: nn.Module, place: Callable[[int], tuple[Any, list[Any]]]) -> nn.Module:
+def _dtensor_params(model: Model, place: Callable[[int], tuple[Any, list[Any]]]) -> nn.Module:
     """Every parameter ``i`` of ``model`` made a DTensor on the mesh and placements ``place(i)``."""
     from torch.distributed.tensor import DTensor
 
     for i, leaf in enumerate(model.layers.values()):
         mesh, placements = place(i)
         local = torch.randn(_local_shape(LEAF_SHAPE, mesh, placements))
-        leaf.weight = nn.Parameter(DTensor.from_local(local, mesh, placements, run_check=False, shape=LEAF_SHAPE,
-                                                      stride=(LEAF_SHAPE[1], 1)))
+        leaf.weight = nn.Parameter(DTensor.from_local(local, mesh, placements, run_check=False,
+                                                      shape=torch.Size(LEAF_SHAPE), stride=(LEAF_SHAPE[1], 1)))
     return model
 
 
@@ -271,9 +272,9 @@ def build_declared(world: int, params: int) -> Layout:
     model = Model(params)
     for i, leaf in enumerate(model.layers.values()):
         if i % 2 == 0:
-            distclip.declare(leaf.weight, sharded_over=mesh["tp"])
+            distclip.declare(leaf.get_parameter("weight"), sharded_over=mesh["tp"])
         else:
-            distclip.declare(leaf.weight, replicated_over=mesh["tp"])
+            distclip.declare(leaf.get_parameter("weight"), replicated_over=mesh["tp"])
     # the census publishes, per declared group, (hash of its ranks, its size, hash of its digests): every
     # tensor-parallel group its own ranks' hash, the same digests (DDP replicas hold the same values)
     keys = torch.tensor([hash60(repr(list(range(g * TP, (g + 1) * TP)))) for g in range(world // TP)])
@@ -405,7 +406,8 @@ def slopes(rows: list[dict[str, Any]], key: str) -> dict[str, float]:
 
 def run(worlds: list[int], sizes: list[int], layouts: list[str], payload_worlds: list[int],
         payload_groups: list[int], budget: float = math.inf, verbose: bool = True) -> dict[str, Any]:
-    rows, skipped = [], []
+    rows: list[dict[str, Any]] = []
+    skipped: list[Any] = []
     gc.freeze()  # torch's objects: out of every later collection (a full one costs ~0.2 s with torch loaded)
     for name in layouts:
         for world in worlds:
@@ -496,12 +498,12 @@ def plot(results: dict[str, Any], path: Path, baseline: dict[str, Any] | None = 
         payload = source["payload"]
         for i, n in enumerate(sorted({_tensors(p) for p in payload})):
             for mixed in (False, True):
-                series = sorted((p["world"], p["received_bytes"], p["groups"]) for p in payload
+                points = sorted((p["world"], p["received_bytes"], p["groups"]) for p in payload
                                 if p["mixed_p"] == mixed and _tensors(p) == n)
-                if not series or (style == "--" and not mixed):
+                if not points or (style == "--" and not mixed):
                     continue
-                ax.plot([w for w, _, _ in series], [b for _, b, _ in series], style, marker="s" if mixed else "o",
-                        markersize=3, color=f"C{i}", label=f"G={series[0][2]}{' (one in p = inf)' if mixed else ''}"
+                ax.plot([w for w, _, _ in points], [b for _, b, _ in points], style, marker="s" if mixed else "o",
+                        markersize=3, color=f"C{i}", label=f"G={points[0][2]}{' (one in p = inf)' if mixed else ''}"
                         f"{' (before)' if style == '--' else ''}")
     ax.set_title("per-clip bytes received per rank")
     ax.set_ylabel("bytes")

@@ -22,6 +22,7 @@ import math
 import os
 import statistics
 import time
+from functools import partial
 from typing import Any, Callable
 
 import torch
@@ -110,9 +111,8 @@ def kernel_rows(scale: float, repeats: int, device: torch.device) -> list[dict[s
             tensors = [torch.randn(n, generator=gen).to(device=device, dtype=dtype) for n in sizes]
             for p in KERNEL_PS:
                 exact = torch.stack([_reference(t, p) for t in tensors])
-                fns = {  # tensors and p bound as default arguments (this iteration's)
-                    "distclip": lambda tensors=tensors, p=p: power_sums(tensors, p),
-                    "native": lambda tensors=tensors, p=p: torch.stack(foreach_norm(tensors, p, dtype=torch.float32))}
+                fns: dict[str, Callable[[], Any]] = {  # partial binds this iteration's tensors and p
+                    "distclip": partial(power_sums, tensors, p), "native": partial(_native_norms, tensors, p)}
                 times = _turns(fns, repeats, device)
                 error = _worst_rel_err(power_sums(tensors, p), exact)
                 best = min(times["distclip"]) / min(times["native"])
@@ -120,8 +120,12 @@ def kernel_rows(scale: float, repeats: int, device: torch.device) -> list[dict[s
                 rows.append(_row("exact local norm vs torch's fp32 foreach norm", f"{mix} {dname}, p={_p(p)}",
                                  times["distclip"], times["native"], "ms", 1e3, f"<= {GOALS['kernels']}x, err <= 1e-6",
                                  max(best, paired) <= GOALS["kernels"] and error <= 1e-6, error))
-            del tensors, fns  # the lambdas hold the tensors too: free both before the next dtype
+            del tensors, fns  # the partials hold the tensors too: free both before the next dtype
     return rows
+
+
+def _native_norms(tensors: list[torch.Tensor], p: float) -> torch.Tensor:
+    return torch.stack(foreach_norm(tensors, p, dtype=torch.float32))
 
 
 def _reference(t: torch.Tensor, p: float) -> torch.Tensor:

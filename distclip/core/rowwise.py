@@ -192,8 +192,8 @@ class RowPlan:
         device = slots.device
         key = ("derived", groups, device)
         if key not in self._constants:
-            pairs = [(b.first + r, b.group) for b in self.blocks if b.group in groups for r in range(b.rows)]
-            self._constants[key] = torch.tensor(pairs, dtype=torch.long, device=device).reshape(-1, 2)
+            row_groups = [(b.first + r, b.group) for b in self.blocks if b.group in groups for r in range(b.rows)]
+            self._constants[key] = torch.tensor(row_groups, dtype=torch.long, device=device).reshape(-1, 2)
         pairs = self._constants[key]
         values = row_partials.index_select(0, pairs[:, 0])  # the gradient half comes first
         if math.isinf(p):
@@ -298,8 +298,8 @@ class PieceMap:
         """Per row, ``sum |x|^p`` (``max |x|`` for p = inf) of these spans' elements: float64 [U] on ``device``."""
         out = torch.zeros(self.plan.num_rows, dtype=ACC_DTYPE, device=device)
         for p, members in self.passes.items():
-            present = tuple((s, tensors[s].dtype, tensors[s].device) for s in members
-                            if tensors[s] is not None and self.parts[s])
+            present = tuple((s, t.dtype, t.device) for s in members
+                            if (t := tensors[s]) is not None and self.parts[s])
             if not present:
                 continue
             key = (p, device, present)
@@ -343,14 +343,14 @@ class PieceMap:
         for batch in plan.batches:
             if batch.kind == "rows":
                 for s, start, stop, rows, _ in batch.members:
-                    block = tensors[s].reshape(-1)[start:stop].view(rows, -1)
+                    block = _held(tensors, s).reshape(-1)[start:stop].view(rows, -1)
                     chunks.append(torch.linalg.vector_norm(block, p, dim=1, dtype=_row_dtype(block.dtype)))
             elif batch.kind == "stacked":
-                block = torch.cat([tensors[s].reshape(-1)[start:stop] for s, start, stop, _, _ in batch.members])
+                block = torch.cat([_held(tensors, s).reshape(-1)[start:stop] for s, start, stop, _, _ in batch.members])
                 chunks.append(torch.linalg.vector_norm(block.view(-1, batch.row), p, dim=1,
-                                                       dtype=_row_dtype(batch.dtype)))
+                                                       dtype=_row_dtype(block.dtype)))  # = batch.dtype
             else:  # whole small parameters: distclip's exact partial sums, then the root
-                parts = [tensors[s].reshape(-1)[start:stop] for s, start, stop, _, _ in batch.members]
+                parts = [_held(tensors, s).reshape(-1)[start:stop] for s, start, stop, _, _ in batch.members]
                 sums = power_sums(parts, p)
                 chunks.append(sums if math.isinf(p) else sums.pow(1.0 / p))
         if len(chunks) > 1:
@@ -366,8 +366,8 @@ class PieceMap:
         coefficient broadcast over its other dimensions (any strides); a flat piece (an FSDP1
         flat shard, a ZeRO partition) by its head, rows (a ``(k, L)`` view) and tail.
         """
-        present = tuple((s, tensors[s].device, tuple(tensors[s].shape)) for s in range(len(tensors))
-                        if tensors[s] is not None and self.parts[s])
+        present = tuple((s, t.device, tuple(t.shape)) for s in range(len(tensors))
+                        if (t := tensors[s]) is not None and self.parts[s])
         if not present:
             return
         groups = self._scale_plans.get(present)
@@ -388,10 +388,10 @@ class PieceMap:
             targets = []
             for s, start, stop, rows, whole in group.members:
                 if whole:
-                    targets.append(tensors[s])
+                    targets.append(_held(tensors, s))
                     continue
                 if s not in flats:
-                    flats[s] = _flat_view(tensors[s])
+                    flats[s] = _flat_view(_held(tensors, s))
                 piece = flats[s][start:stop]
                 targets.append(piece.view(rows, -1) if rows else piece)
             foreach_mul_(targets, factors)
@@ -447,6 +447,13 @@ def _split(span: Span, block: RowBlock) -> tuple[Part, ...]:
     if position < end:  # tail: the start of the row the span ends inside
         parts.append((position - span.offset, span.numel, 0, block.first + position // row))
     return tuple(parts)
+
+
+def _held(tensors: Sequence[torch.Tensor | None], s: int) -> torch.Tensor:
+    """Span ``s``'s tensor, which a plan lists only when it is present (not None)."""
+    t = tensors[s]
+    assert t is not None
+    return t
 
 
 def _flat_view(tensor: torch.Tensor) -> torch.Tensor:
