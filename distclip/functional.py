@@ -70,7 +70,7 @@ def _clipper(model_or_params: Any, settings: dict[str, Any], layout: dict[str, A
     key = _key(settings, layout)
     if layout.get("pipeline_group") is not None:  # this rank's stage(s): a module, a PipelineStage, or a list
         stages = model_or_params if isinstance(model_or_params, (list, tuple)) else [model_or_params]
-        modules = [getattr(s, "submod", s) for s in stages]
+        modules: list[Any] = [getattr(s, "submod", s) for s in stages]
         owner = modules[0] if isinstance(modules[0], torch.nn.Module) else None
         if owner is not None:
             per_model = _by_module.setdefault(owner, {})

@@ -118,7 +118,7 @@ def suggest(log: ClipLog, q: float, warmup: int | None = None, base: dict[str, A
     if warmup < 0 or warmup >= n:
         raise SuggestError(f"--warmup {warmup} leaves no clips of the {n} logged; pass a smaller --warmup")
     skipped = log.series("skipped")
-    rows = []
+    rows: list[dict[str, Any]] = []
     measured_only = {g["name"] for g in (log.header or {}).get("groups") or []
                      if "max_norm" in g and g["max_norm"] is None}
     for group in log.groups:

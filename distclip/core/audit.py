@@ -88,7 +88,7 @@ class ClipAudit:
         device = coefs.device
         parts = [coefs.double(), thresholds.double().to(device)]
         measured = before is not None and after is not None
-        if measured:
+        if before is not None and after is not None:  # = measured
             ratio = after[:g].to(device) / before[:g].to(device)
             p = self.layout.total_norm_type
             parts += [ratio if math.isinf(p) else ratio.pow(1.0 / p), before[:g].to(device)]

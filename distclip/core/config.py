@@ -17,7 +17,7 @@ import re
 import stat
 import sys
 from pathlib import Path
-from typing import Annotated, Any, Literal, Mapping, Union
+from typing import TYPE_CHECKING, Annotated, Any, Literal, Mapping, Union
 
 import yaml
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, model_validator
@@ -133,7 +133,7 @@ def _parse_depth(value: Any) -> int:
     elif isinstance(value, numbers.Integral):
         value = int(value)
     elif isinstance(value, numbers.Real) and math.isfinite(value) and float(value).is_integer():
-        value = int(value)
+        value = math.trunc(value)  # = int(value) for a Real (typeshed's int() takes no numbers.Real)
     else:
         raise ValueError(f"{_DEPTH_RULE}; got {type(value).__name__} {_show(value)}")
     if value < 1:
@@ -180,6 +180,9 @@ class _RoleSpec(_Section):
     only. The two are told apart by whether the key was given (``model_fields_set``), and
     :meth:`ClipConfig.to_dict` writes an explicit ``null`` back, so the role survives a round trip.
     """
+
+    if TYPE_CHECKING:  # a field of every subclass (declared there: a pydantic field here would be inherited)
+        max_norm: float | None
 
     @property
     def measured_only(self) -> bool:
@@ -585,7 +588,8 @@ class ClipConfig(_Section):
 def _with_roles(config: ClipConfig, data: dict[str, Any]) -> dict[str, Any]:
     """``data`` (a dump of ``config``) with ``max_norm: null`` written for measured-only sections: a dump drops
     the None (or cannot tell it from a max_norm left out), and the role would be lost."""
-    sections = [(group, data["groups"][i]) for i, group in enumerate(config.groups)]
+    sections: list[tuple[GroupSpec | PerLayerSpec, Any]] = [
+        (group, data["groups"][i]) for i, group in enumerate(config.groups)]
     if config.per_layer is not None:
         sections.append((config.per_layer, data["per_layer"]))
     for spec, dumped in sections:
@@ -769,8 +773,9 @@ def _allowed_keys(loc: tuple[Any, ...]) -> list[str]:
         kind = loc[loc.index("policy") + 1]
         model = POLICY_KINDS.get(kind, FixedPolicySpec)
     elif len(loc) > 1:
-        sections = {"groups": GroupSpec, "per_layer": PerLayerSpec, "skip_spikes": SkipSpikesSpec,
-                    "log": LogSpec, "audit": AuditSpec, "nonfinite": NonFiniteSpec}
+        sections: dict[str, type[BaseModel]] = {
+            "groups": GroupSpec, "per_layer": PerLayerSpec, "skip_spikes": SkipSpikesSpec,
+            "log": LogSpec, "audit": AuditSpec, "nonfinite": NonFiniteSpec}
         model = sections.get(loc[0], ClipConfig)
     return list(model.model_fields)
 

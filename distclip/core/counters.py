@@ -62,6 +62,7 @@ class ClipCounters:
             raise StateDictError(
                 f"distclip state's 'counts' must be {{'steps': int >= 0, 'clipped': int64 tensor of {self.num_groups} "
                 f"counts}} as GradClipper.state_dict() writes it; got {state!r}")
+        assert isinstance(steps, int) and isinstance(clipped, torch.Tensor)  # checked just above
         device = clipped.device if self.clipped is None else self.clipped.device
         self.steps, self.clipped, self.streaks = steps, clipped.detach().clone().to(device), None
 
@@ -106,4 +107,6 @@ class BadStepStreaks:
             raise StateDictError(
                 "distclip state's 'streaks' must be {'nonfinite': int >= 0, 'spike': int >= 0} as "
                 f"GradClipper.state_dict() writes it; got {state!r}")
-        self.nonfinite, self.spike = values
+        nonfinite, spike = values
+        assert isinstance(nonfinite, int) and isinstance(spike, int)  # checked just above
+        self.nonfinite, self.spike = nonfinite, spike

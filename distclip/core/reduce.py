@@ -176,7 +176,7 @@ def check_consistency(group: ProcessGroup | None, fingerprint: str, summary: dic
     if not bad:
         return
     first_of_stage = {int(table[r, 1]): int(first[stage_of[r]]) for r in bad}
-    table = table.tolist()
+    host_table = table.tolist()
     texts = exchange_bytes(group, json.dumps(summary, sort_keys=True, default=str).encode())
     summaries = [json.loads(t) for t in texts]
     failed = {r: s[SETUP_ERROR] for r, s in enumerate(summaries) if SETUP_ERROR in s}
@@ -188,7 +188,7 @@ def check_consistency(group: ProcessGroup | None, fingerprint: str, summary: dic
         )
     lines = []
     for r in bad[:4]:
-        base = 0 if table[r][0] != table[0][0] else first_of_stage[table[r][1]]
+        base = 0 if host_table[r][0] != host_table[0][0] else first_of_stage[host_table[r][1]]
         reference, other = summaries[base], summaries[r]
         diffs = [f"{k}: rank {base} has {reference.get(k)!r}, rank {r} has {other.get(k)!r}"
                  for k in sorted(set(reference) | set(other)) if reference.get(k) != other.get(k)]

@@ -34,7 +34,7 @@ __all__ = [
 
 def build_policy(spec: PolicySpec, groups: Sequence[ClipGroup]) -> ClipPolicy:
     """The policy of ``spec.kind`` over ``groups``."""
-    cls = POLICIES.get(getattr(spec, "kind", None))
+    cls = POLICIES.get(getattr(spec, "kind", ""))
     if cls is None:
         raise TypeError(f"no policy implementation for {spec!r}")
     return cls(spec, groups)
