@@ -6,25 +6,43 @@
 import importlib
 from typing import Any
 
+from ._version import __version__ as __version__  # the one version source (pyproject reads it too)
 from .adapters.declared import declare
 from .clipper import GradClipper
-from .functional import clip_grad_norm_, global_grad_norm
-from .errors import StaleClippingWarning
-from .errors import (BadStepError, ClipAuditError, ClipLogError, ConfigError, ConfigMismatchError, DistclipError, LaunchError,
-                     MissingExtraError, NonFiniteGradientError, PartialGradientError, RankFailed, RanksTimedOut,
-                     SpikeStreakError, StateDictError, SuggestError, UnsupportedDeepSpeedSetup, UnsupportedLayoutError,
-                     UnsupportedModelError, UnsupportedVersionError, UsageError)
-from .core.report import ClipReport
-from .core.sinks import BaseSink, CallbackSink, JSONLSink, MetricSink, TensorBoardSink
 from .core.config import ClipConfig, GroupSpec, PerLayerSpec, load_config
 from .core.names import canonical_name
+from .core.report import ClipReport
+from .core.sinks import BaseSink, CallbackSink, JSONLSink, MetricSink, TensorBoardSink
+from .errors import (
+    BadStepError,
+    ClipAuditError,
+    ClipLogError,
+    ConfigError,
+    ConfigMismatchError,
+    DistclipError,
+    LaunchError,
+    MissingExtraError,
+    NonFiniteGradientError,
+    PartialGradientError,
+    RankFailed,
+    RanksTimedOut,
+    SpikeStreakError,
+    StaleClippingWarning,
+    StateDictError,
+    SuggestError,
+    UnsupportedDeepSpeedSetup,
+    UnsupportedLayoutError,
+    UnsupportedModelError,
+    UnsupportedVersionError,
+    UsageError,
+)
+from .functional import clip_grad_norm_, global_grad_norm
 
-from ._version import __version__ as __version__  # the one version source (pyproject reads it too)
-
-# The integrations' import paths and distclip.presets (the configs shipped in the package), loaded on first use (distclip.deepspeed.attach(engine, config) works
-# after a plain `import distclip`); none imports its framework until it is used.
-_SUBMODULES = ("accelerate", "deepspeed", "hf_trainer", "lightning", "mpi", "olmo_core", "presets", "testing", "torchft",
-               "torchtitan")
+# The integrations' import paths and distclip.presets (the configs shipped in the package), loaded on first use
+# (distclip.deepspeed.attach(engine, config) works after a plain `import distclip`); none imports its framework until
+# it is used.
+_SUBMODULES = ("accelerate", "deepspeed", "hf_trainer", "lightning", "mpi", "olmo_core", "presets", "testing",
+               "torchft", "torchtitan")
 
 
 def __getattr__(name: str) -> Any:

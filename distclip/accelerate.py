@@ -1,4 +1,5 @@
-"""``distclip.accelerate``: the stable import path of :mod:`distclip.integrations.accelerate` (the same module object)."""
+"""``distclip.accelerate``: the stable import path of :mod:`distclip.integrations.accelerate`
+(the same module object)."""
 
 import sys
 

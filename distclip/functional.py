@@ -70,7 +70,7 @@ def _clipper(model_or_params: Any, settings: dict[str, Any], layout: dict[str, A
     key = _key(settings, layout)
     if layout.get("pipeline_group") is not None:  # this rank's stage(s): a module, a PipelineStage, or a list
         stages = model_or_params if isinstance(model_or_params, (list, tuple)) else [model_or_params]
-        modules = [getattr(s, "submod", s) for s in stages]
+        modules: list[Any] = [getattr(s, "submod", s) for s in stages]
         owner = modules[0] if isinstance(modules[0], torch.nn.Module) else None
         if owner is not None:
             per_model = _by_module.setdefault(owner, {})
@@ -98,7 +98,8 @@ def _clipper(model_or_params: Any, settings: dict[str, Any], layout: dict[str, A
         if not model_or_params:
             warnings.warn("`parameters` is an empty generator, no gradient clipping will occur.", stacklevel=4)
     else:
-        model_or_params = list(model_or_params) if not isinstance(model_or_params, (str, bytes, dict)) else model_or_params
+        if not isinstance(model_or_params, (str, bytes, dict)):
+            model_or_params = list(model_or_params)
     if not isinstance(model_or_params, list) or not all(_is_tensor_or_named(x) for x in model_or_params):
         return GradClipper(model_or_params, settings, **layout)  # raises the clear error for what it is
     return _by_tensors(key, model_or_params, lambda: GradClipper(model_or_params, settings, **layout))

@@ -1,4 +1,5 @@
-"""``distclip.hf_trainer``: the stable import path of :mod:`distclip.integrations.hf_trainer` (the same module object)."""
+"""``distclip.hf_trainer``: the stable import path of :mod:`distclip.integrations.hf_trainer`
+(the same module object)."""
 
 import sys
 

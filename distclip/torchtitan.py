@@ -1,4 +1,5 @@
-"""``distclip.torchtitan``: the stable import path of :mod:`distclip.integrations.torchtitan` (the same module object)."""
+"""``distclip.torchtitan``: the stable import path of :mod:`distclip.integrations.torchtitan`
+(the same module object)."""
 
 import sys
 

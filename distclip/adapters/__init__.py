@@ -1,4 +1,5 @@
-"""Pick the adapter for whatever the user passed: plain module or parameters, DDP (torch's or torchft's), FSDP1, FSDP2 / DTensor, DeepSpeed engine."""
+"""Pick the adapter for whatever the user passed: plain module or parameters, DDP (torch's or torchft's), FSDP1,
+FSDP2 / DTensor, DeepSpeed engine."""
 
 from __future__ import annotations
 
@@ -7,15 +8,15 @@ from typing import Any, Iterable
 import torch
 from torch.nn.parallel import DistributedDataParallel
 
-from ..compat import torchft as _torchft
-from ..errors import UnsupportedModelError
-from ..core.names import canonical_name, named_trainable_parameters
 from ..compat import pytorch as _compat
+from ..compat import torchft as _torchft
+from ..core.names import canonical_name, named_trainable_parameters
+from ..errors import UnsupportedModelError
 from .base import GradAdapter
 from .ddp import DDPAdapter
 from .mesh_geometry import PipelineStages
-from .zero import deepspeed_adapter, is_deepspeed_engine  # imports no DeepSpeed
 from .plain import PlainAdapter
+from .zero import deepspeed_adapter, is_deepspeed_engine  # imports no DeepSpeed
 
 __all__ = ["GradAdapter", "PlainAdapter", "DDPAdapter", "adapter_for", "UnsupportedModelError"]
 
@@ -35,7 +36,8 @@ def adapter_for(obj: Any, pipeline_group: Any = None, tied: Any = None) -> GradA
 
         return PipelineAdapter(obj, pipeline_group, tied)
     if tied:
-        raise UnsupportedModelError("distclip: tied= declares weights tied across pipeline stages; pass pipeline_group too")
+        raise UnsupportedModelError(
+            "distclip: tied= declares weights tied across pipeline stages; pass pipeline_group too")
     if _is_pipeline_stage(obj) or (isinstance(obj, (list, tuple)) and obj and all(
             _is_pipeline_stage(s) or isinstance(s, torch.nn.Module) for s in obj)):
         raise UnsupportedModelError(

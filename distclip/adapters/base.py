@@ -32,15 +32,24 @@ from typing import Any, Sequence
 import torch
 import torch.distributed as dist
 
+from ..compat import pytorch as _compat
 from ..core.config import ConfigError
 from ..core.groups import GroupTable
 from ..core.hook_choice import ReductionVenue
 from ..core.norms import SlotLayout, combine_partials, local_partials
 from ..core.reduce import ProcessGroup, collective_device
-from ..core.rowwise import Span, RowPlan
-from ..compat import pytorch as _compat
-from .counting import (LocalPiece, Replicas, Segment, Slicing, counted_segments, flat_range, group_ranks,
-                       segment_offsets, slice_segments)
+from ..core.rowwise import RowPlan, Span
+from .counting import (
+    LocalPiece,
+    Replicas,
+    Segment,
+    Slicing,
+    counted_segments,
+    flat_range,
+    group_ranks,
+    segment_offsets,
+    slice_segments,
+)
 from .declared import Declaration, census_payload, check_census, declaration_of, declared_replicas
 from .hooks import ReductionHook
 
@@ -64,7 +73,8 @@ class GradAdapter:
     hook: ReductionHook | None = None
     hook_status = "not enabled"  # after enable_reduction_hook: the hook's name, or why there is none
     row_plan: RowPlan | None = None  # after bind_rows: the row layout of row-wise (agc) clipping
-    setup_problems: tuple[str, ...] = ()  # what is wrong with this layout: raised on every rank after the set-up exchange
+    # what is wrong with this layout: raised on every rank after the set-up exchange
+    setup_problems: tuple[str, ...] = ()
 
     def __init__(self, named_params: Sequence[tuple[str, torch.nn.Parameter]]):
         seen: set[int] = set()
@@ -215,7 +225,8 @@ class GradAdapter:
         return None
 
     def decline_reduction_hook(self, reason: str, inner: Any = None, inner_state: Any = None) -> None:
-        """The post-backward path was chosen (``comm_hook: false``, or ``auto`` where the hook does not pay): record why.
+        """The post-backward path was chosen (``comm_hook: false``, or ``auto`` where the hook does not pay):
+        record why.
 
         ``inner``: a user communication hook distclip would have wrapped (DDP registers it as it is).
         """
@@ -234,7 +245,8 @@ class GradAdapter:
         """Local slot partials already computed inside the gradient reduction, if provably valid."""
         return self.hook.take() if self.hook is not None else None
 
-    def with_pieces_outside_the_hook(self, partials: torch.Tensor | None, segments: list[Segment]) -> torch.Tensor | None:
+    def with_pieces_outside_the_hook(self, partials: torch.Tensor | None,
+                                     segments: list[Segment]) -> torch.Tensor | None:
         """The hook's partials plus those of ``segments`` (gradients no reduction hook sees, e.g.
         parameters FSDP does not manage), measured now; None when the hook's result is not valid."""
         if partials is None:

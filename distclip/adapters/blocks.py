@@ -122,5 +122,5 @@ def _in_block(piece: LocalPiece, block: int) -> LocalPiece:
     if piece.replicas is None:
         return piece
     r = piece.replicas
-    return LocalPiece(piece.source, piece.start, piece.numel, piece.param, Replicas(("block", block, r.key), r.index, r.count),
-                      piece.offset)
+    return LocalPiece(piece.source, piece.start, piece.numel, piece.param,
+                      Replicas(("block", block, r.key), r.index, r.count), piece.offset)

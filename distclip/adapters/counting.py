@@ -189,7 +189,8 @@ def group_ranks(group: dist.ProcessGroup) -> frozenset[int]:
     return frozenset(dist.get_process_group_ranks(group))
 
 
-def covering_group(rank_sets: Iterable[tuple[frozenset[int], dist.ProcessGroup | None]], what: str) -> dist.ProcessGroup:
+def covering_group(rank_sets: Iterable[tuple[frozenset[int], dist.ProcessGroup | None]],
+                   what: str) -> dist.ProcessGroup:
     """The group to reduce over: one that spans every rank holding a counted element.
 
     ``rank_sets`` pairs each set of ranks that holds (part of) the gradients with its group when

@@ -34,11 +34,11 @@ import torch.distributed as dist
 from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 from torch.nn.parallel import DistributedDataParallel
 
+from ..compat import pytorch as _compat
 from ..core.groups import GroupTable
 from ..core.hook_choice import ReductionVenue
 from ..core.names import named_trainable_parameters
 from ..core.norms import SlotLayout
-from ..compat import pytorch as _compat
 from .base import GradAdapter
 from .blocks import FIRST_BLOCK_BYTES, BlockPlan, block_bounds
 from .counting import Replicas, Segment, group_ranks
@@ -127,7 +127,8 @@ class DDPAdapter(GradAdapter):
             self.ddp.register_comm_hook(self.ddp.process_group if inner_state is None else inner_state, inner)
         except (TypeError, ValueError, RuntimeError) as err:
             if self.enable_reduction_hook(inner, inner_state):
-                self.hook_status = f"{self.hook_status} (DDP refused ddp_comm_hook alone: {err}; distclip's hook wraps it)"
+                self.hook_status = (f"{self.hook_status} (DDP refused ddp_comm_hook alone: {err}; "
+                                    "distclip's hook wraps it)")
             return
         self.hook_status = f"{reason}; ddp_comm_hook registered as given"
 

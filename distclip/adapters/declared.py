@@ -33,9 +33,9 @@ import torch
 import torch.distributed as dist
 from torch.utils.weak import WeakIdKeyDictionary
 
+from ..compat import pytorch as _compat
 from ..core.errors import UsageError
 from ..core.reduce import exchange_bytes, exchange_int_rows, hash60
-from ..compat import pytorch as _compat
 from .counting import Replicas
 
 # Keyed by identity: a WeakKeyDictionary compares tensors with ``==`` on lookup (elementwise: an error)
@@ -122,17 +122,21 @@ def declare(param: torch.Tensor, *, replicated_over: Any = None, sharded_over: A
         if replicated_over is not None or sharded_over is not None:
             raise UsageError("distclip.declare(owner=...) takes no other keyword: the owner alone counts the tensor")
         if isinstance(owner, bool) or not isinstance(owner, int) or not 0 <= owner < dist.get_world_size():
-            raise UsageError(f"distclip.declare(owner=...) must be a global rank in [0, {dist.get_world_size()}), got {owner!r}")
+            raise UsageError(
+                f"distclip.declare(owner=...) must be a global rank in [0, {dist.get_world_size()}), got {owner!r}")
         _DECLARED[param] = Declaration(owner=owner)
         return param
     if replicated_over is None and sharded_over is None:
         raise UsageError("distclip.declare needs replicated_over=, sharded_over= or owner=")
-    groups = replicated_over if isinstance(replicated_over, (list, tuple)) else ([] if replicated_over is None else [replicated_over])
+    if isinstance(replicated_over, (list, tuple)):
+        groups = replicated_over
+    else:
+        groups = [] if replicated_over is None else [replicated_over]
     replicated = tuple(_ranks_of(g, "replicated_over") for g in groups)
     sharded = _ranks_of(sharded_over, "sharded_over") if sharded_over is not None else ()
     if sharded and any(members(sharded) & members(g) - {dist.get_rank()} for g in replicated):
-        raise UsageError("distclip.declare: the sharded_over group overlaps a replicated_over group: a tensor cannot be "
-                         "both a copy and a different part on the same ranks")
+        raise UsageError("distclip.declare: the sharded_over group overlaps a replicated_over group: a tensor "
+                         "cannot be both a copy and a different part on the same ranks")
     _DECLARED[param] = Declaration(replicated=replicated, sharded=sharded)
     return param
 
@@ -199,7 +203,8 @@ def declared_replicas(declaration: Declaration | None, base: Replicas | None, ba
     return out, True
 
 
-def census_payload(names: list[str], params: list[torch.Tensor], declarations: list[Declaration | None]) -> list[list[Any]]:
+def census_payload(names: list[str], params: list[torch.Tensor],
+                   declarations: list[Declaration | None]) -> list[list[Any]]:
     """Per group a parameter is declared replicated over: [group ranks, [[name, hash of its shape, dtype and
     values], ...]]. The members of a group must publish the same list (checked at set-up)."""
     by_id: dict[int, tuple[Sequence[int], list[int]]] = {}  # declarations over one group share its Ranks object
@@ -210,7 +215,8 @@ def census_payload(names: list[str], params: list[torch.Tensor], declarations: l
     for ranks, indices in by_id.values():
         members_of.setdefault(tuple(sorted(ranks)), []).extend(indices)
     declared = sorted({i for indices in members_of.values() for i in indices})
-    checksums = torch.stack([torch.stack([t.sum(), t.abs().sum()]) for t in (params[i].detach().double() for i in declared)]
+    values = (params[i].detach().double() for i in declared)
+    checksums = torch.stack([torch.stack([t.sum(), t.abs().sum()]) for t in values]
                             ).cpu().tolist() if declared else []  # one host sync, at set-up
     value_of = dict(zip(declared, checksums))
     out = []

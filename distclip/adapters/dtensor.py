@@ -20,8 +20,9 @@ there: pytorch #180346): each is handled on its own mesh, and one collective ove
 spanning every mesh combines them. Plain (non-DTensor) parameters next to DTensor ones (LoRA
 adapters attached after ``fully_shard``, parameters in ``ignored_params``) are taken to be
 replicated over that group, unless declared with :func:`distclip.declare` (experts as plain tensors,
-each rank its own: ``declare(experts, sharded_over=ep_group, replicated_over=dp_group)``). Cost is linear in the number of parameters: local foreach
-norms and one all-reduce, never a stack of DTensor norms (quadratic: pytorch #169445).
+each rank its own: ``declare(experts, sharded_over=ep_group, replicated_over=dp_group)``). Cost is linear in the
+number of parameters: local foreach norms and one all-reduce, never a stack of DTensor norms (quadratic: pytorch
+#169445).
 
 With ``fully_shard`` modules, the norm is computed inside the reduction: distclip sets each
 module's all-reduce hook (``FSDPModule.set_all_reduce_hook``), which FSDP calls with the
@@ -41,21 +42,26 @@ import torch
 import torch.distributed as dist
 from torch.distributed.tensor import DTensor
 
-from ..errors import ConfigError, PartialGradientError, UnsupportedLayoutError
+from ..compat import pytorch as _compat
 from ..core.groups import GroupTable
 from ..core.hook_choice import ReductionVenue
 from ..core.norms import SlotLayout, local_partials
 from ..core.rowwise import RowPlan
-from ..compat import pytorch as _compat
+from ..errors import ConfigError, PartialGradientError, UnsupportedLayoutError
 from .base import GradAdapter
-from .counting import (LocalPiece, Replicas, Segment, cast_is_exact, counted_segments, covering_group, group_ranks,
-                       slice_segments)
+from .counting import (
+    LocalPiece,
+    Replicas,
+    Segment,
+    cast_is_exact,
+    counted_segments,
+    covering_group,
+    group_ranks,
+    slice_segments,
+)
 from .declared import declaration_of, declared_replicas
 from .hooks import ReductionHook
 from .mesh_geometry import MeshGeometry, PipelineStages
-
-
-
 
 local_tensor = _compat.local_tensor  # kept importable from here
 
@@ -253,7 +259,8 @@ class DTensorAdapter(GradAdapter):
         return [[grads[i] for i in group if grads[i] is not None] for group in self.params_by_group]
 
     def held_pieces(self) -> tuple[list[torch.Tensor], list[int]]:
-        """Each parameter's whole local gradient (it may be laid out unlike the parameter, as in :meth:`scaled_grads`)."""
+        """Each parameter's whole local gradient (it may be laid out unlike the parameter, as in
+        :meth:`scaled_grads`)."""
         held = [(g, i) for i, g in enumerate(self.local_grads()) if g is not None]
         return [g for g, _ in held], [i for _, i in held]
 
@@ -392,7 +399,8 @@ class FSDP2NormHook(ReductionHook):
             return
         flat = reduce_output.reshape(-1)
         device = self.adapter.collective_device([flat])
-        self.record(index, local_partials([flat[a:b] for a, b in plan.slices], plan.groups, self.adapter.layout, device))
+        pieces = [flat[a:b] for a, b in plan.slices]
+        self.record(index, local_partials(pieces, plan.groups, self.adapter.layout, device))
         self._measured.update(plan.params)
 
     def gradients(self) -> list[torch.Tensor | None]:

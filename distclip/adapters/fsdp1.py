@@ -44,13 +44,13 @@ import torch
 import torch.distributed as dist
 from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
 
+from ..compat import pytorch as _compat
 from ..core.groups import GroupTable
 from ..core.hook_choice import ReductionVenue
-from ..errors import ConfigError, UnsupportedLayoutError
 from ..core.names import canonical_name
 from ..core.norms import SlotLayout, local_partials
 from ..core.rowwise import RowPlan
-from ..compat import pytorch as _compat
+from ..errors import ConfigError, UnsupportedLayoutError
 from .base import GradAdapter
 from .counting import LocalPiece, Replicas, cast_is_exact, counted_segments, covering_group, group_ranks
 from .hooks import ReductionHook
@@ -139,7 +139,8 @@ class FSDP1Adapter(GradAdapter):
     # ----------------------------------------------------------------- layout
     @staticmethod
     def _unit_span(unit: _compat.FSDP1Unit) -> tuple[frozenset[int], dist.ProcessGroup | None]:
-        """Every rank holding part of this unit's gradient (the same set on each of them), and its group if one exists."""
+        """Every rank holding part of this unit's gradient (the same set on each of them), and its group if one
+        exists."""
         if unit.strategy not in HYBRID:
             return group_ranks(unit.process_group), unit.process_group
         if unit.device_mesh is not None:

@@ -31,8 +31,8 @@ from typing import Any, Hashable
 
 import torch
 
-from ..core.norms import SlotLayout, combine_partials
 from ..compat import pytorch as _compat
+from ..core.norms import SlotLayout, combine_partials
 
 
 class ReductionHook:
@@ -90,7 +90,8 @@ class ReductionHook:
         """The combined partials of the last backward, once, if provably still valid (else None)."""
         snapshot, self._snapshot = self._snapshot, None
         writes, self._writes = self._writes, None
-        if snapshot is None or not self._valid or not self.measured_anything() or (writes is not None and writes.written):
+        if (snapshot is None or not self._valid or not self.measured_anything()
+                or (writes is not None and writes.written)):
             return None
         if snapshot != grad_versions(self.gradients()) or not self.complete():
             return None

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 from typing import Any, Sequence
 
-
 from ..compat import pytorch as _compat
 from .counting import Replicas
 

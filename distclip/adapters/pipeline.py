@@ -38,12 +38,14 @@ def pipeline_process_group(group: Any) -> Any:
     """A ProcessGroup from a ProcessGroup or a 1-D DeviceMesh (torchtitan passes its ``pp_mesh``)."""
     if hasattr(group, "get_group") and hasattr(group, "mesh"):
         if group.ndim != 1:
-            raise ConfigError(f"pipeline_group: a DeviceMesh must be 1-D (the pipeline dimension, e.g. mesh['pp']), got {group}")
+            raise ConfigError(
+                f"pipeline_group: a DeviceMesh must be 1-D (the pipeline dimension, e.g. mesh['pp']), got {group}")
         return group.get_group()
     try:
         group_ranks(group)
     except Exception as err:  # noqa: BLE001
-        raise ConfigError(f"pipeline_group must be a ProcessGroup or a 1-D DeviceMesh, got {type(group).__name__}") from err
+        raise ConfigError(
+            f"pipeline_group must be a ProcessGroup or a 1-D DeviceMesh, got {type(group).__name__}") from err
     return group
 
 
@@ -91,11 +93,13 @@ class PipelineAdapter(GradAdapter):
         if duplicates:
             raise ConfigError(
                 f"distclip: the stages on this rank share parameter names {duplicates[:3]}: give virtual stages the "
-                "full model's names (as torchtitan's pipeline split does) so that groups and tied weights are unambiguous")
+                "full model's names (as torchtitan's pipeline split does) so that groups and tied weights are "
+                "unambiguous")
         self.tied = [tuple(t) for t in (tied or [])]
         for tie in self.tied:
             if len(tie) < 2 or not all(isinstance(n, str) for n in tie):
-                raise ConfigError(f"tied: each entry lists two or more parameter names (the counted one first), got {tie!r}")
+                raise ConfigError(
+                    f"tied: each entry lists two or more parameter names (the counted one first), got {tie!r}")
         self.reduce_group = dist.group.WORLD
         self.setup_problems = self._tiling_problems()
 

@@ -49,4 +49,5 @@ def pure_ddp_refusal() -> str:
     return ("distclip cannot clip torchft's PureDistributedDataParallel exactly: it starts one all-reduce per "
             "gradient and never waits for it (torchft 0.2.0, torchft/ddp.py:97), so the gradients may still be "
             "written when they are read, and the division by the number of participants, which torchft chains "
-            "onto that wait, never runs (the gradients are summed, not averaged). Use torchft.ddp.DistributedDataParallel")
+            "onto that wait, never runs (the gradients are summed, not averaged). Use "
+            "torchft.ddp.DistributedDataParallel")

@@ -7,17 +7,18 @@ the update. So the clip runs inside DeepSpeed's own norm-and-clip seam, which
 says what is counted and, once the clip has run, multiplies the planned coefficients into the fp32
 partitions when DeepSpeed hands them over (:meth:`DeepSpeedAdapter.apply_to_partition`):
 
-======  ===============================  ==============================================  ===============================
-stage   optimizer                        norm: the pieces this rank counts               coefficients applied
-======  ===============================  ==============================================  ===============================
-0       the client torch optimizer       a disjoint 1/world slice of the all-reduced     ``param.grad``, in a step
-        (fp32)                           (replicated) ``param.grad``                     pre-hook of that optimizer
-1, 2    ``DeepSpeedZeroOptimizer``       ``averaged_gradients``: this rank's flat        this rank's fp32 flat partition,
-                                         partition, one piece per parameter it holds     in ``unscale_and_clip_grads``
-                                         (a straddling parameter is split between ranks) (loss scale divided out there)
-3       ``DeepSpeedZeroOptimizer_Stage3``  ``averaged_gradients``: each parameter's      each fp32 flat sub-group, in
-                                         partition without its padding                   ``unscale_and_clip_grads``
-======  ===============================  ==============================================  ===============================
+======  =================================  ==========================================  =============================
+stage   optimizer                          norm: the pieces this rank counts           coefficients applied
+======  =================================  ==========================================  =============================
+0       the client torch optimizer         a disjoint 1/world slice of the             ``param.grad``, in a step
+        (fp32)                             all-reduced (replicated) ``param.grad``     pre-hook of that optimizer
+1, 2    ``DeepSpeedZeroOptimizer``         ``averaged_gradients``: this rank's flat    this rank's fp32 flat
+                                           partition, one piece per parameter it       partition, in
+                                           holds (a straddling parameter is split      ``unscale_and_clip_grads``
+                                           between ranks)                              (loss scale divided out there)
+3       ``DeepSpeedZeroOptimizer_Stage3``  ``averaged_gradients``: each parameter's    each fp32 flat sub-group, in
+                                           partition without its padding               ``unscale_and_clip_grads``
+======  =================================  ==========================================  =============================
 
 With optimizer offload (ZeRO 1-3, to CPU) the reduced gradients already sit in the fp32 flat
 partitions when the norm runs; the pieces are then the parameters' ranges of those.
@@ -56,13 +57,13 @@ from typing import TYPE_CHECKING, Any, Sequence
 import torch
 import torch.distributed as dist
 
-from ..errors import ConfigError, UnsupportedDeepSpeedSetup
+from ..compat import deepspeed as ds_compat
+from ..compat import pytorch as _compat
 from ..core.groups import GroupTable
 from ..core.names import named_trainable_parameters
 from ..core.norms import SlotLayout
-from ..core.rowwise import PieceMap, Span, RowPlan
-from ..compat import deepspeed as ds_compat
-from ..compat import pytorch as _compat
+from ..core.rowwise import PieceMap, RowPlan, Span
+from ..errors import ConfigError, UnsupportedDeepSpeedSetup
 from .base import GradAdapter
 from .counting import LocalPiece, Replicas, group_ranks
 
@@ -552,8 +553,8 @@ class Zero3Adapter(DeepSpeedAdapter):
         index = {id(p): j for j, p in enumerate(self.params)}
         fragments = []
         for params, frags in zip(self.optimizer.fp16_groups, self._fragments):
-            fragments.append([(index.get(id(p), -1), dist.get_rank(p.ds_process_group) * p.partition_numel(), start, real)
-                              for p, (start, real, _) in zip(params, frags)])
+            fragments.append([(index.get(id(p), -1), dist.get_rank(p.ds_process_group) * p.partition_numel(),
+                               start, real) for p, (start, real, _) in zip(params, frags)])
         self._bind_partition_rows(plan, fragments)
 
     @ds_compat.internal("DeepSpeed ZeRO-3 optimizer internals (row_partials)")
@@ -563,7 +564,8 @@ class Zero3Adapter(DeepSpeedAdapter):
             grads: list[torch.Tensor | None] = self._fragment_grads(flats)
         else:
             averaged = self.optimizer.averaged_gradients
-            grads = [averaged[i][k].reshape(-1)[:n] for i, frags in enumerate(self._row_fragments) for k, *_, n in frags]
+            grads = [averaged[i][k].reshape(-1)[:n]
+                     for i, frags in enumerate(self._row_fragments) for k, *_, n in frags]
         return self._partition_row_partials(grads, flats)
 
     @ds_compat.internal("DeepSpeed ZeRO optimizer internals (counted_pieces)")

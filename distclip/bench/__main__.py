@@ -15,6 +15,7 @@ import subprocess
 import sys
 import warnings
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -22,7 +23,8 @@ import torch.distributed as dist
 try:
     import numpy  # noqa: F401  (torch's CommDebugMode, which counts the collectives, imports it)
 except ImportError:
-    print("distclip bench: needs numpy (torch's CommDebugMode imports it): pip install 'distclip[bench]'", file=sys.stderr)
+    print("distclip bench: needs numpy (torch's CommDebugMode imports it): pip install 'distclip[bench]'",
+          file=sys.stderr)
     raise SystemExit(2) from None
 
 from .cases import BACKENDS, VARIANTS
@@ -48,7 +50,8 @@ def default_backends() -> list[str]:
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="distclip bench", description=__doc__.split("\n\n")[0])
     parser.add_argument("--backends", default=",".join(default_backends()),
-                        help=f"comma-separated, from {list(BACKENDS)} (default: all; DeepSpeed rows when it is installed)")
+                        help=f"comma-separated, from {list(BACKENDS)} "
+                             "(default: all; DeepSpeed rows when it is installed)")
     parser.add_argument("--params", default="10M", help="model size(s), comma-separated (e.g. 10M,50M)")
     parser.add_argument("--layers", type=int, default=24, help="blocks in the model (= groups per layer)")
     parser.add_argument("--batch", type=int, default=8)
@@ -57,15 +60,17 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--scaling", default="1000,5000,20000", help="tensor counts for the scaling suite ('' to skip)")
     parser.add_argument("--scaling-budget", type=float, default=60.0,
                         help="seconds: skip a baseline whose projected time exceeds this")
-    parser.add_argument("--bandwidth-mb", type=float, default=256, help="gradient megabytes for the bandwidth suite (0 to skip)")
+    parser.add_argument("--bandwidth-mb", type=float, default=256,
+                        help="gradient megabytes for the bandwidth suite (0 to skip)")
     parser.add_argument("--kernels", type=float, default=1.0,
                         help="size of the norm-kernel suite (1: 50M fp32, 16M bf16, 24 x 2M fp32; 0 to skip)")
     parser.add_argument("--targets", type=float, default=1.0,
-                        help="size of the speed-targets suite (1: kernels on 9 x 1M + 9 x 1K, clip_grad_norm_ on DDP at "
-                             "10M parameters, 48 tiny tensors, 20k small tensors; 0 to skip)")
+                        help="size of the speed-targets suite (1: kernels on 9 x 1M + 9 x 1K, clip_grad_norm_ on "
+                             "DDP at 10M parameters, 48 tiny tensors, 20k small tensors; 0 to skip)")
     parser.add_argument("--targets-repeats", type=int, default=15, help="turns per figure of the speed-targets suite")
     parser.add_argument("--targets-json", default=None,
-                        help="where to write the speed-targets table for the docs (default: targets.json beside --json)")
+                        help="where to write the speed-targets table for the docs "
+                             "(default: targets.json beside --json)")
     parser.add_argument("--json", default="bench-results/bench.json", help="where to write the results")
     parser.add_argument("--nproc", type=int, default=2, help="ranks to start when not launched by torchrun")
     return parser.parse_args(argv)
@@ -129,13 +134,14 @@ def save(results: dict[str, object], path: str) -> None:
     out.write_text(json.dumps(results, indent=2, default=str))
 
 
-def save_targets(targets: dict[str, object], info: dict[str, object], path: str) -> None:
+def save_targets(targets: dict[str, Any], info: dict[str, Any], path: str) -> None:
     """The speed-targets table as the docs' ``{distclip-bench}`` directive reads it: machine, date, note, flat rows."""
     import datetime
 
     load = targets.get("load_1min") or []
     described = (f"{info.get('processor')}, {info.get('cpu_count')} CPUs, {info.get('world_size')} ranks "
-                 f"({info.get('backend')}), {info.get('threads_per_rank')} thread(s) per rank, torch {info.get('torch')}"
+                 f"({info.get('backend')}), {info.get('threads_per_rank')} thread(s) per rank, "
+                 f"torch {info.get('torch')}"
                  + (f", {info['gpu']}" if info.get("gpu") else ""))
     save({"machine": described, "date": datetime.date.today().isoformat(),
           "note": "1-minute load average " + " -> ".join(f"{x:.2f}" for x in load) if load else "",
@@ -155,14 +161,14 @@ def main(argv: list[str] | None = None) -> int:
     quiet()
     device = init_distributed()
     rank = dist.get_rank()
-    results: dict[str, object] = {"machine": machine(), "args": vars(args), "backends": [], "scaling": None, "bandwidth": None,
-                                 "kernels": None, "targets": None}
+    results: dict[str, Any] = {"machine": machine(), "args": vars(args), "backends": [], "scaling": None,
+                              "bandwidth": None, "kernels": None, "targets": None}
     for backend in [b for b in args.backends.split(",") if b]:
         if backend not in BACKENDS:
             raise SystemExit(f"unknown backend {backend!r}; choose from {list(BACKENDS)}")
         for size in [parse_size(s) for s in args.params.split(",")]:
             rows = bench_backend(backend, size, args, device)
-            results["backends"].append({"backend": backend, "params": size, "rows": rows})  # type: ignore[union-attr]
+            results["backends"].append({"backend": backend, "params": size, "rows": rows})
             if rank == 0:
                 print_backend_table(backend, size, rows, results["machine"])
                 save(results, args.json)
@@ -182,7 +188,8 @@ def main(argv: list[str] | None = None) -> int:
         results["targets"] = bench_targets(args.targets, args.targets_repeats, device)
         if rank == 0:
             print_targets(results["targets"], results["machine"])
-            save_targets(results["targets"], results["machine"], args.targets_json or str(Path(args.json).with_name("targets.json")))
+            targets_json = args.targets_json or str(Path(args.json).with_name("targets.json"))
+            save_targets(results["targets"], results["machine"], targets_json)
     if rank == 0:
         save(results, args.json)
         print(f"\nresults written to {args.json}  (variants: {VARIANTS})")

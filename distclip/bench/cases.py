@@ -16,10 +16,9 @@ from typing import Any, Callable
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.distributed.tensor.debug import CommDebugMode
 
 import distclip
-
-from torch.distributed.tensor.debug import CommDebugMode
 
 MAX_NORM = 1e-3  # small enough that every variant really clips (the expensive case)
 
@@ -39,7 +38,7 @@ class BenchNet(nn.Module):
 
     def __init__(self, dim: int, layers: int):
         super().__init__()
-        self.blocks = nn.ModuleList(Block(dim) for _ in range(layers))
+        self.blocks: nn.ModuleList = nn.ModuleList(Block(dim) for _ in range(layers))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         for block in self.blocks:
@@ -152,7 +151,7 @@ def in_step(case: Case, fn: Callable[..., Any], barrier: bool = True) -> Callabl
     return run
 
 
-def build_ddp(variant: str, make_model: Callable[[], nn.Module], device: torch.device) -> Case:
+def build_ddp(variant: str, make_model: Callable[[], BenchNet], device: torch.device) -> Case:
     from torch.nn.parallel import DistributedDataParallel as DDP
 
     model = DDP(make_model().to(device), device_ids=[device.index] if device.type == "cuda" else None)
@@ -163,7 +162,7 @@ def build_ddp(variant: str, make_model: Callable[[], nn.Module], device: torch.d
         case.clip = lambda: torch.nn.utils.clip_grad_norm_(params, MAX_NORM)  # exact: DDP grads are replicated
     elif variant == "distclip-hook-fold":
         clipper = distclip.GradClipper(model, clip_config(variant, hook=True))
-        clipper.clip = in_step(case, clipper.clip)  # the clip runs inside optimizer.step()
+        clipper.clip = in_step(case, clipper.clip)  # type: ignore[method-assign]  # the clip runs inside optimizer.step()
         case.keep.append(clipper.attach(optimizer, fold=True))
         case.clip_in_step = True
     elif variant.startswith("distclip"):
@@ -171,7 +170,7 @@ def build_ddp(variant: str, make_model: Callable[[], nn.Module], device: torch.d
     return case
 
 
-def build_fsdp1(variant: str, make_model: Callable[[], nn.Module], device: torch.device) -> Case:
+def build_fsdp1(variant: str, make_model: Callable[[], BenchNet], device: torch.device) -> Case:
     from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
     from torch.distributed.fsdp.wrap import ModuleWrapPolicy
 
@@ -185,7 +184,7 @@ def build_fsdp1(variant: str, make_model: Callable[[], nn.Module], device: torch
     return case
 
 
-def build_fsdp2(variant: str, make_model: Callable[[], nn.Module], device: torch.device) -> Case:
+def build_fsdp2(variant: str, make_model: Callable[[], BenchNet], device: torch.device) -> Case:
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
@@ -198,7 +197,8 @@ def build_fsdp2(variant: str, make_model: Callable[[], nn.Module], device: torch
     case = Case("fsdp2", variant, model, optimizer, None)
     if variant == "native":
         params = list(model.parameters())
-        case.clip = lambda: torch.nn.utils.clip_grad_norm_(params, MAX_NORM).full_tensor()  # the full norm
+        # the full norm (a DTensor here: torch annotates clip_grad_norm_'s result as a Tensor)
+        case.clip = lambda: torch.nn.utils.clip_grad_norm_(params, MAX_NORM).full_tensor()  # type: ignore[attr-defined]
     elif variant.startswith("distclip"):
         case.clip = distclip.GradClipper(model, clip_config(variant, hook="hook" in variant)).clip
     return case
@@ -220,7 +220,7 @@ def nd_mesh(device: torch.device, names: tuple[str, str]) -> Any:
     return init_device_mesh(device.type, shape, mesh_dim_names=names)
 
 
-def build_fsdp2_tp(variant: str, make_model: Callable[[], nn.Module], device: torch.device) -> Case:
+def build_fsdp2_tp(variant: str, make_model: Callable[[], BenchNet], device: torch.device) -> Case:
     """torchtitan-style 2-D: each block's LayerNorm SequenceParallel (over the batch dimension) and its
     Linear ColwiseParallel over tp=2, then fully_shard over dp (world / 2). Every parameter is a
     DTensor on the (dp, tp) mesh, so torch's own clip works on it (the native row)."""
@@ -241,7 +241,7 @@ def build_fsdp2_tp(variant: str, make_model: Callable[[], nn.Module], device: to
     case = Case("fsdp2-tp", variant, model, optimizer, None)
     if variant == "native":
         params = list(model.parameters())
-        case.clip = lambda: torch.nn.utils.clip_grad_norm_(params, MAX_NORM).full_tensor()
+        case.clip = lambda: torch.nn.utils.clip_grad_norm_(params, MAX_NORM).full_tensor()  # type: ignore[attr-defined]
     elif variant.startswith("distclip"):
         case.clip = distclip.GradClipper(model, clip_config(variant, hook="hook" in variant)).clip
     return case
@@ -250,7 +250,7 @@ def build_fsdp2_tp(variant: str, make_model: Callable[[], nn.Module], device: to
 class PipelineStageNet(nn.Module):
     """Consecutive blocks of a BenchNet under their full names (``blocks.N``)."""
 
-    def __init__(self, model: nn.Module, first: int, last: int):
+    def __init__(self, model: BenchNet, first: int, last: int):
         super().__init__()
         self.blocks = nn.ModuleDict({str(i): model.blocks[i] for i in range(first, last)})
 
@@ -278,10 +278,11 @@ class PipelineCase(Case):
             dist.recv(activation, self.peer)
             activation.requires_grad_()
             self.model(activation).pow(2).mean().backward()
+            assert activation.grad is not None  # a leaf that requires grad, after backward
             dist.send(activation.grad.contiguous(), self.peer)
 
 
-def build_pipeline(variant: str, make_model: Callable[[], nn.Module], device: torch.device) -> Case:
+def build_pipeline(variant: str, make_model: Callable[[], BenchNet], device: torch.device) -> Case:
     """pp=2 x dp (world / 2): half the blocks per stage, DDP over dp when dp > 1. The native row is
     torchtitan's recipe: torch's get_total_norm of the stage's gradients, all_reduce of norm^p over pp,
     clip_grads_with_norm_."""
@@ -329,11 +330,11 @@ class DeepSpeedCase(Case):
         self.model.step()
 
 
-def build_deepspeed(stage: int) -> Callable[[str, Callable[[], nn.Module], torch.device], Case]:
-    def build(variant: str, make_model: Callable[[], nn.Module], device: torch.device) -> Case:
+def build_deepspeed(stage: int) -> Callable[[str, Callable[[], BenchNet], torch.device], Case]:
+    def build(variant: str, make_model: Callable[[], BenchNet], device: torch.device) -> Case:
         import deepspeed
 
-        import distclip.deepspeed
+        from distclip.integrations.deepspeed import attach  # = distclip.deepspeed.attach (mypy sees this path)
 
         model = make_model()
         config = {"train_micro_batch_size_per_gpu": 8, "zero_optimization": {"stage": stage},
@@ -343,7 +344,7 @@ def build_deepspeed(stage: int) -> Callable[[str, Callable[[], nn.Module], torch
         engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=config)
         case = DeepSpeedCase(f"deepspeed-zero{stage}", variant, engine, engine.optimizer, None, clip_in_step=True)
         if variant.startswith("distclip"):
-            distclip.deepspeed.attach(engine, clip_config(variant, hook=False))
+            attach(engine, clip_config(variant, hook=False))
         inner = engine.optimizer
         norm_fn = "_get_norm_groups" if stage == 3 else "scaled_global_norm"
         setattr(inner, norm_fn, in_step(case, getattr(inner, norm_fn)))

@@ -76,11 +76,12 @@ class Exchanges:
             if not any(rule(out, mine, group, index) for rule in self.rules):
                 out.view(-1, mine.numel()).copy_(mine.reshape(1, -1))
 
-        def all_reduce(tensor: torch.Tensor, op: Any = None, group: Any = None, **kwargs: Any) -> Any:
+        def all_reduce(tensor: torch.Tensor, op: Any = None, group: Any = None, async_op: bool = False) -> Any:
             self.log.append({"op": f"all_reduce_{str(op).split('.')[-1].lower() if op is not None else 'sum'}",
                              "sent": tensor.numel() * tensor.element_size(),
                              "received": tensor.numel() * tensor.element_size(), "dtype": str(tensor.dtype)})
-            return saved["all_reduce"](tensor, op=op if op is not None else dist.ReduceOp.SUM, group=group, **kwargs)
+            return saved["all_reduce"](tensor, op=op if op is not None else dist.ReduceOp.SUM, group=group,
+                                       async_op=async_op)
 
         for n in ("all_gather_single", "all_gather_into_tensor"):
             if n in saved:
@@ -124,7 +125,7 @@ class Model(nn.Module):
 
     def __init__(self, count: int, first: int = 0):
         super().__init__()
-        self.layers = nn.ModuleDict({str(first + i): Leaf() for i in range(count)})
+        self.layers: nn.ModuleDict = nn.ModuleDict({str(first + i): Leaf() for i in range(count)})
 
 
 CONFIG = {  # four explicit groups and the default one: G = 5 (every group in p = 2)
@@ -169,15 +170,15 @@ def _local_shape(shape: tuple[int, ...], mesh: Any, placements: list[Any]) -> tu
     return tuple(local)
 
 
-def _dtensor_params(model: nn.Module, place: Callable[[int], tuple[Any, list[Any]]]) -> nn.Module:
+def _dtensor_params(model: Model, place: Callable[[int], tuple[Any, list[Any]]]) -> nn.Module:
     """Every parameter ``i`` of ``model`` made a DTensor on the mesh and placements ``place(i)``."""
     from torch.distributed.tensor import DTensor
 
     for i, leaf in enumerate(model.layers.values()):
         mesh, placements = place(i)
         local = torch.randn(_local_shape(LEAF_SHAPE, mesh, placements))
-        leaf.weight = nn.Parameter(DTensor.from_local(local, mesh, placements, run_check=False, shape=LEAF_SHAPE,
-                                                      stride=(LEAF_SHAPE[1], 1)))
+        leaf.weight = nn.Parameter(DTensor.from_local(local, mesh, placements, run_check=False,
+                                                      shape=torch.Size(LEAF_SHAPE), stride=(LEAF_SHAPE[1], 1)))
     return model
 
 
@@ -271,9 +272,9 @@ def build_declared(world: int, params: int) -> Layout:
     model = Model(params)
     for i, leaf in enumerate(model.layers.values()):
         if i % 2 == 0:
-            distclip.declare(leaf.weight, sharded_over=mesh["tp"])
+            distclip.declare(leaf.get_parameter("weight"), sharded_over=mesh["tp"])
         else:
-            distclip.declare(leaf.weight, replicated_over=mesh["tp"])
+            distclip.declare(leaf.get_parameter("weight"), replicated_over=mesh["tp"])
     # the census publishes, per declared group, (hash of its ranks, its size, hash of its digests): every
     # tensor-parallel group its own ranks' hash, the same digests (DDP replicas hold the same values)
     keys = torch.tensor([hash60(repr(list(range(g * TP, (g + 1) * TP)))) for g in range(world // TP)])
@@ -316,7 +317,8 @@ def _set_grads(model: Any) -> None:
         p.grad = torch.ones_like(p)
 
 
-def measure_setup(layout_name: str, world: int, params: int, config: dict[str, Any], repeats: int = 3) -> dict[str, Any]:
+def measure_setup(layout_name: str, world: int, params: int, config: dict[str, Any],
+                  repeats: int = 3) -> dict[str, Any]:
     """Set-up time, memory and bytes, and the per-clip collectives, of one layout at (W, P)."""
     with fake_world(world):
         layout = LAYOUTS[layout_name](world, params)
@@ -353,7 +355,8 @@ def measure_setup(layout_name: str, world: int, params: int, config: dict[str, A
             "layout": layout_name, "world": world, "params": params, "groups": len(clipper.group_names),
             "setup_ms": min(times) * 1e3, "setup_peak_kib": (peak - before) / 1024,
             "setup_kept_kib": (kept - before) / 1024,
-            "setup_sent_bytes": sum(c["sent"] for c in setup), "setup_received_bytes": sum(c["received"] for c in setup),
+            "setup_sent_bytes": sum(c["sent"] for c in setup),
+            "setup_received_bytes": sum(c["received"] for c in setup),
             "setup_collectives": len(setup), "slots": slots,
             "clip_collectives": [c["op"] for c in clip], "clip_sent_bytes": sum(c["sent"] for c in clip),
             "clip_received_bytes": sum(c["received"] for c in clip),
@@ -403,7 +406,8 @@ def slopes(rows: list[dict[str, Any]], key: str) -> dict[str, float]:
 
 def run(worlds: list[int], sizes: list[int], layouts: list[str], payload_worlds: list[int],
         payload_groups: list[int], budget: float = math.inf, verbose: bool = True) -> dict[str, Any]:
-    rows, skipped = [], []
+    rows: list[dict[str, Any]] = []
+    skipped: list[Any] = []
     gc.freeze()  # torch's objects: out of every later collection (a full one costs ~0.2 s with torch loaded)
     for name in layouts:
         for world in worlds:
@@ -432,12 +436,14 @@ def run(worlds: list[int], sizes: list[int], layouts: list[str], payload_worlds:
 def print_tables(results: dict[str, Any]) -> None:
     rows = results["setup"]
     print("\n== set-up of GradClipper on one simulated rank (CPU ms, best of up to 3; memory: tracemalloc peak) ==")
-    header = f"{'layout':10s} {'W':>6s} {'P':>6s} {'ms':>9s} {'peak KiB':>10s} {'kept KiB':>9s} {'recv KiB':>9s} {'colls':>5s} {'slots':>5s}"
+    header = (f"{'layout':10s} {'W':>6s} {'P':>6s} {'ms':>9s} {'peak KiB':>10s} {'kept KiB':>9s} {'recv KiB':>9s} "
+              f"{'colls':>5s} {'slots':>5s}")
     print(header)
     print("-" * len(header))
     for r in rows:
         print(f"{r['layout']:10s} {r['world']:6d} {r['params']:6d} {r['setup_ms']:9.1f} {r['setup_peak_kib']:10.0f} "
-              f"{r['setup_kept_kib']:9.0f} {r['setup_received_bytes'] / 1024:9.1f} {r['setup_collectives']:5d} {r['slots']:5d}")
+              f"{r['setup_kept_kib']:9.0f} {r['setup_received_bytes'] / 1024:9.1f} {r['setup_collectives']:5d} "
+              f"{r['slots']:5d}")
     print("\n== growth exponents (log-log slopes; 1 = linear, 2 = quadratic; 'diagonal': W and P grown together) ==")
     for name, keys in results["growth"].items():
         print(f"{name:10s} " + "  ".join(f"{key}: " + ", ".join(f"{k} {v:.2f}" for k, v in s.items())
@@ -445,8 +451,8 @@ def print_tables(results: dict[str, Any]) -> None:
     print("\n== per-clip payload (a DDP model, per_parameter groups; 'mixed': one group in p = inf) ==")
     print(f"{'W':>6s} {'G':>6s} {'mixed':>5s} {'slots':>6s} {'collectives':>28s} {'sent B':>9s} {'received B':>11s}")
     for r in results["payload"]:
-        print(f"{r['world']:6d} {r['groups']:6d} {r['mixed_p']!s:>5s} {r['slots']:6d} {','.join(r['collectives']):>28s} "
-              f"{r['sent_bytes']:9d} {r['received_bytes']:11d}")
+        print(f"{r['world']:6d} {r['groups']:6d} {r['mixed_p']!s:>5s} {r['slots']:6d} "
+              f"{','.join(r['collectives']):>28s} {r['sent_bytes']:9d} {r['received_bytes']:11d}")
 
 
 def plot(results: dict[str, Any], path: Path, baseline: dict[str, Any] | None = None) -> None:
@@ -492,12 +498,12 @@ def plot(results: dict[str, Any], path: Path, baseline: dict[str, Any] | None = 
         payload = source["payload"]
         for i, n in enumerate(sorted({_tensors(p) for p in payload})):
             for mixed in (False, True):
-                series = sorted((p["world"], p["received_bytes"], p["groups"]) for p in payload
+                points = sorted((p["world"], p["received_bytes"], p["groups"]) for p in payload
                                 if p["mixed_p"] == mixed and _tensors(p) == n)
-                if not series or (style == "--" and not mixed):
+                if not points or (style == "--" and not mixed):
                     continue
-                ax.plot([w for w, _, _ in series], [b for _, b, _ in series], style, marker="s" if mixed else "o",
-                        markersize=3, color=f"C{i}", label=f"G={series[0][2]}{' (one in p = inf)' if mixed else ''}"
+                ax.plot([w for w, _, _ in points], [b for _, b, _ in points], style, marker="s" if mixed else "o",
+                        markersize=3, color=f"C{i}", label=f"G={points[0][2]}{' (one in p = inf)' if mixed else ''}"
                         f"{' (before)' if style == '--' else ''}")
     ax.set_title("per-clip bytes received per rank")
     ax.set_ylabel("bytes")
@@ -541,7 +547,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--payload-worlds", default="8,64,512,4096,16384")
     parser.add_argument("--payload-groups", default="1,16,256")
     parser.add_argument("--budget", type=float, default=60.0,
-                        help="CPU seconds: skip a set-up whose time, projected linearly from the previous world size, is over this")
+                        help="CPU seconds: skip a set-up whose time, projected linearly from the previous world size, "
+                             "is over this")
     parser.add_argument("--json", default="bench-results/scale.json")
     parser.add_argument("--plot", default="", help="write the curves as a PNG here")
     parser.add_argument("--baseline", default="", help="an earlier run's JSON, drawn dashed in the plot")

@@ -6,6 +6,7 @@ import argparse
 import math
 import statistics
 import time
+from functools import partial
 from typing import Any, Callable
 
 import torch
@@ -146,8 +147,8 @@ def _small_params(n: int, device: torch.device) -> list[nn.Parameter]:
 
 def _fsdp2_model(n: int, device: torch.device) -> nn.Module | None:
     try:
-        from torch.distributed.fsdp import fully_shard
         from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import fully_shard
     except ImportError:
         return None
     module = ManySmall(_small_params(n, device))
@@ -186,21 +187,23 @@ def bench_scaling(sizes: list[int], args: argparse.Namespace, device: torch.devi
 
     for n in sizes:
         params = _small_params(n, device)
-        run("torch clip_grad_norm_ (plain)", n, lambda: torch.nn.utils.clip_grad_norm_(params, MAX_NORM))
+        # partial binds this iteration's values (a lambda would read the loop variables when called)
+        run("torch clip_grad_norm_ (plain)", n, partial(torch.nn.utils.clip_grad_norm_, params, MAX_NORM))
         clipper = distclip.GradClipper(params, max_norm=MAX_NORM, check_consistency=False)
         run("distclip (plain)", n, clipper.clip)
         module = _fsdp2_model(n, device)
         if module is not None:
-            run("torch clip_grad_norm_ (FSDP2)", n, lambda: torch.nn.utils.clip_grad_norm_(module.parameters(), MAX_NORM))
+            run("torch clip_grad_norm_ (FSDP2)", n, partial(_torch_clip_module, module))
             fsdp2 = distclip.GradClipper(module, max_norm=MAX_NORM)
             if fsdp2.adapter.kind != "plain":  # an FSDP2 adapter is available
                 run("distclip (FSDP2)", n, fsdp2.clip)
-    out = {"sizes": sizes, "series": {}}
+    out: dict[str, Any] = {"sizes": sizes, "series": {}}
     for name, times in series.items():
         measured = [(n, t) for n, t in times.items() if t is not None]
         out["series"][name] = {
             "seconds": {str(n): t for n, t in times.items()},
-            "growth_exponent": growth_exponent([n for n, _ in measured], [t for _, t in measured]) if len(measured) > 1 else math.nan,
+            "growth_exponent": (growth_exponent([n for n, _ in measured], [t for _, t in measured])
+                                if len(measured) > 1 else math.nan),
         }
     return out
 
@@ -212,9 +215,9 @@ def bench_bandwidth(megabytes: float, device: torch.device) -> dict[str, Any]:
     pieces = 16
     gen = torch.Generator().manual_seed(0)
     params = [nn.Parameter(torch.empty(numel // pieces, device=device)) for _ in range(pieces)]
-    for p in params:
-        p.grad = torch.randn(numel // pieces, generator=gen).to(device)
-    grads = [p.grad for p in params]
+    grads = [torch.randn(numel // pieces, generator=gen).to(device) for _ in params]
+    for p, g in zip(params, grads):
+        p.grad = g
     copies = [torch.empty_like(g) for g in grads]
     nbytes = sum(g.numel() * g.element_size() for g in grads)
     measure = distclip.GradClipper(params, max_norm=math.inf, nonfinite="ignore", check_consistency=False)
@@ -264,8 +267,8 @@ def bench_kernels(scale: float, device: torch.device, repeats: int = 7) -> list[
         tensors = [torch.randn(n, generator=gen).to(device=device, dtype=KERNEL_DTYPES[dtype]) for _ in range(count)]
         for p in KERNEL_PS:
             exact = [t.double().abs_().pow_(p).sum() for t in tensors]  # the float64 reference
-            kernels = {"torch": lambda: torch.stack(foreach_norm(tensors, p, dtype=torch.float32)).double().pow(p),
-                       "distclip": lambda: power_sums(tensors, p)}
+            kernels = {"torch": partial(_torch_power_sums, tensors, p),  # this iteration's tensors and p
+                       "distclip": partial(power_sums, tensors, p)}
             times: dict[str, list[float]] = {k: [] for k in kernels}
             errors = {k: _worst_rel_err(fn(), exact) for k, fn in kernels.items()}  # also a warm-up
             for r in range(repeats):
@@ -281,8 +284,17 @@ def bench_kernels(scale: float, device: torch.device, repeats: int = 7) -> list[
                          "median_pair_ratio": _max_over_ranks(statistics.median(
                              o / t for o, t in zip(times["distclip"], times["torch"]))),
                          "torch_err": errors["torch"], "distclip_err": errors["distclip"]})
-        del tensors
+        del tensors, kernels  # the partials hold the tensors too: free both before the next case
     return rows
+
+
+def _torch_clip_module(module: nn.Module) -> torch.Tensor:
+    return torch.nn.utils.clip_grad_norm_(module.parameters(), MAX_NORM)  # a fresh generator per call
+
+
+def _torch_power_sums(tensors: list[torch.Tensor], p: float) -> torch.Tensor:
+    """torch's fp32 foreach norms raised to p, in float64: per tensor sum |t|^p."""
+    return torch.stack(foreach_norm(tensors, p, dtype=torch.float32)).double().pow(p)
 
 
 def _worst_rel_err(got: torch.Tensor, exact: list[torch.Tensor]) -> float:

@@ -16,8 +16,9 @@ def print_backend_table(backend: str, params: int, rows: list[dict[str, Any]], m
     print(f"\n== {backend}: {rows[0]['num_params'] / 1e6:.1f}M params, {machine['world_size']} ranks "
           f"({machine['backend']}), median of measured steps ==")
     width = max(22, *(len(r["variant"]) for r in rows))
-    header = f"{'variant':{width}s} {'clip ms':>9s} {'ms/M':>7s} {'step ms':>9s} {'vs native':>9s} {'vs uniform':>11s} " \
-             f"{'policy/fix':>10s} {'clip % step':>11s} {'step +%':>8s} {'colls':>6s} {'+mem MB':>8s}"
+    header = (f"{'variant':{width}s} {'clip ms':>9s} {'ms/M':>7s} {'step ms':>9s} {'vs native':>9s} "
+              f"{'vs uniform':>11s} {'policy/fix':>10s} {'clip % step':>11s} {'step +%':>8s} {'colls':>6s} "
+              f"{'+mem MB':>8s}")
     print(header)
     print("-" * len(header))
     for r in rows:
@@ -74,8 +75,8 @@ def print_targets(targets: dict[str, Any], machine: dict[str, Any]) -> None:
         unit = r["unit"]
         vs = f"{r['vs_native']:.2f}x" if r["compare"] == "ratio" else f"{r['vs_native']:+.3f}{unit}"
         paired = f"{r['paired_vs_native']:.2f}x" if r["compare"] == "ratio" else f"{r['paired_vs_native']:+.3f}{unit}"
-        print(f"{r['target'][:44]:44s} {r['case'][:44]:44s} {r['distclip']:8.3f}{unit:>2s} {r['native']:8.3f}{unit:>2s} "
-              f"{vs:>10s} {paired:>9s} {r['goal']:>24s} {'yes' if r['met'] else 'NO':>4s} "
+        print(f"{r['target'][:44]:44s} {r['case'][:44]:44s} {r['distclip']:8.3f}{unit:>2s} "
+              f"{r['native']:8.3f}{unit:>2s} {vs:>10s} {paired:>9s} {r['goal']:>24s} {'yes' if r['met'] else 'NO':>4s} "
               f"{_fmt(r.get('max_rel_err'), '.1e'):>8s}")
     print("(best of the turns; paired: median over the turns of distclip/native, or of distclip - native; "
           "err: worst relative error of a tensor's sum |t|^p against float64)")

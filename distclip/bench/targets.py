@@ -22,6 +22,7 @@ import math
 import os
 import statistics
 import time
+from functools import partial
 from typing import Any, Callable
 
 import torch
@@ -53,7 +54,8 @@ def bench_targets(scale: float, repeats: int, device: torch.device) -> dict[str,
 
 
 # ---------------------------------------------------------------- timing
-def _turns(fns: dict[str, Callable[[], Any]], repeats: int, device: torch.device, barrier: bool = False) -> dict[str, list[float]]:
+def _turns(fns: dict[str, Callable[[], Any]], repeats: int, device: torch.device,
+           barrier: bool = False) -> dict[str, list[float]]:
     """Seconds per call of each function, taking turns (who goes first alternates); the slowest rank of each turn."""
     for fn in fns.values():  # warm-up: plans, scratch buffers, clippers
         fn()
@@ -109,8 +111,8 @@ def kernel_rows(scale: float, repeats: int, device: torch.device) -> list[dict[s
             tensors = [torch.randn(n, generator=gen).to(device=device, dtype=dtype) for n in sizes]
             for p in KERNEL_PS:
                 exact = torch.stack([_reference(t, p) for t in tensors])
-                fns = {"distclip": lambda: power_sums(tensors, p),
-                       "native": lambda: torch.stack(foreach_norm(tensors, p, dtype=torch.float32))}
+                fns: dict[str, Callable[[], Any]] = {  # partial binds this iteration's tensors and p
+                    "distclip": partial(power_sums, tensors, p), "native": partial(_native_norms, tensors, p)}
                 times = _turns(fns, repeats, device)
                 error = _worst_rel_err(power_sums(tensors, p), exact)
                 best = min(times["distclip"]) / min(times["native"])
@@ -118,8 +120,12 @@ def kernel_rows(scale: float, repeats: int, device: torch.device) -> list[dict[s
                 rows.append(_row("exact local norm vs torch's fp32 foreach norm", f"{mix} {dname}, p={_p(p)}",
                                  times["distclip"], times["native"], "ms", 1e3, f"<= {GOALS['kernels']}x, err <= 1e-6",
                                  max(best, paired) <= GOALS["kernels"] and error <= 1e-6, error))
-            del tensors
+            del tensors, fns  # the partials hold the tensors too: free both before the next dtype
     return rows
+
+
+def _native_norms(tensors: list[torch.Tensor], p: float) -> torch.Tensor:
+    return torch.stack(foreach_norm(tensors, p, dtype=torch.float32))
 
 
 def _reference(t: torch.Tensor, p: float) -> torch.Tensor:
@@ -159,7 +165,6 @@ def ddp_row(params: int, repeats: int, device: torch.device, layers: int = 24) -
     row = _row("clip_grad_norm_ vs torch's on DDP", f"{count / 1e6:.1f}M params, {len(listed)} tensors, "
                f"{dist.get_world_size()} ranks ({dist.get_backend()})", times["distclip"], times["native"], "ms", 1e3,
                f"<= {GOALS['ddp']}x", max(best, paired) <= GOALS["ddp"])
-    del model
     return row
 
 
@@ -173,7 +178,8 @@ class _Tiny(nn.Module):
 
 
 def overhead_rows(repeats: int, device: torch.device) -> list[dict[str, Any]]:
-    """Per-clip time on 48 tiny tensors: distclip's functional and GradClipper against torch's clip (each rank alone)."""
+    """Per-clip time on 48 tiny tensors: distclip's functional and GradClipper against torch's clip
+    (each rank alone)."""
     torch.manual_seed(0)
     model = _Tiny().to(device)
     listed = list(model.parameters())

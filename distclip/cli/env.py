@@ -101,7 +101,7 @@ def _requirements() -> tuple[list[tuple[str, str | None]], str]:
         try:
             import tomllib
         except ImportError:  # Python 3.10: read the installed metadata instead
-            tomllib = None  # type: ignore[assignment]
+            tomllib = None
         if tomllib is not None:
             project = tomllib.loads(pyproject.read_text(encoding="utf-8")).get("project", {})
             if project.get("name") == "distclip":

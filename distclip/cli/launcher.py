@@ -147,10 +147,12 @@ def plan_launch(argv: list[str]) -> LaunchPlan:
             for path in temp_files:
                 os.unlink(path)
             raise
-    command = [sys.executable, "-m", "accelerate.commands.launch", *_replace_config_file(argv, config_path, accelerate_file)]
+    command = [sys.executable, "-m", "accelerate.commands.launch",
+               *_replace_config_file(argv, config_path, accelerate_file)]
     groups = "uniform" if split.clip is None or not (split.clip.groups or split.clip.per_layer) else "per-group"
     where = f"distclip config from '{SECTION}:' ({groups})" if split.section is not None else (
-        f"no '{SECTION}:' section: ranks read ${ENV_VAR}" + (" (set)" if ENV_VAR in os.environ else " (unset: defaults)"))
+        f"no '{SECTION}:' section: ranks read ${ENV_VAR}"
+        + (" (set)" if ENV_VAR in os.environ else " (unset: defaults)"))
     return LaunchPlan(command, env, f"{summary}; {where}", temp_files)
 
 
@@ -159,7 +161,8 @@ def check_env_round_trip(env: Mapping[str, str], expected: ClipConfig | None, so
     try:
         received = ClipConfig.from_env(environ=env)
     except ConfigError as err:
-        raise LaunchError(f"{source}: the '{SECTION}:' section written to ${ENV_VAR} does not load back: {err}") from None
+        raise LaunchError(
+            f"{source}: the '{SECTION}:' section written to ${ENV_VAR} does not load back: {err}") from None
     if expected is None or received is None or received.fingerprint() != expected.fingerprint():
         raise LaunchError(
             f"{source}: the '{SECTION}:' section written to ${ENV_VAR} loads back as {received!r}, not as "
@@ -229,8 +232,8 @@ def check_process_count(cluster: Any, args: argparse.Namespace, source: str = "c
     if hasattr(os, "geteuid") and os.geteuid() == 0 and not os.environ.get("OMPI_ALLOW_RUN_AS_ROOT"):
         if b"Open MPI" in _mpirun_version():
             raise LaunchError(
-                f"{source}: Open MPI refuses to run as root: export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1 "
-                "(containers), or run as another user"
+                f"{source}: Open MPI refuses to run as root: export OMPI_ALLOW_RUN_AS_ROOT=1 "
+                "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1 (containers), or run as another user"
             )
     return f"{asked}, MULTI_CPU through mpirun (hostfile {hostfile})"
 
@@ -240,7 +243,8 @@ def _mpirun_version() -> bytes:
     import subprocess
 
     try:
-        return subprocess.run([shutil.which("mpirun") or "mpiexec", "--version"], capture_output=True, timeout=30).stdout
+        return subprocess.run([shutil.which("mpirun") or "mpiexec", "--version"], capture_output=True,
+                              timeout=30).stdout
     except (OSError, subprocess.SubprocessError):
         return b""
 

@@ -44,7 +44,8 @@ class MPIEnvironment:
     master_port: int
 
     def as_env(self) -> dict[str, str]:
-        values = (self.rank, self.world_size, self.local_rank, self.local_world_size, self.master_addr, self.master_port)
+        values = (self.rank, self.world_size, self.local_rank, self.local_world_size, self.master_addr,
+                  self.master_port)
         return {key: str(value) for key, value in zip(ENV_KEYS, values)}
 
 
@@ -58,7 +59,8 @@ def discover(comm=None) -> MPIEnvironment:
     local.Free()
     master = None
     if rank == 0:
-        master = (os.environ.get("MASTER_ADDR") or socket.gethostname(), int(os.environ.get("MASTER_PORT") or _free_port()))
+        master = (os.environ.get("MASTER_ADDR") or socket.gethostname(),
+                  int(os.environ.get("MASTER_PORT") or _free_port()))
     master_addr, master_port = comm.bcast(master, root=0)
     return MPIEnvironment(rank, world, local_rank, local_world, master_addr, master_port)
 

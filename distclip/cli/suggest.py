@@ -33,11 +33,10 @@ from typing import Any, Sequence
 
 import yaml
 
-from ..core.config import ClipConfig, DEFAULT_GROUP, load_config
+from ..core.config import DEFAULT_GROUP, ClipConfig, load_config
 from ..errors import ClipLogError, ConfigError, SuggestError
 from .clip_log import ClipLog, read_clip_log
 from .output import fail
-
 
 WARMUP_FRACTION = 0.1
 MIN_NORMS = 5  # fewer usable norms than this per group is not a basis for a threshold
@@ -55,10 +54,12 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--quantile", "-q", type=float, default=0.9,
                    help="quantile of each group's norms (default 0.9: clips about 10%% of steps)")
     p.add_argument("--warmup", type=int, default=None,
-                   help=f"logged clips to skip at the start (default: the first {WARMUP_FRACTION:.0%}%)")  # %% is argparse's percent sign
+                   # %% is argparse's percent sign
+                   help=f"logged clips to skip at the start (default: the first {WARMUP_FRACTION:.0%}%)")
     p.add_argument("-o", "--output", help="write the config here (default: stdout, the table then goes to stderr)")
     p.add_argument("--format", choices=["yaml", "json", "optuna"], default="yaml")
-    p.add_argument("--config", help="the run's distclip config (a YAML file or a preset name), if the log has no header")
+    p.add_argument("--config",
+                   help="the run's distclip config (a YAML file or a preset name), if the log has no header")
     p.add_argument("--range", type=float, default=4.0, dest="spread",
                    help="optuna: each range is [suggested / RANGE, suggested * RANGE] (default 4)")
     return p
@@ -117,8 +118,9 @@ def suggest(log: ClipLog, q: float, warmup: int | None = None, base: dict[str, A
     if warmup < 0 or warmup >= n:
         raise SuggestError(f"--warmup {warmup} leaves no clips of the {n} logged; pass a smaller --warmup")
     skipped = log.series("skipped")
-    rows = []
-    measured_only = {g["name"] for g in (log.header or {}).get("groups") or [] if "max_norm" in g and g["max_norm"] is None}
+    rows: list[dict[str, Any]] = []
+    measured_only = {g["name"] for g in (log.header or {}).get("groups") or []
+                     if "max_norm" in g and g["max_norm"] is None}
     for group in log.groups:
         if group in measured_only:  # max_norm: null: measured on purpose, never clipped; the config keeps it so
             continue
@@ -218,7 +220,8 @@ def search_space(result: dict[str, Any], spread: float) -> dict[str, Any]:
                  "p['low'], p['high'], log=p['log']); distclip.cli.suggest.set_at(config, p['path'], value)",
         "source": result["log"],
         "quantile": result["quantile"],
-        "params": [{"name": f"max_norm/{r['group']}", "group": r["group"], "low": round_significant(r["threshold"] / spread),
+        "params": [{"name": f"max_norm/{r['group']}", "group": r["group"],
+                    "low": round_significant(r["threshold"] / spread),
                     "high": round_significant(r["threshold"] * spread), "log": True, "suggested": r["threshold"],
                     "path": result["paths"][r["group"]]} for r in result["rows"]],
         "config": result["config"],
@@ -226,7 +229,8 @@ def search_space(result: dict[str, Any], spread: float) -> dict[str, Any]:
 
 
 def format_table(result: dict[str, Any]) -> str:
-    header = f"{'group':<16} {'norms':>6} {'median':>10} {'max':>10} {'max_norm':>10} {'clips (all)':>12} {'after warm-up':>14}"
+    header = (f"{'group':<16} {'norms':>6} {'median':>10} {'max':>10} {'max_norm':>10} {'clips (all)':>12} "
+              f"{'after warm-up':>14}")
     lines = [f"distclip suggest: {result['clips']} clips in {result['log']}, first {result['warmup']} skipped as "
              f"warm-up, quantile {result['quantile']:g}", header, "-" * len(header)]
     for r in result["rows"]:

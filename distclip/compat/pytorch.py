@@ -24,7 +24,8 @@ TESTED_DEEPSPEED = "0.19.8"
 
 
 
-def unsupported(what: str, err: BaseException | None = None, package: str = "torch", version: str | None = None) -> UnsupportedVersionError:
+def unsupported(what: str, err: BaseException | None = None, package: str = "torch",
+                version: str | None = None) -> UnsupportedVersionError:
     """The one message for an internal that is not where distclip expects it.
 
     Install advice only where it helps: on the version distclip was checked on, the internal is
@@ -34,16 +35,18 @@ def unsupported(what: str, err: BaseException | None = None, package: str = "tor
     detail = f" ({type(err).__name__}: {err})" if err is not None else ""
     tested = TESTED_TORCH if package == "torch" else TESTED_DEEPSPEED if package == "deepspeed" else None
     if tested is not None and version.startswith(tested):
-        advice = (f"{package} {version} is the version distclip is tested with, so this object is one distclip does not "
-                  "handle: please report it (with `python -m torch.utils.collect_env` and how the object was built)")
+        advice = (f"{package} {version} is the version distclip is tested with, so this object is one distclip "
+                  "does not handle: please report it (with `python -m torch.utils.collect_env` and how the object was "
+                  "built)")
     else:
-        advice = (f"This distclip release is tested with torch {TESTED_TORCH} and DeepSpeed {TESTED_DEEPSPEED}; install "
-                  "one of those versions, or upgrade distclip")
+        advice = (f"This distclip release is tested with torch {TESTED_TORCH} and DeepSpeed {TESTED_DEEPSPEED}; "
+                  "install one of those versions, or upgrade distclip")
     return UnsupportedVersionError(f"distclip: {what} is not available in {package} {version}{detail}. {advice}.")
 
 
 def internal_reader(what: str, errors: tuple[type[BaseException], ...], package: str = "torch",
-                    version: Callable[[], str] = lambda: torch.__version__) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+                    version: Callable[[], str] = lambda: torch.__version__
+                    ) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
     """A decorator for a function that reads ``package``'s internals: ``errors`` raised inside it (the internal
     moved or changed) become :class:`UnsupportedVersionError` naming ``what``, the installed version and advice."""
 
@@ -107,7 +110,9 @@ def flat_param_fqns(param: Any) -> list[str] | None:
 
 
 @_internal("torch.utils._foreach_utils._group_tensors_by_device_and_dtype")
-def group_by_device_and_dtype(tensors: Sequence[torch.Tensor]) -> dict[tuple[torch.device, torch.dtype], tuple[list[torch.Tensor], list[int]]]:
+def group_by_device_and_dtype(
+        tensors: Sequence[torch.Tensor],
+) -> dict[tuple[torch.device, torch.dtype], tuple[list[torch.Tensor], list[int]]]:
     """``{(device, dtype): (tensors, their indices in the input)}`` in first-seen order (torch's own grouping)."""
     if not tensors:
         return {}
@@ -454,7 +459,8 @@ class FSDP1Unit:
         self.strategy: str = handle._sharding_strategy.name
         self.use_orig_params: bool = handle._use_orig_params
         self.fqns: list[str] = list(self.flat_param._fqns)
-        self.shard_infos: list[Any] = list(self.flat_param._shard_param_infos)  # in_shard, offset_in_shard, numel_in_shard
+        # in_shard, offset_in_shard, numel_in_shard
+        self.shard_infos: list[Any] = list(self.flat_param._shard_param_infos)
         # where each original parameter's piece of this rank's shard starts in the parameter's flat order
         self.intra_starts: list[int | None] = [info.intra_param_start_idx for info in self.shard_infos]
         self.shapes: list[tuple[int, ...]] = [tuple(s) for s in self.flat_param._shapes]  # original (global) shapes
@@ -516,7 +522,8 @@ def fsdp2_has_all_reduce_hook(group: Any) -> bool:
 @_internal("FSDP2 parameter metadata (FSDPParam.sharded_param, sharded_size, padded_sharded_param_size)")
 def fsdp2_params(group: Any) -> list[tuple[Any, int, int]]:
     """(sharded parameter, its local shard numel, its padded numel in the flat reduce output) in order."""
-    return [(fp.sharded_param, fp.sharded_size.numel(), fp.padded_sharded_param_size.numel()) for fp in group.fsdp_params]
+    return [(fp.sharded_param, fp.sharded_size.numel(), fp.padded_sharded_param_size.numel())
+            for fp in group.fsdp_params]
 
 
 @_internal("FSDP2 gradient division factors (_fsdp_collectives._get_gradient_divide_factors)")

@@ -8,8 +8,9 @@ accumulation, the pipeline schedule, loss and metric reduction, the optimizer an
 metrics log of the returned norm) stays torchtitan's own code. :func:`check_clip_call` verifies, once,
 that the trainer's ``train_step`` still reaches the clip through that name with the signature this
 was checked on; :func:`checkpoint_states` is the checkpoint manager's ``states`` dict, where the
-clipper's state is added next to ``train_state``; :func:`pipeline_stages` reads the ``PipelineStage`` objects torchtitan's schedule runs
-(torch's private ``_stages`` / ``_stage``), whose ``stage_index`` says which stages this rank holds.
+clipper's state is added next to ``train_state``; :func:`pipeline_stages` reads the ``PipelineStage``
+objects torchtitan's schedule runs (torch's private ``_stages`` / ``_stage``), whose ``stage_index``
+says which stages this rank holds.
 
 Each raises :class:`~distclip.UnsupportedVersionError` naming the installed and the
 checked torchtitan versions when what it reads has moved.

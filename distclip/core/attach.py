@@ -48,7 +48,8 @@ class Attachment:
 
         def fold_into_optimizer(coefs: torch.Tensor) -> None:
             self._owns_grad_scale = pending is None
-            optimizer.grad_scale = (pending if pending is not None else 1.0) / coefs[0]
+            # torch's fused optimizers read grad_scale, which torch.optim.Optimizer does not declare
+            optimizer.grad_scale = (pending if pending is not None else 1.0) / coefs[0]  # type: ignore[attr-defined]
 
         self.clip(pending_scale=pending, fold=fold_into_optimizer if self.fold else None)
 

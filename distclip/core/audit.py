@@ -88,7 +88,7 @@ class ClipAudit:
         device = coefs.device
         parts = [coefs.double(), thresholds.double().to(device)]
         measured = before is not None and after is not None
-        if measured:
+        if before is not None and after is not None:  # = measured
             ratio = after[:g].to(device) / before[:g].to(device)
             p = self.layout.total_norm_type
             parts += [ratio if math.isinf(p) else ratio.pow(1.0 / p), before[:g].to(device)]
@@ -167,7 +167,8 @@ def _mismatch_message(step: int, rows: list[list[int]], agreed: tuple[int, int],
         return f"{d['action']} of groups {d['groups']} with coefficients {coefs}"
 
     for r in differ[:4]:
-        lines.append(f"  rank {r} applied {applied(r)}; rank {reference} (and those agreeing) applied {applied(reference)}")
+        lines.append(f"  rank {r} applied {applied(r)}; rank {reference} (and those agreeing) applied "
+                     f"{applied(reference)}")
     for r in broken[:4]:
         d = details[r] if len(details) > 1 else details[0]
         found = ", ".join(f"{n} by {v:.6g} (coefficient {d['coefs'][n]:.6g})" for n, v in d["measured"].items())

@@ -9,7 +9,7 @@ Reading the norms for the message is a host read on that one step only.
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from typing import Any, Sequence
 
 from ..errors import BadStepError, NonFiniteGradientError, SpikeStreakError
 from .attribution import Attribution
@@ -22,7 +22,9 @@ def stop_error(decision: Decision, group_names: Sequence[str], norm_type: float,
                attribution: Attribution | None, step: int) -> BadStepError:
     """The error for a decision whose ``stop`` is set (``error``, ``nonfinite`` or ``spike``)."""
     norms = dict(zip(group_names, decision.group_norms.tolist()))
-    found = dict(nonfinite_params=attribution.params, nonfinite_ranks=attribution.ranks) if attribution else {}
+    found: dict[str, Any] = {}
+    if attribution:
+        found = dict(nonfinite_params=attribution.params, nonfinite_ranks=attribution.ranks)
     where = f" {attribution.describe()}" if attribution is not None else ""
     bad = {n: v for n, v in norms.items() if not math.isfinite(v)}
     if decision.stop == "error":

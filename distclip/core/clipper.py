@@ -44,8 +44,8 @@ from .policies import PolicySet, SpikeDetector, build_policies, build_spike_dete
 from .record import Recorder
 from .reduce import check_consistency, exchange_bytes, share_setup_failure
 from .report import ClipReport
-from .sinks import MetricsLog
 from .rowwise import bind_rows
+from .sinks import MetricsLog
 
 STATE_VERSION = 3  # 3: the bad-step streaks; versions 1 and 2 still load (streaks start at 0)
 
@@ -227,7 +227,8 @@ class Clipper:
         if self.clips_subset:
             return "only a subset of the parameters is clipped, a fused optimizer's grad_scale would scale them all"
         if self.rows is not None:
-            return "row-wise clipping (policy kind 'agc') has one coefficient per row, a fused optimizer takes one grad_scale"
+            return ("row-wise clipping (policy kind 'agc') has one coefficient per row, a fused optimizer takes one "
+                    "grad_scale")
         if len(self.group_names) != 1:
             return "per-group clipping needs one coefficient per group, a fused optimizer takes one grad_scale"
         if not self.adapter.foldable:
@@ -258,12 +259,15 @@ class Clipper:
         return state
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        """Restore :meth:`state_dict`; a state of another version, group layout or policy is a :class:`StateDictError`."""
+        """Restore :meth:`state_dict`; a state of another version, group layout or policy is a
+        :class:`StateDictError`."""
         if not isinstance(state, Mapping):
-            raise StateDictError(f"distclip state must be the mapping GradClipper.state_dict() returned, got {type(state).__name__}")
+            raise StateDictError(
+                f"distclip state must be the mapping GradClipper.state_dict() returned, got {type(state).__name__}")
         unknown = set(state) - {"version", "groups", "steps", "policy", "skip_spikes", "counts", "streaks"}
         if unknown:
-            raise StateDictError(f"distclip state has unknown keys {sorted(unknown)}: it is not a GradClipper.state_dict()")
+            raise StateDictError(
+                f"distclip state has unknown keys {sorted(unknown)}: it is not a GradClipper.state_dict()")
         version = state.get("version")
         if version not in (1, 2, STATE_VERSION):
             raise StateDictError(
@@ -331,7 +335,8 @@ class Clipper:
         the world) are part of the fingerprint, so ranks that see different ones get a mismatch error and
         ranks that all see the same get it raised here: every rank raises, none waits in a collective."""
         try:
-            check_consistency(self.adapter.reduce_group, self.fingerprint(), self._summary(), *self._stage_fingerprint())
+            check_consistency(self.adapter.reduce_group, self.fingerprint(), self._summary(),
+                              *self._stage_fingerprint())
         except ConfigMismatchError as err:
             if self._pipeline or "group_layout:" not in str(err):  # the same text on every rank
                 raise
@@ -367,7 +372,8 @@ class Clipper:
         rows = {"row_layout": self.rows.fingerprint()} if self.rows is not None else {}
         problems = {"setup_problems": self._setup_problems} if self._setup_problems else {}
         return {**self.config.to_dict(), "group_order": self.group_names, "group_layout": layout,
-                "measured_in_reduction": self.hook_choice.enable, **self.adapter.describe(), **stage, **rows, **problems}
+                "measured_in_reduction": self.hook_choice.enable, **self.adapter.describe(), **stage, **rows,
+                **problems}
 
     def _names_of(self, params: Iterable[torch.Tensor | str] | str) -> list[str]:
         """Canonical names of the parameters to clip (identity lookup among the adapter's parameters)."""
@@ -393,7 +399,8 @@ class Clipper:
         return names
 
     def log_info(self) -> dict[str, Any]:
-        """What a sink's ``start`` gets: the config and the groups (``distclip suggest`` rebuilds the config from it)."""
+        """What a sink's ``start`` gets: the config and the groups (``distclip suggest`` rebuilds the config
+        from it)."""
         members: dict[str, list[str]] = {}
         for name, g in self.table.index_of.items():
             members.setdefault(self.table.groups[g].name, []).append(name)

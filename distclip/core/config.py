@@ -17,13 +17,14 @@ import re
 import stat
 import sys
 from pathlib import Path
-from typing import Annotated, Any, Literal, Mapping, Union
+from typing import TYPE_CHECKING, Annotated, Any, Literal, Mapping, Union
 
 import yaml
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, model_validator
 
 from ..errors import ConfigError
-from .presets import NAME as _PRESET_NAME, preset_file, preset_hint, preset_names, unknown_preset
+from .presets import NAME as _PRESET_NAME
+from .presets import preset_file, preset_hint, preset_names, unknown_preset
 
 ENV_VAR = "DISTCLIP_CONFIG"
 DEFAULT_GROUP = "default"
@@ -132,7 +133,7 @@ def _parse_depth(value: Any) -> int:
     elif isinstance(value, numbers.Integral):
         value = int(value)
     elif isinstance(value, numbers.Real) and math.isfinite(value) and float(value).is_integer():
-        value = int(value)
+        value = math.trunc(value)  # = int(value) for a Real (typeshed's int() takes no numbers.Real)
     else:
         raise ValueError(f"{_DEPTH_RULE}; got {type(value).__name__} {_show(value)}")
     if value < 1:
@@ -180,10 +181,13 @@ class _RoleSpec(_Section):
     :meth:`ClipConfig.to_dict` writes an explicit ``null`` back, so the role survives a round trip.
     """
 
+    if TYPE_CHECKING:  # a field of every subclass (declared there: a pydantic field here would be inherited)
+        max_norm: float | None
+
     @property
     def measured_only(self) -> bool:
         """``max_norm: null`` was written: the groups are measured and reported, never clipped."""
-        return "max_norm" in self.model_fields_set and getattr(self, "max_norm") is None
+        return "max_norm" in self.model_fields_set and self.max_norm is None
 
     @model_validator(mode="after")
     def _no_policy_when_measured_only(self) -> "_RoleSpec":
@@ -393,9 +397,9 @@ def _parse_path(value: Any) -> str:
     return value
 
 
-_COMM_HOOK_RULE = ("must be auto (the default: the norm inside the gradient reduction where gradients are reduced by NCCL on "
-                   "CUDA, after backward elsewhere), true (always inside the reduction, where the layout allows it) "
-                   "or false (always after backward)")
+_COMM_HOOK_RULE = ("must be auto (the default: the norm inside the gradient reduction where gradients are reduced by "
+                   "NCCL on CUDA, after backward elsewhere), true (always inside the reduction, where the layout "
+                   "allows it) or false (always after backward)")
 _TRUE_WORDS, _FALSE_WORDS = {"true", "yes", "on", "1"}, {"false", "no", "off", "0"}
 
 
@@ -584,7 +588,8 @@ class ClipConfig(_Section):
 def _with_roles(config: ClipConfig, data: dict[str, Any]) -> dict[str, Any]:
     """``data`` (a dump of ``config``) with ``max_norm: null`` written for measured-only sections: a dump drops
     the None (or cannot tell it from a max_norm left out), and the role would be lost."""
-    sections = [(group, data["groups"][i]) for i, group in enumerate(config.groups)]
+    sections: list[tuple[GroupSpec | PerLayerSpec, Any]] = [
+        (group, data["groups"][i]) for i, group in enumerate(config.groups)]
     if config.per_layer is not None:
         sections.append((config.per_layer, data["per_layer"]))
     for spec, dumped in sections:
@@ -595,7 +600,8 @@ def _with_roles(config: ClipConfig, data: dict[str, Any]) -> dict[str, Any]:
     return data
 
 
-def load_config(spec: "ClipConfig | Mapping[str, Any] | str | os.PathLike | None" = None, **overrides: Any) -> ClipConfig:
+def load_config(spec: "ClipConfig | Mapping[str, Any] | str | os.PathLike | None" = None,
+                **overrides: Any) -> ClipConfig:
     """Resolve a config from an object, a mapping, a string, a path, or (when None) ``$DISTCLIP_CONFIG``.
 
     A string is resolved by :func:`config_from_string` (an existing file, then a preset name such as
@@ -767,8 +773,9 @@ def _allowed_keys(loc: tuple[Any, ...]) -> list[str]:
         kind = loc[loc.index("policy") + 1]
         model = POLICY_KINDS.get(kind, FixedPolicySpec)
     elif len(loc) > 1:
-        sections = {"groups": GroupSpec, "per_layer": PerLayerSpec, "skip_spikes": SkipSpikesSpec,
-                    "log": LogSpec, "audit": AuditSpec, "nonfinite": NonFiniteSpec}
+        sections: dict[str, type[BaseModel]] = {
+            "groups": GroupSpec, "per_layer": PerLayerSpec, "skip_spikes": SkipSpikesSpec,
+            "log": LogSpec, "audit": AuditSpec, "nonfinite": NonFiniteSpec}
         model = sections.get(loc[0], ClipConfig)
     return list(model.model_fields)
 

@@ -47,7 +47,8 @@ class ClipCounters:
         return self.clipped
 
     def state_dict(self) -> dict[str, Any]:
-        clipped = torch.zeros(self.num_groups, dtype=torch.long) if self.clipped is None else self.clipped.detach().cpu()
+        clipped = (torch.zeros(self.num_groups, dtype=torch.long) if self.clipped is None
+                   else self.clipped.detach().cpu())
         return {"steps": self.steps, "clipped": clipped.clone()}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
@@ -61,6 +62,7 @@ class ClipCounters:
             raise StateDictError(
                 f"distclip state's 'counts' must be {{'steps': int >= 0, 'clipped': int64 tensor of {self.num_groups} "
                 f"counts}} as GradClipper.state_dict() writes it; got {state!r}")
+        assert isinstance(steps, int) and isinstance(clipped, torch.Tensor)  # checked just above
         device = clipped.device if self.clipped is None else self.clipped.device
         self.steps, self.clipped, self.streaks = steps, clipped.detach().clone().to(device), None
 
@@ -103,6 +105,8 @@ class BadStepStreaks:
         if not (isinstance(state, Mapping) and set(state) == {"nonfinite", "spike"}
                 and all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in values)):
             raise StateDictError(
-                "distclip state's 'streaks' must be {'nonfinite': int >= 0, 'spike': int >= 0} as GradClipper.state_dict() "
-                f"writes it; got {state!r}")
-        self.nonfinite, self.spike = values
+                "distclip state's 'streaks' must be {'nonfinite': int >= 0, 'spike': int >= 0} as "
+                f"GradClipper.state_dict() writes it; got {state!r}")
+        nonfinite, spike = values
+        assert isinstance(nonfinite, int) and isinstance(spike, int)  # checked just above
+        self.nonfinite, self.spike = nonfinite, spike

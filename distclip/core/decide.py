@@ -19,7 +19,7 @@ non-finite one included) and are never multiplied.
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 
@@ -61,7 +61,8 @@ class Decision:
     skipped: bool = False
     skip_reason: str | None = None  # nonfinite | overflow | spike
     nonfinite_seen: bool = False  # the host has read that a norm is non-finite (what attribution runs on)
-    stop: str | None = None  # raise on every rank after recording: error (nonfinite: error), nonfinite or spike (streak)
+    # raise on every rank after recording: error (nonfinite: error), nonfinite or spike (streak)
+    stop: str | None = None
     streaks: tuple[int, int] = (0, 0)  # non-finite steps, spike skips in a row (this clip included)
 
 
@@ -87,13 +88,14 @@ def decide(measured: Measurement, plan: SlotPlan, rules: Rules, policy: PolicySe
     finite = reduced.mul(0).eq_(0).all()
     row_coefs = None
     if plan.rows is not None:  # row-wise groups report their smallest row coefficient
+        assert measured.row_slots is not None  # measured with the row plan: its row sums are there
         row_coefs = plan.rows.coefficients(measured.row_slots)
         coefs = torch.where(plan.rows.group_mask(coefs.device), plan.rows.group_minima(row_coefs), coefs)
         row_coefs = row_coefs.float()
     coefs = coefs.float()  # fp32 values (exact): what multiplies the gradients, as in torch
     spike = spikes.skip(group_norms, total_norm) if spikes is not None else None
-    base = dict(group_norms=group_norms, total_norm=total_norm, thresholds=thresholds, coefs=coefs,
-                row_coefs=row_coefs, finite=finite)
+    base: dict[str, Any] = dict(group_norms=group_norms, total_norm=total_norm, thresholds=thresholds, coefs=coefs,
+                                row_coefs=row_coefs, finite=finite)
     if not apply:
         return Decision(**base)
     decision = _action(base, rules, plan, finite, spike, coefs, scaler_overflow)
@@ -117,7 +119,7 @@ def _streak_kind(decision: Decision) -> str | None:
     return "spike" if decision.skip_reason == "spike" else None
 
 
-def _action(base: dict, rules: Rules, plan: SlotPlan, finite: torch.Tensor, spike: torch.Tensor | None,
+def _action(base: dict[str, Any], rules: Rules, plan: SlotPlan, finite: torch.Tensor, spike: torch.Tensor | None,
             coefs: torch.Tensor, scaler_overflow: Callable[[], bool]) -> Decision:
     visible = tuple(range(len(rules.group_names)))
     with_rows = plan.rows is not None
@@ -133,13 +135,13 @@ def _action(base: dict, rules: Rules, plan: SlotPlan, finite: torch.Tensor, spik
         return _skipped(base, "drop", "spike")
     if finite_flag:
         clipped = tuple(g for g in rules.group_scaled if host_coefs[g] < 1.0)
-        rows_clipped = with_rows and any(host_coefs[g] < 1.0 for g in plan.rows.groups)
+        rows_clipped = plan.rows is not None and any(host_coefs[g] < 1.0 for g in plan.rows.groups)
         if clipped and rules.can_fold:
             return Decision(**base, action="fold", groups=visible)
         if clipped or rows_clipped:
             return Decision(**base, action="scale", groups=clipped, host_coefs=host_coefs, scale_rows=rows_clipped)
         return Decision(**base)
-    seen = {"nonfinite_seen": True}
+    seen: dict[str, Any] = {"nonfinite_seen": True}
     if rules.nonfinite == "ignore":  # torch semantics, also with skip_spikes on
         return Decision(**base, action="scale", groups=rules.group_scaled, scale_rows=with_rows, **seen)
     if scaler_overflow():
@@ -151,11 +153,11 @@ def _action(base: dict, rules: Rules, plan: SlotPlan, finite: torch.Tensor, spik
     return _skipped(base, "drop", "nonfinite", **seen)
 
 
-def _zeroed(base: dict) -> dict:
+def _zeroed(base: dict[str, Any]) -> dict[str, Any]:
     row_coefs = base["row_coefs"]
     return {**base, "coefs": torch.zeros_like(base["coefs"]),
             "row_coefs": None if row_coefs is None else torch.zeros_like(row_coefs)}
 
 
-def _skipped(base: dict, action: str, reason: str, **extra: object) -> Decision:
+def _skipped(base: dict[str, Any], action: str, reason: str, **extra: Any) -> Decision:
     return Decision(**_zeroed(base), action=action, skipped=True, skip_reason=reason, **extra)

@@ -1,12 +1,12 @@
-"""Raising :class:`~distclip.MissingExtraError` for optional packages; the error types live in :mod:`distclip.errors`."""
+"""Raising :class:`~distclip.MissingExtraError` for optional packages; the error types live in
+:mod:`distclip.errors`."""
 
 from __future__ import annotations
 
 import importlib
 from typing import Any
 
-from ..errors import (ClipAuditError, ConfigError, MissingExtraError, NonFiniteGradientError,  # noqa: F401
-                      StateDictError, UsageError)
+from ..errors import ClipAuditError, ConfigError, MissingExtraError, NonFiniteGradientError, StateDictError, UsageError  # noqa: F401
 
 
 def require_extra(module: str, extra: str, feature: str) -> Any:

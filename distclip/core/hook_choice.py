@@ -80,5 +80,5 @@ def choose_hook(setting: bool | str, venue: ReductionVenue | None) -> HookChoice
         return HookChoice(True, "comm_hook: auto", auto=True)  # the layout has no hook: it says why itself
     if hook_pays(venue):
         return HookChoice(True, f"comm_hook: auto, gradients reduced by {venue}", auto=True)
-    return HookChoice(False, (f"post-backward (comm_hook: auto, gradients reduced by {venue}: the in-reduction norm pays "
-                              "only with NCCL on CUDA; comm_hook: true forces it)"), auto=True)
+    return HookChoice(False, (f"post-backward (comm_hook: auto, gradients reduced by {venue}: the in-reduction norm "
+                              "pays only with NCCL on CUDA; comm_hook: true forces it)"), auto=True)

@@ -342,6 +342,7 @@ class _Plan:
         A partial is fine within [floor, float64 max]; the others (a NaN too) are recomputed. (Partials of
         float64 terms are not checked: recomputed, a non-finite one would come out the same.)
         """
+        assert self.bounds is not None  # called only for a plan with partials of fp32 terms
         floor, ceiling = self.bounds
         ok = partials.clamp(floor, ceiling) == partials
         if not ok.all():  # rare; on CPU, reading the flag synchronises with nothing
@@ -417,7 +418,8 @@ def _plan(method: str, shapes: tuple[torch.Size, ...], fp32: bool = True) -> _Pl
     """Route every tensor, once per list of shapes (cached: the per-step path builds no tensors)."""
     numels = [math.prod(s) for s in shapes]
     blocked: list[_Blocked] = []
-    chunked, small = [], []
+    chunked: list[int] = []
+    small: list[tuple[tuple[int, int, int], tuple[int, ...] | None]] = []
     at = 0
     for i, (n, shape) in enumerate(zip(numels, shapes)):
         if method in ("rows", "columns") and n >= BLOCKED_FROM:

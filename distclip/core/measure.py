@@ -15,7 +15,7 @@ import torch
 from .contract import GradAdapter
 from .norms import SlotLayout
 from .reduce import reduce_slots
-from .rowwise import SlotsWithRows, RowPlan
+from .rowwise import RowPlan, SlotsWithRows
 
 __all__ = ["Measurement", "SlotPlan", "measure"]
 
@@ -59,6 +59,7 @@ def measure(adapter: GradAdapter, plan: SlotPlan, pending_scale: torch.Tensor | 
         row_sums = plan.rows.unscale(row_sums, scale)
     if source == "post_backward" and plan.derived:  # these groups were left out of the partials
         partials = plan.rows.add_group_sums(partials, row_sums, plan.derived, plan.norm_type)
+    assert plan.with_rows is not None  # set with plan.rows
     reduced = reduce_slots(torch.cat([partials, row_sums]), plan.with_rows, group)
     slots, row_slots = reduced.split([plan.layout.num_slots, 2 * plan.rows.num_rows])
     return Measurement(slots, row_slots, source)

@@ -17,7 +17,6 @@ from typing import Hashable, Sequence
 import torch
 
 from ..compat.pytorch import group_tensors_by_device_and_dtype
-
 from .groups import ClipGroup
 from .kernels import power_sums
 
@@ -74,7 +73,8 @@ class SlotLayout:
             out.append((p, slot_of_group))
         return out
 
-    def constant(self, name: str, device: torch.device, values: Sequence[float | int | bool], dtype: torch.dtype) -> torch.Tensor:
+    def constant(self, name: str, device: torch.device, values: Sequence[float | int | bool],
+                 dtype: torch.dtype) -> torch.Tensor:
         """A device constant of this layout, built once per device (never on the per-step path)."""
         key = (name, device)
         cached = self._constants.get(key)
@@ -83,7 +83,8 @@ class SlotLayout:
         return cached
 
     def slot_index(self, ids: Sequence[int], device: torch.device) -> torch.Tensor:
-        """The slot of each of a list of pieces as a device index, cached by the list (a plan's pieces repeat every step)."""
+        """The slot of each of a list of pieces as a device index, cached by the list (a plan's pieces repeat
+        every step)."""
         key = ("index", device, tuple(ids))
         cached = self._constants.get(key)
         if cached is None:
@@ -182,7 +183,8 @@ def local_partials(
     return out if out is not None else torch.zeros(layout.num_slots, dtype=ACC_DTYPE, device=device)
 
 
-def _by_device_and_dtype(tensors: Sequence[torch.Tensor], ids: Sequence[int]) -> list[tuple[list[torch.Tensor], Sequence[int]]]:
+def _by_device_and_dtype(tensors: Sequence[torch.Tensor],
+                         ids: Sequence[int]) -> list[tuple[list[torch.Tensor], Sequence[int]]]:
     """The tensors of each (device, dtype) with their slot ids: one kind (the usual case) is checked in C-level
     passes, several are grouped by torch's helper."""
     first = tensors[0]

@@ -20,8 +20,8 @@ from .decide import Decision
 from .measure import Measurement
 from .norms import SlotLayout, local_partials
 from .report import ClipReport, clipped_mask
-from .sinks import MetricsLog
 from .rowwise import RowPlan
+from .sinks import MetricsLog
 
 __all__ = ["Recorder"]
 

@@ -39,7 +39,9 @@ def collective_device(group: ProcessGroup | None, hint: torch.device | None) -> 
     if group is not None:
         backend = str(dist.get_backend(group)).lower()
         if "nccl" in backend:
-            return hint if hint is not None and hint.type == "cuda" else torch.device("cuda", torch.cuda.current_device())
+            if hint is not None and hint.type == "cuda":
+                return hint
+            return torch.device("cuda", torch.cuda.current_device())
         if "gloo" in backend:
             return torch.device("cpu")
     return hint if hint is not None else torch.device("cpu")
@@ -48,7 +50,8 @@ def collective_device(group: ProcessGroup | None, hint: torch.device | None) -> 
 GATHER_LIMIT = 1 << 13  # float64 values a rank may receive in a mixed SUM/MAX clip (64 KiB); beyond: two all-reduces
 
 
-def reduce_slots(partials: torch.Tensor, layout: "SlotLayout | SlotsWithRows", group: ProcessGroup | None) -> torch.Tensor:
+def reduce_slots(partials: torch.Tensor, layout: "SlotLayout | SlotsWithRows",
+                 group: ProcessGroup | None) -> torch.Tensor:
     """Reduce the float64 slot vector across ``group`` in exactly ONE collective (two for a large mixed layout).
 
     ``layout`` says which slots are maxima (``any_max``, ``all_max``, ``max_mask``): a
@@ -173,7 +176,7 @@ def check_consistency(group: ProcessGroup | None, fingerprint: str, summary: dic
     if not bad:
         return
     first_of_stage = {int(table[r, 1]): int(first[stage_of[r]]) for r in bad}
-    table = table.tolist()
+    host_table = table.tolist()
     texts = exchange_bytes(group, json.dumps(summary, sort_keys=True, default=str).encode())
     summaries = [json.loads(t) for t in texts]
     failed = {r: s[SETUP_ERROR] for r, s in enumerate(summaries) if SETUP_ERROR in s}
@@ -185,7 +188,7 @@ def check_consistency(group: ProcessGroup | None, fingerprint: str, summary: dic
         )
     lines = []
     for r in bad[:4]:
-        base = 0 if table[r][0] != table[0][0] else first_of_stage[table[r][1]]
+        base = 0 if host_table[r][0] != host_table[0][0] else first_of_stage[host_table[r][1]]
         reference, other = summaries[base], summaries[r]
         diffs = [f"{k}: rank {base} has {reference.get(k)!r}, rank {r} has {other.get(k)!r}"
                  for k in sorted(set(reference) | set(other)) if reference.get(k) != other.get(k)]

@@ -79,7 +79,8 @@ class ClipReport:
         coefs = torch.stack([self.coefs[n] for n in names]).float().to(norms.device)
         families: list[tuple[str, torch.Tensor]] = [("grad_norm", norms), ("clip_coef", coefs)]
         if self.thresholds:
-            families.append(("clip_threshold", torch.stack([self.thresholds[n] for n in names]).float().to(norms.device)))
+            thresholds = torch.stack([self.thresholds[n] for n in names]).float().to(norms.device)
+            families.append(("clip_threshold", thresholds))
         finite = None if self.finite is None else self.finite.to(norms.device)
         families.append(("clipped", clipped_mask(coefs, finite, self.skipped).float()))
         families.append(("nonfinite", (~torch.isfinite(norms)).float()))

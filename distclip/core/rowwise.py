@@ -184,15 +184,16 @@ class RowPlan:
         clipped = max_norm / grad_norm.clamp(min=GRAD_NORM_FLOOR)
         return torch.where(grad_norm < max_norm, torch.ones_like(clipped), clipped)
 
-    def add_group_sums(self, slots: torch.Tensor, row_partials: torch.Tensor, groups: frozenset[int], p: float) -> torch.Tensor:
+    def add_group_sums(self, slots: torch.Tensor, row_partials: torch.Tensor, groups: frozenset[int],
+                       p: float) -> torch.Tensor:
         """``slots`` with slot ``g`` of each of ``groups`` (whose norm is in ``p``, the config's p: slot g) given
         the sum (max for p = inf) of its rows' gradient sums: the same elements, so these group norms need no
         pass over the gradients of their own."""
         device = slots.device
         key = ("derived", groups, device)
         if key not in self._constants:
-            pairs = [(b.first + r, b.group) for b in self.blocks if b.group in groups for r in range(b.rows)]
-            self._constants[key] = torch.tensor(pairs, dtype=torch.long, device=device).reshape(-1, 2)
+            row_groups = [(b.first + r, b.group) for b in self.blocks if b.group in groups for r in range(b.rows)]
+            self._constants[key] = torch.tensor(row_groups, dtype=torch.long, device=device).reshape(-1, 2)
         pairs = self._constants[key]
         values = row_partials.index_select(0, pairs[:, 0])  # the gradient half comes first
         if math.isinf(p):
@@ -297,8 +298,8 @@ class PieceMap:
         """Per row, ``sum |x|^p`` (``max |x|`` for p = inf) of these spans' elements: float64 [U] on ``device``."""
         out = torch.zeros(self.plan.num_rows, dtype=ACC_DTYPE, device=device)
         for p, members in self.passes.items():
-            present = tuple((s, tensors[s].dtype, tensors[s].device) for s in members
-                            if tensors[s] is not None and self.parts[s])
+            present = tuple((s, t.dtype, t.device) for s in members
+                            if (t := tensors[s]) is not None and self.parts[s])
             if not present:
                 continue
             key = (p, device, present)
@@ -312,7 +313,8 @@ class PieceMap:
                 out.index_add_(0, plan.index, values if p == 1 else values.pow(p))
         return out
 
-    def _count_plan(self, present: tuple[tuple[int, torch.dtype, torch.device], ...], device: torch.device) -> _CountPlan:
+    def _count_plan(self, present: tuple[tuple[int, torch.dtype, torch.device], ...],
+                    device: torch.device) -> _CountPlan:
         if len(self._count_plans) > 64:  # bounded: the present spans change rarely
             self._count_plans.clear()
         alone: list[Member] = []
@@ -334,22 +336,26 @@ class PieceMap:
         return _CountPlan(tuple(batches), torch.tensor(row_index, dtype=torch.long, device=device))
 
     @staticmethod
-    def _norms(plan: _CountPlan, tensors: Sequence[torch.Tensor | None], p: float, device: torch.device) -> torch.Tensor:
+    def _norms(plan: _CountPlan, tensors: Sequence[torch.Tensor | None], p: float,
+               device: torch.device) -> torch.Tensor:
         """The norm of every part, in the plan's order (float64 on ``device``)."""
         chunks: list[torch.Tensor] = []
         for batch in plan.batches:
             if batch.kind == "rows":
                 for s, start, stop, rows, _ in batch.members:
-                    block = tensors[s].reshape(-1)[start:stop].view(rows, -1)
+                    block = _held(tensors, s).reshape(-1)[start:stop].view(rows, -1)
                     chunks.append(torch.linalg.vector_norm(block, p, dim=1, dtype=_row_dtype(block.dtype)))
             elif batch.kind == "stacked":
-                block = torch.cat([tensors[s].reshape(-1)[start:stop] for s, start, stop, _, _ in batch.members])
-                chunks.append(torch.linalg.vector_norm(block.view(-1, batch.row), p, dim=1, dtype=_row_dtype(batch.dtype)))
+                block = torch.cat([_held(tensors, s).reshape(-1)[start:stop] for s, start, stop, _, _ in batch.members])
+                chunks.append(torch.linalg.vector_norm(block.view(-1, batch.row), p, dim=1,
+                                                       dtype=_row_dtype(block.dtype)))  # = batch.dtype
             else:  # whole small parameters: distclip's exact partial sums, then the root
-                parts = [tensors[s].reshape(-1)[start:stop] for s, start, stop, _, _ in batch.members]
+                parts = [_held(tensors, s).reshape(-1)[start:stop] for s, start, stop, _, _ in batch.members]
                 sums = power_sums(parts, p)
                 chunks.append(sums if math.isinf(p) else sums.pow(1.0 / p))
-        return torch.cat([c.to(device, ACC_DTYPE) for c in chunks]) if len(chunks) > 1 else chunks[0].to(device, ACC_DTYPE)
+        if len(chunks) > 1:
+            return torch.cat([c.to(device, ACC_DTYPE) for c in chunks])
+        return chunks[0].to(device, ACC_DTYPE)
 
     # ------------------------------------------------------------------ applying
     def scale_(self, tensors: Sequence[torch.Tensor | None], coefs: torch.Tensor) -> None:
@@ -360,8 +366,8 @@ class PieceMap:
         coefficient broadcast over its other dimensions (any strides); a flat piece (an FSDP1
         flat shard, a ZeRO partition) by its head, rows (a ``(k, L)`` view) and tail.
         """
-        present = tuple((s, tensors[s].device, tuple(tensors[s].shape)) for s in range(len(tensors))
-                        if tensors[s] is not None and self.parts[s])
+        present = tuple((s, t.device, tuple(t.shape)) for s in range(len(tensors))
+                        if (t := tensors[s]) is not None and self.parts[s])
         if not present:
             return
         groups = self._scale_plans.get(present)
@@ -382,10 +388,10 @@ class PieceMap:
             targets = []
             for s, start, stop, rows, whole in group.members:
                 if whole:
-                    targets.append(tensors[s])
+                    targets.append(_held(tensors, s))
                     continue
                 if s not in flats:
-                    flats[s] = _flat_view(tensors[s])
+                    flats[s] = _flat_view(_held(tensors, s))
                 piece = flats[s][start:stop]
                 targets.append(piece.view(rows, -1) if rows else piece)
             foreach_mul_(targets, factors)
@@ -407,7 +413,8 @@ class PieceMap:
                     key, part = (device, 0, 0), (s, start, stop, 0, whole)  # one coefficient
                 members.setdefault(key, []).append(part)
                 row_index.setdefault(key, []).extend(range(first_row, first_row + max(rows, 1)))
-        return tuple(_ScaleGroup(device, ndim, rows, tuple(m), torch.tensor(row_index[key], dtype=torch.long, device=device))
+        return tuple(_ScaleGroup(device, ndim, rows, tuple(m),
+                                 torch.tensor(row_index[key], dtype=torch.long, device=device))
                      for key, m in members.items() for device, ndim, rows in [key])
 
 
@@ -440,6 +447,13 @@ def _split(span: Span, block: RowBlock) -> tuple[Part, ...]:
     if position < end:  # tail: the start of the row the span ends inside
         parts.append((position - span.offset, span.numel, 0, block.first + position // row))
     return tuple(parts)
+
+
+def _held(tensors: Sequence[torch.Tensor | None], s: int) -> torch.Tensor:
+    """Span ``s``'s tensor, which a plan lists only when it is present (not None)."""
+    t = tensors[s]
+    assert t is not None
+    return t
 
 
 def _flat_view(tensor: torch.Tensor) -> torch.Tensor:

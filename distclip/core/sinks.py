@@ -172,7 +172,8 @@ class MetricsLog:
         info: what :meth:`BaseSink.start` receives (the config and groups), or a callable making it.
     """
 
-    def __init__(self, group: Any = None, every: int = 1, info: Mapping[str, Any] | Callable[[], Mapping] | None = None):
+    def __init__(self, group: Any = None, every: int = 1,
+                 info: Mapping[str, Any] | Callable[[], Mapping] | None = None):
         self.group = group
         self.every = every
         self._info = info
@@ -198,7 +199,8 @@ class MetricsLog:
         if every is not None and (isinstance(every, bool) or not isinstance(every, int) or every < 1):
             raise UsageError(f"add_sink(every=...) must be a whole number of clips >= 1, got {every!r}")
         if rank is not None and (isinstance(rank, bool) or not isinstance(rank, int) or rank < 0):
-            raise UsageError(f"add_sink(rank=...) must be a rank >= 0 of the clipper's reduce group, or None; got {rank!r}")
+            raise UsageError(
+                f"add_sink(rank=...) must be a rank >= 0 of the clipper's reduce group, or None; got {rank!r}")
         self.entries.append(_Entry(sink, every or self.every, rank is None or rank_in_group(self.group) == rank))
         return sink
 

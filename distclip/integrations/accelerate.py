@@ -40,22 +40,23 @@ from typing import Any, Iterable, Mapping
 
 import torch
 
+from ..clipper import GradClipper
 from ..compat import accelerate as accelerate_compat
 from ..compat import pytorch as torch_compat
 from ..compat.deepspeed import is_engine as is_deepspeed_engine
-from ..errors import UnsupportedModelError
-from ..clipper import GradClipper
-from ..core.report import ClipReport
 from ..core.config import ClipConfig, load_config
 from ..core.names import canonical_name
+from ..core.report import ClipReport
 from ..core.sinks import CallbackSink, MetricsLog
+from ..errors import UnsupportedModelError
 
 __all__ = ["enable", "disable", "last_report", "log_to_trackers", "AccelerateClipping"]
 
 DDP_TYPES = frozenset({"NO", "MULTI_CPU", "MULTI_GPU", "MULTI_NPU", "MULTI_MLU", "MULTI_SDAA", "MULTI_MUSA",
                        "MULTI_XPU", "MULTI_HPU", "MULTI_NEURON"})
 FSDP_MODULE = "distclip.adapters.fsdp1"  # distclip's FSDP1/FSDP2 adapters (adapter_for picks them)
-DEEPSPEED_MODULE = "distclip.integrations.deepspeed"  # attach(engine, config) -> GradClipper, clip inside DeepSpeed's step
+# attach(engine, config) -> GradClipper, clip inside DeepSpeed's step
+DEEPSPEED_MODULE = "distclip.integrations.deepspeed"
 
 
 def enable(accelerator: Any, config: ClipConfig | Mapping[str, Any] | str | os.PathLike | None = None,

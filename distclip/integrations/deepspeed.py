@@ -32,8 +32,8 @@ from typing import Any, Mapping
 import torch
 
 from ..adapters.zero import DeepSpeedAdapter, Zero0Adapter, Zero3Adapter, deepspeed_adapter
-from ..compat import deepspeed as ds_compat
 from ..clipper import GradClipper
+from ..compat import deepspeed as ds_compat
 from ..core.config import ClipConfig, load_config
 from ..core.reduce import share_setup_failure
 from ..errors import UnsupportedDeepSpeedSetup
@@ -112,7 +112,8 @@ def _take_over_the_clip(engine: Any, clipper: GradClipper, adapter: DeepSpeedAda
         return
 
     def clip_inside_step() -> torch.Tensor:
-        """distclip's clip; plans the coefficients, or tells DeepSpeed to skip. Returns the scaled norm DeepSpeed expects."""
+        """distclip's clip; plans the coefficients, or tells DeepSpeed to skip. Returns the scaled norm DeepSpeed
+        expects."""
         scale = adapter.grad_scale()
         report = clipper.clip()
         if report.skipped:
@@ -133,7 +134,8 @@ def config_section(engine: Any) -> Mapping[str, Any] | None:
 
 
 def resolve_config(engine: Any, config: Any = None, **overrides: Any) -> ClipConfig:
-    """The config to clip with: ``config``, else the DeepSpeed JSON section, else ``$DISTCLIP_CONFIG``, else defaults."""
+    """The config to clip with: ``config``, else the DeepSpeed JSON section, else ``$DISTCLIP_CONFIG``, else
+    defaults."""
     section = config_section(engine)
     if config is None and section is not None:
         config = ClipConfig.from_dict(section, source=f"DeepSpeed config '{SECTION}' section")
@@ -145,8 +147,8 @@ def resolve_config(engine: Any, config: Any = None, **overrides: Any) -> ClipCon
     resolved = load_config(config, **overrides)
     if engine.fp16_enabled() and resolved.nonfinite_action != "skip":
         _warn_rank0(
-            f"distclip: nonfinite={resolved.nonfinite_action!r} is replaced by 'skip' under DeepSpeed fp16: a non-finite "
-            "norm there is a loss-scale overflow, and the dynamic loss scaler needs the step skipped"
+            f"distclip: nonfinite={resolved.nonfinite_action!r} is replaced by 'skip' under DeepSpeed fp16: a "
+            "non-finite norm there is a loss-scale overflow, and the dynamic loss scaler needs the step skipped"
         )
         limit = resolved.nonfinite_limit
         resolved = resolved.replace(nonfinite={"action": "skip", "max_consecutive": limit} if limit else "skip")

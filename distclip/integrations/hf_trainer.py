@@ -12,8 +12,8 @@ keep theirs, and the logged ``grad_norm`` is the exact global pre-clip norm, for
 DeepSpeed alike, and for gradients on several device meshes or beside plain tensors (PEFT adapters on a
 model transformers sharded at load time with some sharded parameters trainable, experts as plain
 tensors), where the Trainer would otherwise skip ``accelerator.clip_grad_norm_`` for its own per-mesh
-2-norm (:mod:`distclip.compat.transformers`). Each log line also gets the last clip's per-group metrics, with the names of
-:meth:`distclip.ClipReport.to_metrics` (``grad_norm/<group>``, ``clip_coef/<group>``,
+2-norm (:mod:`distclip.compat.transformers`). Each log line also gets the last clip's per-group metrics,
+with the names of :meth:`distclip.ClipReport.to_metrics` (``grad_norm/<group>``, ``clip_coef/<group>``,
 ``clip_threshold/<group>``, ``clipped/<group>``, ``nonfinite/<group>``, ``clip_rate/<group>``
 and ``skipped``), so wandb / TensorBoard reporters show them. Imports ``transformers``.
 """
@@ -27,9 +27,9 @@ from typing import Any, Mapping
 
 from transformers import TrainerCallback
 
-from . import accelerate as distclip_accelerate
 from ..compat import transformers as transformers_compat
 from ..core.config import ClipConfig
+from . import accelerate as distclip_accelerate
 
 __all__ = ["enable", "GroupNormLogger"]
 

@@ -41,12 +41,12 @@ from typing import Any, Mapping
 
 import torch
 
+from ..clipper import GradClipper
 from ..compat import pytorch as _compat
 from ..compat.deepspeed import is_engine as is_deepspeed_engine
-from ..clipper import GradClipper
-from ..core.report import ClipReport
 from ..core.config import ClipConfig, ConfigError, load_config
 from ..core.errors import UsageError, require_extra
+from ..core.report import ClipReport
 
 pl = require_extra("lightning.pytorch", "lightning", "distclip.lightning")
 _Callback: Any = pl.Callback  # a base class only known at run time
@@ -70,9 +70,10 @@ class DistclipCallback(_Callback):
 
     def __init__(self, config: ClipConfig | Mapping[str, Any] | str | os.PathLike | None = None, *,
                  log_every_n_steps: int | None = None, **overrides: Any):
-        if log_every_n_steps is not None and (isinstance(log_every_n_steps, bool) or not isinstance(log_every_n_steps, int)
-                                              or log_every_n_steps < 0):
-            raise ConfigError(f"DistclipCallback(log_every_n_steps={log_every_n_steps!r}): expected None or an int >= 0")
+        if log_every_n_steps is not None and (isinstance(log_every_n_steps, bool)
+                                              or not isinstance(log_every_n_steps, int) or log_every_n_steps < 0):
+            raise ConfigError(
+                f"DistclipCallback(log_every_n_steps={log_every_n_steps!r}): expected None or an int >= 0")
         self.config = load_config(config, **overrides)
         self.log_every_n_steps = log_every_n_steps
         self.clipper: GradClipper | None = None

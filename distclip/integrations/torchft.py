@@ -59,8 +59,9 @@ def attach(clipper: distclip.GradClipper, optimizer: torch.optim.Optimizer, mana
         inner, manager = optimizer.optim, manager if manager is not None else optimizer.manager
     elif manager is None:
         raise distclip.UsageError(
-            f"distclip.integrations.torchft.attach: got a {type(optimizer).__qualname__}, not torchft's OptimizerWrapper, "
-            "and no manager: pass the OptimizerWrapper, or attach(clipper, inner_optimizer, manager=manager)")
+            f"distclip.integrations.torchft.attach: got a {type(optimizer).__qualname__}, not torchft's "
+            "OptimizerWrapper, and no manager: pass the OptimizerWrapper, or "
+            "attach(clipper, inner_optimizer, manager=manager)")
     else:
         inner = optimizer
     try:

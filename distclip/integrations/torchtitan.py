@@ -99,7 +99,8 @@ class DistclipSection:
     """Clip with distclip (False: torchtitan's own clip_grad_norm_ runs, unchanged)."""
 
     config: str | None = None
-    """Path of a distclip YAML config (groups, policy, nonfinite, log, ...; a top-level ``distclip:`` section is used)."""
+    """Path of a distclip YAML config (groups, policy, nonfinite, log...; a top-level ``distclip:`` section
+    is used)."""
 
     max_norm: float | None = None
     """Threshold of the default group (None: the distclip config's, else ``training.max_norm``)."""
@@ -274,7 +275,8 @@ class ClipperCheckpointState(Stateful):
 
     def state_dict(self) -> dict[str, Any]:
         trainer = self.trainer
-        state = trainer.grad_clipper.state_dict() if trainer.grad_clipper is not None else trainer._distclip_pending_state
+        clipper = trainer.grad_clipper
+        state = clipper.state_dict() if clipper is not None else trainer._distclip_pending_state
         buffer = io.BytesIO()
         torch.save(state, buffer)
         buffer.seek(0)

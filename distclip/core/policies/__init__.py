@@ -26,14 +26,15 @@ POLICIES: dict[str, type[ClipPolicy]] = {
 }
 
 __all__ = [
-    "EPS", "POLICIES", "AGCPolicy", "AdaGCPolicy", "AutoClipPolicy", "ClipPolicy", "FixedPolicy", "PolicySet", "SpikeDetector",
-    "Stateful", "ZClipPolicy", "build_policies", "build_policy", "build_spike_detector", "clip_coefficients",
+    "EPS", "POLICIES", "AGCPolicy", "AdaGCPolicy", "AutoClipPolicy", "ClipPolicy", "FixedPolicy", "PolicySet",
+    "SpikeDetector", "Stateful", "ZClipPolicy", "build_policies", "build_policy", "build_spike_detector",
+    "clip_coefficients",
 ]
 
 
 def build_policy(spec: PolicySpec, groups: Sequence[ClipGroup]) -> ClipPolicy:
     """The policy of ``spec.kind`` over ``groups``."""
-    cls = POLICIES.get(getattr(spec, "kind", None))
+    cls = POLICIES.get(getattr(spec, "kind", ""))
     if cls is None:
         raise TypeError(f"no policy implementation for {spec!r}")
     return cls(spec, groups)

@@ -18,7 +18,7 @@ from ..groups import ClipGroup
 EPS = 1e-6  # torch's: coefficient = min(1, threshold / (norm + 1e-6))
 
 
-def clip_coefficients(thresholds: torch.Tensor, norms: torch.Tensor) -> torch.Tensor:
+def clip_coefficients(thresholds: torch.Tensor | float, norms: torch.Tensor) -> torch.Tensor:
     """torch's coefficient: ``min(1, threshold / (norm + 1e-6))`` (a clamp, not an ``if``: no sync)."""
     return torch.clamp(thresholds / (norms + EPS), max=1.0)
 

@@ -85,7 +85,8 @@ class PolicySet:
             )
         if state.get("version") != self.version:
             raise ConfigError(
-                f"distclip policy state: saved with version {state.get('version')!r}, this distclip reads {self.version}"
+                f"distclip policy state: saved with version {state.get('version')!r}, this distclip reads "
+                f"{self.version}"
             )
         if list(state.get("groups", [])) != self.names:
             raise ConfigError(
