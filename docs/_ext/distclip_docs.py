@@ -194,6 +194,8 @@ class BenchTable(Directive):
 
 
 def _fmt(value: Any) -> str:
+    if isinstance(value, bool):
+        return "yes" if value else "no"
     if isinstance(value, float):
         return f"{value:.3g}"
     return "" if value is None else str(value)
