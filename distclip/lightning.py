@@ -1,7 +1,11 @@
 """``distclip.lightning``: the stable import path of :mod:`distclip.integrations.lightning` (the same module object)."""
 
 import sys
+from typing import TYPE_CHECKING
 
 from .integrations import lightning as _module
+
+if TYPE_CHECKING:  # what a type checker sees here: the real module's public names (its __all__)
+    from .integrations.lightning import *  # noqa: F403
 
 sys.modules[__name__] = _module

@@ -3,7 +3,7 @@ FSDP2 / DTensor, DeepSpeed engine."""
 
 from __future__ import annotations
 
-from typing import Any, Iterable
+from typing import Any, Iterable, Sequence
 
 import torch
 from torch.nn.parallel import DistributedDataParallel
@@ -82,7 +82,7 @@ def single_adapter(obj: Any, stages: PipelineStages | None = None) -> GradAdapte
     )
 
 
-def _for_params(named: list[tuple[str, torch.Tensor]], module: torch.nn.Module | None = None,
+def _for_params(named: Sequence[tuple[str, torch.Tensor]], module: torch.nn.Module | None = None,
                 stages: PipelineStages | None = None) -> GradAdapter:
     _refuse_fsdp1_pieces([p for _, p in named])
     dtensor = _dtensor_type()

@@ -75,18 +75,35 @@ class GradAdapter:
     row_plan: RowPlan | None = None  # after bind_rows: the row layout of row-wise (agc) clipping
     # what is wrong with this layout: raised on every rank after the set-up exchange
     setup_problems: tuple[str, ...] = ()
+    _layout: SlotLayout | None = None  # set by bind (a class default: subclasses that skip __init__ have it too)
 
-    def __init__(self, named_params: Sequence[tuple[str, torch.nn.Parameter]]):
+    def __init__(self, named_params: Sequence[tuple[str, torch.Tensor]]):
         seen: set[int] = set()
-        unique = [(n, p) for n, p in named_params if not (id(p) in seen or seen.add(id(p)))]
+        unique: list[tuple[str, torch.Tensor]] = []
+        for n, p in named_params:  # each tensor once, under the first name it comes with
+            if id(p) not in seen:
+                seen.add(id(p))
+                unique.append((n, p))
         self.names: list[str] = [n for n, _ in unique]
-        self.params: list[torch.nn.Parameter] = [p for _, p in unique]
+        self.params: list[torch.Tensor] = [p for _, p in unique]  # parameters, or bare tensors a user passed
         self.pieces: list[LocalPiece] = []  # COUNT: set by subclasses (sources index local_grads())
         self.uncounted: set[int] = set()  # parameters another rank or stage counts (tied copies, declared owners)
         self.declarations: list[Declaration | None] = []
         self.group_of: list[int] = []
-        self.layout: SlotLayout | None = None
+        self._layout = None
         self._device: torch.device | None = None
+
+    @property
+    def layout(self) -> SlotLayout:
+        """The slot layout given to :meth:`bind`; every per-step method runs after it (the Clipper binds at set-up)."""
+        if self._layout is None:
+            raise RuntimeError(f"distclip: the {self.kind} adapter's slot layout was read before bind() gave it "
+                               "(a distclip bug: a Clipper binds its adapter when it is built)")
+        return self._layout
+
+    @layout.setter
+    def layout(self, layout: SlotLayout) -> None:
+        self._layout = layout
 
     def bind(self, table: GroupTable, layout: SlotLayout) -> None:
         """Learn each parameter's group and the slot layout; precompute the per-step plans."""
@@ -321,11 +338,19 @@ class GradAdapter:
         self.refuse_row_layouts(plan)
         counted = [s for s in self._counted if s[3] in plan.by_param]
         self._row_counted = counted
-        self._row_count_map = plan.piece_map(
-            [Span(s[3], offset, s[2] - s[1]) for s, offset in zip(counted, segment_offsets(counted, self.pieces))])
+        # every offset is known: refuse_row_layouts raised for a row-wise piece without one
+        counted_spans = []
+        for s, offset in zip(counted, segment_offsets(counted, self.pieces)):
+            assert offset is not None
+            counted_spans.append(Span(s[3], offset, s[2] - s[1]))
+        self._row_count_map = plan.piece_map(counted_spans)
         held = [p for p in self.pieces if p.numel and p.param in plan.by_param]
         self._row_held = [(p.source, p.start, p.start + p.numel) for p in held]
-        self._row_apply_map = plan.piece_map([Span(p.param, p.offset, p.numel) for p in held])
+        held_spans = []
+        for p in held:
+            assert p.offset is not None
+            held_spans.append(Span(p.param, p.offset, p.numel))
+        self._row_apply_map = plan.piece_map(held_spans)
 
     def refuse_row_layouts(self, plan: RowPlan) -> None:
         """A clear ConfigError for row-wise clipped parameters whose local pieces cannot be mapped to rows."""

@@ -108,7 +108,7 @@ class BlockPlan:
         """The slot vector from every block's :meth:`measure` (None for a block with no piece here), in block order."""
         out = torch.zeros(self.layout.num_slots, dtype=ACC_DTYPE, device=device)
         for k, (p, _) in enumerate(self.layout.passes):
-            parts = [values[k] for values in per_block if values is not None and values[k] is not None]
+            parts = [part for values in per_block if values is not None and (part := values[k]) is not None]
             if not parts:
                 continue
             values = parts[0] if len(parts) == 1 else torch.cat(parts)

@@ -15,7 +15,7 @@ from bisect import bisect_right
 from dataclasses import dataclass
 from itertools import accumulate, repeat
 from operator import is_not
-from typing import Hashable, Iterable, Sequence
+from typing import Hashable, Iterable, Sequence, cast
 
 import torch
 import torch.distributed as dist
@@ -90,6 +90,7 @@ def counted_segments(pieces: Iterable[LocalPiece]) -> list[Segment]:
             replicated.setdefault(piece.replicas.key, []).append(piece)
     for members in replicated.values():
         copy = members[0].replicas
+        assert copy is not None  # grouped by their replica set above
         for i, lo, hi in replica_segments([m.numel for m in members], copy.index, copy.count):
             m = members[i]
             out.append((m.source, m.start + lo, m.start + hi, m.param))
@@ -162,16 +163,17 @@ class Slicing:
 
     def take(self, tensors: Sequence[torch.Tensor | None]) -> tuple[list[torch.Tensor], list[int]]:
         """The flattened ranges named by the segments (missing tensors skipped) and their groups."""
+        present = cast("Sequence[torch.Tensor]", tensors)  # what they are once the test below finds no None
         if self.numels is not None and all(map(is_not, tensors, repeat(None))) \
-                and list(map(torch.Tensor.numel, tensors)) == self.numels:
-            if len(self.runs) == 1 and self.runs[0] == (0, len(tensors), -1):  # every tensor whole, in order
-                return list(tensors), list(self.groups)
+                and list(map(torch.Tensor.numel, present)) == self.numels:
+            if len(self.runs) == 1 and self.runs[0] == (0, len(present), -1):  # every tensor whole, in order
+                return list(present), list(self.groups)
             pieces: list[torch.Tensor] = []
             for a, b, c in self.runs:
                 if c == -1:
-                    pieces += tensors[a:b]
+                    pieces += present[a:b]
                 else:
-                    pieces.append(tensors[a].reshape(-1)[b:c])
+                    pieces.append(present[a].reshape(-1)[b:c])
             return pieces, list(self.groups)
         pieces = []
         groups: list[int] = []
@@ -202,7 +204,9 @@ def covering_group(rank_sets: Iterable[tuple[frozenset[int], dist.ProcessGroup |
     world = frozenset(range(dist.get_world_size()))
     ranks = frozenset().union(*(r for r, _ in pairs)) if pairs else world
     if ranks == world:
-        return dist.group.WORLD
+        world_group = dist.group.WORLD
+        assert world_group is not None  # set once the default group is initialised (get_world_size above needs it)
+        return world_group
     for candidate_ranks, group in pairs:
         if group is not None and candidate_ranks == ranks:
             return group

@@ -107,7 +107,8 @@ class DDPAdapter(GradAdapter):
             p = self.params[param]
             return torch.zeros(hi - lo, dtype=p.dtype, device=p.device)
         if not grad.is_contiguous():  # DDP lays a dense gradient out in its memory order: read it in that order
-            grad = grad.permute(sorted(range(grad.dim()), key=lambda d: -grad.stride(d)))
+            strides = grad.stride()
+            grad = grad.permute(sorted(range(grad.dim()), key=lambda d: -strides[d]))
         return grad.reshape(-1)[lo:hi]
 
     def reduction_venue(self) -> ReductionVenue | None:
@@ -160,7 +161,7 @@ class DDPAdapter(GradAdapter):
         return True
 
 
-class DDPNormHook(ReductionHook):
+class DDPNormHook(ReductionHook["list[torch.Tensor | None]"]):
     """Wraps a DDP comm hook: once every parameter of a block is reduced, measure this rank's slice of the block.
 
     Buckets and blocks need not line up (DDP rebuilds its buckets after the first iteration): a bucket's

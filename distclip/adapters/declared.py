@@ -203,7 +203,7 @@ def declared_replicas(declaration: Declaration | None, base: Replicas | None, ba
     return out, True
 
 
-def census_payload(names: list[str], params: list[torch.Tensor],
+def census_payload(names: Sequence[str], params: Sequence[torch.Tensor],
                    declarations: list[Declaration | None]) -> list[list[Any]]:
     """Per group a parameter is declared replicated over: [group ranks, [[name, hash of its shape, dtype and
     values], ...]]. The members of a group must publish the same list (checked at set-up)."""
@@ -212,8 +212,8 @@ def census_payload(names: list[str], params: list[torch.Tensor],
         for ranks in (d.replicated if d is not None else ()):
             by_id.setdefault(id(ranks), (ranks, []))[1].append(i)
     members_of: dict[tuple[int, ...], list[int]] = {}
-    for ranks, indices in by_id.values():
-        members_of.setdefault(tuple(sorted(ranks)), []).extend(indices)
+    for group, indices in by_id.values():
+        members_of.setdefault(tuple(sorted(group)), []).extend(indices)
     declared = sorted({i for indices in members_of.values() for i in indices})
     values = (params[i].detach().double() for i in declared)
     checksums = torch.stack([torch.stack([t.sum(), t.abs().sum()]) for t in values]

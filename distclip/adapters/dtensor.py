@@ -36,7 +36,7 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any, Sequence, cast
 
 import torch
 import torch.distributed as dist
@@ -71,7 +71,7 @@ class DTensorAdapter(GradAdapter):
 
     kind = "fsdp2"
 
-    def __init__(self, named_params: Sequence[tuple[str, torch.nn.Parameter]], module: torch.nn.Module | None = None,
+    def __init__(self, named_params: Sequence[tuple[str, torch.Tensor]], module: torch.nn.Module | None = None,
                  stages: PipelineStages | None = None):
         super().__init__(named_params)
         self.module = module
@@ -170,6 +170,7 @@ class DTensorAdapter(GradAdapter):
     def _stage_ranks(self) -> frozenset[int]:
         """The ranks holding this layout: the world, or under pipeline parallelism this stage's ranks."""
         if self._stages is None:
+            assert self.reduce_group is not None  # covering_group gave one in __init__
             return group_ranks(self.reduce_group)
         return frozenset(self._stages.same_stage(sorted(self._span)))
 
@@ -248,15 +249,17 @@ class DTensorAdapter(GradAdapter):
     def row_partials(self) -> torch.Tensor:
         unlike = self._unlike()
         if unlike:
+            grad = cast(DTensor, self.params[unlike[0]].grad)  # _unlike lists DTensor gradients only
+            param = cast(DTensor, self.params[unlike[0]])  # the parameter of a DTensor gradient
             raise ConfigError(
                 f"distclip agc: the gradient of {self.names[unlike[0]]!r} is laid out unlike its parameter "
-                f"({tuple(self.params[unlike[0]].grad.placements)} vs {tuple(self.params[unlike[0]].placements)}); "
+                f"({tuple(grad.placements)} vs {tuple(param.placements)}); "
                 "row-wise clipping needs gradients placed like their parameters")
         return super().row_partials()
 
     def scaled_grads(self) -> list[list[torch.Tensor]]:
         grads = self.local_grads()  # whole local tensors (a gradient may be laid out unlike its parameter)
-        return [[grads[i] for i in group if grads[i] is not None] for group in self.params_by_group]
+        return [[g for i in group if (g := grads[i]) is not None] for group in self.params_by_group]
 
     def held_pieces(self) -> tuple[list[torch.Tensor], list[int]]:
         """Each parameter's whole local gradient (it may be laid out unlike the parameter, as in
@@ -316,7 +319,7 @@ class _GroupPlan:
     numel: int  # size of the flat output when every parameter has a gradient
 
 
-class FSDP2NormHook(ReductionHook):
+class FSDP2NormHook(ReductionHook[torch.Tensor]):
     """Per-group partials of each FSDP2 parameter group's reduced flat shard, as it arrives in backward."""
 
     def __init__(self, adapter: DTensorAdapter, groups: list[Any]):

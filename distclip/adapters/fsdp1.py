@@ -145,6 +145,7 @@ class FSDP1Adapter(GradAdapter):
             return group_ranks(unit.process_group), unit.process_group
         if unit.device_mesh is not None:
             return frozenset(unit.device_mesh.mesh.flatten().tolist()), None
+        assert unit.inter_node_group is not None  # FSDP sets it for the hybrid strategies
         size = unit.process_group.size() * unit.inter_node_group.size()
         if size == dist.get_world_size():  # shard groups x replicate groups tile the world
             return frozenset(range(size)), None
@@ -167,7 +168,8 @@ class FSDP1Adapter(GradAdapter):
 
     def _add_unit(self, unit: _Unit, prefix: str, names: list[str]) -> list[LocalPiece]:
         """Name the unit's original parameters; return where each one's local gradient lives."""
-        view, pieces = unit.view, []
+        view = unit.view
+        pieces: list[LocalPiece] = []
         if not view.use_orig_params:
             if not view.flat_param.requires_grad:
                 return pieces
@@ -320,7 +322,7 @@ def _div_if_needed(tensor: torch.Tensor, factor: float) -> None:
         tensor.div_(factor)
 
 
-class FSDP1NormHook(ReductionHook):
+class FSDP1NormHook(ReductionHook[torch.Tensor]):
     """FSDP's default reduction, then this rank's per-group partials of the reduced shard."""
 
     def __init__(self, adapter: FSDP1Adapter):

@@ -27,26 +27,30 @@ hooks; with ``comm_hook: auto`` (the default) it applies only where a hook is us
 
 from __future__ import annotations
 
-from typing import Any, Hashable
+from typing import Any, Generic, TypeVar, cast
 
 import torch
 
 from ..compat import pytorch as _compat
 from ..core.norms import SlotLayout, combine_partials
 
+# What a hook records per reduction piece: a slot vector (the default), or what its own combine() reads
+PartsT = TypeVar("PartsT")
 
-class ReductionHook:
+
+class ReductionHook(Generic[PartsT]):
     """Partials measured inside one backward's gradient reduction, handed out once if still valid.
 
     Subclasses call :meth:`begin` at each reduction, then :meth:`record` (or :meth:`invalidate`),
     and define :meth:`gradients` (every gradient tensor the backend writes) and :meth:`complete`
-    (every piece holding a gradient was measured).
+    (every piece holding a gradient was measured). ``PartsT``: what :meth:`record` keeps per piece (keyed by
+    the piece's index); a slot vector unless the subclass overrides :meth:`combine` (DDP's per-block sums).
     """
 
     def __init__(self, layout: SlotLayout):
         self.layout = layout
         self._backward = -1  # id of the backward whose reductions are being measured
-        self._parts: dict[Hashable, torch.Tensor] = {}
+        self._parts: dict[int, PartsT] = {}
         self._valid = True
         self._snapshot: list[Any] | None = None
         self._writes: _compat.WriteWatch | None = None  # in-place collectives into the snapshot's gradients
@@ -67,7 +71,7 @@ class ReductionHook:
         self.on_new_backward()
         return True
 
-    def record(self, key: Hashable, partials: torch.Tensor) -> None:
+    def record(self, key: int, partials: PartsT) -> None:
         self._parts[key] = partials
 
     def invalidate(self) -> None:
@@ -103,7 +107,8 @@ class ReductionHook:
 
     def combine(self) -> torch.Tensor:
         """This backward's slot vector from the recorded partials (default: their slot vectors, in key order)."""
-        parts = [self._parts[key] for key in sorted(self._parts)]
+        # slot vectors: a hook that records anything else overrides this method
+        parts = cast("list[torch.Tensor]", [self._parts[key] for key in sorted(self._parts)])
         return combine_partials(parts, self.layout, parts[0].device)
 
     # -- subclass contract
@@ -120,7 +125,7 @@ class ReductionHook:
         raise NotImplementedError
 
     @property
-    def measured(self) -> dict[Hashable, torch.Tensor]:
+    def measured(self) -> dict[int, PartsT]:
         return self._parts
 
 

@@ -22,7 +22,7 @@ class PlainAdapter(GradAdapter):
     kind = "plain"
     foldable = True
 
-    def __init__(self, named_params: Sequence[tuple[str, torch.nn.Parameter]]):
+    def __init__(self, named_params: Sequence[tuple[str, torch.Tensor]]):
         super().__init__(named_params)
         rank = dist.get_rank() if dist.is_initialized() else 0
         if self.whole_params_with_declarations(None, frozenset({rank})):

@@ -133,6 +133,11 @@ def is_expert_param(param: torch.Tensor) -> bool:
     return hasattr(param, "allreduce") and not param.allreduce
 
 
+def expert_group(param: torch.Tensor) -> str:
+    """The expert-parallel group an MoE expert parameter belongs to (``param.group_name``, set by DeepSpeed)."""
+    return param.group_name  # type: ignore[attr-defined]  # DeepSpeed's attribute: torch's stubs do not declare it
+
+
 def _moe_problems(engine: Any) -> list[str]:
     """What distclip cannot count exactly in this MoE engine (empty: every expert's holders are known)."""
     problems = []
@@ -161,7 +166,7 @@ def expert_replicas(engine: Any, params: Sequence[torch.Tensor], reduce_group: A
     """
     reduce_ranks = group_ranks(reduce_group)
     replicas: dict[str, Replicas] = {}
-    for name in sorted({p.group_name for p in params if is_expert_param(p)}):
+    for name in sorted({expert_group(p) for p in params if is_expert_param(p)}):
         group = engine.expert_data_parallel_group[name]
         if not group_ranks(group) <= reduce_ranks:
             raise UnsupportedDeepSpeedSetup(
@@ -264,6 +269,7 @@ class DeepSpeedAdapter(GradAdapter):
         if plan.zero:
             flat.zero_()
             return
+        assert plan.factors is not None  # set whenever zero is False
         factors = plan.factors.to(flat.device)
         for g, ranges in spans.items():
             _compat.foreach_mul_([flat[a:b] for a, b in ranges], factors[g])
@@ -304,9 +310,15 @@ class DeepSpeedAdapter(GradAdapter):
 
     def _fragment_grads(self, flats: Sequence[torch.Tensor]) -> list[torch.Tensor]:
         """Offload: the row-wise fragments' gradients, ranges of the fp32 flat gradients."""
-        return [flat.grad[a : a + n] for flat, frags in zip(flats, self._row_fragments) for *_, a, n in frags]
+        out: list[torch.Tensor] = []
+        for flat, frags in zip(flats, self._row_fragments):
+            for *_, a, n in frags:
+                assert flat.grad is not None  # counted_pieces ran first and raised for a missing one
+                out.append(flat.grad[a : a + n])
+        return out
 
-    def _partition_row_partials(self, grads: list[torch.Tensor | None], values: Sequence[torch.Tensor]) -> torch.Tensor:
+    def _partition_row_partials(self, grads: Sequence[torch.Tensor | None], values: Sequence[torch.Tensor]
+                                ) -> torch.Tensor:
         """The row part of the slot vector from the counted gradient pieces (in fragment order) and the fp32
         partitions (parameter values at the same fragments)."""
         params = [flat.detach()[a : a + n] for flat, frags in zip(values, self._row_fragments) for *_, a, n in frags]
@@ -379,7 +391,7 @@ class Zero0Adapter(DeepSpeedAdapter):
                          dist.get_world_size(group))
         experts = expert_replicas(engine, self.params, group)  # {} without MoE
         # MoE: an expert is replicated over its expert-data-parallel group only
-        self.pieces = [LocalPiece(i, 0, p.numel(), i, experts[p.group_name] if is_expert_param(p) else dense)
+        self.pieces = [LocalPiece(i, 0, p.numel(), i, experts[expert_group(p)] if is_expert_param(p) else dense)
                        for i, p in enumerate(self.params)]
 
     def scale(self, coefs: torch.Tensor, groups: Sequence[int], host_coefs: Sequence[float] | None = None) -> None:
@@ -455,7 +467,7 @@ class ZeroPartitionAdapter(DeepSpeedAdapter):
     def row_partials(self) -> torch.Tensor:
         partitions = self.optimizer.single_partition_of_fp32_groups
         if self.optimizer.cpu_offload:  # reduced gradients already sit in the fp32 partitions
-            grads: list[torch.Tensor | None] = self._fragment_grads(partitions)
+            grads: Sequence[torch.Tensor | None] = self._fragment_grads(partitions)
         else:
             held = self._held_grads()
             grads = [held[i][k] for i, frags in enumerate(self._row_fragments) for k, *_ in frags]
@@ -500,7 +512,7 @@ class ZeroPartitionAdapter(DeepSpeedAdapter):
             flats = [part.grad for part in self.optimizer.single_partition_of_fp32_groups]
             pieces, groups = _fragment_pieces(flats, self._fragments)
             return pieces, [j for held in self._fragment_params for j in held] if by_param else groups
-        pieces: list[torch.Tensor] = []
+        pieces = []  # the types of the branch above
         labels: list[int] = []
         for held, gids, params in zip(self._held_grads(), self._piece_groups, self._piece_params):
             pieces += held
@@ -561,7 +573,7 @@ class Zero3Adapter(DeepSpeedAdapter):
     def row_partials(self) -> torch.Tensor:
         flats = self.optimizer.fp32_partitioned_groups_flat
         if self.optimizer.offload_optimizer:  # reduced gradients already sit in the fp32 sub-groups
-            grads: list[torch.Tensor | None] = self._fragment_grads(flats)
+            grads: Sequence[torch.Tensor | None] = self._fragment_grads(flats)
         else:
             averaged = self.optimizer.averaged_gradients
             grads = [averaged[i][k].reshape(-1)[:n]
@@ -583,8 +595,7 @@ class Zero3Adapter(DeepSpeedAdapter):
             flats = [flat.grad for flat in self.optimizer.fp32_partitioned_groups_flat]
             pieces, groups = _fragment_pieces(flats, self._fragments)
             return pieces, [j for params in self._piece_params for j in params] if by_param else groups
-        pieces: list[torch.Tensor] = []
-        groups: list[int] = []
+        pieces, groups = [], []  # the types of the branch above
         averaged = self.optimizer.averaged_gradients
         for i, layout in enumerate(self._pieces):
             grads = averaged.get(i)

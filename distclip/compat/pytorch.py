@@ -11,12 +11,17 @@ from __future__ import annotations
 import functools
 import math
 import weakref
-from typing import Any, Callable, Iterable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Sequence
 
 import torch
 import torch.distributed as dist
 
 from ..errors import UnsupportedVersionError
+
+if TYPE_CHECKING:  # for the checker only: ``import distclip`` does not import torch.distributed.tensor
+    from typing import TypeGuard  # Python 3.10+
+
+    from torch.distributed.tensor import DTensor
 
 TESTED_TORCH = "2.13"
 TESTED_DEEPSPEED = "0.19.8"
@@ -330,7 +335,7 @@ def _dtensor_class() -> type:
     return _DTENSOR[0]
 
 
-def _is_dtensor(t: Any) -> bool:
+def _is_dtensor(t: Any) -> TypeGuard[DTensor]:
     return isinstance(t, _dtensor_class())
 
 

@@ -40,7 +40,7 @@ class GradAdapter(Protocol):
 
     kind: str
     names: list[str]  # canonical parameter names, in the adapter's order
-    params: list[torch.nn.Parameter]
+    params: list[torch.Tensor]  # parameters (or bare tensors a user passed), in the adapter's order
     group_of: list[int]  # clip group of each parameter (after bind)
     reduce_group: Any  # ProcessGroup the one collective runs over; None: rank-local
     pipeline_group: Any  # the pipeline ProcessGroup for a stage adapter, else None
