@@ -127,14 +127,18 @@ def _add_ratios(rows: list[dict[str, Any]]) -> None:
 
 # ----------------------------------------------------------------- scaling
 def _timed(fn: Callable[[], Any]) -> float:
-    """Best of 3 (of 1 when a call takes over a second), slowest rank."""
+    """Best of 3 (of 1 when a call takes over a second), the slowest rank's time of each call.
+
+    Every rank sees the same (slowest) times, so they all stop after the same call: a rank deciding
+    from its own timings alone could stop while another calls ``fn`` again and waits in its collective.
+    """
     times: list[float] = []
     while len(times) < 3 and sum(times) < 1.0:
         dist.barrier()
         start = time.perf_counter()
         fn()
-        times.append(time.perf_counter() - start)
-    return _max_over_ranks(min(times))
+        times.append(_max_over_ranks(time.perf_counter() - start))
+    return min(times)
 
 
 def _small_params(n: int, device: torch.device) -> list[nn.Parameter]:

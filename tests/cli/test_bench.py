@@ -86,3 +86,31 @@ def test_bench_variant_runs_the_policy_its_name_says(variant, kind):
 
     config = ClipConfig.model_validate(clip_config(variant, hook=True))
     assert config.policy.kind == kind
+
+
+def _timed_with_uneven_ranks() -> tuple[float, int]:
+    """Rank 0's calls take 0.6 s, rank 1's nothing: each alone would stop after a different number of calls."""
+    import time
+
+    import torch.distributed as dist
+
+    from distclip.bench.suites import _timed
+
+    calls = []
+
+    def fn() -> None:
+        calls.append(1)
+        time.sleep(0.6 if dist.get_rank() == 0 else 0.0)
+
+    best = _timed(fn)
+    return best, len(calls)
+
+
+def test_timed_stops_after_the_same_call_on_every_rank():
+    """A rank deciding from its own timings called barrier() once more than its peer: a hang (seen in CI-like
+    runs on a loaded machine). run_ranks's timeout turns a hang into a failure."""
+    from distclip.testing import run_ranks
+
+    (best0, calls0), (best1, calls1) = run_ranks(_timed_with_uneven_ranks, 2, timeout=60, collective_timeout=20)
+    assert calls0 == calls1 == 2  # 0.6 s each: over a second after two
+    assert best0 == best1 >= 0.6
