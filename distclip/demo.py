@@ -34,6 +34,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import distclip
+from distclip.relaunch import torchrun_command
 
 
 class CharLSTM(nn.Module):
@@ -126,8 +127,7 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     if problem:
         print(f"{name}: {problem}", file=sys.stderr)
         return 2
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(args.nproc),
-               "-m", "distclip.demo", *_without_nproc(argv)]
+    command = torchrun_command("distclip.demo", args.nproc, argv)
     try:
         code = subprocess.call(command)
     except KeyboardInterrupt:  # the ranks got the same SIGINT (same process group)
@@ -150,19 +150,6 @@ def _check(args: argparse.Namespace) -> str | None:
     except distclip.ConfigError as err:
         return f"--config: {err}"
     return None
-
-
-def _without_nproc(argv: list[str]) -> list[str]:
-    """The ranks' arguments: ``--nproc`` is the launcher's (torchrun would read it as its own ``--nproc-per-node``)."""
-    out, skip = [], False
-    for arg in argv:
-        if skip:
-            skip = False
-        elif arg == "--nproc":
-            skip = True
-        elif not arg.startswith("--nproc="):
-            out.append(arg)
-    return out
 
 
 def train(args: argparse.Namespace) -> int:

@@ -27,6 +27,7 @@ except ImportError:
           file=sys.stderr)
     raise SystemExit(2) from None
 
+from ..relaunch import torchrun_command
 from .cases import BACKENDS, VARIANTS
 from .suites import bench_backend, bench_bandwidth, bench_kernels, bench_scaling
 from .table import print_backend_table, print_bandwidth, print_kernels, print_scaling, print_targets
@@ -77,23 +78,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def relaunch_under_torchrun(args: argparse.Namespace, argv: list[str]) -> int:
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(args.nproc),
-           "-m", "distclip.bench", *without_nproc(argv)]
-    return subprocess.call(cmd)
-
-
-def without_nproc(argv: list[str]) -> list[str]:
-    """The arguments for the ranks: ``--nproc`` is the launcher's (and torchrun would take it for its own
-    ``--nproc-per-node``: 'ambiguous option')."""
-    out, skip = [], False
-    for arg in argv:
-        if skip:
-            skip = False
-        elif arg == "--nproc":
-            skip = True
-        elif not arg.startswith("--nproc="):
-            out.append(arg)
-    return out
+    return subprocess.call(torchrun_command("distclip.bench", args.nproc, argv))
 
 
 def init_distributed() -> torch.device:
