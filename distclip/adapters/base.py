@@ -76,6 +76,7 @@ class GradAdapter:
     # what is wrong with this layout: raised on every rank after the set-up exchange
     setup_problems: tuple[str, ...] = ()
     _layout: SlotLayout | None = None  # set by bind (a class default: subclasses that skip __init__ have it too)
+    _dtensor_params = True  # set by bind: whether any parameter is a DTensor (until then, assume so)
 
     def __init__(self, named_params: Sequence[tuple[str, torch.Tensor]]):
         seen: set[int] = set()
@@ -170,7 +171,7 @@ class GradAdapter:
     # ------------------------------------------------------------------ COUNT
     def local_grads(self) -> list[torch.Tensor | None]:
         """The local gradient tensor of each piece source (default: each parameter's ``.grad``, local part)."""
-        if not getattr(self, "_dtensor_params", True):  # plain parameters have plain gradients (set at bind)
+        if not self._dtensor_params:  # plain parameters have plain gradients
             return [p.grad for p in self.params]
         return [None if p.grad is None else _compat.local_tensor(p.grad) for p in self.params]
 

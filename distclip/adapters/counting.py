@@ -146,12 +146,13 @@ class Slicing:
     """
 
     def __init__(self, segments: Sequence[Segment], group_of: Sequence[int], numels: Sequence[int] | None = None):
-        self.segments = [(source, lo, hi) for source, lo, hi, _ in segments]
+        self.segments = list(segments)
+        self.group_of = group_of
         self.groups = [group_of[param] for *_, param in segments]
         self.numels = list(numels) if numels is not None else None
         self.runs: list[tuple[int, int, int]] = []  # (source, lo, hi): a range; (first, last + 1, -1): whole sources
         if self.numels is not None:
-            for source, lo, hi in self.segments:
+            for source, lo, hi, _ in self.segments:
                 if lo == 0 and hi == self.numels[source]:
                     last = self.runs[-1] if self.runs else None
                     if last is not None and last[2] == -1 and last[1] == source:
@@ -175,15 +176,7 @@ class Slicing:
                 else:
                     pieces.append(present[a].reshape(-1)[b:c])
             return pieces, list(self.groups)
-        pieces = []
-        groups: list[int] = []
-        for (source, lo, hi), group in zip(self.segments, self.groups):
-            tensor = tensors[source]
-            if tensor is None:
-                continue
-            pieces.append(tensor if lo == 0 and hi == tensor.numel() else tensor.reshape(-1)[lo:hi])
-            groups.append(group)
-        return pieces, groups
+        return slice_segments(tensors, self.segments, self.group_of)  # sizes unknown or changed, or a tensor missing
 
 
 def group_ranks(group: dist.ProcessGroup) -> frozenset[int]:
