@@ -29,7 +29,7 @@ class PolicySet:
             raise ValueError(f"PolicySet: every group must be covered by exactly one policy, got indices {covered}")
         self.members = [(policy, list(indices)) for policy, indices in members]
         self._whole = len(self.members) == 1 and self.members[0][1] == list(range(len(self.groups)))
-        self.learns = any(getattr(policy, "learns", True) for policy, _ in self.members)  # False: update is a no-op
+        self.learns = any(policy.learns for policy, _ in self.members)  # False: update is a no-op
         self._index: dict[torch.device, list[torch.Tensor]] = {}
 
     @property
