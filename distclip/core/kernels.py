@@ -4,7 +4,7 @@ torch's CPU norm kernels accumulate in fp32, one running sum per thread (p = 1, 
 or per vector lane (p = 2): on a 50M-element gradient they miss float64 by 16% (p = 1), and
 1,200 equal values already miss it by 1e-6. On CPU, :func:`power_sums` keeps every partial
 within 1e-6 (relative) of float64 on the same values: faster than torch's fp32 kernels at p = 1 and
-inf, 1.2-1.6x its (less exact) p = 2 kernel on fp32 (``python -m distclip.bench --targets``, the
+inf, 1.4-1.5x its (less exact) p = 2 kernel on fp32 (``python -m distclip.bench --targets``, the
 docs' performance page). No fp32 sum in it runs over more than a few terms:
 
 - p = 2, fp32: torch's vectorised last-dim norm kernel on rows of ``ROW`` values (its vector
