@@ -3,8 +3,9 @@
 torch's CPU norm kernels accumulate in fp32, one running sum per thread (p = 1, fractional p)
 or per vector lane (p = 2): on a 50M-element gradient they miss float64 by 16% (p = 1), and
 1,200 equal values already miss it by 1e-6. On CPU, :func:`power_sums` keeps every partial
-within 1e-6 (relative) of float64 on the same values: faster than torch's fp32 kernels at p = 1 and
-inf, 1.4-1.5x its (less exact) p = 2 kernel on fp32 (``python -m distclip.bench --targets``, the
+within 1e-6 (relative) of float64 on the same values (a priori for every p but 2; at p = 2 on every
+input tried, worst cases included: see its bound below): faster than torch's fp32 kernels at p = 1 and
+inf, 1.2-1.5x its (less exact) p = 2 kernel on fp32 (``python -m distclip.bench --targets``, the
 docs' performance page). No fp32 sum in it runs over more than a few terms:
 
 - p = 2, fp32: torch's vectorised last-dim norm kernel on rows of ``ROW`` values (its vector
@@ -13,20 +14,18 @@ docs' performance page). No fp32 sum in it runs over more than a few terms:
   2^23 mantissas tried, 16 lanes): 6.6e-7; random rows err by about 1e-7 each and cancel across
   rows. (The a-priori bound, for rows built to round the same way at every step, is about 32
   fp32 roundings of 2^-24: 1.9e-6.)
-- p = 2, bf16/fp16: each chunk widened to fp32 (exact) in a cache-resident buffer, then the same
-  row kernel: its products x*x are exact there, so only its additions round (the same bound).
-- p = 1 (any dtype but fp64): each chunk's |x| in fp32 (exact), summed in rows of ``SUM_ROW``
-  values by torch's vectorised inner sum (4 chains of vectors, each adding 4 vectors, then the
-  chains and the lanes folded): a term passes at most 21 fp32 roundings (1.3e-6 a priori, for
-  rows built to round the same way at every step); worst case over every input of equal values
-  (all 2^23 mantissas tried, 16 lanes): 2.2e-7. The row sums are summed in float64.
+- p = 2, bf16/fp16: each chunk of ``BLOCK_CHUNK`` values widened to fp32 (exact) in a
+  cache-resident buffer, then the same row kernel: its products x*x are exact there, so only its
+  additions round (the same bound).
+- p = 1 (any dtype but fp64): each chunk's |x| in fp32 (exact), viewed as 16 rows and summed
+  column by column (torch's vectorised outer sum): every column sum adds 16 non-negative terms,
+  so in ANY order each term passes at most 15 fp32 roundings: 15 * 2^-24 = 8.9e-7 a priori. The
+  column sums are summed in float64.
 - any other p: the terms |x|^p in fp32 (``pow`` within 1 ulp each), summed in float64.
-- small tensors (and what is left after the last row): packed side by side into one
+- small tensors (and what is left after the last row or column): packed side by side into one
   buffer, their terms taken in float64 (exact for p = 1, 2) and summed there.
 
-Large tensors are taken in chunks held in a core's L2 cache (``BLOCK_CHUNK`` values for the row
-kernels, ``CHUNK`` for the others: an op costs several microseconds here, so chunks are as large as
-the cache allows); small ones are
+Large tensors are taken in chunks of ``CHUNK`` values held in a core's L2 cache; small ones are
 packed by ``torch.cat`` of whole tensors grouped by their trailing shape (no view per tensor: a
 view costs more than copying a small tensor). fp64 tensors use torch's kernels, which accumulate
 in float64 (p >= 1; for p < 1 their final root could overflow, so they are packed or chunked
@@ -69,12 +68,12 @@ def _lanes() -> int:
 
 
 ROW = 16 * _lanes()  # p = 2: values per row of the last-dim kernel (every lane adds 16 terms)
-SUM_ROW = 256  # p = 1: terms per row sum of |x| (torch's vectorised inner sum)
-BLOCKED_FROM = 1 << 14  # p = 1, 2: from here a tensor goes through the row kernels (its tail is packed);
+COLUMN = 16  # p = 1: terms per column sum (at most 15 roundings each)
+BLOCKED_FROM = 1 << 14  # p = 1, 2: from here a tensor goes through the row / column kernels (its tail is packed);
 # below, it is packed whole with the small ones (float64 terms: exact, one copy for all of them)
 LARGE = 1 << 16  # other p: from here a tensor is reduced on its own in chunks, smaller ones are packed
 CHUNK = 1 << 17  # elements per chunk of a large tensor and per packed batch: in a core's L2 cache
-BLOCK_CHUNK = 1 << 18  # elements per fp32 chunk of the row kernels (bf16 widened, |x| for p = 1): in L2
+BLOCK_CHUNK = 1 << 18  # p = 2, bf16/fp16: elements per fp32 chunk of the row kernel (an op costs microseconds)
 _KEEP = 1 << 22  # scratch buffers up to this many elements are kept between calls (larger ones are not)
 _MAX_GROUPS = 16  # packed pieces of at most this many distinct lengths are summed as matrices
 _SUBNORMAL_FLOOR = 2.0**-99  # per element: below this mean term, fp32 subnormal terms may matter
@@ -117,12 +116,12 @@ def power_sums(tensors: Sequence[torch.Tensor], p: float) -> torch.Tensor:
 
 def _method(dtype: torch.dtype, p: float) -> str:
     """How the CPU takes the terms of large tensors: 'rows' (p = 2: the row kernel, on the tensor itself in
-    fp32, on fp32 copies of chunks in bf16/fp16), 'sums' (p = 1: row sums of |x| in fp32), 'fp64' (exact
+    fp32, on fp32 copies of chunks in bf16/fp16), 'columns' (p = 1: column sums of |x| in fp32), 'fp64' (exact
     terms: fp64 tensors), 'fp32' (pow in fp32: any other p)."""
     if dtype != torch.float64 and p == 2:
         return "rows"
     if dtype != torch.float64 and p == 1:
-        return "sums"
+        return "columns"
     return "fp64" if dtype == torch.float64 else "fp32"
 
 
@@ -229,8 +228,8 @@ class _Batch:
 
 @dataclass(frozen=True)
 class _Blocked:
-    """A large tensor through the row kernel (norms, p = 2; sums of |x|, p = 1): ``chunks`` of (first element,
-    length) (whole rows), whose fp32 results go to ``[at, at + outputs)`` of the block buffer."""
+    """A large tensor through the row (p = 2) or column (p = 1) kernel: ``chunks`` of (first element, length)
+    (whole rows or columns), whose fp32 results go to ``[at, at + outputs)`` of the block buffer."""
 
     tensor: int
     chunks: tuple[tuple[int, int], ...]
@@ -242,14 +241,14 @@ class _Blocked:
 class _Plan:
     """How one list of tensor shapes is reduced on CPU.
 
-    Partials come out in this order: one per blocked tensor (row kernels), chunks of
+    Partials come out in this order: one per blocked tensor (row or column kernel), chunks of
     large tensors, packed small pieces (in each batch's buffer order).
     """
 
     method: str
     num_tensors: int
-    blocked: tuple[_Blocked, ...]  # 'rows' and 'sums': the large tensors
-    block_outputs: int  # fp32 results of the row kernels in all
+    blocked: tuple[_Blocked, ...]  # 'rows' and 'columns': the large tensors
+    block_outputs: int  # fp32 results of the row / column kernel in all
     block_segments: _Segments  # the results of each blocked tensor
     chunked: tuple[int, ...]  # 'fp32' / 'fp64' large tensors, one partial per chunk (for 'max': one aminmax each)
     small_batches: tuple[_Batch, ...]  # small tensors and the tails of blocked ones
@@ -313,7 +312,7 @@ class _Plan:
         return torch.zeros(self.num_tensors, dtype=ACC_DTYPE).index_copy_(0, self.partial_of, partials)
 
     def _blocked_sums(self, tensors: list[torch.Tensor]) -> torch.Tensor:
-        """Per blocked tensor, the float64 sum of its rows' squared fp32 norms (p = 2) or of its fp32 row
+        """Per blocked tensor, the float64 sum of its rows' squared fp32 norms (p = 2) or of its fp32 column
         sums of |x| (p = 1)."""
         results = _buffer(torch.float32, self.block_outputs, "blocks")
         rows = self.method == "rows"
@@ -331,10 +330,10 @@ class _Plan:
                     torch.linalg.vector_norm(wide.view(-1, ROW), 2, dim=1, out=out[at : at + n // ROW])
                     at += n // ROW
                 else:
-                    wide = torch.abs(chunk, out=_buffer(torch.float32, n, "chunk")) if t.dtype == torch.float32 \
-                        else _buffer(torch.float32, n, "chunk").copy_(chunk).abs_()
-                    torch.sum(wide.view(-1, SUM_ROW), 1, out=out[at : at + n // SUM_ROW])
-                    at += n // SUM_ROW
+                    wide = torch.abs(chunk, out=_buffer(torch.float32, n)) if t.dtype == torch.float32 \
+                        else _buffer(torch.float32, n).copy_(chunk).abs_()
+                    torch.sum(wide.view(COLUMN, -1), 0, out=out[at : at + n // COLUMN])
+                    at += n // COLUMN
         results = _buffer(ACC_DTYPE, self.block_outputs, "blocks").copy_(results)
         if rows:  # the row norms squared in float64 (exact)
             results.square_()
@@ -407,13 +406,13 @@ def _batches(pieces: list[tuple[Piece, tuple[int, ...] | None]]) -> list[_Batch]
 
 
 def _blocks(method: str, i: int, n: int, dtype_is_fp32: bool, at: int) -> _Blocked:
-    """Tensor ``i`` of ``n`` elements through a row kernel: its whole rows, in chunks."""
-    unit = ROW if method == "rows" else SUM_ROW
+    """Tensor ``i`` of ``n`` elements through the row / column kernel: its whole rows (columns), in chunks."""
+    unit = ROW if method == "rows" else COLUMN
     covered = n // unit * unit
     if method == "rows" and dtype_is_fp32:  # the kernel reads the tensor itself
         return _Blocked(i, ((0, covered),), at, covered // ROW)
-    step = BLOCK_CHUNK // unit * unit
-    chunks = tuple((j, min(step, covered - j)) for j in range(0, covered, step))  # whole rows each
+    step = (BLOCK_CHUNK if method == "rows" else CHUNK) // unit * unit
+    chunks = tuple((j, min(step, covered - j)) for j in range(0, covered, step))  # whole rows / columns each
     return _Blocked(i, chunks, at, covered // unit)
 
 
@@ -426,14 +425,14 @@ def _plan(method: str, shapes: tuple[torch.Size, ...], fp32: bool = True) -> _Pl
     small: list[tuple[tuple[int, int, int], tuple[int, ...] | None]] = []
     at = 0
     for i, (n, shape) in enumerate(zip(numels, shapes)):
-        if method in ("rows", "sums") and n >= BLOCKED_FROM:
+        if method in ("rows", "columns") and n >= BLOCKED_FROM:
             block = _blocks(method, i, n, fp32, at)
             blocked.append(block)
             at += block.outputs
             covered = sum(k for _, k in block.chunks)
             if n > covered:
                 small.append(((i, covered, n - covered), None))
-        elif method not in ("rows", "sums") and n >= (_AMINMAX_FROM if method == "max" else LARGE):
+        elif method not in ("rows", "columns") and n >= (_AMINMAX_FROM if method == "max" else LARGE):
             chunked.append(i)
         elif n:
             small.append(((i, 0, n), tuple(shape)))
@@ -477,8 +476,8 @@ _scratch = threading.local()  # per thread: scratch buffers reused by every call
 
 def _buffer(dtype: torch.dtype, n: int, use: str = "terms") -> torch.Tensor:
     """n elements of this thread's scratch buffer of ``dtype`` for ``use`` ('terms': chunks and packed pieces,
-    CHUNK elements; 'chunk': the row kernels' fp32 chunks, BLOCK_CHUNK; 'blocks': their results, kept up to
-    _KEEP elements). Grown as needed; a fresh tensor above those sizes."""
+    CHUNK elements; 'chunk': the row kernel's fp32 chunks, BLOCK_CHUNK; 'blocks': the row / column kernel's
+    results, kept up to _KEEP elements). Grown as needed; a fresh tensor above those sizes."""
     if n > max(CHUNK, BLOCK_CHUNK if use == "chunk" else _KEEP if use == "blocks" else 0):
         return torch.empty(n, dtype=dtype)
     buffers = _scratch.__dict__.setdefault("buffers", {})

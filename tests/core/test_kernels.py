@@ -11,7 +11,7 @@ import math
 import pytest
 import torch
 
-from distclip.core.kernels import BLOCK_CHUNK, SUM_ROW, power_sums
+from distclip.core.kernels import BLOCK_CHUNK, power_sums
 
 BOUND = 1e-6
 P_VALUES = [0.5, 1.0, 2.0, 3.5, math.inf]
@@ -96,17 +96,17 @@ def test_worst_equal_row():
         assert_exact([torch.full((256 * 300,), c), torch.full((256 * 3,), c)], 2.0)
 
 
-def test_worst_equal_sum_row():
-    """p = 1: the row sums of |x| (torch's inner sum over SUM_ROW values) at their worst constant over every
-    fp32 mantissa, all values equal (2.2e-7), over one chunk and over several."""
-    for n in (SUM_ROW * 300, 2 * BLOCK_CHUNK + SUM_ROW * 3 + 5):
-        assert_exact([torch.full((n,), 1.6000008583068848), torch.full((n,), 0.1)], 1.0)
+def test_worst_equal_column():
+    """p = 1: the column kernel (16 terms per fp32 column sum) at its worst constant over every fp32
+    mantissa, all values equal (2.7e-7), over one chunk and over several."""
+    for n in (1 << 16, (1 << 18) + 16 * 3 + 5):
+        assert_exact([torch.full((n,), 1.7777795791625977), torch.full((n,), 0.1)], 1.0)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_model_mixes(dtype):
     """The mixes the speed targets run (large matrices with small vectors: 1M-element matrices, a 10M-parameter
-    model's 645 x 645 weights and 645 vectors), the row kernels' threshold and chunk edges, p = 1, 2,
+    model's 645 x 645 weights and 645 vectors), the row / column kernels' threshold and chunk edges, p = 1, 2,
     a fractional and a large p, inf; random and equal values."""
     sizes = [1_000_000, 1_000_000, 416_025, 1 << 17, (1 << 17) + 256 + 17, BLOCK_CHUNK + 256 + 17,
              1 << 14, (1 << 14) - 1, 1000, 1000, 645, 64]
