@@ -28,12 +28,12 @@ import torch.distributed as dist
 from torch import nn
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.tensor import DTensor
-from transformers import Trainer, TrainingArguments
 from transformers.distributed import DistributedConfig
 
 import distclip
 from distclip.testing import run_ranks
 from tests.helpers.checks import assert_grad_close
+from tests.helpers.hf_trainer import train_recorded
 from tests.helpers.mixed_models import average_plain_grads
 from tests.helpers.nd_helpers import (
     MAX_NORM,
@@ -202,7 +202,6 @@ def dataset(n: int = 32) -> list[dict[str, torch.Tensor]]:
 def train_with_trainer(model_dir: str, output_dir: str) -> dict[str, Any]:
     from transformers import AutoModelForCausalLM
 
-    import distclip.hf_trainer
     from tests.helpers.accelerate_shim import reset_accelerate
 
     reset_accelerate()
@@ -210,22 +209,8 @@ def train_with_trainer(model_dir: str, output_dir: str) -> dict[str, Any]:
                                                  dtype=torch.float32)
     model = add_lora(model, train_norms=True)  # PEFT on a model transformers sharded at load time
     kinds = sorted({type(p).__name__ for p in model.parameters() if p.requires_grad})
-    seen: list[dict[str, torch.Tensor]] = []
-
-    def collate(items: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
-        stacked = {k: torch.stack([item[k] for item in items]) for k in items[0]}
-        seen.append({k: v.clone() for k, v in stacked.items()})
-        return stacked
-
-    args = TrainingArguments(
-        output_dir=output_dir, use_cpu=True, ddp_backend="gloo", per_device_train_batch_size=2, max_steps=STEPS,
-        max_grad_norm=MAX_GRAD_NORM, optim="sgd", learning_rate=LR, lr_scheduler_type="constant", weight_decay=0.0,
-        logging_steps=1, report_to=[], save_strategy="no", dataloader_num_workers=0, seed=0, disable_tqdm=True)
-    trainer = Trainer(model=model, args=args, train_dataset=dataset(), data_collator=collate)
-    distclip.hf_trainer.enable(trainer, TRAINER_CONFIG)  # <- the one line
-    trainer.train()
-    batches: list[Any] = [None] * dist.get_world_size()
-    dist.all_gather_object(batches, seen[:STEPS])  # the dataloader fetches one batch ahead
+    trainer, batches = train_recorded(model, dataset(), TRAINER_CONFIG, output_dir, batch_size=2, steps=STEPS,
+                                      max_grad_norm=MAX_GRAD_NORM, lr=LR)
     return {"kinds": kinds, "logs": [h for h in trainer.state.log_history if "grad_norm" in h], "batches": batches}
 
 

@@ -13,11 +13,12 @@ import torch.distributed as dist
 from torch import nn
 
 from distclip.testing import run_ranks
+from tests.helpers.hf_trainer import train_recorded
 from tests.helpers.models import SEQ, VOCAB, make_model
 from tests.helpers.reference import reference_run, rel_err
 
 import transformers  # noqa: E402,F401  (a dev dependency: missing, the tests fail)
-from transformers import Trainer, TrainingArguments  # noqa: E402  (imported before the ranks fork: faster)
+from transformers import Trainer, TrainingArguments  # noqa: E402,F401  (imported before the ranks fork: faster)
 
 pytestmark = pytest.mark.multiprocess
 
@@ -45,28 +46,13 @@ def dataset(n: int = 64) -> list[dict[str, torch.Tensor]]:
 
 
 def train_with_trainer(output_dir: str):
-    import distclip.hf_trainer
     from tests.helpers.accelerate_shim import reset_accelerate
 
     reset_accelerate()
-    seen: list[dict[str, torch.Tensor]] = []
-
-    def collate(items):
-        stacked = {k: torch.stack([item[k] for item in items]) for k in items[0]}
-        seen.append({k: v.clone() for k, v in stacked.items()})
-        return stacked
-
-    args = TrainingArguments(
-        output_dir=output_dir, use_cpu=True, ddp_backend="gloo", per_device_train_batch_size=4, max_steps=STEPS,
-        max_grad_norm=MAX_GRAD_NORM, optim="sgd", learning_rate=LR, lr_scheduler_type="constant", weight_decay=0.0,
-        logging_steps=1, report_to=[], save_strategy="no", dataloader_num_workers=0, seed=0, disable_tqdm=True)
-    trainer = Trainer(model=TinyLM(), args=args, train_dataset=dataset(), data_collator=collate)
-    distclip.hf_trainer.enable(trainer, CONFIG)  # <- the one line
-    trainer.train()
+    trainer, batches = train_recorded(TinyLM(), dataset(), CONFIG, output_dir, batch_size=4, steps=STEPS,
+                                      max_grad_norm=MAX_GRAD_NORM, lr=LR)
     assert trainer.accelerator.num_processes == dist.get_world_size() == 2
     logs = [h for h in trainer.state.log_history if "grad_norm" in h]
-    batches = [None] * dist.get_world_size()
-    dist.all_gather_object(batches, seen[:STEPS])  # the dataloader fetches one batch ahead
     return str(trainer.accelerator.distributed_type), logs, batches
 
 
