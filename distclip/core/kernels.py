@@ -286,11 +286,7 @@ class _Plan:
         if self.bounds is not None:  # the partials of fp32 terms or sums come first
             floor = self.bounds[0]
             self._recheck(partials if floor.numel() == partials.numel() else partials[: floor.numel()], tensors, p)
-        if self.one_partial_each:
-            return partials
-        if self.position is not None:
-            return partials.index_select(0, self.position)
-        return torch.zeros(self.num_tensors, dtype=ACC_DTYPE).index_add_(0, self.partial_of, partials)
+        return self._per_tensor(partials)
 
     def run_max(self, tensors: list[torch.Tensor]) -> torch.Tensor:
         """p = inf: max |t| per tensor (exact: float64 holds every value), 0 for an empty one."""
@@ -304,12 +300,17 @@ class _Plan:
             parts.append(batch.segments.sums(packed, "max").to(acc))
         if not parts:
             return torch.zeros(self.num_tensors, dtype=ACC_DTYPE)
-        partials = (torch.cat(parts) if len(parts) > 1 else parts[0]).to(ACC_DTYPE)
+        return self._per_tensor((torch.cat(parts) if len(parts) > 1 else parts[0]).to(ACC_DTYPE))
+
+    def _per_tensor(self, partials: torch.Tensor) -> torch.Tensor:
+        """Each tensor's result from the partials in plan order: they are the results, reordered, or summed per
+        tensor (a tensor with none, an empty one, gives 0; for the max plan every other tensor has exactly one,
+        and 0 + x is x)."""
         if self.one_partial_each:
             return partials
         if self.position is not None:
             return partials.index_select(0, self.position)
-        return torch.zeros(self.num_tensors, dtype=ACC_DTYPE).index_copy_(0, self.partial_of, partials)
+        return torch.zeros(self.num_tensors, dtype=ACC_DTYPE).index_add_(0, self.partial_of, partials)
 
     def _blocked_sums(self, tensors: list[torch.Tensor]) -> torch.Tensor:
         """Per blocked tensor, the float64 sum of its rows' squared fp32 norms (p = 2) or of its fp32 column
