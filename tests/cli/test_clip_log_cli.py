@@ -98,17 +98,24 @@ def test_suggest_json_and_optuna_formats(tmp_path):
     assert (tuned.groups[0].max_norm, tuned.max_norm) == tuple(p["high"] for p in space["params"])
 
 
+def log_clips(model, config: dict, steps: int) -> GradClipper:
+    """Train ``steps`` steps under a GradClipper built from ``config``, which writes its clip log; returns it
+    (closed)."""
+    clipper = GradClipper(model, config)
+    for step in range(steps):
+        model.zero_grad()
+        loss_fn(model, *batch(step, 0)).backward()
+        clipper.clip()
+    clipper.close()
+    return clipper
+
+
 def test_suggest_turns_per_layer_groups_into_explicit_ones_with_the_same_members(tmp_path):
     model = make_model()
     config = {"max_norm": math.inf, "groups": [{"name": "embed", "match": "embed.*", "max_norm": math.inf}],
               "per_layer": {"depth": 2, "match": "blocks.*", "max_norm": math.inf},
               "log": {"jsonl": str(tmp_path / "m.jsonl")}}
-    clipper = GradClipper(model, config)
-    for step in range(12):
-        model.zero_grad()
-        loss_fn(model, *batch(step, 0)).backward()
-        clipper.clip()
-    clipper.close()
+    clipper = log_clips(model, config, steps=12)
     out = tmp_path / "clip.yaml"
     assert distclip_main(["suggest", str(tmp_path / "m.jsonl"), "-o", str(out)]) == 0
     suggested = ClipConfig.from_yaml(out)
@@ -206,12 +213,7 @@ def test_suggest_leaves_a_measured_only_group_measured_only(tmp_path, capsys):
     model = make_model()
     config = {"max_norm": math.inf, "log": {"jsonl": str(tmp_path / "m.jsonl")},
               "groups": [{"name": "embed", "match": "embed.*", "max_norm": None, "in_total": False}]}
-    clipper = GradClipper(model, config)
-    for step in range(40):
-        model.zero_grad()
-        loss_fn(model, *batch(step, 0)).backward()
-        clipper.clip()
-    clipper.close()
+    log_clips(model, config, steps=40)
     assert distclip_main(["suggest", str(tmp_path / "m.jsonl"), "--warmup", "0", "-o", str(tmp_path / "c.yaml")]) == 0
     suggested = ClipConfig.from_yaml(tmp_path / "c.yaml")
     assert suggested.groups[0].measured_only and not suggested.groups[0].in_total  # kept as it was
