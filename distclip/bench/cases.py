@@ -374,9 +374,5 @@ BACKENDS: dict[str, tuple[Callable[..., Case], list[str]]] = {
 }
 
 
-def available_backends() -> list[str]:
-    return list(BACKENDS)
-
-
 def world() -> int:
     return dist.get_world_size() if dist.is_initialized() else 1

@@ -82,14 +82,6 @@ foreach_zero_ = torch._foreach_zero_
 foreach_copy_ = torch._foreach_copy_
 
 
-@_internal("torch._utils._flatten_dense_tensors")
-def flatten_dense_tensors(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
-    """The tensors concatenated flat in one C++ call (what DDP and FSDP use to pack buckets)."""
-    from torch._utils import _flatten_dense_tensors
-
-    return _flatten_dense_tensors(list(tensors))
-
-
 @_internal("torch.utils._foreach_utils._group_tensors_by_device_and_dtype")
 def group_tensors_by_device_and_dtype(tensorlists: list[list[Any]], with_indices: bool = False) -> dict[Any, Any]:
     """torch's own grouping of tensor lists by (device, dtype), as its foreach optimizers call it."""

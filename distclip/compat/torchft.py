@@ -83,9 +83,3 @@ def is_pure_ddp(obj: Any) -> bool:
     """Whether ``obj`` is torchft's ``PureDistributedDataParallel`` (all-reduces never waited for: refused)."""
     cls = _class("torchft.ddp", "PureDistributedDataParallel")
     return cls is not None and isinstance(obj, cls)
-
-
-def is_optimizer_wrapper(obj: Any) -> bool:
-    """Whether ``obj`` is torchft's ``OptimizerWrapper`` (steps ``obj.optim`` after ``obj.manager.should_commit()``)."""
-    cls = _class("torchft.optim", "OptimizerWrapper")
-    return cls is not None and isinstance(obj, cls)
