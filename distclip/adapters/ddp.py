@@ -94,7 +94,7 @@ class DDPAdapter(GradAdapter):
         partials = self.blocks.combine(per_block, device)
         if skip_groups:  # these groups' slots are filled by the caller (row-wise groups: from their rows' sums)
             keep = self.layout.constant(f"keep-{sorted(skip_groups)}", device,
-                                        [g not in skip_groups for g, _ in self.layout.slots], torch.bool)
+                                        (g not in skip_groups for g, _ in self.layout.slots), torch.bool)
             partials = torch.where(keep, partials, 0.0)
         return partials, "post_backward"
 

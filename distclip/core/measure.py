@@ -46,7 +46,7 @@ def measure(adapter: GradAdapter, plan: SlotPlan, pending_scale: torch.Tensor | 
     divided out yet, for fused optimizers)."""
     partials, source = adapter.local_partials(plan.derived)
     if plan.excluded is not None:  # the hidden group is excluded from every norm
-        keep = [float(g != plan.excluded) for g, _ in plan.layout.slots]
+        keep = (float(g != plan.excluded) for g, _ in plan.layout.slots)  # read once, when the constant is built
         partials = partials * plan.layout.constant("visible", partials.device, keep, partials.dtype)
     scale = carried_scale(adapter, pending_scale)
     if scale is not None:

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from functools import cached_property
 from itertools import repeat
 from operator import attrgetter, is_
-from typing import Hashable, Sequence
+from typing import Hashable, Iterable, Sequence
 
 import torch
 
@@ -73,9 +73,10 @@ class SlotLayout:
             out.append((p, slot_of_group))
         return out
 
-    def constant(self, name: str, device: torch.device, values: Sequence[float | int | bool],
+    def constant(self, name: str, device: torch.device, values: Iterable[float | int | bool],
                  dtype: torch.dtype) -> torch.Tensor:
-        """A device constant of this layout, built once per device (never on the per-step path)."""
+        """A device constant of this layout, built once per device (never on the per-step path: ``values`` may be
+        a generator, read only then)."""
         key = (name, device)
         cached = self._constants.get(key)
         if cached is None:
@@ -120,7 +121,7 @@ class SlotLayout:
         in float64 when ``scale`` is a power of two (dynamic loss scales are). No host sync.
         """
         s = scale.to(partials.device, ACC_DTYPE) if isinstance(scale, torch.Tensor) else scale
-        p = self.constant("slot_p", partials.device, [q for _, q in self.slots], ACC_DTYPE)
+        p = self.constant("slot_p", partials.device, (q for _, q in self.slots), ACC_DTYPE)
         return partials / torch.where(torch.isinf(p), s, torch.pow(s, p))
 
     def max_mask(self, device: torch.device) -> torch.Tensor:
